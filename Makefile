@@ -1,0 +1,46 @@
+# `make run` serves ChatX on http://127.0.0.1:8000; `make test` runs every test.
+# Both make their own virtual environment in .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
+
+.PHONY: run test bench redis-server chromium clean
+
+$(VENV)/runtime.stamp: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/dev.stamp: $(VENV)/runtime.stamp requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+run: $(VENV)/runtime.stamp
+	$(PY) -m uvicorn chatx:app --host 127.0.0.1 --port $(PORT) --ws-max-size 65536 --ws-per-message-deflate false
+
+test: $(VENV)/dev.stamp redis-server chromium
+	$(PY) -m pytest
+
+$(VENV)/bench.stamp: $(VENV)/runtime.stamp bench/requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	touch $@
+
+# `make bench BENCH_ARGS=--quick` for a ~40 s smoke test; results go to bench/results/.
+bench: $(VENV)/bench.stamp redis-server
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Tests start their own Redis servers, and the browser tests drive Debian's Chromium.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  [ -n "$(ROOT)" ] || { echo "redis-server is missing: install Debian's redis-server package (as root: apt-get install redis-server)"; exit 1; }; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+
+chromium:
+	@command -v /usr/bin/chromium >/dev/null || { \
+	  [ -n "$(ROOT)" ] || { echo "chromium is missing: install Debian's chromium package (as root: apt-get install chromium)"; exit 1; }; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""ChatX load benchmark: python -m bench.run (see bench/README.md)."""

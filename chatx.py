@@ -1,0 +1,1547 @@
+"""ChatX: one-to-one web chat with live presence, in one Starlette module.
+
+Run it with `uvicorn chatx:app`; build more apps with `create_app(**settings)`.
+The interface (HTTP, WebSocket frames, presence, embedding) is the one in
+CONTRACT.md; each rule is implemented under the section that names it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import sqlite3
+import time
+import uuid
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+from broadcaster import Broadcast, Event
+from broadcaster._backends.base import BroadcastBackend
+from databases import Database
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.schema import CreateIndex, CreateTable
+from starlette.applications import Starlette
+from starlette.config import Config
+from starlette.datastructures import CommaSeparatedStrings
+from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+logger = logging.getLogger("chatx")
+HERE = Path(__file__).resolve().parent
+
+USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,32}")
+PASSWORD_MIN, PASSWORD_MAX = 8, 1024
+BODY_MAX = 4000
+FRAME_MAX_BYTES = 64 * 1024
+HTTP_BODY_MAX = 64 * 1024
+PAGE_DEFAULT, PAGE_MAX = 50, 200
+REPLAY_PAGE = 500
+BACKLOG_MAX = 1000
+SESSION_COOKIE = "chatx_session"
+SESSION_DAYS = 30
+CLIENT_ID_MAX = 128
+
+
+# ---- settings ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "sqlite:///chatx.db"
+    broadcast_url: str = "memory://"
+    secret_key: str | None = None
+    presence_ttl: float = 30.0
+    allowed_origins: tuple[str, ...] = ()
+    send_rate: float = 5.0
+    send_burst: float = 30.0
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Keyword arguments win over the environment, which wins over `.env`."""
+    unknown = set(overrides) - set(Settings.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown ChatX setting(s): {', '.join(sorted(unknown))}")
+    env_file = ".env" if os.path.isfile(".env") else None
+    config = Config(env_file, env_prefix="CHATX_")
+    values: dict[str, Any] = {
+        "database_url": config("DATABASE_URL", default=Settings.database_url),
+        "broadcast_url": config("BROADCAST_URL", default=Settings.broadcast_url),
+        "secret_key": config("SECRET_KEY", default=None) or None,
+        "presence_ttl": config("PRESENCE_TTL", cast=float, default=Settings.presence_ttl),
+        "allowed_origins": config("ALLOWED_ORIGINS", cast=CommaSeparatedStrings, default=""),
+        "send_rate": config("SEND_RATE", cast=float, default=Settings.send_rate),
+        "send_burst": config("SEND_BURST", cast=float, default=Settings.send_burst),
+    }
+    values.update(overrides)
+    origins = values["allowed_origins"]
+    if isinstance(origins, str):
+        origins = CommaSeparatedStrings(origins)
+    values["allowed_origins"] = tuple(o.rstrip("/") for o in origins if o)
+    return Settings(**values)
+
+
+# ---- database schema --------------------------------------------------------
+
+metadata = sa.MetaData()
+
+users = sa.Table(
+    "chatx_users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("username", sa.String(32), nullable=False),
+    sa.Column("username_key", sa.String(32), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(256), nullable=False),
+    sa.Column("status", sa.String(8), nullable=False, server_default="offline"),
+    sa.Column("last_seen", sa.BigInteger, nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+sessions = sa.Table(
+    "chatx_sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # sha256 of the token: a leaked table signs no one in
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("chatx_users.id"), nullable=False, index=True),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+)
+
+messages = sa.Table(
+    "chatx_messages",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("sender_id", sa.Integer, sa.ForeignKey("chatx_users.id"), nullable=False),
+    sa.Column("recipient_id", sa.Integer, sa.ForeignKey("chatx_users.id"), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("sent_at", sa.BigInteger, nullable=False),
+    sa.Column("client_id", sa.String(CLIENT_ID_MAX), nullable=True),
+    sa.UniqueConstraint("sender_id", "client_id", name="chatx_messages_client_id"),
+    sa.Index("chatx_messages_sender", "sender_id", "recipient_id", "id"),
+    sa.Index("chatx_messages_recipient", "recipient_id", "sender_id", "id"),
+)
+
+read_cursors = sa.Table(
+    "chatx_read_cursors",
+    metadata,
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("chatx_users.id"), primary_key=True),
+    sa.Column("peer_id", sa.Integer, sa.ForeignKey("chatx_users.id"), primary_key=True),
+    sa.Column("up_to", sa.Integer, nullable=False),
+)
+
+processes = sa.Table(
+    "chatx_processes",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("heartbeat_at", sa.BigInteger, nullable=False),
+)
+
+sockets = sa.Table(
+    "chatx_sockets",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("process_id", sa.String(32), nullable=False, index=True),
+    sa.Column("user_id", sa.Integer, nullable=False, index=True),
+)
+
+settings_table = sa.Table(
+    "chatx_settings",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class SQLiteWithPragmas(sqlite3.Connection):
+    """databases opens a connection per task and a PRAGMA sent through it does
+    not stick, so every new SQLite connection applies the server settings here."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000", "foreign_keys=ON"):
+            self.execute(f"PRAGMA {pragma}")
+
+
+def open_database(url: str, connections: int = 10) -> Database:
+    if url.startswith("sqlite"):
+        return Database(url, factory=SQLiteWithPragmas, timeout=5.0)
+    return Database(url, min_size=1, max_size=connections)
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.IntegrityError) or type(exc).__name__ == "UniqueViolationError"
+
+
+class Writer:
+    """Runs every write transaction of this process, in order, on one task
+    that holds one connection; jobs queued together share one commit.
+
+    databases 0.9 binds connections to tasks and SQLite's deferred BEGIN makes
+    concurrent writers fail with "database is locked"; one writer per process
+    with BEGIN IMMEDIATE (the busy timeout covers other processes) avoids both,
+    and group commit keeps a commit per message off the hot path."""
+
+    def __init__(self, url: str) -> None:
+        # A one-connection pool of its own: the writer holds it for good, readers never queue behind it.
+        self.database = open_database(url, connections=1)
+        self.sqlite = self.database.url.dialect == "sqlite"
+        self._jobs: asyncio.Queue[tuple[Callable[..., Awaitable[Any]], tuple, asyncio.Future] | None] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.database.connect()
+        self._task = asyncio.create_task(self._serve(), name="chatx-writer")
+
+    async def stop(self) -> None:
+        """Finish the queued jobs, then close. Cancelling a job mid-query would
+        leave an asyncpg connection unusable, so that is only a last resort."""
+        if self._task:
+            self._jobs.put_nowait(None)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 10)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        await self.database.disconnect()
+
+    async def run(self, job: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Run `job(connection, *args)` in a write transaction; return once committed."""
+        future = asyncio.get_running_loop().create_future()
+        self._jobs.put_nowait((job, args, future))
+        return await future
+
+    async def _serve(self) -> None:
+        async with self.database.connection() as conn:
+            while True:
+                batch = [await self._jobs.get()]
+                while not self._jobs.empty() and len(batch) < 256:
+                    batch.append(self._jobs.get_nowait())
+                jobs = [item for item in batch if item is not None]
+                if jobs:
+                    await self._commit(conn, jobs)
+                if len(jobs) < len(batch):  # stop() was called
+                    return
+
+    async def _commit(self, conn: Any, batch: list) -> None:
+        try:
+            async with self._transaction(conn):
+                results = [await job(conn, *args) for job, args, _ in batch]
+        except Exception:
+            # One failing job must not fail the others: retry each alone.
+            for item in batch:
+                await self._run_alone(conn, item)
+            return
+        for (_, _, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
+
+    async def _run_alone(self, conn: Any, item: tuple) -> None:
+        job, args, future = item
+        try:
+            async with self._transaction(conn):
+                result = await job(conn, *args)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(result)
+
+    @asynccontextmanager
+    async def _transaction(self, conn: Any) -> AsyncIterator[None]:
+        if not self.sqlite:
+            async with conn.transaction():
+                yield
+            return
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            try:
+                await conn.execute("ROLLBACK")
+            except Exception:
+                pass
+            raise
+        await conn.execute("COMMIT")
+
+
+async def create_schema(conn: Any, postgres: bool) -> None:
+    if postgres:  # processes starting together must not race on CREATE TABLE
+        await conn.execute("SELECT pg_advisory_xact_lock(734215)")
+    for table in metadata.sorted_tables:
+        await conn.execute(CreateTable(table, if_not_exists=True))
+        for index in table.indexes:
+            await conn.execute(CreateIndex(index, if_not_exists=True))
+
+
+# ---- accounts and sessions -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    username: str
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "username": self.username}
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    user: User
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """scrypt at OWASP's N=2^14, r=8, p=5 (16 MiB, about 0.1 s here)."""
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=5, maxmem=64 * 1024 * 1024)
+    return f"scrypt$16384$8$5${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    _, n, r, p, salt, digest = stored.split("$")
+    candidate = hashlib.scrypt(
+        password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), maxmem=64 * 1024 * 1024
+    )
+    return hmac.compare_digest(candidate.hex(), digest)
+
+
+# Compared against when the username is unknown, so a login takes as long either way.
+DUMMY_HASH = "scrypt$16384$8$5$" + "00" * 16 + "$" + "00" * 64
+
+
+def sign(secret: str, token: str) -> str:
+    mac = hmac.new(secret.encode(), token.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def session_id(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def username_problem(username: str) -> str | None:
+    if not USERNAME_RE.fullmatch(username):
+        return "Usernames are 3 to 32 characters from A-Z, a-z, 0-9, '_', '.' and '-'."
+    return None
+
+
+def password_problem(password: str) -> str | None:
+    if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
+        return f"Passwords are {PASSWORD_MIN} to {PASSWORD_MAX} characters long."
+    return None
+
+
+async def insert_user(conn: Any, username: str, password_hash: str, now: int) -> User | None:
+    key = username.lower()
+    if await conn.fetch_one(sa.select(users.c.id).where(users.c.username_key == key)):
+        return None
+    user_id = await conn.execute(
+        users.insert().values(
+            username=username, username_key=key, password_hash=password_hash, status="offline", created_at=now
+        )
+    )
+    return User(user_id, username)
+
+
+async def insert_session(conn: Any, sid: str, user_id: int, expires_at: int) -> None:
+    await conn.execute(sessions.insert().values(id=sid, user_id=user_id, expires_at=expires_at))
+
+
+async def delete_session(conn: Any, sid: str) -> None:
+    await conn.execute(sessions.delete().where(sessions.c.id == sid))
+
+
+async def ensure_secret(conn: Any, insert: Any, candidate: str) -> str:
+    """The first process to start on a database picks the key; all others read it."""
+    await conn.execute(
+        insert(settings_table).values(name="secret_key", value=candidate).on_conflict_do_nothing(index_elements=["name"])
+    )
+    return await conn.fetch_val(sa.select(settings_table.c.value).where(settings_table.c.name == "secret_key"))
+
+
+# ---- messages and read cursors ------------------------------------------------
+
+sender_alias = users.alias("sender")
+recipient_alias = users.alias("recipient")
+MESSAGE_COLUMNS = [
+    messages.c.id,
+    sender_alias.c.username.label("sender"),
+    recipient_alias.c.username.label("recipient"),
+    messages.c.body,
+    messages.c.sent_at,
+    messages.c.client_id,
+]
+MESSAGE_FROM = messages.join(sender_alias, sender_alias.c.id == messages.c.sender_id).join(
+    recipient_alias, recipient_alias.c.id == messages.c.recipient_id
+)
+
+
+def message_object(row: Any) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "from": row["sender"],
+        "to": row["recipient"],
+        "body": row["body"],
+        "sent_at": iso(row["sent_at"]),
+        "client_id": row["client_id"],
+    }
+
+
+def select_messages(*where: Any) -> sa.Select:
+    return sa.select(*MESSAGE_COLUMNS).select_from(MESSAGE_FROM).where(*where)
+
+
+def conversation(me: int, peer: int) -> Any:
+    return sa.or_(
+        sa.and_(messages.c.sender_id == me, messages.c.recipient_id == peer),
+        sa.and_(messages.c.sender_id == peer, messages.c.recipient_id == me),
+    )
+
+
+def mine(me: int) -> Any:
+    return sa.or_(messages.c.sender_id == me, messages.c.recipient_id == me)
+
+
+async def insert_message(
+    conn: Any, insert: Any, sender: User, recipient: User, body: str, client_id: str | None
+) -> tuple[dict[str, Any], bool]:
+    """Store a message once per (sender, client_id): return it and whether it
+    is new; a retry gets the original."""
+    if client_id is not None:
+        existing = await conn.fetch_one(
+            select_messages(messages.c.sender_id == sender.id, messages.c.client_id == client_id)
+        )
+        if existing:
+            return message_object(existing), False
+    sent_at = now_ms()
+    statement = (
+        insert(messages)
+        .values(sender_id=sender.id, recipient_id=recipient.id, body=body, sent_at=sent_at, client_id=client_id)
+        .on_conflict_do_nothing(index_elements=["sender_id", "client_id"])
+        .returning(messages.c.id)
+    )
+    row = await conn.fetch_one(statement)
+    if row is None:  # another process stored the same client_id first
+        existing = await conn.fetch_one(
+            select_messages(messages.c.sender_id == sender.id, messages.c.client_id == client_id)
+        )
+        return message_object(existing), False
+    message = {"id": row["id"], "from": sender.username, "to": recipient.username, "body": body,
+               "sent_at": iso(sent_at), "client_id": client_id}
+    return message, True
+
+
+async def advance_read_cursor(conn: Any, insert: Any, me: int, peer: int, up_to: int) -> int | None:
+    """Move my cursor to max(old, min(up_to, newest)); return it if it moved."""
+    newest = await conn.fetch_val(sa.select(sa.func.max(messages.c.id)).where(conversation(me, peer))) or 0
+    old = await read_cursor(conn, me, peer)
+    target = min(up_to, newest)
+    if target <= old:
+        return None
+    await conn.execute(
+        insert(read_cursors)
+        .values(user_id=me, peer_id=peer, up_to=target)
+        .on_conflict_do_update(index_elements=["user_id", "peer_id"], set_={"up_to": target})
+    )
+    return target
+
+
+async def read_cursor(conn: Any, me: int, peer: int) -> int:
+    query = sa.select(read_cursors.c.up_to).where(read_cursors.c.user_id == me, read_cursors.c.peer_id == peer)
+    return await conn.fetch_val(query) or 0
+
+
+# ---- presence and the status hook -------------------------------------------
+
+StatusCallback = Callable[[str, str, datetime], Any]
+Transition = tuple[str, str, int]  # username, status, last_seen in ms
+
+
+class StatusHook:
+    """Every committed change of a user's status passes through `send`, the way
+    Django's post_save does; publishing the presence frame is one callback."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[StatusCallback] = []
+
+    def connect(self, callback: StatusCallback) -> StatusCallback:
+        self.callbacks.append(callback)
+        return callback
+
+    async def send(self, username: str, status: str, last_seen: datetime) -> None:
+        for callback in list(self.callbacks):
+            try:
+                result = callback(username, status, last_seen)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("status callback %r failed", callback)
+
+
+async def lock_user(conn: Any, user_id: int) -> None:
+    """Serialise presence changes of one user across processes (no-op on SQLite,
+    where BEGIN IMMEDIATE already serialises every writer)."""
+    await conn.fetch_one(sa.select(users.c.id).where(users.c.id == user_id).with_for_update())
+
+
+async def mark_online(conn: Any, user_id: int, now: int) -> list[Transition]:
+    row = await conn.fetch_one(
+        users.update()
+        .where(users.c.id == user_id, users.c.status == "offline")
+        .values(status="online", last_seen=now)
+        .returning(users.c.username)
+    )
+    return [(row["username"], "online", now)] if row else []
+
+
+async def mark_offline_if_unconnected(conn: Any, user_id: int, now: int) -> list[Transition]:
+    no_sockets = ~sa.exists().where(sockets.c.user_id == user_id)
+    row = await conn.fetch_one(
+        users.update()
+        .where(users.c.id == user_id, users.c.status == "online", no_sockets)
+        .values(status="offline", last_seen=now)
+        .returning(users.c.username)
+    )
+    return [(row["username"], "offline", now)] if row else []
+
+
+async def open_socket(conn: Any, socket_id: str, process_id: str, user_id: int) -> list[Transition]:
+    await lock_user(conn, user_id)
+    await conn.execute(sockets.insert().values(id=socket_id, process_id=process_id, user_id=user_id))
+    return await mark_online(conn, user_id, now_ms())
+
+
+async def close_socket(conn: Any, socket_id: str, user_id: int) -> list[Transition]:
+    await lock_user(conn, user_id)
+    await conn.execute(sockets.delete().where(sockets.c.id == socket_id))
+    return await mark_offline_if_unconnected(conn, user_id, now_ms())
+
+
+async def heartbeat(conn: Any, process_id: str, live: list[tuple[str, int]]) -> list[Transition]:
+    """Refresh this process's heartbeat. If a sweeper took it for dead (a long
+    pause), put its sockets back and its users online again."""
+    now = now_ms()
+    found = await conn.fetch_one(
+        processes.update().where(processes.c.id == process_id).values(heartbeat_at=now).returning(processes.c.id)
+    )
+    if found:
+        return []
+    await conn.execute(processes.insert().values(id=process_id, heartbeat_at=now))
+    transitions: list[Transition] = []
+    for socket_id, user_id in live:
+        transitions += await open_socket(conn, socket_id, process_id, user_id)
+    return transitions
+
+
+async def sweep(conn: Any, ttl_ms: int) -> list[Transition]:
+    """Forget processes that stopped heartbeating, then take offline everyone
+    left online without a socket."""
+    now = now_ms()
+    stale = sa.select(processes.c.id).where(processes.c.heartbeat_at < now - ttl_ms)
+    await conn.execute(sockets.delete().where(sockets.c.process_id.in_(stale)))
+    await conn.execute(processes.delete().where(processes.c.heartbeat_at < now - ttl_ms))
+    return await offline_unconnected(conn, now)
+
+
+async def unregister_process(conn: Any, process_id: str) -> list[Transition]:
+    await conn.execute(sockets.delete().where(sockets.c.process_id == process_id))
+    await conn.execute(processes.delete().where(processes.c.id == process_id))
+    return await offline_unconnected(conn, now_ms())
+
+
+async def offline_unconnected(conn: Any, now: int) -> list[Transition]:
+    orphaned = sa.select(users.c.id).where(
+        users.c.status == "online", ~sa.exists().where(sockets.c.user_id == users.c.id)
+    )
+    transitions: list[Transition] = []
+    for row in await conn.fetch_all(orphaned):
+        await lock_user(conn, row["id"])
+        transitions += await mark_offline_if_unconnected(conn, row["id"], now)
+    return transitions
+
+
+# ---- broadcast backend --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resync:
+    """Told to every subscriber after the broadcast connection came back:
+    what was published while it was away is gone and must be read from the database."""
+
+    lost_at: int
+
+
+class RedisPubSubBackend(BroadcastBackend):
+    """Redis pub/sub that survives Redis restarts and reports its health.
+
+    broadcaster 0.3.1's RedisBackend delivers nothing with redis-py 8 on
+    Python 3.11 and its listener dies for good when Redis restarts
+    (encode/broadcaster#144, reconnects declined upstream). This one owns the
+    connection: it reconnects with backoff, resubscribes, and then hands every
+    subscribed channel a `Resync` event so sockets catch up from the database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.healthy = False
+        self._lost_at: int | None = None
+        self._pubsub: Any = None
+        self._channels: set[str] = set()
+        self._confirmed: dict[str, asyncio.Future] = {}
+        self._outgoing: list[tuple[str, str, asyncio.Future]] = []
+
+    async def connect(self) -> None:
+        # No client retries: failures surface at once and the loops below back off.
+        self._redis = aioredis.Redis.from_url(
+            self.url, socket_connect_timeout=2, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._wake_publisher = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._listen_forever()), asyncio.create_task(self._publish_forever())]
+
+    async def disconnect(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._redis.aclose()
+
+    async def subscribe(self, channel: str) -> None:
+        """Return once Redis confirmed the subscription (so a reader of the
+        database after this misses nothing), or at once while Redis is away."""
+        self._channels.add(channel)
+        if not self.healthy:
+            return
+        confirmed = self._confirmed.setdefault(channel, asyncio.get_running_loop().create_future())
+        try:
+            await self._pubsub.subscribe(channel)
+            await asyncio.wait_for(asyncio.shield(confirmed), 2)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            pass  # the listener reconnects, resubscribes and resyncs
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._channels.discard(channel)
+        self._confirmed.pop(channel, None)
+        if self.healthy:
+            try:
+                await self._pubsub.unsubscribe(channel)
+            except (RedisError, OSError):
+                pass
+
+    async def publish(self, channel: str, message: Any) -> None:
+        """Publishes are pipelined: all waiting ones go out in one round trip."""
+        future = asyncio.get_running_loop().create_future()
+        self._outgoing.append((channel, message, future))
+        self._wake_publisher.set()
+        await future
+
+    async def next_published(self) -> Event:
+        return await self._events.get()
+
+    async def _publish_forever(self) -> None:
+        while True:
+            await self._wake_publisher.wait()
+            self._wake_publisher.clear()
+            batch, self._outgoing = self._outgoing, []
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for channel, message, _ in batch:
+                        pipe.publish(channel, message)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+
+    async def _listen_forever(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._listen()
+            except (RedisError, OSError) as exc:
+                if self._lost_at is None:
+                    logger.warning("broadcast connection lost: %s", exc)
+                    self._lost_at = now_ms()
+                if self.healthy:
+                    backoff = 0.1
+                self.healthy = False
+                try:
+                    await self._pubsub.aclose()
+                except Exception:
+                    pass
+                await asyncio.sleep(backoff * (1 + random.random()))
+                backoff = min(backoff * 2, 2.0)
+
+    async def _listen(self) -> None:
+        """Subscribe everything wanted, then read until the connection breaks.
+        A PING follows the SUBSCRIBE; its PONG proves the subscriptions are in place."""
+        self._pubsub = self._redis.pubsub()
+        await self._pubsub.subscribe("chatx:keepalive", *self._channels)
+        await self._pubsub.ping()
+        resubscribing, last_heard = True, time.monotonic()
+        while True:
+            message = await self._pubsub.get_message(timeout=1.0)
+            if message is None:
+                silent = time.monotonic() - last_heard
+                if silent > 15:
+                    raise RedisError("no answer to PING for 15 s")
+                if silent > 5:
+                    await self._pubsub.ping()
+                continue
+            last_heard = time.monotonic()
+            kind = message["type"]
+            if kind == "message":
+                self._events.put_nowait(Event(message["channel"].decode(), message["data"].decode()))
+            elif kind == "subscribe":
+                confirmed = self._confirmed.pop(message["channel"].decode(), None)
+                if confirmed and not confirmed.done():
+                    confirmed.set_result(None)
+            elif kind == "pong" and resubscribing:
+                resubscribing, self.healthy = False, True
+                if self._lost_at is not None:
+                    logger.warning("broadcast connection restored; subscribers catch up")
+                    for channel in self._channels:
+                        self._events.put_nowait(Event(channel, Resync(self._lost_at)))
+                    self._lost_at = None
+
+
+# ---- HTTP routes ------------------------------------------------------------
+
+ERROR_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "too_large"}
+CURSOR_RE = re.compile(r"[0-9]{1,18}")
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        self.status, self.code, self.detail = status, code, detail
+
+
+def error_response(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "detail": detail}}, status_code=status)
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.detail)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, ERROR_CODES.get(exc.status_code, "error"), str(exc.detail))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, "internal_error", "Something went wrong on the server; nothing was lost.")
+
+
+def own_origin(conn: HTTPConnection) -> str:
+    scheme = "https" if conn.url.scheme in ("https", "wss") else "http"
+    return f"{scheme}://{conn.headers.get('host', '')}"
+
+
+def origin_allowed(conn: HTTPConnection, allowed: tuple[str, ...]) -> bool:
+    """No Origin header means a scripted client, judged by its session alone."""
+    origin = conn.headers.get("origin")
+    return origin is None or origin.rstrip("/") in (own_origin(conn), *allowed)
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    chat = chat_of(request)
+    if not origin_allowed(request, chat.settings.allowed_origins):
+        raise ApiError(403, "forbidden", "Requests from other sites are not accepted.")
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise ApiError(400, "bad_request", "Send a JSON object with Content-Type: application/json.")
+    try:
+        data = json.loads(await limited_body(request))
+    except ValueError:
+        raise ApiError(400, "bad_request", "The body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_request", "The body must be a JSON object.")
+    return data
+
+
+async def limited_body(request: Request) -> bytes:
+    """Read at most HTTP_BODY_MAX bytes. (Starlette's max_body_size answers in
+    plain text, and every /api error must be JSON.)"""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > HTTP_BODY_MAX:
+            raise ApiError(413, "too_large", f"Request bodies are at most {HTTP_BODY_MAX} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def string_field(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise ApiError(400, "bad_request", f"'{name}' is required and must be a string.")
+    return value
+
+
+def chat_of(conn: HTTPConnection) -> ChatX:
+    return conn.app.state.chat
+
+
+async def signed_in(request: Request) -> Session:
+    session = await chat_of(request).session_from(request)
+    if session is None:
+        raise ApiError(401, "not_authenticated", "Sign in first.")
+    return session
+
+
+def with_session_cookie(response: Response, request: Request, value: str) -> Response:
+    response.set_cookie(
+        SESSION_COOKIE, value, max_age=SESSION_DAYS * 86400, path=request.scope.get("root_path") or "/",
+        httponly=True, samesite="lax", secure=request.url.scheme == "https",
+    )
+    return response
+
+
+async def register(request: Request) -> Response:
+    data = await json_object(request)
+    username, password = string_field(data, "username"), string_field(data, "password")
+    if problem := username_problem(username):
+        raise ApiError(400, "invalid_username", problem)
+    if problem := password_problem(password):
+        raise ApiError(400, "weak_password", problem)
+    chat = chat_of(request)
+    user = await chat.create_user(username, password)
+    if user is None:
+        raise ApiError(409, "username_taken", f"The username {username!r} is taken.")
+    cookie = await chat.create_session(user)
+    return with_session_cookie(JSONResponse({"user": user.public()}, status_code=201), request, cookie)
+
+
+async def login(request: Request) -> Response:
+    data = await json_object(request)
+    username, password = string_field(data, "username"), string_field(data, "password")
+    chat = chat_of(request)
+    user = await chat.authenticate(username, password)
+    if user is None:
+        raise ApiError(401, "bad_credentials", "Wrong username or password.")
+    cookie = await chat.create_session(user)
+    return with_session_cookie(JSONResponse({"user": user.public()}), request, cookie)
+
+
+async def logout(request: Request) -> Response:
+    chat = chat_of(request)
+    if not origin_allowed(request, chat.settings.allowed_origins):
+        raise ApiError(403, "forbidden", "Requests from other sites are not accepted.")
+    session = await chat.session_from(request)
+    if session is not None:
+        await chat.revoke_session(session)
+    response = Response(status_code=204)
+    response.delete_cookie(SESSION_COOKIE, path=request.scope.get("root_path") or "/")
+    return response
+
+
+async def me(request: Request) -> Response:
+    session = await signed_in(request)
+    return JSONResponse({"user": session.user.public()})
+
+
+async def user_list(request: Request) -> Response:
+    session = await signed_in(request)
+    return JSONResponse({"users": await chat_of(request).contacts(session.user)})
+
+
+def query_cursor(request: Request, name: str) -> int | None:
+    value = request.query_params.get(name)
+    if value is None:
+        return None
+    if not CURSOR_RE.fullmatch(value):
+        raise ApiError(400, "bad_request", f"'{name}' must be a whole number of at least 0.")
+    return int(value)
+
+
+async def conversation_messages(request: Request) -> Response:
+    session = await signed_in(request)
+    chat = chat_of(request)
+    before, after = query_cursor(request, "before"), query_cursor(request, "after")
+    if before is not None and after is not None:
+        raise ApiError(400, "bad_request", "Give 'before' or 'after', not both.")
+    limit_text = request.query_params.get("limit", str(PAGE_DEFAULT))
+    if not re.fullmatch(r"-?[0-9]{1,18}", limit_text) or int(limit_text) < 1:
+        raise ApiError(400, "bad_request", "'limit' must be a whole number of at least 1.")
+    peer = await chat.find_user(request.path_params["username"])
+    if peer is None:
+        raise ApiError(404, "unknown_user", "There is no such user.")
+    page = await chat.conversation_page(session.user, peer, before, after, min(int(limit_text), PAGE_MAX))
+    return JSONResponse(page)
+
+
+async def healthz(request: Request) -> Response:
+    checks = await chat_of(request).health()
+    ok = all(value == "ok" for value in checks.values())
+    return JSONResponse({"status": "ok" if ok else "fail", "checks": checks}, status_code=200 if ok else 503)
+
+
+def page_context(request: Request, **extra: Any) -> dict[str, Any]:
+    return {"base": request.scope.get("root_path", ""), **extra}
+
+
+async def chat_page(request: Request) -> Response:
+    chat = chat_of(request)
+    session = await chat.session_from(request)
+    if session is None:
+        return RedirectResponse(request.url_for("login_page"), status_code=303)
+    return chat.templates.TemplateResponse(request, "chat.html", page_context(request, user=session.user.public()))
+
+
+async def login_page(request: Request) -> Response:
+    return chat_of(request).templates.TemplateResponse(request, "login.html", page_context(request))
+
+
+async def register_page(request: Request) -> Response:
+    return chat_of(request).templates.TemplateResponse(request, "register.html", page_context(request))
+
+
+class SecurityHeaders:
+    """Adds the Content-Security-Policy and friends to every HTTP response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + [
+                    (b"content-security-policy", CSP.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"same-origin"),
+                    (b"x-frame-options", b"DENY"),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# ---- WebSocket protocol -------------------------------------------------------
+
+
+class FrameError(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        self.code, self.detail = code, detail
+
+
+def dumps(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def frame_field(frame: dict[str, Any], name: str, kind: type) -> Any:
+    value = frame.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise FrameError("invalid_field", f"'{name}' is required and must be a {kind.__name__}.")
+    return value
+
+
+@dataclass
+class TokenBucket:
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float = field(default_factory=time.monotonic)
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    chat = chat_of(websocket)
+    session = await chat.session_from(websocket)
+    if session is None or not origin_allowed(websocket, chat.settings.allowed_origins):
+        await websocket.close()  # before accept(): the handshake is refused with 403
+        return
+    after = websocket.query_params.get("after")
+    await websocket.accept()
+    if after is not None and not CURSOR_RE.fullmatch(after):
+        await websocket.send_text(dumps({"type": "error", "code": "invalid_field",
+                                         "detail": "'after' must be a whole number of at least 0."}))
+        await websocket.close(1008)
+        return
+    await ChatSocket(chat, websocket, session).serve(None if after is None else int(after))
+
+
+class ChatSocket:
+    """One open /ws connection: hello, replay, live delivery, the client's frames.
+
+    Message frames are deduplicated by id: `floor` and `seen` say what this
+    socket already has, so replay, live frames and a catch-up after a broadcast
+    outage never send one twice, while a message that is published late (another
+    process committed it earlier) still gets through."""
+
+    def __init__(self, chat: ChatX, websocket: WebSocket, session: Session) -> None:
+        self.chat, self.ws, self.session, self.user = chat, websocket, session, session.user
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.socket_id = uuid.uuid4().hex
+        self.floor, self.high, self.seen, self.prune_at = 0, 0, set[int](), 2048
+        self.finished = asyncio.Event()
+        self.handlers = {"send": self.on_send, "typing": self.on_typing, "read": self.on_read, "ping": self.on_ping}
+
+    async def serve(self, after: int | None) -> None:
+        chat = self.chat
+        try:
+            async with AsyncExitStack() as stack:
+                inbox = await stack.enter_async_context(chat.subscribe(f"user:{self.user.id}"))
+                everyone = await stack.enter_async_context(chat.subscribe("presence"))
+                chat.sockets.add(self)
+                stack.push_async_callback(self.leave)
+                await chat.announce(await chat.writer.run(open_socket, self.socket_id, chat.process_id, self.user.id))
+                await self.ws.send_text(dumps(await chat.hello(self.user)))
+                await self.replay(after)
+                code = await self.run_until_closed(inbox, everyone)
+            if code is not None:
+                await self.close(code)
+        except (WebSocketDisconnect, OSError):
+            pass
+        finally:
+            self.finished.set()
+
+    async def leave(self) -> None:
+        self.chat.sockets.discard(self)
+        # Shielded: a socket row left behind would keep its user online for good.
+        await asyncio.shield(self.chat.spawn(self.chat.socket_closed(self.socket_id, self.user.id)))
+
+    async def close(self, code: int) -> None:
+        try:
+            await asyncio.wait_for(self.ws.close(code), 5)
+        except Exception:
+            pass  # the client is gone or not reading; the transport closes anyway
+
+    def shut(self, code: int) -> None:
+        self.outbox.put_nowait(code)
+
+    async def run_until_closed(self, inbox: Any, everyone: Any) -> int | None:
+        """Run until the client leaves (None) or the socket must close (a code)."""
+        tasks = [asyncio.create_task(coroutine) for coroutine in
+                 (self.receive_frames(), self.send_outbox(), self.pump(inbox), self.pump(everyone))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        failure = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
+        if failure is not None and not isinstance(failure, (WebSocketDisconnect, OSError)):
+            logger.error("socket of %s failed", self.user.username, exc_info=failure)
+            return 1011
+        return next((t.result() for t in done if not t.cancelled() and not t.exception()), None)
+
+    async def pump(self, subscriber: Any) -> int:
+        """Move broadcast events to the outbox; a reader too far behind is cut off."""
+        while True:
+            self.outbox.put_nowait(await subscriber.get())
+            if self.outbox.qsize() > BACKLOG_MAX:
+                return 1013
+
+    async def send_outbox(self) -> int | None:
+        while True:
+            item = await self.outbox.get()
+            if isinstance(item, int):
+                return item
+            if isinstance(item, str):
+                await self.ws.send_text(item)
+            elif (code := await self.deliver(item)) is not None:
+                return code
+
+    async def deliver(self, event: Event) -> int | None:
+        text = event.message
+        if isinstance(text, Resync):
+            if event.channel.endswith(":presence"):
+                await self.send_presence_since(text.lost_at)
+                return None
+            if not await self.chat.session_alive(self.session.id):
+                return 4401
+            await self.catch_up()
+            return None
+        if text.startswith('{"type":"message"'):
+            if not self.remember(json.loads(text)["message"]["id"]):
+                return None
+        elif text.startswith('{"type":"revoke"'):
+            return 4401 if json.loads(text)["session"] == self.session.id else None
+        await self.ws.send_text(text)
+        return None
+
+    def remember(self, message_id: int) -> bool:
+        """Record a message as sent; False if this socket already has it."""
+        if message_id <= self.floor or message_id in self.seen:
+            return False
+        self.seen.add(message_id)
+        self.high = max(self.high, message_id)
+        if len(self.seen) > self.prune_at:
+            # A message published 100,000 ids late is beyond any real delay.
+            self.floor = max(self.floor, self.high - 100_000)
+            self.seen = {i for i in self.seen if i > self.floor}
+            self.prune_at = max(2048, 2 * len(self.seen))
+        return True
+
+    async def replay(self, after: int | None) -> None:
+        if after is None:  # live only; a later catch-up starts from here
+            self.floor = await self.chat.newest_message_id()
+            return
+        self.floor = after
+        await self.catch_up()
+
+    async def catch_up(self) -> None:
+        """Send, in id order, every message of mine above `floor` not yet sent."""
+        cursor = self.floor
+        while True:
+            page = await self.chat.messages_since(self.user, cursor, REPLAY_PAGE)
+            for message in page:
+                if self.remember(message["id"]):
+                    await self.ws.send_text(dumps({"type": "message", "message": message}))
+            if len(page) < REPLAY_PAGE:
+                return
+            cursor = page[-1]["id"]
+
+    async def send_presence_since(self, since: int) -> None:
+        for frame in await self.chat.presence_changes_since(since, self.user):
+            await self.ws.send_text(dumps(frame))
+
+    async def receive_frames(self) -> int | None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            text = message.get("text")
+            size = len(message.get("bytes") or b"") if text is None else len(text.encode())
+            if size > FRAME_MAX_BYTES:
+                return 1009
+            if text is None:
+                self.reply_error("bad_json", "Frames are JSON text, not binary.")
+                continue
+            await self.handle(text)
+
+    async def handle(self, text: str) -> None:
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            return self.reply_error("bad_json", "The frame is not valid JSON.")
+        if not isinstance(frame, dict):
+            return self.reply_error("bad_json", "A frame is a JSON object.")
+        client_id = frame.get("client_id") if isinstance(frame.get("client_id"), str) else None
+        handler = self.handlers.get(frame.get("type"))
+        if handler is None:
+            return self.reply_error("unknown_type", f"Unknown frame type {frame.get('type')!r}.", client_id)
+        try:
+            await handler(frame)
+        except FrameError as exc:
+            self.reply_error(exc.code, exc.detail, client_id)
+
+    def reply(self, frame: dict[str, Any]) -> None:
+        self.outbox.put_nowait(dumps(frame))
+
+    def reply_error(self, code: str, detail: str, client_id: str | None = None) -> None:
+        frame = {"type": "error", "code": code, "detail": detail}
+        if client_id is not None:
+            frame["client_id"] = client_id
+        self.reply(frame)
+
+    async def peer(self, frame: dict[str, Any], name: str) -> User:
+        peer = await self.chat.find_user(frame_field(frame, name, str))
+        if peer is None:
+            raise FrameError("unknown_user", f"There is no user {frame[name]!r}.")
+        return peer
+
+    async def on_send(self, frame: dict[str, Any]) -> None:
+        body = frame_field(frame, "body", str)
+        client_id = frame.get("client_id")
+        if client_id is not None and (not isinstance(client_id, str) or not 0 < len(client_id) <= CLIENT_ID_MAX):
+            raise FrameError("invalid_field", f"'client_id' must be a string of 1 to {CLIENT_ID_MAX} characters.")
+        recipient = await self.peer(frame, "to")
+        if not body.strip():
+            raise FrameError("empty_body", "The message is empty.")
+        if len(body) > BODY_MAX:
+            raise FrameError("body_too_long", f"Messages are at most {BODY_MAX} characters.")
+        if not self.chat.send_bucket(self.user.id).take():
+            raise FrameError("rate_limited", "Too many messages; slow down and send again.")
+        message, created = await self.chat.store_message(self.user, recipient, body, client_id)
+        self.reply({"type": "ack", "client_id": client_id, "message": message})
+        if created:
+            await self.chat.deliver_message(message, self.user, recipient)
+
+    async def on_typing(self, frame: dict[str, Any]) -> None:
+        recipient = await self.peer(frame, "to")
+        await self.chat.publish(f"user:{recipient.id}", dumps({"type": "typing", "from": self.user.username}))
+
+    async def on_read(self, frame: dict[str, Any]) -> None:
+        peer = await self.peer(frame, "with")
+        up_to = frame_field(frame, "up_to", int)
+        if up_to < 0:
+            raise FrameError("invalid_field", "'up_to' must be at least 0.")
+        moved = await self.chat.writer.run(advance_read_cursor, self.chat.insert, self.user.id, peer.id, up_to)
+        if moved is not None:
+            read = dumps({"type": "read", "reader": self.user.username, "with": peer.username, "up_to": moved})
+            for user_id in {self.user.id, peer.id}:
+                await self.chat.publish(f"user:{user_id}", read)
+
+    async def on_ping(self, frame: dict[str, Any]) -> None:
+        self.reply({"type": "pong"})
+
+
+# ---- app factory --------------------------------------------------------------
+
+
+class ChatX:
+    """Everything one ChatX app holds; `create_app` makes one per app, so two
+    apps in one process share nothing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process_id = uuid.uuid4().hex
+        self.status_hook = StatusHook()
+        self.status_hook.connect(self.publish_presence)
+        self.templates = Jinja2Templates(directory=HERE / "templates")
+        self.sockets: set[ChatSocket] = set()
+        self.buckets: dict[int, TokenBucket] = {}
+        self.users_by_key: dict[str, User] = {}
+        self.background: set[asyncio.Task] = set()
+        self.backend: RedisPubSubBackend | None = None
+
+    def on_status_change(self, callback: StatusCallback) -> StatusCallback:
+        """Register `callback(username, status, last_seen)`, plain or async; it
+        runs once per committed change of status made by this process."""
+        return self.status_hook.connect(callback)
+
+    # lifecycle
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        url = self.settings.database_url
+        self.database = open_database(url)
+        await self.database.connect()
+        postgres = self.database.url.dialect == "postgresql"
+        self.insert = postgresql_insert if postgres else sqlite_insert
+        self.writer = Writer(url)
+        await self.writer.start()
+        await self.writer.run(create_schema, postgres)
+        secret = self.settings.secret_key or await self.writer.run(ensure_secret, self.insert, secrets.token_urlsafe(32))
+        self.secret = secret
+        # Apps on other databases may share one Redis: their channels must not meet.
+        self.namespace = "chatx:" + hashlib.sha256(secret.encode()).hexdigest()[:16]
+        if urlsplit(self.settings.broadcast_url).scheme in ("redis", "rediss"):
+            self.backend = RedisPubSubBackend(self.settings.broadcast_url)
+            self.broadcast = Broadcast(backend=self.backend)
+        else:
+            self.broadcast = Broadcast(self.settings.broadcast_url)
+        await self.broadcast.connect()
+        self.subscribe_lock = asyncio.Lock()
+        self.hash_slots = asyncio.Semaphore(2)
+        await self.writer.run(heartbeat, self.process_id, [])
+        self.upkeep = asyncio.create_task(self.keep_presence())
+
+    async def stop(self) -> None:
+        """Close sockets with 1012 so clients reconnect elsewhere, then leave."""
+        for socket in list(self.sockets):
+            socket.shut(1012)
+        waiting = [asyncio.create_task(socket.finished.wait()) for socket in list(self.sockets)]
+        if waiting:
+            await asyncio.wait(waiting, timeout=5)
+        self.upkeep.cancel()
+        await asyncio.gather(self.upkeep, *self.background, return_exceptions=True)
+        try:
+            await self.announce(await self.writer.run(unregister_process, self.process_id))
+        except Exception:
+            logger.exception("could not unregister this process; the sweep will")
+        try:
+            await self.broadcast.disconnect()
+        except Exception:
+            logger.exception("broadcast did not disconnect cleanly")
+        await self.writer.stop()
+        await self.database.disconnect()
+
+    def spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
+
+    # accounts and sessions
+
+    async def create_user(self, username: str, password: str) -> User | None:
+        password_hash = await self.off_loop(hash_password, password)
+        try:
+            return await self.writer.run(insert_user, username, password_hash, now_ms())
+        except Exception as exc:
+            if is_unique_violation(exc):
+                return None
+            raise
+
+    async def authenticate(self, username: str, password: str) -> User | None:
+        row = await self.database.fetch_one(
+            sa.select(users.c.id, users.c.username, users.c.password_hash).where(
+                users.c.username_key == username.lower()
+            )
+        )
+        matches = await self.off_loop(check_password, password, row["password_hash"] if row else DUMMY_HASH)
+        return User(row["id"], row["username"]) if row and matches else None
+
+    async def off_loop(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Slow hashes run in threads, a few at a time, never on the event loop."""
+        async with self.hash_slots:
+            return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+    async def create_session(self, user: User) -> str:
+        token = secrets.token_urlsafe(32)
+        await self.writer.run(insert_session, session_id(token), user.id, now_ms() + SESSION_DAYS * 86_400_000)
+        return f"{token}.{sign(self.secret, token)}"
+
+    async def session_from(self, conn: HTTPConnection) -> Session | None:
+        token, _, signature = conn.cookies.get(SESSION_COOKIE, "").rpartition(".")
+        if not token or not hmac.compare_digest(signature, sign(self.secret, token)):
+            return None
+        row = await self.database.fetch_one(
+            sa.select(sessions.c.id, users.c.id.label("user_id"), users.c.username)
+            .select_from(sessions.join(users, users.c.id == sessions.c.user_id))
+            .where(sessions.c.id == session_id(token), sessions.c.expires_at > now_ms())
+        )
+        return Session(row["id"], User(row["user_id"], row["username"])) if row else None
+
+    async def session_alive(self, sid: str) -> bool:
+        return await self.database.fetch_val(sa.select(sessions.c.id).where(sessions.c.id == sid)) is not None
+
+    async def revoke_session(self, session: Session) -> None:
+        """Delete the session, then close its sockets on every process with 4401."""
+        await self.writer.run(delete_session, session.id)
+        await self.publish(f"user:{session.user.id}", dumps({"type": "revoke", "session": session.id}))
+
+    async def find_user(self, username: str) -> User | None:
+        key = username.lower()
+        user = self.users_by_key.get(key)
+        if user is None:
+            row = await self.database.fetch_one(
+                sa.select(users.c.id, users.c.username).where(users.c.username_key == key)
+            )
+            if row is None:
+                return None
+            user = self.users_by_key[key] = User(row["id"], row["username"])
+        return user
+
+    # messages
+
+    async def store_message(self, sender: User, recipient: User, body: str, client_id: str | None):
+        """Commit the message; return it and whether it is new (not a retry)."""
+        return await self.writer.run(insert_message, self.insert, sender, recipient, body, client_id)
+
+    async def deliver_message(self, message: dict[str, Any], sender: User, recipient: User) -> None:
+        frame = dumps({"type": "message", "message": message})
+        for user_id in {sender.id, recipient.id}:
+            await self.publish(f"user:{user_id}", frame)
+
+    async def messages_since(self, user: User, after: int, limit: int) -> list[dict[str, Any]]:
+        rows = await self.database.fetch_all(
+            select_messages(mine(user.id), messages.c.id > after).order_by(messages.c.id).limit(limit)
+        )
+        return [message_object(row) for row in rows]
+
+    async def newest_message_id(self) -> int:
+        return await self.database.fetch_val(sa.select(sa.func.max(messages.c.id))) or 0
+
+    async def conversation_page(self, me: User, peer: User, before: int | None, after: int | None, limit: int):
+        query = select_messages(conversation(me.id, peer.id))
+        if after is not None:
+            query = query.where(messages.c.id > after).order_by(messages.c.id)
+        else:
+            if before is not None:
+                query = query.where(messages.c.id < before)
+            query = query.order_by(messages.c.id.desc())
+        rows = await self.database.fetch_all(query.limit(limit + 1))
+        page = [message_object(row) for row in rows[:limit]]
+        if after is None:
+            page.reverse()
+        read_up_to = {
+            me.username: await read_cursor(self.database, me.id, peer.id),
+            peer.username: await read_cursor(self.database, peer.id, me.id),
+        }
+        return {"messages": page, "has_more": len(rows) > limit, "read_up_to": read_up_to}
+
+    async def contacts(self, me: User) -> list[dict[str, Any]]:
+        cursor = (
+            sa.select(read_cursors.c.up_to)
+            .where(read_cursors.c.user_id == me.id, read_cursors.c.peer_id == users.c.id)
+            .scalar_subquery()
+        )
+        unread = (
+            sa.select(sa.func.count())
+            .select_from(messages)
+            .where(messages.c.recipient_id == me.id, messages.c.sender_id == users.c.id,
+                   messages.c.id > sa.func.coalesce(cursor, 0))
+            .scalar_subquery()
+        )
+        rows = await self.database.fetch_all(
+            sa.select(users.c.id, users.c.username, users.c.status, users.c.last_seen, unread.label("unread"))
+            .where(users.c.id != me.id)
+            .order_by(users.c.username_key)
+        )
+        return [
+            {"id": r["id"], "username": r["username"], "status": r["status"], "last_seen": iso(r["last_seen"]),
+             "unread": r["unread"]}
+            for r in rows
+        ]
+
+    def send_bucket(self, user_id: int) -> TokenBucket:
+        bucket = self.buckets.get(user_id)
+        if bucket is None:
+            burst = self.settings.send_burst
+            bucket = self.buckets[user_id] = TokenBucket(self.settings.send_rate, burst, burst)
+        return bucket
+
+    # presence
+
+    async def hello(self, user: User) -> dict[str, Any]:
+        rows = await self.database.fetch_all(
+            sa.select(users.c.username, users.c.status, users.c.last_seen)
+            .where(users.c.status == "online", users.c.id != user.id)
+            .order_by(users.c.username_key)
+        )
+        presence = [{"username": r["username"], "status": r["status"], "last_seen": iso(r["last_seen"])} for r in rows]
+        return {"type": "hello", "user": user.public(), "presence": presence}
+
+    async def presence_changes_since(self, since: int, user: User) -> list[dict[str, Any]]:
+        rows = await self.database.fetch_all(
+            sa.select(users.c.username, users.c.status, users.c.last_seen)
+            .where(users.c.last_seen >= since - 1000, users.c.id != user.id)
+            .order_by(users.c.last_seen)
+        )
+        return [{"type": "presence", "username": r["username"], "status": r["status"],
+                 "last_seen": iso(r["last_seen"])} for r in rows]
+
+    async def socket_closed(self, socket_id: str, user_id: int) -> None:
+        await self.announce(await self.writer.run(close_socket, socket_id, user_id))
+
+    async def announce(self, transitions: list[Transition]) -> None:
+        for username, status, last_seen in transitions:
+            await self.status_hook.send(username, status, datetime.fromtimestamp(last_seen / 1000, timezone.utc))
+
+    async def publish_presence(self, username: str, status: str, last_seen: datetime) -> None:
+        stamp = last_seen.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        await self.publish("presence", dumps({"type": "presence", "username": username, "status": status,
+                                              "last_seen": stamp}))
+
+    async def keep_presence(self) -> None:
+        """Heartbeat this process and sweep dead ones. Beats every TTL/4 and a
+        process silent for TTL/2 is dead, so its users are offline within TTL."""
+        ttl = self.settings.presence_ttl
+        while True:
+            await asyncio.sleep(max(ttl / 4, 0.25))
+            try:
+                live = [(socket.socket_id, socket.user.id) for socket in list(self.sockets)]
+                transitions = await self.writer.run(heartbeat, self.process_id, live)
+                transitions += await self.writer.run(sweep, int(ttl * 500))
+                await self.announce(transitions)
+            except Exception:
+                logger.exception("presence upkeep failed; trying again")
+
+    # broadcast
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[Any]:
+        # Broadcast.subscribe awaits the backend before it registers the queue,
+        # so two first subscribers of one channel would race: enter one at a time.
+        async with AsyncExitStack() as stack:
+            async with self.subscribe_lock:
+                subscriber = await stack.enter_async_context(self.broadcast.subscribe(f"{self.namespace}:{channel}"))
+            yield subscriber
+
+    async def publish(self, channel: str, frame: str) -> None:
+        """Best effort: while Redis is away the message is already stored, and
+        sockets catch up from the database once it is back."""
+        try:
+            await self.broadcast.publish(f"{self.namespace}:{channel}", frame)
+        except (RedisError, OSError) as exc:
+            logger.warning("publish to %s failed: %s", channel, exc)
+
+    async def health(self) -> dict[str, str]:
+        try:
+            await asyncio.wait_for(self.database.fetch_val("SELECT 1"), 2)
+            database = "ok"
+        except Exception:
+            database = "fail"
+        broadcast = "ok" if self.backend is None or self.backend.healthy else "fail"
+        return {"database": database, "broadcast": broadcast}
+
+
+def create_app(**settings: Any) -> Starlette:
+    """A fresh ChatX ASGI app; keyword settings win over CHATX_* variables and `.env`."""
+    chat = ChatX(load_settings(**settings))
+    routes = [
+        Route("/", chat_page, name="chat_page"),
+        Route("/login", login_page, name="login_page"),
+        Route("/register", register_page, name="register_page"),
+        Route("/api/register", register, methods=["POST"]),
+        Route("/api/login", login, methods=["POST"]),
+        Route("/api/logout", logout, methods=["POST"]),
+        Route("/api/me", me),
+        Route("/api/users", user_list),
+        Route("/api/conversations/{username}/messages", conversation_messages),
+        Route("/healthz", healthz),
+        WebSocketRoute("/ws", websocket_endpoint),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=chat.lifespan,
+        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
+    )
+    app.add_middleware(SecurityHeaders)
+    app.state.chat = chat
+    return app
+
+
+app = create_app()

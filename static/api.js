@@ -1,0 +1,42 @@
+// HTTP helpers. Every URL starts with the mount prefix the server put on <body>.
+
+const base = document.body.dataset.base || "";
+
+class ApiError extends Error {
+  constructor(status, code, detail) {
+    super(detail);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+export async function api(method, path, body) {
+  const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(base + path, init);
+  } catch {
+    throw new ApiError(0, "network", "Can't reach ChatX. Check your connection and try again.");
+  }
+  if (response.status === 204) return null;
+  const data = await response.json().catch(() => null);
+  if (!response.ok) {
+    const error = data && data.error;
+    throw new ApiError(response.status, error ? error.code : `http_${response.status}`,
+      error ? error.detail : `The server answered ${response.status}.`);
+  }
+  return data;
+}
+
+export function goTo(path) {
+  location.assign(base + path);
+}
+
+export function socketUrl(after) {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}${base}/ws?after=${after}`;
+}

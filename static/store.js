@@ -1,0 +1,113 @@
+// What the page knows: each conversation's messages (merged by id, so none is
+// ever shown twice) and the outbox of messages not yet acknowledged.
+
+export const keyOf = (username) => username.toLowerCase();
+
+export class Conversation {
+  constructor(peer, meKey, outbox) {
+    this.peer = peer;
+    this.key = keyOf(peer);
+    this.meKey = meKey;
+    this.outbox = outbox;
+    this.messages = new Map();
+    this.loaded = false; // the newest page came from the API
+    this.hasOlder = true;
+    this.loadingOlder = false;
+    this.myRead = 0;
+    this.peerRead = 0;
+    this.sortedCache = null;
+  }
+
+  add(message) {
+    if (this.messages.has(message.id)) return false;
+    this.messages.set(message.id, message);
+    this.sortedCache = null;
+    return true;
+  }
+
+  sorted() {
+    this.sortedCache ??= [...this.messages.values()].sort((a, b) => a.id - b.id);
+    return this.sortedCache;
+  }
+
+  get oldestId() {
+    return this.sorted()[0]?.id ?? 0;
+  }
+
+  get newestId() {
+    return this.sorted().at(-1)?.id ?? 0;
+  }
+
+  isMine(message) {
+    return keyOf(message.from) === this.meKey;
+  }
+
+  pending() {
+    return this.outbox.to(this.key);
+  }
+
+  // Unread messages among those loaded here; exact when the cursor is within them.
+  unreadAfter(cursor) {
+    return this.sorted().filter((message) => message.id > cursor && !this.isMine(message)).length;
+  }
+}
+
+export class Outbox {
+  constructor(storageKey) {
+    this.storageKey = storageKey;
+    this.entries = this.#load();
+  }
+
+  add(to, body) {
+    const entry = { client_id: crypto.randomUUID(), to, body, created: new Date().toISOString(), error: null };
+    this.entries.push(entry);
+    this.#save();
+    return entry;
+  }
+
+  fail(clientId, detail) {
+    const entry = this.entries.find((candidate) => candidate.client_id === clientId);
+    if (!entry) return false;
+    entry.error = detail;
+    this.#save();
+    return true;
+  }
+
+  remove(clientId) {
+    const before = this.entries.length;
+    this.entries = this.entries.filter((entry) => entry.client_id !== clientId);
+    if (this.entries.length === before) return false;
+    this.#save();
+    return true;
+  }
+
+  to(peerKey) {
+    return this.entries.filter((entry) => keyOf(entry.to) === peerKey);
+  }
+
+  unsent() {
+    return this.entries.filter((entry) => !entry.error);
+  }
+
+  clear() {
+    this.entries = [];
+    localStorage.removeItem(this.storageKey);
+  }
+
+  // Kept in localStorage so a reload while offline loses nothing.
+  #load() {
+    try {
+      return JSON.parse(localStorage.getItem(this.storageKey)) || [];
+    } catch {
+      return [];
+    }
+  }
+
+  #save() {
+    try {
+      localStorage.setItem(this.storageKey, JSON.stringify(this.entries));
+    } catch {
+      // storage full or disabled: the outbox still works for this page
+    }
+  }
+}

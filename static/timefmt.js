@@ -1,0 +1,47 @@
+// How times read in the interface.
+
+const MINUTE = 60 * 1000;
+const HOUR = 60 * MINUTE;
+
+const clock = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+const dayThisYear = new Intl.DateTimeFormat(undefined, { weekday: "long", day: "numeric", month: "long" });
+const dayOtherYear = new Intl.DateTimeFormat(undefined, { day: "numeric", month: "long", year: "numeric" });
+const shortDay = new Intl.DateTimeFormat(undefined, { day: "numeric", month: "short" });
+
+function startOfDay(date) {
+  return new Date(date.getFullYear(), date.getMonth(), date.getDate());
+}
+
+function daysAgo(date, now = new Date()) {
+  return Math.round((startOfDay(now) - startOfDay(date)) / (24 * HOUR));
+}
+
+export function clockTime(iso) {
+  return clock.format(new Date(iso));
+}
+
+// A key that is the same for two times on the same local day.
+export function dayKey(iso) {
+  const date = new Date(iso);
+  return `${date.getFullYear()}-${date.getMonth() + 1}-${date.getDate()}`;
+}
+
+export function dayLabel(iso) {
+  const date = new Date(iso);
+  const ago = daysAgo(date);
+  if (ago === 0) return "Today";
+  if (ago === 1) return "Yesterday";
+  const format = date.getFullYear() === new Date().getFullYear() ? dayThisYear : dayOtherYear;
+  return format.format(date);
+}
+
+export function lastSeen(iso) {
+  if (!iso) return "not seen yet";
+  const date = new Date(iso);
+  const elapsed = Date.now() - date.getTime();
+  if (elapsed < MINUTE) return "last seen just now";
+  if (elapsed < HOUR) return `last seen ${Math.floor(elapsed / MINUTE)} min ago`;
+  if (daysAgo(date) === 0) return `last seen ${Math.floor(elapsed / HOUR)} h ago`;
+  if (daysAgo(date) === 1) return `last seen yesterday at ${clock.format(date)}`;
+  return `last seen ${shortDay.format(date)}`;
+}

@@ -1,0 +1,345 @@
+"""Fixtures: ChatX apps in-process (TestClient) and as real uvicorn processes,
+on a real SQLite file, a real PostgreSQL database and real Redis servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import asyncpg
+import httpx2 as httpx
+import pytest
+from starlette.testclient import TestClient
+from websockets.sync.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import chatx  # noqa: E402
+
+PASSWORD = "correct horse battery"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+# ---- in-process apps ------------------------------------------------------------
+
+
+class Person:
+    """A signed-in user of an in-process app: their cookie goes on every call."""
+
+    def __init__(self, client: TestClient, username: str, cookie: str, user_id: int) -> None:
+        self.client, self.username, self.cookie, self.id = client, username, cookie, user_id
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"cookie": f"{chatx.SESSION_COOKIE}={self.cookie}"}
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.get(path, headers=self.headers, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.post(path, headers={**self.headers, **kwargs.pop("headers", {})}, **kwargs)
+
+    def ws(self, after: int | None = None, headers: dict[str, str] | None = None, prefix: str = ""):
+        path = f"{prefix}/ws" if after is None else f"{prefix}/ws?after={after}"
+        return self.client.websocket_connect(path, headers={**self.headers, **(headers or {})})
+
+
+def sign_up(client: TestClient, username: str, prefix: str = "") -> Person:
+    client.cookies.clear()
+    response = client.post(f"{prefix}/api/register", json={"username": username, "password": PASSWORD})
+    assert response.status_code == 201, response.text
+    cookie = response.cookies[chatx.SESSION_COOKIE]
+    client.cookies.clear()
+    return Person(client, username, cookie, response.json()["user"]["id"])
+
+
+def next_frame(ws: Any, kind: str | None = None) -> dict[str, Any]:
+    """The next frame, skipping presence frames unless asked for by kind."""
+    while True:
+        frame = ws.receive_json()
+        if kind is None and frame["type"] == "presence":
+            continue
+        if kind is None or frame["type"] == kind:
+            return frame
+        if frame["type"] != "presence":
+            raise AssertionError(f"expected a {kind} frame, got {frame}")
+
+
+def quiet(ws: Any) -> list[dict[str, Any]]:
+    """Everything the socket receives before the answer to a ping: proof that
+    nothing else is on its way (frames to one socket arrive in order)."""
+    ws.send_json({"type": "ping"})
+    frames = []
+    while (frame := ws.receive_json())["type"] != "pong":
+        frames.append(frame)
+    return frames
+
+
+def settle(*sockets: Any) -> None:
+    """Wait until every broadcast already published has reached these sockets."""
+    for ws in sockets:
+        quiet(ws)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'chat.db'}"
+
+
+def postgres_answers() -> bool:
+    async def probe() -> None:
+        connection = await asyncpg.connect(PG_ADMIN, timeout=3)
+        await connection.close()
+
+    try:
+        asyncio.run(probe())
+        return True
+    except Exception:
+        return False
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+    if not postgres_answers():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL does not answer at 127.0.0.1:5432, and CI must run the PostgreSQL tests")
+        pytest.skip("PostgreSQL does not answer at 127.0.0.1:5432")
+    name = f"chatx_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(PG_ADMIN)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each test that takes this runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'chat.db'}"
+    else:
+        with fresh_postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+def make_client(sqlite_url: str):
+    """Build and start in-process apps; settings default to a fresh SQLite file."""
+    clients: list[TestClient] = []
+
+    def make(**settings: Any) -> TestClient:
+        settings.setdefault("database_url", sqlite_url)
+        client = TestClient(chatx.create_app(**settings))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in reversed(clients):
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client()
+
+
+# ---- real processes ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class RedisServer:
+    """A redis-server of the test's own, on a free port, that can be stopped and restarted."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self.answers, what="redis-server to answer")
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+class ChatServer:
+    """ChatX under a real uvicorn process."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+        self.log = workdir / f"uvicorn-{self.port}.log"
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_base(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "chatx:app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--ws-max-size", "65536", "--ws-per-message-deflate", "false"],
+                cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_until(self.healthy, timeout=20, what=f"uvicorn on port {self.port} (log: {self.log})")
+
+    def healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"server exited: {self.log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        response = httpx.get(f"{self.base}/healthz", timeout=3)
+        return response.status_code, response.json()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Remote:
+    """A signed-in user of a real server: HTTP with httpx, sockets with websockets."""
+
+    def __init__(self, username: str, cookie: str) -> None:
+        self.username, self.cookie = username, cookie
+
+    def headers(self) -> dict[str, str]:
+        return {"Cookie": f"{chatx.SESSION_COOKIE}={self.cookie}"}
+
+    def ws(self, server: ChatServer, after: int | None = None) -> ClientConnection:
+        query = "" if after is None else f"?after={after}"
+        return connect(f"{server.ws_base}/ws{query}", additional_headers=self.headers(), open_timeout=10,
+                       max_size=2**20)
+
+    def get(self, server: ChatServer, path: str) -> httpx.Response:
+        return httpx.get(f"{server.base}{path}", headers=self.headers(), timeout=10)
+
+    def post(self, server: ChatServer, path: str) -> httpx.Response:
+        return httpx.post(f"{server.base}{path}", headers=self.headers(), timeout=10)
+
+
+def remote_sign_up(server: ChatServer, username: str) -> Remote:
+    response = httpx.post(f"{server.base}/api/register", json={"username": username, "password": PASSWORD},
+                          timeout=10)
+    assert response.status_code == 201, response.text
+    return Remote(username, response.cookies[chatx.SESSION_COOKIE])
+
+
+def receive(ws: ClientConnection, kind: str | None = None, timeout: float = 10) -> dict[str, Any]:
+    """The next frame from a real socket (skipping presence unless asked for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = json.loads(ws.recv(timeout=max(deadline - time.monotonic(), 0.01)))
+        if kind is None and frame["type"] == "presence":
+            continue
+        if kind is None or frame["type"] == kind:
+            return frame
+
+
+def drain(ws: ClientConnection) -> list[dict[str, Any]]:
+    """Every frame up to the answer to a ping."""
+    ws.send(json.dumps({"type": "ping"}))
+    frames = []
+    while (frame := json.loads(ws.recv(timeout=10)))["type"] != "pong":
+        frames.append(frame)
+    return frames
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, redis_server: RedisServer):
+    """Start uvicorn processes sharing one SQLite file and one Redis."""
+    servers: list[ChatServer] = []
+
+    def start(count: int = 2, **env: str) -> list[ChatServer]:
+        settings = {
+            "CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.db'}",
+            "CHATX_BROADCAST_URL": redis_server.url,
+            **env,
+        }
+        started = [ChatServer(settings, tmp_path) for _ in range(count)]
+        for server in started:
+            server.start()
+            servers.append(server)
+        return started
+
+    yield start
+    for server in servers:
+        server.stop(signal.SIGKILL)

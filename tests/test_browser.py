@@ -1,0 +1,489 @@
+"""The browser client, driven through Debian's Chromium against a real uvicorn.
+
+Each test starts from people signing up or in through the pages, as a person
+would; Playwright's `expect` waits for what should appear, so no test sleeps.
+Set CHATX_SCREENSHOTS=<dir> to save screenshots of the main screens there.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from conftest import PASSWORD, ROOT, ChatServer, free_port, receive, remote_sign_up, wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOTS = os.environ.get("CHATX_SCREENSHOTS")
+
+expect.set_options(timeout=10_000)
+
+
+# ---- fixtures -------------------------------------------------------------------
+
+
+# Generous send limits: the seeding below sends 120 messages at once.
+SEED_LIMITS = {"CHATX_SEND_RATE": "1000", "CHATX_SEND_BURST": "1000"}
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    """One server for the tests that need no restart (each uses new names)."""
+    workdir = tmp_path_factory.mktemp("chatx")
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{workdir / 'chat.db'}", **SEED_LIMITS}, workdir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def new_context(browser):
+    """Makes browser contexts (one per person); fails the test on any uncaught
+    script error or Content-Security-Policy violation in their pages."""
+    contexts, problems = [], []
+
+    def watch(page):
+        page.on("pageerror", lambda error: problems.append(f"{page.url}: {error}"))
+        page.on("console", lambda message: "Content Security Policy" in message.text
+                and problems.append(f"{page.url}: {message.text}"))
+
+    def make(**options):
+        options.setdefault("viewport", {"width": 1280, "height": 800})
+        context = browser.new_context(**options)
+        context.on("page", watch)
+        contexts.append(context)
+        return context
+
+    yield make
+    for context in contexts:
+        context.close()
+    assert problems == []
+
+
+# ---- what a person does ---------------------------------------------------------
+
+
+def unique(name: str) -> str:
+    return f"{name}_{uuid.uuid4().hex[:6]}"
+
+
+def snap(page, name: str) -> None:
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SCREENSHOTS) / name), animations="disabled")
+
+
+def sign_up(context, server, username):
+    page = context.new_page()
+    page.goto(server.base + "/register")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Create account").click()
+    expect(page).to_have_url(server.base + "/")
+    expect(page.get_by_text("Connecting…")).to_be_hidden()
+    return page
+
+
+def sign_in(context, server, username):
+    page = context.new_page()
+    page.goto(server.base + "/login")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(server.base + "/")
+    return page
+
+
+def contacts(page):
+    return page.get_by_role("list", name="Contacts")
+
+
+def contact(page, username):
+    return contacts(page).get_by_role("listitem").filter(has=page.get_by_text(username, exact=True))
+
+
+def expect_presence(page, username, status):
+    other = {"online": "offline", "offline": "online"}[status]
+    expect(contact(page, username).get_by_text(status, exact=True)).to_have_count(1)
+    expect(contact(page, username).get_by_text(other, exact=True)).to_have_count(0)
+
+
+def messages(page):
+    return page.get_by_role("log", name="Messages")
+
+
+def open_chat(page, username):
+    contact(page, username).get_by_role("button").click()
+    expect(messages(page)).to_be_visible()
+    expect(page.get_by_role("heading", name=username)).to_be_visible()
+
+
+def send(page, text):
+    box = page.get_by_role("textbox", name="Message")
+    box.fill(text)
+    box.press("Enter")
+
+
+def bubble(page, text):
+    return messages(page).locator(".msg").filter(has=page.get_by_text(text, exact=True))
+
+
+# ---- tests ----------------------------------------------------------------------
+
+
+def test_pages_show_specific_inline_errors_and_link_to_each_other(chat_server, new_context):
+    page = new_context().new_page()
+    taken = unique("taken")
+    httpx.post(chat_server.base + "/api/register", json={"username": taken, "password": PASSWORD}).raise_for_status()
+
+    page.goto(chat_server.base + "/login")
+    page.get_by_role("link", name="Create account").click()
+    expect(page).to_have_url(chat_server.base + "/register")
+    username, password = page.get_by_label("Username"), page.get_by_label("Password")
+    create = page.get_by_role("button", name="Create account")
+
+    username.fill("no spaces please")
+    password.fill(PASSWORD)
+    create.click()
+    expect(page.get_by_text("Use 3–32 letters")).to_be_visible()
+    expect(username).to_have_attribute("aria-invalid", "true")
+
+    username.fill(unique("carol"))
+    password.fill("short")
+    create.click()
+    expect(page.get_by_text("at least 8 characters", exact=False).last).to_be_visible()
+    expect(password).to_have_attribute("aria-invalid", "true")
+
+    username.fill(taken.upper())  # names are unique regardless of case
+    password.fill(PASSWORD)
+    create.click()
+    expect(page.get_by_text("That username is taken")).to_be_visible()
+
+    page.get_by_role("link", name="Sign in").click()
+    expect(page).to_have_url(chat_server.base + "/login")
+    page.get_by_label("Username").fill(taken)
+    page.get_by_label("Password").fill("not the password")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_text("Wrong username or password.")).to_be_visible()
+    expect(page).to_have_url(chat_server.base + "/login")
+
+
+def test_two_people_see_each_other_online_chat_both_ways_with_typing_read_ticks_and_unread(
+        chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    alice_page = sign_up(new_context(), chat_server, alice)
+    bob_page = sign_up(new_context(), chat_server, bob)
+
+    # bob signed up after alice's page was open: he appears there without a reload.
+    expect_presence(alice_page, bob, "online")
+    expect_presence(bob_page, alice, "online")
+
+    open_chat(alice_page, bob)
+    send(alice_page, "Hi! Lunch at noon?")
+    expect(bubble(alice_page, "Hi! Lunch at noon?").locator(".tick")).to_have_text("✓")
+
+    # Not opened yet on bob's side: unread badge and title.
+    expect(contact(bob_page, alice).locator(".badge")).to_contain_text("1")
+    expect(bob_page).to_have_title("(1) ChatX")
+
+    open_chat(bob_page, alice)
+    expect(bubble(bob_page, "Hi! Lunch at noon?")).to_be_visible()
+    expect(contact(bob_page, alice).locator(".badge")).to_be_hidden()
+    expect(bob_page).to_have_title("ChatX")
+    # bob has it on screen, so it is read: alice sees the second tick.
+    expect(bubble(alice_page, "Hi! Lunch at noon?").locator(".tick")).to_have_text("✓✓")
+
+    bob_box = bob_page.get_by_role("textbox", name="Message")
+    bob_box.press_sequentially("Sure, see you there")
+    expect(alice_page.get_by_text(f"{bob} is typing…")).to_be_visible()
+    bob_page.get_by_role("button", name="Send").click()
+    expect(bubble(alice_page, "Sure, see you there")).to_be_visible()
+    expect(alice_page.get_by_text(f"{bob} is typing…")).to_be_hidden()
+    expect(bubble(bob_page, "Sure, see you there").locator(".tick")).to_have_text("✓✓")
+    expect(bubble(alice_page, "Sure, see you there")).to_have_class(re.compile(r"\btheirs\b"))
+    expect(bubble(alice_page, "Hi! Lunch at noon?")).to_have_class(re.compile(r"\bmine\b"))
+
+    send(alice_page, "Great 🙂\nI'll book a table.")
+    expect(bubble(bob_page, "Great 🙂\nI'll book a table.")).to_be_visible()
+
+    # A typing indicator with no message after it goes away by itself.
+    alice_page.get_by_role("textbox", name="Message").press_sequentially("One more")
+    expect(bob_page.get_by_text(f"{alice} is typing…")).to_be_visible()
+    expect(bob_page.get_by_text(f"{alice} is typing…")).to_be_hidden(timeout=9000)
+
+    alice_page.get_by_role("textbox", name="Message").fill("")
+    snap(alice_page, "chat-desktop.png")
+    alice_page.emulate_media(color_scheme="dark")
+    snap(alice_page, "chat-dark.png")
+
+
+def test_closing_one_context_turns_the_other_side_offline(chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    alice_context = new_context()
+    sign_up(alice_context, chat_server, alice)
+    bob_page = sign_up(new_context(), chat_server, bob)
+    expect_presence(bob_page, alice, "online")
+
+    alice_context.close()
+    expect_presence(bob_page, alice, "offline")
+    expect(contact(bob_page, alice)).to_contain_text("last seen just now")
+
+
+def test_a_message_sent_across_a_server_restart_shows_reconnecting_and_arrives_exactly_once(
+        tmp_path, new_context):
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}"}, tmp_path)
+    server.start()
+    try:
+        alice, bob = unique("alice"), unique("bob")
+        alice_page = sign_up(new_context(), server, alice)
+        bob_page = sign_up(new_context(), server, bob)
+        open_chat(alice_page, bob)
+        open_chat(bob_page, alice)
+        send(alice_page, "before the restart")
+        expect(bubble(bob_page, "before the restart")).to_be_visible()
+
+        in_flight, while_down = "sent as the server stops", "typed while the server is down"
+        send(alice_page, in_flight)
+        server.stop()
+        expect(alice_page.get_by_text("Reconnecting…")).to_be_visible()
+        send(alice_page, while_down)
+        expect(bubble(alice_page, while_down)).to_have_attribute("data-state", "pending")
+        snap(alice_page, "chat-reconnecting.png")
+
+        server.start()
+        expect(alice_page.get_by_text("Reconnecting…")).to_be_hidden(timeout=30_000)
+        for text in (in_flight, while_down):
+            expect(bubble(bob_page, text)).to_have_count(1, timeout=30_000)
+            expect(bubble(alice_page, text)).to_have_attribute("data-state", re.compile("sent|read"))
+            expect(bubble(alice_page, text)).to_have_count(1)
+
+        # Stored once too: a fresh page loads the history from the server.
+        bob_page.reload()
+        expect(bubble(bob_page, "before the restart")).to_be_visible()
+        for text in (in_flight, while_down):
+            expect(bubble(bob_page, text)).to_have_count(1)
+    finally:
+        server.stop()
+
+
+def test_markup_in_a_message_is_shown_as_text_and_runs_nothing(chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    alice_page = sign_up(new_context(), chat_server, alice)
+    bob_page = sign_up(new_context(), chat_server, bob)
+    dialogs = []
+    for page in (alice_page, bob_page):
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    open_chat(alice_page, bob)
+    open_chat(bob_page, alice)
+
+    payload = "<img src=x onerror=alert(1)>"
+    send(alice_page, payload)
+    send(alice_page, "javascript:alert(2) <b>bold?</b> https://example.com/a?b=1.")
+    expect(bubble(bob_page, payload)).to_be_visible()
+    expect(bob_page.get_by_text("<b>bold?</b>", exact=False)).to_be_visible()
+    for page in (alice_page, bob_page):
+        expect(messages(page).locator("img, b")).to_have_count(0)
+        links = messages(page).get_by_role("link")
+        expect(links).to_have_count(1)
+        expect(links).to_have_attribute("href", "https://example.com/a?b=1")
+
+    # A round trip after it: anything the markup could have run has had its chance.
+    send(bob_page, "got it")
+    expect(bubble(alice_page, "got it")).to_be_visible()
+    assert dialogs == []
+
+
+def seed_conversation(server, sender, recipient, count):
+    """Two scripted clients write `msg 001` … alternately, each waiting for its ack."""
+    people = [remote_sign_up(server, sender), remote_sign_up(server, recipient)]
+    with people[0].ws(server) as sender_ws, people[1].ws(server) as recipient_ws:
+        for i in range(1, count + 1):
+            ws, to = (sender_ws, recipient) if i % 2 else (recipient_ws, sender)
+            ws.send(json.dumps({"type": "send", "to": to, "body": f"msg {i:03}", "client_id": f"seed-{i}"}))
+            assert receive(ws, "ack")["client_id"] == f"seed-{i}"
+
+
+def test_scrolling_up_loads_older_history_in_order_without_jumping(chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    seed_conversation(chat_server, bob, alice, 120)
+
+    page = new_context().new_page()
+    page.goto(chat_server.base + "/login")
+    snap(page, "sign-in.png")
+    page.close()
+    page = sign_in(page.context, chat_server, alice)
+    open_chat(page, bob)
+    log = messages(page)
+    bodies = log.locator(".msg .body")
+    expect(bodies).to_have_count(50)
+    expect(bodies.last).to_have_text("msg 120")
+    expect(bodies.last).to_be_in_viewport()
+    expect(log.get_by_text("msg 070", exact=True)).to_have_count(0)
+
+    log.evaluate("log => { log.scrollTop = 0; }")
+    expect(bodies).to_have_count(100)
+    # The reader was looking at msg 071; older pages appear above it, off screen.
+    expect(log.get_by_text("msg 071", exact=True)).to_be_in_viewport()
+    expect(log.get_by_text("msg 021", exact=True)).not_to_be_in_viewport()
+
+    log.evaluate("log => { log.scrollTop = 0; }")
+    expect(bodies).to_have_count(120)
+    expect(log.get_by_text(f"This is the beginning of your conversation with {bob}.")).to_be_visible()
+    assert bodies.all_inner_texts() == [f"msg {i:03}" for i in range(1, 121)]
+    expect(log.locator(".msg.mine")).to_have_count(60)
+
+
+def test_a_phone_shows_one_pane_at_a_time_and_still_sends(chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    bob_page = sign_up(new_context(), chat_server, bob)
+    phone = new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                        device_scale_factor=2)
+    alice_page = sign_up(phone, chat_server, alice)
+    open_chat(bob_page, alice)
+
+    expect(contacts(alice_page)).to_be_visible()
+    expect(messages(alice_page)).to_be_hidden()
+    snap(alice_page, "phone-contacts.png")
+
+    contact(alice_page, bob).get_by_role("button").click()
+    expect(messages(alice_page)).to_be_visible()
+    expect(contacts(alice_page)).to_be_hidden()
+    alice_page.get_by_role("textbox", name="Message").fill("Sent from my phone")
+    alice_page.get_by_role("button", name="Send").click()
+    expect(bubble(bob_page, "Sent from my phone")).to_be_visible()
+    send(bob_page, "Got it on my laptop")
+    expect(bubble(alice_page, "Got it on my laptop")).to_be_visible()
+    snap(alice_page, "phone-conversation.png")
+
+    alice_page.get_by_role("button", name="Back to contacts").click()
+    expect(contacts(alice_page)).to_be_visible()
+    expect(messages(alice_page)).to_be_hidden()
+
+
+def test_signing_out_in_one_tab_sends_the_other_tab_to_the_sign_in_page(chat_server, new_context):
+    context = new_context()
+    first_tab = sign_up(context, chat_server, unique("alice"))
+    second_tab = context.new_page()
+    second_tab.goto(chat_server.base + "/")
+    expect(second_tab.get_by_text("Connecting…")).to_be_hidden()
+
+    second_tab.get_by_role("button", name="Sign out").click()
+    expect(second_tab).to_have_url(chat_server.base + "/login")
+    # The first tab's socket is closed with 4401: it goes to the sign-in page too.
+    expect(first_tab).to_have_url(chat_server.base + "/login")
+    first_tab.goto(chat_server.base + "/")
+    expect(first_tab).to_have_url(chat_server.base + "/login")
+
+
+def test_contacts_put_the_latest_conversation_first_and_filter_by_name(chat_server, new_context):
+    prefix = uuid.uuid4().hex[:6]
+    carol, dave, erin = (f"{prefix}_{name}" for name in ("carol", "dave", "erin"))
+    carol_remote, dave_remote = remote_sign_up(chat_server, carol), remote_sign_up(chat_server, dave)
+    page = sign_up(new_context(), chat_server, erin)
+    list_items = contacts(page).get_by_role("listitem").filter(has_text=prefix)
+    expect(list_items).to_have_text([re.compile(carol), re.compile(dave)])
+
+    with dave_remote.ws(chat_server) as ws:
+        ws.send(json.dumps({"type": "send", "to": erin, "body": "hello from dave", "client_id": "d-1"}))
+        receive(ws, "ack")
+    expect(list_items).to_have_text([re.compile(dave), re.compile(carol)])
+    expect(contact(page, dave).locator(".badge")).to_contain_text("1")
+
+    with carol_remote.ws(chat_server) as ws:
+        ws.send(json.dumps({"type": "send", "to": erin, "body": "and from carol", "client_id": "c-1"}))
+        receive(ws, "ack")
+    expect(list_items).to_have_text([re.compile(carol), re.compile(dave)])
+    expect(page).to_have_title("(2) ChatX")
+
+    page.get_by_role("searchbox", name="Search people").fill("DAV")
+    expect(list_items.filter(visible=True)).to_have_text([re.compile(dave)])
+    page.get_by_role("searchbox", name="Search people").fill("nobody-has-this-name")
+    expect(page.get_by_text("No one matches")).to_be_visible()
+
+
+HOST_APP = """
+from contextlib import asynccontextmanager
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+import chatx
+
+chat = chatx.create_app()
+
+@asynccontextmanager
+async def lifespan(app):
+    async with chat.router.lifespan_context(chat):
+        yield
+
+app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("host")), Mount("/chat", app=chat)],
+                lifespan=lifespan)
+"""
+
+
+@pytest.fixture
+def mounted_server(tmp_path):
+    """ChatX mounted at /chat inside a host Starlette app, as the README shows."""
+    (tmp_path / "host.py").write_text(HOST_APP)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+           "CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}"}
+    with open(tmp_path / "host.log", "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "uvicorn", "host:app", "--host", "127.0.0.1",
+                                    "--port", str(port)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/chat"
+
+    def healthy():
+        assert process.poll() is None, (tmp_path / "host.log").read_text()[-3000:]
+        try:
+            return httpx.get(base + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, timeout=20, what="the host app")
+    yield base
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def test_the_client_honours_the_mount_prefix_for_links_static_files_api_and_socket(mounted_server, new_context):
+    class Mounted:
+        base = mounted_server
+
+    alice, bob = unique("alice"), unique("bob")
+    requests, sockets = [], []
+    context = new_context()
+    context.on("request", lambda request: requests.append(request.url))
+    context.on("page", lambda page: page.on("websocket", lambda ws: sockets.append(ws.url)))
+    alice_page = sign_up(context, Mounted, alice)
+    bob_page = sign_up(new_context(), Mounted, bob)
+    expect_presence(alice_page, bob, "online")
+    open_chat(alice_page, bob)
+    open_chat(bob_page, alice)
+    send(alice_page, "hello under /chat")
+    expect(bubble(bob_page, "hello under /chat")).to_be_visible()
+
+    host = mounted_server.removesuffix("/chat")
+    ws_base = mounted_server.replace("http://", "ws://")
+    assert sockets and all(url.startswith(ws_base + "/ws?after=") for url in sockets)
+    assert [url for url in requests if url.startswith(host) and not url.startswith(mounted_server)] == []
+
+    alice_page.get_by_role("button", name="Sign out").click()
+    expect(alice_page).to_have_url(mounted_server + "/login")
+    alice_page.get_by_role("link", name="Create account").click()
+    expect(alice_page).to_have_url(mounted_server + "/register")

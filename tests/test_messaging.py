@@ -1,0 +1,358 @@
+"""Sending, delivery, idempotency, typing, read cursors, history and replay
+(CONTRACT §3–4), each on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from starlette.testclient import WebSocketDenialResponse
+from starlette.websockets import WebSocketDisconnect
+
+from conftest import next_frame, quiet, settle, sign_up
+
+
+@pytest.fixture
+def chat(make_client, database_url):
+    """An in-process app on the parametrised database, with alice, bob and carol."""
+    client = make_client(database_url=database_url)
+    return client, sign_up(client, "alice"), sign_up(client, "bob"), sign_up(client, "carol")
+
+
+def send(ws, to: str, body: str, client_id: str | None = "c-1", **extra) -> None:
+    ws.send_json({"type": "send", "to": to, "body": body, "client_id": client_id, **extra})
+
+
+def history(person, peer: str, **query) -> dict:
+    response = person.get(f"/api/conversations/{peer}/messages", params=query)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def seed(ws, to: str, count: int, prefix: str = "m") -> list[int]:
+    ids = []
+    for n in range(count):
+        send(ws, to, f"{prefix}{n}", client_id=f"{prefix}-{n}")
+        ids.append(next_frame(ws, "ack")["message"]["id"])
+        next_frame(ws, "message")
+    return ids
+
+
+def test_hello_is_the_first_frame_and_lists_only_online_users(chat):
+    client, alice, bob, carol = chat
+    with bob.ws() as bob_ws:
+        next_frame(bob_ws, "hello")
+        with alice.ws() as ws:
+            hello = ws.receive_json()
+            assert hello["type"] == "hello"
+            assert hello["user"] == {"id": alice.id, "username": "alice"}
+            assert [p["username"] for p in hello["presence"]] == ["bob"]
+            assert hello["presence"][0]["status"] == "online" and hello["presence"][0]["last_seen"].endswith("Z")
+
+
+def test_a_send_is_acked_and_reaches_every_socket_of_both_people_once(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as a1, alice.ws() as a2, bob.ws() as b1, carol.ws() as c1:
+        settle(a1, a2, b1, c1)
+        send(a1, "BOB", "hi bob", client_id="c-1")
+        ack = next_frame(a1, "ack")
+        message = ack["message"]
+        assert ack["client_id"] == "c-1"
+        assert message["from"] == "alice" and message["to"] == "bob" and message["body"] == "hi bob"
+        assert message["client_id"] == "c-1" and message["sent_at"].endswith("Z") and isinstance(message["id"], int)
+        for ws in (a1, a2, b1):
+            assert next_frame(ws, "message") == {"type": "message", "message": message}
+            assert [f for f in quiet(ws) if f["type"] != "presence"] == []
+        assert [f for f in quiet(c1) if f["type"] != "presence"] == []  # carol sees nothing
+    assert history(bob, "alice")["messages"] == [message]
+
+
+def test_message_ids_grow(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        ids = seed(ws, "bob", 3)
+    assert ids == sorted(ids) and len(set(ids)) == 3
+
+
+def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as ws, bob.ws() as bob_ws:
+        settle(ws, bob_ws)
+        send(ws, "bob", "once", client_id="dup")
+        first = next_frame(ws, "ack")
+        next_frame(ws, "message")
+        assert next_frame(bob_ws, "message")["message"] == first["message"]
+        send(ws, "bob", "changed body", client_id="dup")
+        again = next_frame(ws, "ack")
+        assert again == first
+        assert [f for f in quiet(ws) if f["type"] == "message"] == []
+        assert [f for f in quiet(bob_ws) if f["type"] == "message"] == []
+    assert [m["body"] for m in history(alice, "bob")["messages"]] == ["once"]
+
+
+def test_different_senders_may_use_the_same_client_id(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as a, bob.ws() as b:
+        settle(a, b)
+        send(a, "carol", "from alice", client_id="same")
+        send(b, "carol", "from bob", client_id="same")
+        assert next_frame(a, "ack")["message"]["id"] != next_frame(b, "ack")["message"]["id"]
+
+
+def test_sending_to_yourself_delivers_once_per_socket(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        send(ws, "alice", "note to self")
+        ack = next_frame(ws, "ack")
+        assert next_frame(ws, "message")["message"] == ack["message"]
+        assert [f for f in quiet(ws) if f["type"] == "message"] == []
+    assert len(history(alice, "alice")["messages"]) == 1
+
+
+@pytest.mark.parametrize(
+    "frame,code",
+    [
+        ("not json", "bad_json"),
+        ("[1, 2]", "bad_json"),
+        ('"send"', "bad_json"),
+        ('{"type": "shout"}', "unknown_type"),
+        ("{}", "unknown_type"),
+        ('{"type": "send", "body": "hi", "client_id": "c-9"}', "invalid_field"),
+        ('{"type": "send", "to": "bob", "body": 5, "client_id": "c-9"}', "invalid_field"),
+        ('{"type": "send", "to": "bob", "body": "hi", "client_id": 9}', "invalid_field"),
+        ('{"type": "send", "to": "nobody", "body": "hi", "client_id": "c-9"}', "unknown_user"),
+        ('{"type": "send", "to": "bob", "body": " \\n\\t ", "client_id": "c-9"}', "empty_body"),
+        (json.dumps({"type": "send", "to": "bob", "body": "x" * 4001, "client_id": "c-9"}), "body_too_long"),
+        ('{"type": "typing"}', "invalid_field"),
+        ('{"type": "typing", "to": "nobody"}', "unknown_user"),
+        ('{"type": "read", "with": "bob", "up_to": "5"}', "invalid_field"),
+        ('{"type": "read", "with": "bob", "up_to": true}', "invalid_field"),
+        ('{"type": "read", "with": "bob", "up_to": -1}', "invalid_field"),
+        ('{"type": "read", "with": "nobody", "up_to": 1}', "unknown_user"),
+    ],
+)
+def test_bad_frames_get_an_error_keep_the_socket_open_and_store_nothing(chat, frame, code):
+    client, alice, bob, carol = chat
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        ws.send_text(frame)
+        error = next_frame(ws, "error")
+        assert error["code"] == code and error["detail"]
+        if '"client_id": "c-9"' in frame:
+            assert error["client_id"] == "c-9"
+        send(ws, "bob", "still here", client_id="after-error")
+        assert next_frame(ws, "ack")["message"]["body"] == "still here"
+    assert [m["body"] for m in history(alice, "bob")["messages"]] == ["still here"]
+
+
+def test_a_body_of_exactly_4000_characters_is_accepted(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        send(ws, "bob", "é" * 4000)
+        assert len(next_frame(ws, "ack")["message"]["body"]) == 4000
+
+
+def test_sends_over_the_token_bucket_are_rate_limited_and_not_stored(make_client, database_url):
+    client = make_client(database_url=database_url, send_rate=0.001, send_burst=3)
+    alice, _ = sign_up(client, "alice"), sign_up(client, "bob")
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        for n in range(3):
+            send(ws, "bob", f"m{n}", client_id=f"c{n}")
+            next_frame(ws, "ack")
+            next_frame(ws, "message")
+        send(ws, "bob", "one too many", client_id="c3")
+        error = next_frame(ws, "error")
+        assert error["code"] == "rate_limited" and error["client_id"] == "c3"
+        ws.send_json({"type": "ping"})
+        assert next_frame(ws) == {"type": "pong"}  # still open
+    assert len(history(alice, "bob")["messages"]) == 3
+
+
+def test_a_frame_over_64_kib_closes_the_socket_with_1009(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        ws.send_text(json.dumps({"type": "send", "to": "bob", "body": "x" * 70_000}))
+        with pytest.raises(WebSocketDisconnect) as closed:
+            while True:
+                ws.receive_json()
+        assert closed.value.code == 1009
+    assert history(alice, "bob")["messages"] == []
+
+
+def test_typing_reaches_only_the_peer_and_is_not_stored(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as a, bob.ws() as b, carol.ws() as c:
+        settle(a, b, c)
+        a.send_json({"type": "typing", "to": "Bob"})
+        assert next_frame(b, "typing") == {"type": "typing", "from": "alice"}
+        assert [f for f in quiet(a) + quiet(c) if f["type"] == "typing"] == []
+    assert history(alice, "bob")["messages"] == []
+
+
+def test_a_read_cursor_moves_forward_and_both_people_are_told(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as a, bob.ws() as b:
+        settle(a, b)
+        ids = seed(a, "bob", 3)
+        settle(b)
+        b.send_json({"type": "read", "with": "alice", "up_to": ids[1]})
+        expected = {"type": "read", "reader": "bob", "with": "alice", "up_to": ids[1]}
+        assert next_frame(b, "read") == expected
+        assert next_frame(a, "read") == expected
+        b.send_json({"type": "read", "with": "alice", "up_to": ids[0]})  # backwards: nothing
+        assert [f for f in quiet(b) if f["type"] == "read"] == []
+        b.send_json({"type": "read", "with": "alice", "up_to": ids[2] + 1000})  # past the end: the newest
+        assert next_frame(b, "read")["up_to"] == ids[2]
+        b.send_json({"type": "read", "with": "alice", "up_to": ids[2] + 5})  # no move: nothing
+        assert [f for f in quiet(b) if f["type"] == "read"] == []
+    assert history(bob, "alice")["read_up_to"] == {"bob": ids[2], "alice": 0}
+
+
+def test_read_in_an_empty_conversation_moves_nothing(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as a:
+        next_frame(a, "hello")
+        a.send_json({"type": "read", "with": "bob", "up_to": 10})
+        assert [f for f in quiet(a) if f["type"] == "read"] == []
+
+
+def test_unread_counts_messages_from_them_above_my_read_cursor(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as a, carol.ws() as c:
+        settle(a, c)
+        ids = seed(a, "bob", 3)
+        seed(c, "bob", 1)
+        send(a, "carol", "not for bob", client_id="x")
+        next_frame(a, "ack")
+        with bob.ws() as b:
+            next_frame(b, "hello")
+            b.send_json({"type": "read", "with": "alice", "up_to": ids[0]})
+            next_frame(b, "read")
+    users = {u["username"]: u for u in bob.get("/api/users").json()["users"]}
+    assert users["alice"]["unread"] == 2 and users["carol"]["unread"] == 1
+    assert "bob" not in users
+    assert {u["username"]: u["unread"] for u in alice.get("/api/users").json()["users"]} == {"bob": 0, "carol": 0}
+
+
+def test_user_list_is_everyone_but_me_by_username(chat):
+    client, alice, bob, carol = chat
+    sign_up(client, "Aaron")
+    users = alice.get("/api/users").json()["users"]
+    assert [u["username"] for u in users] == ["Aaron", "bob", "carol"]
+    assert set(users[0]) == {"id", "username", "status", "last_seen", "unread"}
+    assert client.get("/api/users").status_code == 401
+
+
+def test_history_pages_newest_first_then_older_then_newer(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        ids = seed(ws, "bob", 7)
+    newest = history(bob, "alice", limit=3)
+    assert [m["id"] for m in newest["messages"]] == ids[4:] and newest["has_more"] is True
+    older = history(bob, "alice", limit=3, before=ids[4])
+    assert [m["id"] for m in older["messages"]] == ids[1:4] and older["has_more"] is True
+    oldest = history(bob, "alice", limit=3, before=ids[1])
+    assert [m["id"] for m in oldest["messages"]] == ids[:1] and oldest["has_more"] is False
+    newer = history(bob, "alice", limit=4, after=ids[1])
+    assert [m["id"] for m in newer["messages"]] == ids[2:6] and newer["has_more"] is True
+    last = history(bob, "alice", after=ids[5])
+    assert [m["id"] for m in last["messages"]] == ids[6:] and last["has_more"] is False
+    assert [m["id"] for m in history(bob, "alice")["messages"]] == ids  # default limit 50
+
+
+def test_history_limit_above_200_is_taken_as_200(chat):
+    client, alice, bob, carol = chat
+    assert history(alice, "bob", limit=100000)["messages"] == []
+
+
+@pytest.mark.parametrize(
+    "query", [{"limit": 0}, {"limit": -3}, {"limit": "ten"}, {"before": -1}, {"after": "1.5"}, {"before": "x"},
+              {"before": 5, "after": 1}],
+)
+def test_bad_history_queries_are_bad_request(chat, query):
+    client, alice, bob, carol = chat
+    response = alice.get("/api/conversations/bob/messages", params=query)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
+
+
+def test_history_of_an_unknown_user_is_404_and_needs_a_session(chat):
+    client, alice, bob, carol = chat
+    response = alice.get("/api/conversations/nobody/messages")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_user"
+    assert client.get("/api/conversations/bob/messages").status_code == 401
+
+
+def test_nobody_reads_a_conversation_that_is_not_theirs(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        seed(ws, "bob", 2, prefix="secret")
+    assert history(carol, "alice")["messages"] == [] and history(carol, "bob")["messages"] == []
+    assert len(history(bob, "ALICE")["messages"]) == 2
+
+
+def test_replay_sends_every_message_above_after_in_order_before_live(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as a, carol.ws() as c:
+        settle(a, c)
+        ids = seed(a, "bob", 3)
+        seed(c, "carol", 1, prefix="self")  # carol's own: never bob's
+        seed(c, "bob", 1)
+        ids.append(history(bob, "carol")["messages"][0]["id"])
+    with bob.ws(after=ids[0]) as b:
+        assert b.receive_json()["type"] == "hello"
+        replayed = [next_frame(b, "message")["message"]["id"] for _ in range(3)]
+        assert replayed == ids[1:]
+        assert [f for f in quiet(b) if f["type"] == "message"] == []
+    with bob.ws(after=0) as b:
+        next_frame(b, "hello")
+        assert [next_frame(b, "message")["message"]["id"] for _ in range(4)] == ids
+
+
+def test_replay_then_live_misses_and_repeats_nothing(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as a:
+        next_frame(a, "hello")
+        first = seed(a, "bob", 2)
+        with bob.ws(after=0) as b:
+            later = seed(a, "bob", 2, prefix="live")
+            got = []
+            while len(got) < 4:
+                frame = next_frame(b)
+                if frame["type"] == "message":
+                    got.append(frame["message"]["id"])
+            assert got == first + later
+            assert [f for f in quiet(b) if f["type"] == "message"] == []
+
+
+def test_a_bad_after_is_an_invalid_field_error(chat):
+    client, alice, bob, carol = chat
+    with alice.ws(after="-2") as ws:  # type: ignore[arg-type]
+        error = ws.receive_json()
+        assert error["type"] == "error" and error["code"] == "invalid_field"
+
+
+def test_the_websocket_needs_a_session(chat):
+    client, alice, bob, carol = chat
+    with pytest.raises((WebSocketDisconnect, WebSocketDenialResponse)):
+        with client.websocket_connect("/ws") as ws:
+            ws.receive_json()
+
+
+def test_the_websocket_refuses_a_foreign_origin_unless_allowed(make_client, database_url):
+    client = make_client(database_url=database_url, allowed_origins="https://app.example")
+    alice = sign_up(client, "alice")
+    with pytest.raises((WebSocketDisconnect, WebSocketDenialResponse)):
+        with alice.ws(headers={"origin": "https://evil.example"}) as ws:
+            ws.receive_json()
+    for origin in ("https://app.example", "http://testserver"):
+        with alice.ws(headers={"origin": origin}) as ws:
+            assert ws.receive_json()["type"] == "hello"
+    with alice.ws() as ws:  # no Origin at all: a scripted client
+        assert ws.receive_json()["type"] == "hello"
