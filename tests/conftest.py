@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -97,15 +98,22 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'chat.db'}"
 
 
+def run_async(coroutine_function, *args: Any) -> Any:
+    """Run a coroutine to completion on a thread of its own: the main thread may
+    already run an event loop (Playwright's sync API leaves one there)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine_function(*args)).result()
+
+
 def postgres_answers() -> bool:
     async def probe() -> None:
         connection = await asyncpg.connect(PG_ADMIN, timeout=3)
         await connection.close()
 
     try:
-        asyncio.run(probe())
+        run_async(probe)
         return True
-    except Exception:
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
         return False
 
 
@@ -125,11 +133,11 @@ def fresh_postgres_database() -> Iterator[str]:
         finally:
             await connection.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    run_async(admin, f'CREATE DATABASE "{name}"')
     try:
         yield f"postgresql://postgres@127.0.0.1:5432/{name}"
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        run_async(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
