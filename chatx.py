@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import inspect
@@ -218,7 +219,7 @@ class Writer:
         # A one-connection pool of its own: the writer holds it for good, readers never queue behind it.
         self.database = open_database(url, connections=1)
         self.sqlite = self.database.url.dialect == "sqlite"
-        self._jobs: asyncio.Queue[tuple[Callable[..., Awaitable[Any]], tuple, asyncio.Future] | None] = asyncio.Queue()
+        self._jobs: asyncio.Queue[tuple[Callable[..., Awaitable[Any]], tuple, asyncio.Future, bool] | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -239,40 +240,70 @@ class Writer:
 
     async def run(self, job: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Run `job(connection, *args)` in a write transaction; return once committed."""
+        return await self._queue(job, args, bulk=False)
+
+    async def run_bulk(self, job: Callable[..., Awaitable[list]], item: Any) -> Any:
+        """Like run, but the items queued together for one job reach it as one
+        list, `job(connection, items)`, which returns a result per item."""
+        return await self._queue(job, (item,), bulk=True)
+
+    async def _queue(self, job: Callable[..., Awaitable[Any]], args: tuple, bulk: bool) -> Any:
         future = asyncio.get_running_loop().create_future()
-        self._jobs.put_nowait((job, args, future))
+        self._jobs.put_nowait((job, args, future, bulk))
         return await future
 
     async def _serve(self) -> None:
-        async with self.database.connection() as conn:
-            while True:
-                batch = [await self._jobs.get()]
-                while not self._jobs.empty() and len(batch) < 256:
-                    batch.append(self._jobs.get_nowait())
-                jobs = [item for item in batch if item is not None]
-                if jobs:
-                    await self._commit(conn, jobs)
-                if len(jobs) < len(batch):  # stop() was called
-                    return
+        while True:
+            try:
+                async with self.database.connection() as conn:
+                    return await self._serve_on(conn)
+            except Exception:
+                logger.exception("the writer's database connection failed; opening a new one")
+                await asyncio.sleep(0.5)
+
+    async def _serve_on(self, conn: Any) -> None:
+        while True:
+            batch = [await self._jobs.get()]
+            while not self._jobs.empty() and len(batch) < 256:
+                batch.append(self._jobs.get_nowait())
+            jobs = [item for item in batch if item is not None]
+            if jobs:
+                await self._commit(conn, jobs)
+            if len(jobs) < len(batch):  # stop() was called
+                return
 
     async def _commit(self, conn: Any, batch: list) -> None:
         try:
             async with self._transaction(conn):
-                results = [await job(conn, *args) for job, args, _ in batch]
+                results = await self._run_jobs(conn, batch)
         except Exception:
             # One failing job must not fail the others: retry each alone.
             for item in batch:
                 await self._run_alone(conn, item)
+            await conn.fetch_val("SELECT 1")  # a dead connection raises here: _serve opens another
             return
-        for (_, _, future), result in zip(batch, results):
+        for (_, _, future, _), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
 
+    async def _run_jobs(self, conn: Any, batch: list) -> list:
+        results: list[Any] = [None] * len(batch)
+        bulk: dict[Callable, list[int]] = {}
+        for index, (job, args, _, is_bulk) in enumerate(batch):
+            if is_bulk:
+                bulk.setdefault(job, []).append(index)
+            else:
+                results[index] = await job(conn, *args)
+        for job, indexes in bulk.items():
+            for index, result in zip(indexes, await job(conn, [batch[i][1][0] for i in indexes])):
+                results[index] = result
+        return results
+
     async def _run_alone(self, conn: Any, item: tuple) -> None:
-        job, args, future = item
+        future = item[2]
         try:
             async with self._transaction(conn):
-                result = await job(conn, *args)
+                (result,) = await self._run_jobs(conn, [item])
         except Exception as exc:
             if not future.done():
                 future.set_exception(exc)
@@ -436,26 +467,87 @@ def mine(me: int) -> Any:
     return sa.or_(messages.c.sender_id == me, messages.c.recipient_id == me)
 
 
-async def insert_message(
-    conn: Any, insert: Any, sender: User, recipient: User, body: str, client_id: str | None
-) -> tuple[dict[str, Any], bool]:
-    """Store a message once per (sender, client_id): return it and whether it
-    is new. A retry hits the unique key and gets the original."""
+@dataclass(frozen=True)
+class NewMessage:
+    sender: User
+    recipient: User
+    body: str
+    client_id: str | None
+
+
+async def insert_messages(
+    conn: Any, items: list[NewMessage], *, insert: Any, postgres: bool
+) -> list[tuple[dict[str, Any], bool]]:
+    """Store the messages of one commit in one statement; return each with
+    whether it is new. A (sender, client_id) seen before, in the database or
+    earlier in the same list, stores nothing and gets the original."""
+    keys = [(item.sender.id, item.client_id) for item in items]
+    originals = await messages_by_client_id(conn, {key for key in keys if key[1] is not None})
+    fresh: dict[tuple[int, str | None], int] = {}
+    plan: list[tuple[str, Any]] = []
+    for index, (item, key) in enumerate(zip(items, keys)):
+        if key in originals:
+            plan.append(("old", key))
+        elif key[1] is not None and key in fresh:
+            plan.append(("new", fresh[key]))
+        else:
+            if key[1] is not None:
+                fresh[key] = index
+            plan.append(("new", index))
+    new_indexes = sorted({i for kind, i in plan if kind == "new"})
+    ids = await reserve_message_ids(conn, len(new_indexes), postgres)
     sent_at = now_ms()
-    row = await conn.fetch_one(
-        insert(messages)
-        .values(sender_id=sender.id, recipient_id=recipient.id, body=body, sent_at=sent_at, client_id=client_id)
-        .on_conflict_do_nothing(index_elements=["sender_id", "client_id"])
-        .returning(messages.c.id)
-    )
-    if row is None:
-        original = await conn.fetch_one(
-            select_messages(messages.c.sender_id == sender.id, messages.c.client_id == client_id)
+    rows = {
+        i: {"id": message_id, "sender_id": items[i].sender.id, "recipient_id": items[i].recipient.id,
+            "body": items[i].body, "sent_at": sent_at, "client_id": items[i].client_id}
+        for i, message_id in zip(new_indexes, ids)
+    }
+    inserted: set[int] = set()
+    if rows:
+        statement = (
+            insert(messages).values(list(rows.values()))
+            .on_conflict_do_nothing(index_elements=["sender_id", "client_id"]).returning(messages.c.id)
         )
-        return message_object(original), False
-    message = {"id": row["id"], "from": sender.username, "to": recipient.username, "body": body,
-               "sent_at": iso(sent_at), "client_id": client_id}
-    return message, True
+        inserted = {row["id"] for row in await conn.fetch_all(statement)}
+    lost = {keys[i] for i, row in rows.items() if row["id"] not in inserted}  # another process stored them first
+    originals.update(await messages_by_client_id(conn, lost))
+    results: list[tuple[dict[str, Any], bool]] = []
+    announced: set[int] = set()
+    for kind, ref in plan:
+        if kind == "old" or keys[ref] in lost:
+            results.append((originals[ref if kind == "old" else keys[ref]], False))
+            continue
+        item, row = items[ref], rows[ref]
+        message = {"id": row["id"], "from": item.sender.username, "to": item.recipient.username,
+                   "body": item.body, "sent_at": iso(sent_at), "client_id": item.client_id}
+        results.append((message, ref not in announced))
+        announced.add(ref)
+    return results
+
+
+async def messages_by_client_id(conn: Any, keys: set[tuple[int, str | None]]) -> dict[tuple, dict[str, Any]]:
+    if not keys:
+        return {}
+    rows = await conn.fetch_all(
+        select_messages(sa.tuple_(messages.c.sender_id, messages.c.client_id).in_(sorted(keys)))
+        .add_columns(messages.c.sender_id)
+    )
+    return {(row["sender_id"], row["client_id"]): message_object(row) for row in rows}
+
+
+async def reserve_message_ids(conn: Any, count: int, postgres: bool) -> list[int]:
+    """Ids for new messages, known before the insert so one statement can store
+    many. On SQLite, BEGIN IMMEDIATE makes this transaction the only writer."""
+    if count == 0:
+        return []
+    if postgres:
+        rows = await conn.fetch_all(
+            sa.text("SELECT nextval(pg_get_serial_sequence('chatx_messages', 'id')) AS id "
+                    "FROM generate_series(1, :count)").bindparams(count=count)
+        )
+        return sorted(row["id"] for row in rows)
+    newest = await conn.fetch_val(sa.select(sa.func.coalesce(sa.func.max(messages.c.id), 0)))
+    return list(range(newest + 1, newest + 1 + count))
 
 
 async def advance_read_cursor(conn: Any, insert: Any, me: int, peer: int, up_to: int) -> int | None:
@@ -669,18 +761,26 @@ class RedisPubSubBackend(BroadcastBackend):
             self._wake_publisher.clear()
             batch, self._outgoing = self._outgoing, []
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for channel, message, _ in batch:
-                        pipe.publish(channel, message)
-                    await pipe.execute()
-            except (RedisError, OSError) as exc:
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-            else:
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
+                await self._send_pipeline(batch)
+            except (RedisError, OSError):
+                # A pooled connection may predate a Redis restart: once more on a fresh one.
+                await self._redis.connection_pool.disconnect()
+                try:
+                    await self._send_pipeline(batch)
+                except (RedisError, OSError) as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _send_pipeline(self, batch: list[tuple[str, str, asyncio.Future]]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for channel, message, _ in batch:
+                pipe.publish(channel, message)
+            await pipe.execute()
 
     async def _listen_forever(self) -> None:
         backoff = 0.1
@@ -691,6 +791,7 @@ class RedisPubSubBackend(BroadcastBackend):
                 if self._lost_at is None:
                     logger.warning("broadcast connection lost: %s", exc)
                     self._lost_at = now_ms()
+                    await self._redis.connection_pool.disconnect()  # publishes must not reuse dead connections
                 if self.healthy:
                     backoff = 0.1
                 self.healthy = False
@@ -1028,6 +1129,8 @@ class ChatSocket:
     async def serve(self, after: int | None) -> None:
         chat = self.chat
         try:
+            # Read before subscribing: a message stored after this is delivered live, never skipped.
+            self.floor = after if after is not None else await chat.newest_message_id()
             async with AsyncExitStack() as stack:
                 inbox = await stack.enter_async_context(chat.subscribe(f"user:{self.user.id}"))
                 everyone = await stack.enter_async_context(chat.subscribe("presence"))
@@ -1035,7 +1138,8 @@ class ChatSocket:
                 stack.push_async_callback(self.leave)
                 await chat.announce(await chat.writer.run(open_socket, self.socket_id, chat.process_id, self.user.id))
                 await self.ws.send_text(dumps(await chat.hello(self.user)))
-                await self.replay(after)
+                if after is not None:
+                    await self.catch_up()
                 code = await self.run_until_closed(inbox, everyone)
             if code is not None:
                 await self.close(code)
@@ -1121,13 +1225,6 @@ class ChatSocket:
             self.seen = {i for i in self.seen if i > self.floor}
             self.prune_at = max(2048, 2 * len(self.seen))
         return True
-
-    async def replay(self, after: int | None) -> None:
-        if after is None:  # live only; a later catch-up starts from here
-            self.floor = await self.chat.newest_message_id()
-            return
-        self.floor = after
-        await self.catch_up()
 
     async def catch_up(self) -> None:
         """Send, in id order, every message of mine above `floor` not yet sent."""
@@ -1266,6 +1363,7 @@ class ChatX:
         await self.database.connect()
         postgres = self.database.url.dialect == "postgresql"
         self.insert = postgresql_insert if postgres else sqlite_insert
+        self.insert_messages = functools.partial(insert_messages, insert=self.insert, postgres=postgres)
         self.writer = Writer(url)
         await self.writer.start()
         await self.writer.run(create_schema, postgres)
@@ -1375,7 +1473,7 @@ class ChatX:
 
     async def store_message(self, sender: User, recipient: User, body: str, client_id: str | None):
         """Commit the message; return it and whether it is new (not a retry)."""
-        return await self.writer.run(insert_message, self.insert, sender, recipient, body, client_id)
+        return await self.writer.run_bulk(self.insert_messages, NewMessage(sender, recipient, body, client_id))
 
     async def deliver_message(self, message: dict[str, Any], sender: User, recipient: User) -> None:
         frame = dumps({"type": "message", "message": message})

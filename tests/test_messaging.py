@@ -13,7 +13,7 @@ from conftest import next_frame, quiet, settle, sign_up
 
 
 @pytest.fixture
-def chat(make_client, database_url):
+def chat(database_url, make_client):
     """An in-process app on the parametrised database, with alice, bob and carol."""
     client = make_client(database_url=database_url)
     return client, sign_up(client, "alice"), sign_up(client, "bob"), sign_up(client, "carol")
@@ -155,7 +155,7 @@ def test_a_body_of_exactly_4000_characters_is_accepted(chat):
         assert len(next_frame(ws, "ack")["message"]["body"]) == 4000
 
 
-def test_sends_over_the_token_bucket_are_rate_limited_and_not_stored(make_client, database_url):
+def test_sends_over_the_token_bucket_are_rate_limited_and_not_stored(database_url, make_client):
     client = make_client(database_url=database_url, send_rate=0.001, send_burst=3)
     alice, _ = sign_up(client, "alice"), sign_up(client, "bob")
     with alice.ws() as ws:
@@ -345,7 +345,7 @@ def test_the_websocket_needs_a_session(chat):
             ws.receive_json()
 
 
-def test_the_websocket_refuses_a_foreign_origin_unless_allowed(make_client, database_url):
+def test_the_websocket_refuses_a_foreign_origin_unless_allowed(database_url, make_client):
     client = make_client(database_url=database_url, allowed_origins="https://app.example")
     alice = sign_up(client, "alice")
     with pytest.raises((WebSocketDisconnect, WebSocketDenialResponse)):

@@ -27,7 +27,7 @@ def run(client, job, *args):
 
 
 @pytest.fixture
-def people(make_client, database_url):
+def people(database_url, make_client):
     client = make_client(database_url=database_url)
     return client, sign_up(client, "alice"), sign_up(client, "bob")
 
@@ -124,7 +124,7 @@ def test_a_callback_that_raises_is_logged_and_harms_nothing(people, caplog):
     assert "host bug" in caplog.text
 
 
-def test_a_dead_processs_sockets_stop_counting_after_the_ttl(make_client, database_url):
+def test_a_dead_processs_sockets_stop_counting_after_the_ttl(database_url, make_client):
     client = make_client(database_url=database_url, presence_ttl=1)
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
     # bob's socket lives on a process that died without a word: its heartbeat stops now.
@@ -141,7 +141,7 @@ def test_a_dead_processs_sockets_stop_counting_after_the_ttl(make_client, databa
     assert status_of(alice, "bob")["status"] == "offline"
 
 
-def test_a_live_process_keeps_its_users_online_past_the_ttl(make_client, database_url):
+def test_a_live_process_keeps_its_users_online_past_the_ttl(database_url, make_client):
     client = make_client(database_url=database_url, presence_ttl=0.5)
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
     with bob.ws() as b:
