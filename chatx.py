@@ -31,8 +31,7 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import sqlalchemy as sa
-from broadcaster import Broadcast, Event
-from broadcaster._backends.base import BroadcastBackend
+from broadcaster import Broadcast, BroadcastBackend, Event
 from databases import Database
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -45,7 +44,7 @@ from starlette.config import Config
 from starlette.datastructures import CommaSeparatedStrings
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -1124,7 +1123,6 @@ class ChatSocket:
         self.socket_id = uuid.uuid4().hex
         self.floor, self.high, self.seen, self.prune_at = 0, 0, set[int](), 2048
         self.finished = asyncio.Event()
-        self.handlers = {"send": self.on_send, "typing": self.on_typing, "read": self.on_read, "ping": self.on_ping}
 
     async def serve(self, after: int | None) -> None:
         chat = self.chat
@@ -1264,11 +1262,11 @@ class ChatSocket:
         if not isinstance(frame, dict):
             return self.reply_error("bad_json", "A frame is a JSON object.")
         client_id = frame.get("client_id") if isinstance(frame.get("client_id"), str) else None
-        handler = self.handlers.get(frame.get("type"))
+        handler = FRAME_HANDLERS.get(frame.get("type"))
         if handler is None:
             return self.reply_error("unknown_type", f"Unknown frame type {frame.get('type')!r}.", client_id)
         try:
-            await handler(frame)
+            await handler(self, frame)
         except FrameError as exc:
             self.reply_error(exc.code, exc.detail, client_id)
 
@@ -1321,6 +1319,10 @@ class ChatSocket:
 
     async def on_ping(self, frame: dict[str, Any]) -> None:
         self.reply({"type": "pong"})
+
+
+FRAME_HANDLERS = {"send": ChatSocket.on_send, "typing": ChatSocket.on_typing, "read": ChatSocket.on_read,
+                  "ping": ChatSocket.on_ping}
 
 
 # ---- app factory --------------------------------------------------------------

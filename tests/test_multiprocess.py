@@ -162,6 +162,22 @@ def test_a_message_sent_on_one_process_reaches_every_socket_on_both_processes_on
     assert history(bob, a, "alice") == [message, fence]
 
 
+def test_an_idle_subscriber_outlives_the_redis_socket_timeout(pair):
+    """redis-py 8 reads with a 5 s socket timeout by default; a quiet chat must
+    not lose its subscription to it."""
+    a, b, alice, bob, carol = pair
+    with alice.ws(a) as alice_a, bob.ws(b) as bob_b:
+        hello(alice_a), hello(bob_b)
+        drain(alice_a), drain(bob_b)
+        time.sleep(12)  # idle: nothing is published for more than twice the timeout
+        assert a.health()[0] == 200 and b.health()[0] == 200
+        send(alice_a, "bob", "after a quiet spell", "quiet-1")
+        message = receive(alice_a, "ack")["message"]
+        assert messages_in(frames_until(bob_b, is_message(message["id"]))) == [message]
+    for server in (a, b):
+        assert "broadcast connection lost" not in server.log.read_text()
+
+
 # ---- presence ------------------------------------------------------------------------
 
 
