@@ -699,6 +699,7 @@ class RedisPubSubBackend(BroadcastBackend):
         self.url = url
         self.healthy = False
         self._lost_at: int | None = None
+        self._last_heard = 0.0
         self._pubsub: Any = None
         self._channels: set[str] = set()
         self._confirmed: dict[str, asyncio.Future] = {}
@@ -801,34 +802,51 @@ class RedisPubSubBackend(BroadcastBackend):
     async def _listen(self) -> None:
         """Subscribe everything wanted, then read until the connection breaks.
         A PING follows the SUBSCRIBE; its PONG proves the subscriptions are in place."""
-        self._pubsub = self._redis.pubsub()
-        await self._pubsub.subscribe("chatx:keepalive", *self._channels)
-        await self._pubsub.ping()
-        resubscribing, last_heard = True, time.monotonic()
+        pubsub = self._pubsub = self._redis.pubsub()
+        await pubsub.subscribe("chatx:keepalive", *self._channels)
+        await pubsub.ping()
+        self._last_heard, resubscribing = time.monotonic(), True
+        watchdog = asyncio.create_task(self._keep_alive(pubsub))
+        try:
+            while True:
+                # Blocking reads: a read timeout per message cost a tenth of the CPU under load.
+                message = await pubsub.get_message(timeout=None)
+                self._last_heard = time.monotonic()
+                kind = message["type"] if message else None
+                if kind == "message":
+                    self._events.put_nowait(Event(message["channel"].decode(), message["data"].decode()))
+                elif kind == "subscribe":
+                    confirmed = self._confirmed.pop(message["channel"].decode(), None)
+                    if confirmed and not confirmed.done():
+                        confirmed.set_result(None)
+                elif kind == "pong" and resubscribing:
+                    resubscribing, self.healthy = False, True
+                    self._resync_subscribers()
+        finally:
+            watchdog.cancel()
+
+    def _resync_subscribers(self) -> None:
+        if self._lost_at is not None:
+            logger.warning("broadcast connection restored; subscribers catch up")
+            for channel in self._channels:
+                self._events.put_nowait(Event(channel, Resync(self._lost_at)))
+            self._lost_at = None
+
+    async def _keep_alive(self, pubsub: Any) -> None:
+        """PING a quiet connection. One silent for 15 s (a host gone without a
+        reset) is closed, so the blocked read fails and the listener reconnects."""
         while True:
-            message = await self._pubsub.get_message(timeout=1.0)
-            if message is None:
-                silent = time.monotonic() - last_heard
+            await asyncio.sleep(5)
+            silent = time.monotonic() - self._last_heard
+            try:
                 if silent > 15:
-                    raise RedisError("no answer to PING for 15 s")
-                if silent > 5:
-                    await self._pubsub.ping()
-                continue
-            last_heard = time.monotonic()
-            kind = message["type"]
-            if kind == "message":
-                self._events.put_nowait(Event(message["channel"].decode(), message["data"].decode()))
-            elif kind == "subscribe":
-                confirmed = self._confirmed.pop(message["channel"].decode(), None)
-                if confirmed and not confirmed.done():
-                    confirmed.set_result(None)
-            elif kind == "pong" and resubscribing:
-                resubscribing, self.healthy = False, True
-                if self._lost_at is not None:
-                    logger.warning("broadcast connection restored; subscribers catch up")
-                    for channel in self._channels:
-                        self._events.put_nowait(Event(channel, Resync(self._lost_at)))
-                    self._lost_at = None
+                    logger.warning("no answer from Redis for %.0f s; reconnecting", silent)
+                    await pubsub.connection.disconnect()
+                    return
+                if silent >= 5:
+                    await pubsub.ping()
+            except (RedisError, OSError):
+                return  # the listener sees the same failure
 
 
 # ---- HTTP routes ------------------------------------------------------------

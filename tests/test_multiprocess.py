@@ -347,6 +347,24 @@ def test_open_sockets_catch_up_after_a_redis_restart_without_reconnecting(cluste
     assert history(bob, b, "alice") == [*missed, live]
 
 
+def test_a_redis_that_stops_answering_is_reported_and_recovered_without_reconnecting(cluster, redis_server):
+    """A frozen Redis resets nothing: only the keepalive notices the silence."""
+    (server,) = cluster(1)
+    alice, bob = remote_sign_up(server, "alice"), remote_sign_up(server, "bob")
+    with alice.ws(server) as alice_ws, bob.ws(server) as bob_ws:
+        hello(alice_ws), hello(bob_ws)
+        drain(alice_ws), drain(bob_ws)
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: health_is(server, 503, "fail"), timeout=40, what="the silence to be noticed")
+            send(alice_ws, "bob", "while frozen", "frozen-1")
+            missed = receive(alice_ws, "ack", timeout=15)["message"]
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        wait_until(lambda: health_is(server, 200, "ok"), timeout=20, what="Redis to be back")
+        assert messages_in(frames_until(bob_ws, is_message(missed["id"]), timeout=15)) == [missed]
+
+
 # ---- shutdown ------------------------------------------------------------------------
 
 
