@@ -725,6 +725,8 @@ class RedisPubSubBackend(BroadcastBackend):
         database after this misses nothing), or at once while Redis is away."""
         self._channels.add(channel)
         if not self.healthy:
+            # Subscribed once the connection is (back); what it misses until then is resynced.
+            self._lost_at = self._lost_at or now_ms()
             return
         confirmed = self._confirmed.setdefault(channel, asyncio.get_running_loop().create_future())
         try:
@@ -803,7 +805,8 @@ class RedisPubSubBackend(BroadcastBackend):
         """Subscribe everything wanted, then read until the connection breaks.
         A PING follows the SUBSCRIBE; its PONG proves the subscriptions are in place."""
         pubsub = self._pubsub = self._redis.pubsub()
-        await pubsub.subscribe("chatx:keepalive", *self._channels)
+        subscribed = {"chatx:keepalive", *self._channels}
+        await pubsub.subscribe(*subscribed)
         await pubsub.ping()
         self._last_heard, resubscribing = time.monotonic(), True
         watchdog = asyncio.create_task(self._keep_alive(pubsub))
@@ -820,8 +823,13 @@ class RedisPubSubBackend(BroadcastBackend):
                     if confirmed and not confirmed.done():
                         confirmed.set_result(None)
                 elif kind == "pong" and resubscribing:
-                    resubscribing, self.healthy = False, True
-                    self._resync_subscribers()
+                    if late := self._channels - subscribed:  # wanted while this connection was made
+                        subscribed |= late
+                        await pubsub.subscribe(*late)
+                        await pubsub.ping()
+                    else:
+                        resubscribing, self.healthy = False, True
+                        self._resync_subscribers()
         finally:
             watchdog.cancel()
 
@@ -1138,6 +1146,7 @@ class ChatSocket:
         self.socket_id = uuid.uuid4().hex
         self.floor, self.high, self.seen, self.prune_at = 0, 0, set[int](), 2048
         self.finished = asyncio.Event()
+        self.too_slow = asyncio.get_running_loop().create_future()
 
     async def serve(self, after: int | None) -> None:
         chat = self.chat
@@ -1146,14 +1155,13 @@ class ChatSocket:
             self.floor = after if after is not None else await chat.newest_message_id()
             async with AsyncExitStack() as stack:
                 inbox = await stack.enter_async_context(chat.subscribe(f"user:{self.user.id}"))
-                everyone = await stack.enter_async_context(chat.subscribe("presence"))
-                chat.sockets.add(self)
+                chat.sockets.add(self)  # from here on, presence frames queue up for it
                 stack.push_async_callback(self.leave)
                 await chat.announce(await chat.writer.run(open_socket, self.socket_id, chat.process_id, self.user.id))
                 await self.ws.send_text(dumps(await chat.hello(self.user)))
                 if after is not None:
                     await self.catch_up()
-                code = await self.run_until_closed(inbox, everyone)
+                code = await self.run_until_closed(inbox)
             if code is not None:
                 await self.close(code)
         except (WebSocketDisconnect, OSError):
@@ -1175,28 +1183,33 @@ class ChatSocket:
     def shut(self, code: int) -> None:
         self.outbox.put_nowait(code)
 
-    async def run_until_closed(self, inbox: Any, everyone: Any) -> int | None:
+    async def run_until_closed(self, inbox: Any) -> int | None:
         """Run until the client leaves (None) or the socket must close (a code)."""
         tasks = [asyncio.create_task(coroutine) for coroutine in
-                 (self.receive_frames(), self.send_outbox(), self.pump(inbox), self.pump(everyone))]
+                 (self.receive_frames(), self.send_outbox(), self.pump(inbox))]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([*tasks, self.too_slow], return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self.too_slow in done:
+            return self.too_slow.result()
         failure = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
         if failure is not None and not isinstance(failure, (WebSocketDisconnect, OSError)):
             logger.error("socket of %s failed", self.user.username, exc_info=failure)
             return 1011
         return next((t.result() for t in done if not t.cancelled() and not t.exception()), None)
 
-    async def pump(self, subscriber: Any) -> int:
-        """Move broadcast events to the outbox; a reader too far behind is cut off."""
+    async def pump(self, subscriber: Any) -> None:
         while True:
-            self.outbox.put_nowait(await subscriber.get())
-            if self.outbox.qsize() > BACKLOG_MAX:
-                return 1013
+            self.enqueue(await subscriber.get())
+
+    def enqueue(self, item: Any) -> None:
+        """Queue a frame or event for this socket; a reader too far behind is cut off."""
+        self.outbox.put_nowait(item)
+        if self.outbox.qsize() > BACKLOG_MAX and not self.too_slow.done():
+            self.too_slow.set_result(1013)
 
     async def send_outbox(self) -> int | None:
         while True:
@@ -1286,7 +1299,7 @@ class ChatSocket:
             self.reply_error(exc.code, exc.detail, client_id)
 
     def reply(self, frame: dict[str, Any]) -> None:
-        self.outbox.put_nowait(dumps(frame))
+        self.enqueue(dumps(frame))
 
     def reply_error(self, code: str, detail: str, client_id: str | None = None) -> None:
         frame = {"type": "error", "code": code, "detail": detail}
@@ -1395,6 +1408,7 @@ class ChatX:
             self.broadcast = Broadcast(self.settings.broadcast_url)
         await self.broadcast.connect()
         self.subscribe_lock = asyncio.Lock()
+        self.presence_relay = asyncio.create_task(self.relay_presence())
         self.hash_slots = asyncio.Semaphore(2)
         await self.writer.run(heartbeat, self.process_id, [])
         self.upkeep = asyncio.create_task(self.keep_presence())
@@ -1412,6 +1426,8 @@ class ChatX:
             await self.announce(await self.writer.run(unregister_process, self.process_id))
         except Exception:
             logger.exception("could not unregister this process; the sweep will")
+        self.presence_relay.cancel()
+        await asyncio.gather(self.presence_relay, return_exceptions=True)
         try:
             await self.broadcast.disconnect()
         except Exception:
@@ -1602,6 +1618,16 @@ class ChatX:
                 logger.exception("presence upkeep failed; trying again")
 
     # broadcast
+
+    async def relay_presence(self) -> None:
+        """One subscription per process hands presence frames to every local
+        socket, instead of a queue and a task per socket for frames that go
+        to everyone."""
+        async with self.subscribe("presence") as subscriber:
+            while True:
+                event = await subscriber.get()
+                for socket in list(self.sockets):
+                    socket.enqueue(event)
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[Any]:
