@@ -797,7 +797,7 @@ class RedisPubSubBackend(BroadcastBackend):
         while True:
             try:
                 await self._listen()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # whatever broke, the listener must come back
                 if self._lost_at is None:
                     logger.warning("broadcast connection lost: %s", exc)
                     self._lost_at = now_ms()
