@@ -222,6 +222,7 @@ class Writer:
         self.sqlite = self.database.url.dialect == "sqlite"
         self._jobs: asyncio.Queue[tuple[Callable[..., Awaitable[Any]], tuple, asyncio.Future, bool] | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         await self.database.connect()
@@ -230,6 +231,7 @@ class Writer:
     async def stop(self) -> None:
         """Finish the queued jobs, then close. Cancelling a job mid-query would
         leave an asyncpg connection unusable, so that is only a last resort."""
+        self._stopping = True
         if self._task:
             self._jobs.put_nowait(None)
             try:
@@ -259,6 +261,8 @@ class Writer:
                 async with self.database.connection() as conn:
                     return await self._serve_on(conn)
             except Exception:
+                if self._stopping:
+                    return
                 logger.exception("the writer's database connection failed; opening a new one")
                 await asyncio.sleep(0.5)
 
@@ -485,10 +489,10 @@ class NewMessage:
     client_id: str | None
 
 
-async def insert_messages(conn: Any, items: list[NewMessage], *, postgres: bool) -> list[tuple[dict[str, Any], bool]]:
-    """Store the messages of one commit in one statement; return each with
-    whether it is new. A (sender, client_id) stored before, or earlier in the
-    same list, stores nothing and gets the original."""
+async def insert_messages(conn: Any, items: list[NewMessage], *, postgres: bool) -> list[dict[str, Any]]:
+    """Store the messages of one commit in one statement and return them. A
+    (sender, client_id) stored before, or earlier in the same list, stores
+    nothing and gets the original."""
     keys = [(item.sender.id, item.client_id) for item in items]
     first: dict[tuple[int, str | None], int] = {}
     owners = [first.setdefault(key, index) if key[1] is not None else index for index, key in enumerate(keys)]
@@ -502,15 +506,14 @@ async def insert_messages(conn: Any, items: list[NewMessage], *, postgres: bool)
     inserted = await insert_message_rows(conn, list(rows.values()), postgres)
     retried = {keys[index] for index, row in rows.items() if row[0] not in inserted}
     originals = await messages_by_client_id(conn, retried)
-    results: list[tuple[dict[str, Any], bool]] = []
-    for index, owner in enumerate(owners):
+    results: list[dict[str, Any]] = []
+    for owner in owners:
         if keys[owner] in retried:
-            results.append((originals[keys[owner]], False))
+            results.append(originals[keys[owner]])
             continue
         item, row = items[owner], rows[owner]
-        message = {"id": row[0], "from": item.sender.username, "to": item.recipient.username,
-                   "body": item.body, "sent_at": iso(sent_at), "client_id": item.client_id}
-        results.append((message, owner == index))
+        results.append({"id": row[0], "from": item.sender.username, "to": item.recipient.username,
+                        "body": item.body, "sent_at": iso(sent_at), "client_id": item.client_id})
     return results
 
 
@@ -548,6 +551,9 @@ async def reserve_message_ids(conn: Any, count: int, postgres: bool) -> list[int
     """Ids for new messages, known before the insert so one statement can store
     many. On SQLite, BEGIN IMMEDIATE makes this transaction the only writer."""
     if postgres:
+        # Held to commit: ids then commit in id order, as under SQLite's single writer,
+        # so no reader can pass an id whose message is still uncommitted.
+        await conn.execute("SELECT pg_advisory_xact_lock(734216)")
         rows = await conn.fetch_all(
             sa.text("SELECT nextval(pg_get_serial_sequence('chatx_messages', 'id')) AS id "
                     "FROM generate_series(1, :count)").bindparams(count=count)
@@ -559,6 +565,7 @@ async def reserve_message_ids(conn: Any, count: int, postgres: bool) -> list[int
 
 async def advance_read_cursor(conn: Any, insert: Any, me: int, peer: int, up_to: int) -> int | None:
     """Move my cursor to max(old, min(up_to, newest)); return it if it moved."""
+    await lock_user(conn, me)  # two processes moving one cursor must not move it back
     newest = await conn.fetch_val(sa.select(sa.func.max(messages.c.id)).where(conversation(me, peer))) or 0
     old = await read_cursor(conn, me, peer)
     target = min(up_to, newest)
@@ -772,12 +779,12 @@ class RedisPubSubBackend(BroadcastBackend):
             batch, self._outgoing = self._outgoing, []
             try:
                 await self._send_pipeline(batch)
-            except (RedisError, OSError):
+            except Exception:
                 # A pooled connection may predate a Redis restart: once more on a fresh one.
-                await self._redis.connection_pool.disconnect()
                 try:
+                    await self._redis.connection_pool.disconnect()
                     await self._send_pipeline(batch)
-                except (RedisError, OSError) as exc:
+                except Exception as exc:
                     for _, _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
@@ -873,6 +880,7 @@ class RedisPubSubBackend(BroadcastBackend):
 ERROR_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "too_large"}
 CURSOR_RE = re.compile(r"[0-9]{1,18}")
+ID_MAX = 2**31 - 1  # message ids are 32-bit integers; a larger cursor means "past the end"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
@@ -938,9 +946,18 @@ async def limited_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def storable(text: str) -> bool:
+    """JSON admits lone surrogates and NUL; neither UTF-8 nor PostgreSQL text does."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def string_field(data: dict[str, Any], name: str) -> str:
     value = data.get(name)
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not storable(value):
         raise ApiError(400, "bad_request", f"'{name}' is required and must be a string.")
     return value
 
@@ -1018,7 +1035,7 @@ def query_cursor(request: Request, name: str) -> int | None:
         return None
     if not CURSOR_RE.fullmatch(value):
         raise ApiError(400, "bad_request", f"'{name}' must be a whole number of at least 0.")
-    return int(value)
+    return min(int(value), ID_MAX)
 
 
 async def conversation_messages(request: Request) -> Response:
@@ -1105,7 +1122,7 @@ MESSAGE_FRAME_START = '{"type":"message","message":{"id":'
 
 def frame_field(frame: dict[str, Any], name: str, kind: type) -> Any:
     value = frame.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not storable(value)):
         raise FrameError("invalid_field", f"'{name}' is required and must be a {kind.__name__}.")
     return value
 
@@ -1140,7 +1157,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
                                          "detail": "'after' must be a whole number of at least 0."}))
         await websocket.close(1008)
         return
-    await ChatSocket(chat, websocket, session).serve(None if after is None else int(after))
+    await ChatSocket(chat, websocket, session).serve(None if after is None else min(int(after), ID_MAX))
 
 
 class ChatSocket:
@@ -1166,12 +1183,14 @@ class ChatSocket:
             self.floor = after if after is not None else await chat.newest_message_id()
             async with AsyncExitStack() as stack:
                 inbox = await stack.enter_async_context(chat.subscribe(f"user:{self.user.id}"))
+                if not await chat.session_alive(self.session.id):  # signed out before we listened
+                    await self.close(4401)
+                    return
                 chat.sockets.add(self)  # from here on, presence frames queue up for it
                 stack.push_async_callback(self.leave)
                 await chat.announce(await chat.writer.run(open_socket, self.socket_id, chat.process_id, self.user.id))
                 await self.ws.send_text(dumps(await chat.hello(self.user)))
-                if after is not None:
-                    await self.catch_up()
+                await self.catch_up()
                 code = await self.run_until_closed(inbox)
             if code is not None:
                 await self.close(code)
@@ -1327,7 +1346,9 @@ class ChatSocket:
     async def on_send(self, frame: dict[str, Any]) -> None:
         body = frame_field(frame, "body", str)
         client_id = frame.get("client_id")
-        if client_id is not None and (not isinstance(client_id, str) or not 0 < len(client_id) <= CLIENT_ID_MAX):
+        if client_id is not None and (
+            not isinstance(client_id, str) or not 0 < len(client_id) <= CLIENT_ID_MAX or not storable(client_id)
+        ):
             raise FrameError("invalid_field", f"'client_id' must be a string of 1 to {CLIENT_ID_MAX} characters.")
         recipient = await self.peer(frame, "to")
         if not body.strip():
@@ -1336,10 +1357,16 @@ class ChatSocket:
             raise FrameError("body_too_long", f"Messages are at most {BODY_MAX} characters.")
         if not self.chat.send_bucket(self.user.id).take():
             raise FrameError("rate_limited", "Too many messages; slow down and send again.")
-        message, created = await self.chat.store_message(self.user, recipient, body, client_id)
+        # Shielded: a socket closing mid-send must not leave a stored message unpublished.
+        await asyncio.shield(self.chat.spawn(self.send_message(recipient, body, client_id)))
+
+    async def send_message(self, recipient: User, body: str, client_id: str | None) -> None:
+        """Store, ack, publish. A retry (same client_id) stores nothing and
+        publishes the original again, in case the first attempt was cut off
+        before publishing; sockets that already have it drop it by id."""
+        message = await self.chat.store_message(self.user, recipient, body, client_id)
         self.reply({"type": "ack", "client_id": client_id, "message": message})
-        if created:
-            await self.chat.deliver_message(message, self.user, recipient)
+        await self.chat.deliver_message(message, self.user, recipient)
 
     async def on_typing(self, frame: dict[str, Any]) -> None:
         recipient = await self.peer(frame, "to")
@@ -1515,8 +1542,8 @@ class ChatX:
 
     # messages
 
-    async def store_message(self, sender: User, recipient: User, body: str, client_id: str | None):
-        """Commit the message; return it and whether it is new (not a retry)."""
+    async def store_message(self, sender: User, recipient: User, body: str, client_id: str | None) -> dict[str, Any]:
+        """Commit the message; a (sender, client_id) stored before gets the original."""
         return await self.writer.run_bulk(self.insert_messages, NewMessage(sender, recipient, body, client_id))
 
     async def deliver_message(self, message: dict[str, Any], sender: User, recipient: User) -> None:

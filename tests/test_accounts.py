@@ -49,7 +49,7 @@ def test_register_rejects_weak_passwords(client, password):
 @pytest.mark.parametrize(
     "body",
     [b"not json", b"[1, 2]", b'"alice"', b'{"username": "alice"}', b'{"username": 5, "password": "longenough"}',
-     b'{"username": "alice", "password": null}'],
+     b'{"username": "alice", "password": null}', b'{"username": "alice", "password": "lone \\ud800 surrogate"}'],
 )
 def test_malformed_bodies_are_bad_request(client, body):
     for path in ("/api/register", "/api/login"):

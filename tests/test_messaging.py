@@ -125,6 +125,9 @@ def test_sending_to_yourself_delivers_once_per_socket(chat):
         ('{"type": "send", "to": "nobody", "body": "hi", "client_id": "c-9"}', "unknown_user"),
         ('{"type": "send", "to": "bob", "body": " \\n\\t ", "client_id": "c-9"}', "empty_body"),
         (json.dumps({"type": "send", "to": "bob", "body": "x" * 4001, "client_id": "c-9"}), "body_too_long"),
+        ('{"type": "send", "to": "bob", "body": "lone \\ud800 surrogate", "client_id": "c-9"}', "invalid_field"),
+        ('{"type": "send", "to": "bob", "body": "nul \\u0000 byte", "client_id": "c-9"}', "invalid_field"),
+        ('{"type": "send", "to": "bob", "body": "hi", "client_id": "\\udfff"}', "invalid_field"),
         ('{"type": "typing"}', "invalid_field"),
         ('{"type": "typing", "to": "nobody"}', "unknown_user"),
         ('{"type": "read", "with": "bob", "up_to": "5"}', "invalid_field"),
@@ -264,6 +267,19 @@ def test_history_pages_newest_first_then_older_then_newer(chat):
     last = history(bob, "alice", after=ids[5])
     assert [m["id"] for m in last["messages"]] == ids[6:] and last["has_more"] is False
     assert [m["id"] for m in history(bob, "alice")["messages"]] == ids  # default limit 50
+
+
+def test_a_cursor_past_any_id_is_an_empty_page_not_an_error(chat):
+    client, alice, bob, carol = chat
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        ids = seed(ws, "bob", 2)
+    assert history(bob, "alice", after=3_000_000_000) == {"messages": [], "has_more": False,
+                                                           "read_up_to": {"bob": 0, "alice": 0}}
+    assert [m["id"] for m in history(bob, "alice", before=3_000_000_000)["messages"]] == ids
+    with bob.ws(after=3_000_000_000) as b:
+        next_frame(b, "hello")
+        assert [f for f in quiet(b) if f["type"] == "message"] == []
 
 
 def test_history_limit_above_200_is_taken_as_200(chat):
