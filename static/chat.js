@@ -252,6 +252,8 @@ function updateUnread(contact, conversation) {
 function onPresence(frame) {
   if (keyOf(frame.username) === meKey) return;
   const contact = contactFor(frame.username); // someone new signed up: they appear
+  // Frames from different server processes can arrive out of order: the later change wins.
+  if (frame.last_seen && contact.lastSeen && frame.last_seen < contact.lastSeen) return;
   contact.status = frame.status;
   contact.lastSeen = frame.last_seen ?? contact.lastSeen;
   if (frame.status === "offline") stopTyping(contact);
