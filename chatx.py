@@ -180,11 +180,12 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    moment = datetime.fromtimestamp(ms / 1000, timezone.utc)
+def iso_time(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso(ms: int | None) -> str | None:
+    return None if ms is None else iso_time(datetime.fromtimestamp(ms / 1000, timezone.utc))
 
 
 class SQLiteWithPragmas(sqlite3.Connection):
@@ -511,9 +512,10 @@ async def insert_messages(conn: Any, items: list[NewMessage], *, postgres: bool)
         if keys[owner] in retried:
             results.append(originals[keys[owner]])
             continue
-        item, row = items[owner], rows[owner]
-        results.append({"id": row[0], "from": item.sender.username, "to": item.recipient.username,
-                        "body": item.body, "sent_at": iso(sent_at), "client_id": item.client_id})
+        item = items[owner]
+        results.append(message_object({"id": rows[owner][0], "sender": item.sender.username,
+                                       "recipient": item.recipient.username, "body": item.body,
+                                       "sent_at": sent_at, "client_id": item.client_id}))
     return results
 
 
@@ -609,6 +611,10 @@ class StatusHook:
                     await result
             except Exception:
                 logger.exception("status callback %r failed", callback)
+
+
+def presence_entry(row: Any) -> dict[str, Any]:
+    return {"username": row["username"], "status": row["status"], "last_seen": iso(row["last_seen"])}
 
 
 async def lock_user(conn: Any, user_id: int) -> None:
@@ -1115,9 +1121,13 @@ def dumps(frame: dict[str, Any]) -> str:
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
 
 
-# Message frames are made by dumps() with the id first, so each socket reads
-# the id from this prefix instead of parsing the whole frame again.
+# Message frames are made by message_frame() with the id first, so each socket
+# reads the id from this prefix instead of parsing the whole frame again.
 MESSAGE_FRAME_START = '{"type":"message","message":{"id":'
+
+
+def message_frame(message: dict[str, Any]) -> str:
+    return dumps({"type": "message", "message": message})
 
 
 def frame_field(frame: dict[str, Any], name: str, kind: type) -> Any:
@@ -1289,7 +1299,7 @@ class ChatSocket:
             page = await self.chat.messages_since(self.user, cursor, REPLAY_PAGE)
             for message in page:
                 if self.remember(message["id"]):
-                    await self.ws.send_text(dumps({"type": "message", "message": message}))
+                    await self.ws.send_text(message_frame(message))
             if len(page) < REPLAY_PAGE:
                 return
             cursor = page[-1]["id"]
@@ -1304,7 +1314,10 @@ class ChatSocket:
             if message["type"] == "websocket.disconnect":
                 return None
             text = message.get("text")
-            size = len(message.get("bytes") or b"") if text is None else len(text.encode())
+            if text is None:
+                size = len(message.get("bytes") or b"")
+            else:  # a character is at most 4 bytes: only long frames need measuring
+                size = len(text) if 4 * len(text) <= FRAME_MAX_BYTES else len(text.encode())
             if size > FRAME_MAX_BYTES:
                 return 1009
             if text is None:
@@ -1547,7 +1560,7 @@ class ChatX:
         return await self.writer.run_bulk(self.insert_messages, NewMessage(sender, recipient, body, client_id))
 
     async def deliver_message(self, message: dict[str, Any], sender: User, recipient: User) -> None:
-        frame = dumps({"type": "message", "message": message})
+        frame = message_frame(message)
         for user_id in {sender.id, recipient.id}:
             await self.publish(f"user:{user_id}", frame)
 
@@ -1617,8 +1630,7 @@ class ChatX:
             .where(users.c.status == "online", users.c.id != user.id)
             .order_by(users.c.username_key)
         )
-        presence = [{"username": r["username"], "status": r["status"], "last_seen": iso(r["last_seen"])} for r in rows]
-        return {"type": "hello", "user": user.public(), "presence": presence}
+        return {"type": "hello", "user": user.public(), "presence": [presence_entry(row) for row in rows]}
 
     async def presence_changes_since(self, since: int, user: User) -> list[dict[str, Any]]:
         rows = await self.database.fetch_all(
@@ -1626,8 +1638,7 @@ class ChatX:
             .where(users.c.last_seen >= since - 1000, users.c.id != user.id)
             .order_by(users.c.last_seen)
         )
-        return [{"type": "presence", "username": r["username"], "status": r["status"],
-                 "last_seen": iso(r["last_seen"])} for r in rows]
+        return [{"type": "presence", **presence_entry(row)} for row in rows]
 
     async def socket_closed(self, socket_id: str, user_id: int) -> None:
         await self.announce(await self.writer.run(close_socket, socket_id, user_id))
@@ -1637,9 +1648,8 @@ class ChatX:
             await self.status_hook.send(username, status, datetime.fromtimestamp(last_seen / 1000, timezone.utc))
 
     async def publish_presence(self, username: str, status: str, last_seen: datetime) -> None:
-        stamp = last_seen.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        await self.publish("presence", dumps({"type": "presence", "username": username, "status": status,
-                                              "last_seen": stamp}))
+        frame = {"type": "presence", "username": username, "status": status, "last_seen": iso_time(last_seen)}
+        await self.publish("presence", dumps(frame))
 
     async def keep_presence(self) -> None:
         """Heartbeat this process and sweep dead ones. Beats every TTL/4 and a
