@@ -64,6 +64,7 @@ HTTP_BODY_MAX = 64 * 1024
 PAGE_DEFAULT, PAGE_MAX = 50, 200
 REPLAY_PAGE = 500
 BACKLOG_MAX = 1000
+SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
 SESSION_COOKIE = "chatx_session"
 SESSION_DAYS = 30
 CLIENT_ID_MAX = 128
@@ -244,17 +245,18 @@ class Writer:
 
     async def run(self, job: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Run `job(connection, *args)` in a write transaction; return once committed."""
-        return await self._queue(job, args, bulk=False)
+        return await self._submit(job, args, bulk=False)
 
-    async def run_bulk(self, job: Callable[..., Awaitable[list]], item: Any) -> Any:
-        """Like run, but the items queued together for one job reach it as one
-        list, `job(connection, items)`, which returns a result per item."""
-        return await self._queue(job, (item,), bulk=True)
+    def submit_bulk(self, job: Callable[..., Awaitable[list]], item: Any) -> asyncio.Future:
+        """Queue `item` without waiting: the items queued together for one job
+        reach it as one list, `job(connection, items)`, which returns a result
+        per item. The future is resolved once that commit is done."""
+        return self._submit(job, (item,), bulk=True)
 
-    async def _queue(self, job: Callable[..., Awaitable[Any]], args: tuple, bulk: bool) -> Any:
+    def _submit(self, job: Callable[..., Awaitable[Any]], args: tuple, bulk: bool) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         self._jobs.put_nowait((job, args, future, bulk))
-        return await future
+        return future
 
     async def _serve(self) -> None:
         while True:
@@ -323,16 +325,18 @@ class Writer:
             async with conn.transaction():
                 yield
             return
-        await conn.execute("BEGIN IMMEDIATE")
+        # Straight to the driver: databases would compile these statements on every commit.
+        driver = conn.raw_connection
+        await driver.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
             try:
-                await conn.execute("ROLLBACK")
+                await driver.execute("ROLLBACK")
             except Exception:
                 pass
             raise
-        await conn.execute("COMMIT")
+        await driver.execute("COMMIT")
 
 
 async def create_schema(conn: Any, postgres: bool) -> None:
@@ -552,16 +556,16 @@ async def messages_by_client_id(conn: Any, keys: set[tuple[int, str | None]]) ->
 async def reserve_message_ids(conn: Any, count: int, postgres: bool) -> list[int]:
     """Ids for new messages, known before the insert so one statement can store
     many. On SQLite, BEGIN IMMEDIATE makes this transaction the only writer."""
+    driver = conn.raw_connection  # once per commit: not worth databases compiling it each time
     if postgres:
         # Held to commit: ids then commit in id order, as under SQLite's single writer,
         # so no reader can pass an id whose message is still uncommitted.
-        await conn.execute("SELECT pg_advisory_xact_lock(734216)")
-        rows = await conn.fetch_all(
-            sa.text("SELECT nextval(pg_get_serial_sequence('chatx_messages', 'id')) AS id "
-                    "FROM generate_series(1, :count)").bindparams(count=count)
-        )
-        return sorted(row["id"] for row in rows)
-    newest = await conn.fetch_val(sa.select(sa.func.coalesce(sa.func.max(messages.c.id), 0)))
+        await driver.execute("SELECT pg_advisory_xact_lock(734216)")
+        rows = await driver.fetch("SELECT nextval(pg_get_serial_sequence('chatx_messages', 'id')) "
+                                  "FROM generate_series(1, $1::int)", count)
+        return sorted(row[0] for row in rows)
+    async with driver.execute("SELECT coalesce(max(id), 0) FROM chatx_messages") as cursor:
+        (newest,) = await cursor.fetchone()
     return list(range(newest + 1, newest + 1 + count))
 
 
@@ -1126,8 +1130,8 @@ def dumps(frame: dict[str, Any]) -> str:
 MESSAGE_FRAME_START = '{"type":"message","message":{"id":'
 
 
-def message_frame(message: dict[str, Any]) -> str:
-    return dumps({"type": "message", "message": message})
+def message_frame(message: dict[str, Any], encoded: str | None = None) -> str:
+    return '{"type":"message","message":' + (encoded or dumps(message)) + "}"
 
 
 def frame_field(frame: dict[str, Any], name: str, kind: type) -> Any:
@@ -1180,11 +1184,16 @@ class ChatSocket:
 
     def __init__(self, chat: ChatX, websocket: WebSocket, session: Session) -> None:
         self.chat, self.ws, self.session, self.user = chat, websocket, session, session.user
-        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        # A list and a future rather than an asyncio.Queue: a Queue costs 3 kB per idle socket.
+        self.outbox: list[Any] = []  # frames, broadcast events and close codes, in order
+        self.outbox_ready: asyncio.Future | None = None
+        self.unsent = 0  # of the batch send_outbox is writing
+        self.sends_in_flight = 0
         self.socket_id = uuid.uuid4().hex
         self.floor, self.high, self.seen, self.prune_at = 0, 0, set[int](), 2048
-        self.finished = asyncio.Event()
-        self.too_slow = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.finished = loop.create_future()
+        self.ended = loop.create_future()  # the first task to end, or a close code
 
     async def serve(self, after: int | None) -> None:
         chat = self.chat
@@ -1207,7 +1216,7 @@ class ChatSocket:
         except (WebSocketDisconnect, OSError):
             pass
         finally:
-            self.finished.set()
+            self.finished.set_result(None)
 
     async def leave(self) -> None:
         self.chat.sockets.discard(self)
@@ -1221,25 +1230,34 @@ class ChatSocket:
             pass  # the client is gone or not reading; the transport closes anyway
 
     def shut(self, code: int) -> None:
-        self.outbox.put_nowait(code)
+        self.enqueue(code)
+
+    def end(self, outcome: asyncio.Task | int) -> None:
+        if not self.ended.done():
+            self.ended.set_result(outcome)
 
     async def run_until_closed(self, inbox: Any) -> int | None:
         """Run until the client leaves (None) or the socket must close (a code)."""
         tasks = [asyncio.create_task(coroutine) for coroutine in
                  (self.receive_frames(), self.send_outbox(), self.pump(inbox))]
+        for task in tasks:
+            task.add_done_callback(self.end)
         try:
-            done, _ = await asyncio.wait([*tasks, self.too_slow], return_when=asyncio.FIRST_COMPLETED)
+            outcome = await self.ended
         finally:
             for task in tasks:
+                task.remove_done_callback(self.end)
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self.too_slow in done:
-            return self.too_slow.result()
-        failure = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
-        if failure is not None and not isinstance(failure, (WebSocketDisconnect, OSError)):
+        if isinstance(outcome, int):
+            return outcome
+        failure = None if outcome.cancelled() else outcome.exception()
+        if failure is None:
+            return None if outcome.cancelled() else outcome.result()
+        if not isinstance(failure, (WebSocketDisconnect, OSError)):
             logger.error("socket of %s failed", self.user.username, exc_info=failure)
             return 1011
-        return next((t.result() for t in done if not t.cancelled() and not t.exception()), None)
+        return None
 
     async def pump(self, subscriber: Any) -> None:
         while True:
@@ -1247,19 +1265,27 @@ class ChatSocket:
 
     def enqueue(self, item: Any) -> None:
         """Queue a frame or event for this socket; a reader too far behind is cut off."""
-        self.outbox.put_nowait(item)
-        if self.outbox.qsize() > BACKLOG_MAX and not self.too_slow.done():
-            self.too_slow.set_result(1013)
+        self.outbox.append(item)
+        if len(self.outbox) + self.unsent > BACKLOG_MAX:
+            self.end(1013)
+        if self.outbox_ready is not None and not self.outbox_ready.done():
+            self.outbox_ready.set_result(None)
 
     async def send_outbox(self) -> int | None:
         while True:
-            item = await self.outbox.get()
-            if isinstance(item, int):
-                return item
-            if isinstance(item, str):
-                await self.ws.send_text(item)
-            elif (code := await self.deliver(item)) is not None:
-                return code
+            if not self.outbox:
+                self.outbox_ready = asyncio.get_running_loop().create_future()
+                await self.outbox_ready
+            batch, self.outbox = self.outbox, []
+            for index, item in enumerate(batch):
+                self.unsent = len(batch) - index
+                if isinstance(item, int):
+                    return item
+                if isinstance(item, str):
+                    await self.ws.send_text(item)
+                elif (code := await self.deliver(item)) is not None:
+                    return code
+            self.unsent = 0
 
     async def deliver(self, event: Event) -> int | None:
         text = event.message
@@ -1370,16 +1396,30 @@ class ChatSocket:
             raise FrameError("body_too_long", f"Messages are at most {BODY_MAX} characters.")
         if not self.chat.send_bucket(self.user.id).take():
             raise FrameError("rate_limited", "Too many messages; slow down and send again.")
-        # Shielded: a socket closing mid-send must not leave a stored message unpublished.
-        await asyncio.shield(self.chat.spawn(self.send_message(recipient, body, client_id)))
+        # Not awaited: the next frames are read meanwhile, so one commit takes many
+        # sends of a socket. The queue keeps their order; the callback acks and publishes.
+        stored = self.chat.store_message(self.user, recipient, body, client_id)
+        stored.add_done_callback(functools.partial(self.message_stored, recipient, client_id))
+        self.sends_in_flight += 1
+        if self.sends_in_flight > SENDS_IN_FLIGHT_MAX:
+            await asyncio.wait([stored])
 
-    async def send_message(self, recipient: User, body: str, client_id: str | None) -> None:
-        """Store, ack, publish. A retry (same client_id) stores nothing and
-        publishes the original again, in case the first attempt was cut off
-        before publishing; sockets that already have it drop it by id."""
-        message = await self.chat.store_message(self.user, recipient, body, client_id)
-        self.reply({"type": "ack", "client_id": client_id, "message": message})
-        await self.chat.deliver_message(message, self.user, recipient)
+    def message_stored(self, recipient: User, client_id: str | None, stored: asyncio.Future) -> None:
+        """Ack, then publish, once the message is committed; this runs even when
+        the socket closed meanwhile, so no stored message stays unpublished. A
+        retry (same client_id) gets the original, published again in case the
+        first attempt was cut off; sockets that already have it drop it by id."""
+        self.sends_in_flight -= 1
+        if stored.cancelled():
+            return
+        if (failure := stored.exception()) is not None:
+            logger.error("storing a message of %s failed", self.user.username, exc_info=failure)
+            self.shut(1011)  # the client resends with the same client_id; nothing is stored twice
+            return
+        message = stored.result()
+        encoded = dumps(message)
+        self.enqueue('{"type":"ack","client_id":' + dumps(client_id) + ',"message":' + encoded + "}")
+        self.chat.spawn(self.chat.deliver_message(message_frame(message, encoded), self.user, recipient))
 
     async def on_typing(self, frame: dict[str, Any]) -> None:
         recipient = await self.peer(frame, "to")
@@ -1468,7 +1508,7 @@ class ChatX:
         """Close sockets with 1012 so clients reconnect elsewhere, then leave."""
         for socket in list(self.sockets):
             socket.shut(1012)
-        waiting = [asyncio.create_task(socket.finished.wait()) for socket in list(self.sockets)]
+        waiting = [socket.finished for socket in list(self.sockets)]
         if waiting:
             await asyncio.wait(waiting, timeout=5)
         self.upkeep.cancel()
@@ -1555,12 +1595,12 @@ class ChatX:
 
     # messages
 
-    async def store_message(self, sender: User, recipient: User, body: str, client_id: str | None) -> dict[str, Any]:
-        """Commit the message; a (sender, client_id) stored before gets the original."""
-        return await self.writer.run_bulk(self.insert_messages, NewMessage(sender, recipient, body, client_id))
+    def store_message(self, sender: User, recipient: User, body: str, client_id: str | None) -> asyncio.Future:
+        """Queue the message for the next commit; the future gives the stored
+        message, or the original for a (sender, client_id) stored before."""
+        return self.writer.submit_bulk(self.insert_messages, NewMessage(sender, recipient, body, client_id))
 
-    async def deliver_message(self, message: dict[str, Any], sender: User, recipient: User) -> None:
-        frame = message_frame(message)
+    async def deliver_message(self, frame: str, sender: User, recipient: User) -> None:
         for user_id in {sender.id, recipient.id}:
             await self.publish(f"user:{user_id}", frame)
 
