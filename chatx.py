@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -1200,17 +1200,25 @@ class ChatSocket:
         try:
             # Read before subscribing: a message stored after this is delivered live, never skipped.
             self.floor = after if after is not None else await chat.newest_message_id()
-            async with AsyncExitStack() as stack:
-                inbox = await stack.enter_async_context(chat.subscribe(f"user:{self.user.id}"))
+            try:
+                await chat.listen_for(self)  # from here on, the user's channel reaches this socket
                 if not await chat.session_alive(self.session.id):  # signed out before we listened
                     await self.close(4401)
                     return
-                chat.sockets.add(self)  # from here on, presence frames queue up for it
-                stack.push_async_callback(self.leave)
-                await chat.announce(await chat.writer.run(open_socket, self.socket_id, chat.process_id, self.user.id))
-                await self.ws.send_text(dumps(await chat.hello(self.user)))
-                await self.catch_up()
-                code = await self.run_until_closed(inbox)
+                # No await from the snapshot to joining: every later presence frame queues
+                # up behind hello, and none repeats what hello says.
+                hello = chat.hello(self.user)
+                chat.sockets.add(self)
+                try:
+                    await chat.announce(await chat.writer.run(open_socket, self.socket_id, chat.process_id,
+                                                              self.user.id))
+                    await self.ws.send_text(dumps(hello))
+                    await self.catch_up()
+                    code = await self.run_until_closed()
+                finally:
+                    await self.leave()
+            finally:
+                chat.stop_listening(self)
             if code is not None:
                 await self.close(code)
         except (WebSocketDisconnect, OSError):
@@ -1236,10 +1244,9 @@ class ChatSocket:
         if not self.ended.done():
             self.ended.set_result(outcome)
 
-    async def run_until_closed(self, inbox: Any) -> int | None:
+    async def run_until_closed(self) -> int | None:
         """Run until the client leaves (None) or the socket must close (a code)."""
-        tasks = [asyncio.create_task(coroutine) for coroutine in
-                 (self.receive_frames(), self.send_outbox(), self.pump(inbox))]
+        tasks = [asyncio.create_task(self.receive_frames()), asyncio.create_task(self.send_outbox())]
         for task in tasks:
             task.add_done_callback(self.end)
         try:
@@ -1258,10 +1265,6 @@ class ChatSocket:
             logger.error("socket of %s failed", self.user.username, exc_info=failure)
             return 1011
         return None
-
-    async def pump(self, subscriber: Any) -> None:
-        while True:
-            self.enqueue(await subscriber.get())
 
     def enqueue(self, item: Any) -> None:
         """Queue a frame or event for this socket; a reader too far behind is cut off."""
@@ -1290,9 +1293,6 @@ class ChatSocket:
     async def deliver(self, event: Event) -> int | None:
         text = event.message
         if isinstance(text, Resync):
-            if event.channel.endswith(":presence"):
-                await self.send_presence_since(text.lost_at)
-                return None
             if not await self.chat.session_alive(self.session.id):
                 return 4401
             await self.catch_up()
@@ -1329,10 +1329,6 @@ class ChatSocket:
             if len(page) < REPLAY_PAGE:
                 return
             cursor = page[-1]["id"]
-
-    async def send_presence_since(self, since: int) -> None:
-        for frame in await self.chat.presence_changes_since(since, self.user):
-            await self.ws.send_text(dumps(frame))
 
     async def receive_frames(self) -> int | None:
         while True:
@@ -1458,6 +1454,10 @@ class ChatX:
         self.status_hook.connect(self.publish_presence)
         self.templates = Jinja2Templates(directory=HERE / "templates")
         self.sockets: set[ChatSocket] = set()
+        self.local: dict[int, set[ChatSocket]] = {}  # user id -> this process's open sockets
+        self.relays: dict[int, tuple[asyncio.Task, asyncio.Future]] = {}  # user id -> relay, subscribed
+        self.ending_relays: dict[int, asyncio.Task] = {}
+        self.presence: dict[str, tuple[str, str, str | None]] = {}  # username key -> username, status, last_seen
         self.buckets: dict[int, TokenBucket] = {}
         self.users_by_key: dict[str, User] = {}
         self.background: set[asyncio.Task] = set()
@@ -1498,8 +1498,11 @@ class ChatX:
         else:
             self.broadcast = Broadcast(self.settings.broadcast_url)
         await self.broadcast.connect()
-        self.subscribe_lock = asyncio.Lock()
-        self.presence_relay = asyncio.create_task(self.relay_presence())
+        presence_known = asyncio.get_running_loop().create_future()
+        self.presence_relay = asyncio.create_task(self.relay_presence(presence_known))
+        await asyncio.wait([presence_known, self.presence_relay], return_when=asyncio.FIRST_COMPLETED)
+        if not presence_known.done():
+            self.presence_relay.result()  # it failed before it could start: say why
         self.hashers = ThreadPoolExecutor(2, thread_name_prefix="chatx-hash", initializer=yield_to_the_event_loop)
         await self.writer.run(heartbeat, self.process_id, [])
         self.upkeep = asyncio.create_task(self.keep_presence())
@@ -1664,21 +1667,40 @@ class ChatX:
 
     # presence
 
-    async def hello(self, user: User) -> dict[str, Any]:
-        rows = await self.database.fetch_all(
-            sa.select(users.c.username, users.c.status, users.c.last_seen)
-            .where(users.c.status == "online", users.c.id != user.id)
-            .order_by(users.c.username_key)
-        )
-        return {"type": "hello", "user": user.public(), "presence": [presence_entry(row) for row in rows]}
+    def hello(self, user: User) -> dict[str, Any]:
+        """From this process's view of presence, which the presence relay keeps
+        in step with the frames it hands to sockets (no query per socket)."""
+        me = user.username.lower()
+        online = [{"username": username, "status": status, "last_seen": last_seen}
+                  for key, (username, status, last_seen) in sorted(self.presence.items())
+                  if status == "online" and key != me]
+        return {"type": "hello", "user": user.public(), "presence": online}
 
-    async def presence_changes_since(self, since: int, user: User) -> list[dict[str, Any]]:
-        rows = await self.database.fetch_all(
-            sa.select(users.c.username, users.c.status, users.c.last_seen)
-            .where(users.c.last_seen >= since - 1000, users.c.id != user.id)
-            .order_by(users.c.last_seen)
-        )
-        return [{"type": "presence", **presence_entry(row)} for row in rows]
+    def note_presence(self, entry: dict[str, Any]) -> bool:
+        """Record a presence change; False if it is no news (this process knows
+        the same or a later one: frames from several processes may cross)."""
+        key = entry["username"].lower()
+        known = self.presence.get(key)
+        last_seen = entry["last_seen"] or ""
+        if known is not None and (known[1:] == (entry["status"], entry["last_seen"]) or (known[2] or "") > last_seen):
+            return False
+        self.presence[key] = (entry["username"], entry["status"], entry["last_seen"])
+        return True
+
+    async def refresh_presence(self) -> None:
+        """Read every user's presence again and tell local sockets what changed,
+        oldest first: after a broadcast outage, and every heartbeat in case a
+        process died between committing a change and publishing it."""
+        rows = await self.database.fetch_all(sa.select(users.c.username, users.c.status, users.c.last_seen)
+                                             .order_by(users.c.last_seen))
+        entries = [{"type": "presence", **presence_entry(row)} for row in rows]
+        self.fan_out([dumps(entry) for entry in entries if self.note_presence(entry)])
+
+    def fan_out(self, frames: list[str]) -> None:
+        if frames:
+            for socket in list(self.sockets):
+                for frame in frames:
+                    socket.enqueue(frame)
 
     async def socket_closed(self, socket_id: str, user_id: int) -> None:
         await self.announce(await self.writer.run(close_socket, socket_id, user_id))
@@ -1702,29 +1724,72 @@ class ChatX:
                 transitions = await self.writer.run(heartbeat, self.process_id, live)
                 transitions += await self.writer.run(sweep, int(ttl * 500))
                 await self.announce(transitions)
+                await self.refresh_presence()
             except Exception:
                 logger.exception("presence upkeep failed; trying again")
 
     # broadcast
 
-    async def relay_presence(self) -> None:
+    async def relay_presence(self, known: asyncio.Future) -> None:
         """One subscription per process hands presence frames to every local
-        socket, instead of a queue and a task per socket for frames that go
-        to everyone."""
+        socket and keeps the view that hello frames are made from. A frame
+        that is no news (an older one arriving late) goes to no one."""
         async with self.subscribe("presence") as subscriber:
+            await self.refresh_presence()  # after subscribing: no change falls in between
+            known.set_result(None)
             while True:
                 event = await subscriber.get()
-                for socket in list(self.sockets):
+                if isinstance(event.message, Resync):
+                    await self.refresh_presence()
+                elif self.note_presence(json.loads(event.message)):
+                    self.fan_out([event.message])
+
+    async def listen_for(self, socket: ChatSocket) -> None:
+        """Hand `socket` everything published to its user; return once that is
+        subscribed. One subscription and one relay task per user serve all of
+        that user's sockets on this process."""
+        user_id = socket.user.id
+        if user_id not in self.local:
+            self.local[user_id] = set()
+            subscribed = asyncio.get_running_loop().create_future()
+            self.relays[user_id] = (asyncio.create_task(self.relay_user(user_id, subscribed)), subscribed)
+        self.local[user_id].add(socket)
+        await asyncio.shield(self.relays[user_id][1])
+
+    def stop_listening(self, socket: ChatSocket) -> None:
+        user_id = socket.user.id
+        sockets = self.local.get(user_id)
+        if sockets is None:
+            return
+        sockets.discard(socket)
+        if not sockets:
+            del self.local[user_id]
+            relay, subscribed = self.relays.pop(user_id)
+            relay.cancel()
+            subscribed.cancel()
+            self.ending_relays[user_id] = relay
+            relay.add_done_callback(functools.partial(self.relay_ended, user_id))
+
+    def relay_ended(self, user_id: int, relay: asyncio.Task) -> None:
+        if self.ending_relays.get(user_id) is relay:
+            del self.ending_relays[user_id]
+
+    async def relay_user(self, user_id: int, subscribed: asyncio.Future) -> None:
+        # A relay of this user that is still unsubscribing must finish first, or
+        # its UNSUBSCRIBE would land after this SUBSCRIBE.
+        if (ending := self.ending_relays.get(user_id)) is not None:
+            await asyncio.gather(ending, return_exceptions=True)
+        async with self.subscribe(f"user:{user_id}") as subscriber:
+            subscribed.set_result(None)
+            while True:
+                event = await subscriber.get()
+                for socket in list(self.local.get(user_id, ())):
                     socket.enqueue(event)
 
-    @asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[Any]:
-        # Broadcast.subscribe awaits the backend before it registers the queue,
-        # so two first subscribers of one channel would race: enter one at a time.
-        async with AsyncExitStack() as stack:
-            async with self.subscribe_lock:
-                subscriber = await stack.enter_async_context(self.broadcast.subscribe(f"{self.namespace}:{channel}"))
-            yield subscriber
+    def subscribe(self, channel: str) -> Any:
+        # One subscriber per channel and process (presence, and a relay per user),
+        # so broadcaster's race between two first subscribers of a channel cannot occur.
+        return self.broadcast.subscribe(f"{self.namespace}:{channel}")
 
     async def publish(self, channel: str, frame: str) -> None:
         """Best effort: while Redis is away the message is already stored, and

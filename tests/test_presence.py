@@ -127,10 +127,13 @@ def test_a_callback_that_raises_is_logged_and_harms_nothing(people, caplog):
 def test_a_dead_processs_sockets_stop_counting_after_the_ttl(database_url, make_client):
     client = make_client(database_url=database_url, presence_ttl=1)
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
-    # bob's socket lives on a process that died without a word: its heartbeat stops now.
+    # bob's socket lives on a process that said he is online, then died without
+    # a word: its heartbeat stops now.
+    chat = client.app.state.chat
     run(client, chatx.heartbeat, "dead-process", [])
     transitions = run(client, chatx.open_socket, "dead-socket", "dead-process", bob.id)
     assert transitions and transitions[0][:2] == ("bob", "online")
+    client.portal.call(chat.announce, transitions)
     with alice.ws() as ws:
         hello = next_frame(ws, "hello")
         assert [p["username"] for p in hello["presence"]] == ["bob"]
@@ -152,3 +155,26 @@ def test_a_live_process_keeps_its_users_online_past_the_ttl(database_url, make_c
                 client.portal.call(__import__("asyncio").sleep, 0.5)
                 assert [f for f in presence_frames(quiet(a)) if f["username"] == "bob"] == []
             assert status_of(alice, "bob")["status"] == "online"
+
+
+def next_presence_of(ws, username: str) -> dict:
+    frame = next_frame(ws, "presence")
+    while frame["username"] != username:
+        frame = next_frame(ws, "presence")
+    return frame
+
+
+def test_a_change_committed_but_never_published_reaches_everyone_within_a_heartbeat(database_url, make_client):
+    # A process that commits a change of status and dies before publishing it:
+    # hello frames and open sockets learn it from the database all the same.
+    client = make_client(database_url=database_url, presence_ttl=1)
+    alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
+    chat = client.app.state.chat
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        assert run(client, chatx.open_socket, "unannounced", chat.process_id, bob.id)[0][:2] == ("bob", "online")
+        assert next_presence_of(ws, "bob")["status"] == "online"
+        with alice.ws() as second:
+            assert [p["username"] for p in next_frame(second, "hello")["presence"]] == ["bob"]
+        assert run(client, chatx.close_socket, "unannounced", bob.id)[0][:2] == ("bob", "offline")
+        assert next_presence_of(ws, "bob")["status"] == "offline"
