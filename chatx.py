@@ -195,7 +195,7 @@ class SQLiteWithPragmas(sqlite3.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000", "foreign_keys=ON"):
+        for pragma in ("busy_timeout=5000", "journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
             self.execute(f"PRAGMA {pragma}")
 
 
@@ -203,6 +203,54 @@ def open_database(url: str, connections: int = 10) -> Database:
     if url.startswith("sqlite"):
         return Database(url, factory=SQLiteWithPragmas, timeout=5.0)
     return Database(url, min_size=1, max_size=connections)
+
+
+class HeldConnections:
+    """A few SQLite connections opened once, which every task reads through.
+
+    databases ties a connection to a task, so on SQLite each query of a new
+    task opened a connection and an aiosqlite thread of its own: most of the
+    cost of opening a socket, and memory left behind in malloc's arenas."""
+
+    def __init__(self, database: Database, size: int = 3) -> None:
+        self.database, self.size = database, size
+        self._connections: list[Any] = []
+        self._holders: list[asyncio.Task] = []
+        self._turn = 0
+
+    async def connect(self) -> None:
+        self._release = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        opened = [loop.create_future() for _ in range(self.size)]
+        self._holders = [asyncio.create_task(self._hold(future)) for future in opened]
+        self._connections = list(await asyncio.gather(*opened))
+
+    async def disconnect(self) -> None:
+        self._release.set()
+        await asyncio.gather(*self._holders, return_exceptions=True)
+
+    async def _hold(self, opened: asyncio.Future) -> None:
+        try:
+            async with self.database.connection() as connection:
+                opened.set_result(connection)
+                await self._release.wait()
+        except Exception as exc:
+            if not opened.done():
+                opened.set_exception(exc)
+            raise
+
+    def _next(self) -> Any:
+        self._turn = (self._turn + 1) % self.size
+        return self._connections[self._turn]
+
+    async def fetch_all(self, query: Any) -> list[Any]:
+        return await self._next().fetch_all(query)
+
+    async def fetch_one(self, query: Any) -> Any:
+        return await self._next().fetch_one(query)
+
+    async def fetch_val(self, query: Any) -> Any:
+        return await self._next().fetch_val(query)
 
 
 def is_unique_violation(exc: BaseException) -> bool:
@@ -1488,6 +1536,11 @@ class ChatX:
         self.writer = Writer(url)
         await self.writer.start()
         await self.writer.run(create_schema, postgres)
+        # asyncpg's pool holds its connections already; SQLite needs its own (opened
+        # once the writer has put the file in WAL mode, which takes a lock that waits for no one).
+        self.reads: Any = self.database if postgres else HeldConnections(self.database)
+        if not postgres:
+            await self.reads.connect()
         secret = self.settings.secret_key or await self.writer.run(ensure_secret, self.insert, secrets.token_urlsafe(32))
         self.secret = secret
         # Apps on other databases may share one Redis: their channels must not meet.
@@ -1527,6 +1580,8 @@ class ChatX:
         except Exception:
             logger.exception("broadcast did not disconnect cleanly")
         await self.writer.stop()
+        if self.reads is not self.database:
+            await self.reads.disconnect()
         await self.database.disconnect()
         self.hashers.shutdown(wait=False)
 
@@ -1548,7 +1603,7 @@ class ChatX:
             raise
 
     async def authenticate(self, username: str, password: str) -> User | None:
-        row = await self.database.fetch_one(
+        row = await self.reads.fetch_one(
             sa.select(users.c.id, users.c.username, users.c.password_hash).where(
                 users.c.username_key == username.lower()
             )
@@ -1569,7 +1624,7 @@ class ChatX:
         token, _, signature = conn.cookies.get(SESSION_COOKIE, "").rpartition(".")
         if not token or not hmac.compare_digest(signature, sign(self.secret, token)):
             return None
-        row = await self.database.fetch_one(
+        row = await self.reads.fetch_one(
             sa.select(sessions.c.id, users.c.id.label("user_id"), users.c.username)
             .select_from(sessions.join(users, users.c.id == sessions.c.user_id))
             .where(sessions.c.id == session_id(token), sessions.c.expires_at > now_ms())
@@ -1577,7 +1632,7 @@ class ChatX:
         return Session(row["id"], User(row["user_id"], row["username"])) if row else None
 
     async def session_alive(self, sid: str) -> bool:
-        return await self.database.fetch_val(sa.select(sessions.c.id).where(sessions.c.id == sid)) is not None
+        return await self.reads.fetch_val(sa.select(sessions.c.id).where(sessions.c.id == sid)) is not None
 
     async def revoke_session(self, session: Session) -> None:
         """Delete the session, then close its sockets on every process with 4401."""
@@ -1588,7 +1643,7 @@ class ChatX:
         key = username.lower()
         user = self.users_by_key.get(key)
         if user is None:
-            row = await self.database.fetch_one(
+            row = await self.reads.fetch_one(
                 sa.select(users.c.id, users.c.username).where(users.c.username_key == key)
             )
             if row is None:
@@ -1608,13 +1663,13 @@ class ChatX:
             await self.publish(f"user:{user_id}", frame)
 
     async def messages_since(self, user: User, after: int, limit: int) -> list[dict[str, Any]]:
-        rows = await self.database.fetch_all(
+        rows = await self.reads.fetch_all(
             select_messages(mine(user.id), messages.c.id > after).order_by(messages.c.id).limit(limit)
         )
         return [message_object(row) for row in rows]
 
     async def newest_message_id(self) -> int:
-        return await self.database.fetch_val(sa.select(sa.func.max(messages.c.id))) or 0
+        return await self.reads.fetch_val(sa.select(sa.func.max(messages.c.id))) or 0
 
     async def conversation_page(self, me: User, peer: User, before: int | None, after: int | None, limit: int):
         query = select_messages(conversation(me.id, peer.id))
@@ -1624,13 +1679,13 @@ class ChatX:
             if before is not None:
                 query = query.where(messages.c.id < before)
             query = query.order_by(messages.c.id.desc())
-        rows = await self.database.fetch_all(query.limit(limit + 1))
+        rows = await self.reads.fetch_all(query.limit(limit + 1))
         page = [message_object(row) for row in rows[:limit]]
         if after is None:
             page.reverse()
         read_up_to = {
-            me.username: await read_cursor(self.database, me.id, peer.id),
-            peer.username: await read_cursor(self.database, peer.id, me.id),
+            me.username: await read_cursor(self.reads, me.id, peer.id),
+            peer.username: await read_cursor(self.reads, peer.id, me.id),
         }
         return {"messages": page, "has_more": len(rows) > limit, "read_up_to": read_up_to}
 
@@ -1647,7 +1702,7 @@ class ChatX:
                    messages.c.id > sa.func.coalesce(cursor, 0))
             .scalar_subquery()
         )
-        rows = await self.database.fetch_all(
+        rows = await self.reads.fetch_all(
             sa.select(users.c.id, users.c.username, users.c.status, users.c.last_seen, unread.label("unread"))
             .where(users.c.id != me.id)
             .order_by(users.c.username_key)
@@ -1691,7 +1746,7 @@ class ChatX:
         """Read every user's presence again and tell local sockets what changed,
         oldest first: after a broadcast outage, and every heartbeat in case a
         process died between committing a change and publishing it."""
-        rows = await self.database.fetch_all(sa.select(users.c.username, users.c.status, users.c.last_seen)
+        rows = await self.reads.fetch_all(sa.select(users.c.username, users.c.status, users.c.last_seen)
                                              .order_by(users.c.last_seen))
         entries = [{"type": "presence", **presence_entry(row)} for row in rows]
         self.fan_out([dumps(entry) for entry in entries if self.note_presence(entry)])
@@ -1801,7 +1856,7 @@ class ChatX:
 
     async def health(self) -> dict[str, str]:
         try:
-            await asyncio.wait_for(self.database.fetch_val("SELECT 1"), 2)
+            await asyncio.wait_for(self.database.fetch_val("SELECT 1"), 2)  # opens a connection: is the file still there?
             database = "ok"
         except Exception:
             database = "fail"
