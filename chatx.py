@@ -1255,12 +1255,13 @@ class ChatSocket:
                     return
                 # No await from the snapshot to joining: every later presence frame queues
                 # up behind hello, and none repeats what hello says.
-                hello = chat.hello(self.user)
+                hello = dumps(chat.hello(self.user))
                 chat.sockets.add(self)
                 try:
                     await chat.announce(await chat.writer.run(open_socket, self.socket_id, chat.process_id,
                                                               self.user.id))
-                    await self.ws.send_text(dumps(hello))
+                    await self.ws.send_text(hello)
+                    del hello  # serve() lasts as long as the socket: keep no large frame alive in it
                     await self.catch_up()
                     code = await self.run_until_closed()
                 finally:
