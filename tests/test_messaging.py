@@ -75,6 +75,29 @@ def test_message_ids_grow(chat):
     assert ids == sorted(ids) and len(set(ids)) == 3
 
 
+def test_sends_in_flight_together_are_acked_and_delivered_in_the_order_sent(database_url, make_client):
+    # The socket reads its next frame before the previous send is committed, so
+    # these share commits; a client_id repeated inside the burst still stores once.
+    client = make_client(database_url=database_url, send_burst=100)
+    alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
+    with alice.ws() as ws, bob.ws() as bob_ws:
+        settle(ws, bob_ws)
+        for n in range(40):
+            send(ws, "bob", f"burst {n}", client_id=f"b-{n}")
+        send(ws, "bob", "burst 3 again", client_id="b-3")
+        frames = [next_frame(ws) for _ in range(81)]  # 41 acks, and each message once
+        acks = [f for f in frames if f["type"] == "ack"]
+        assert [f["message"]["body"] for f in frames if f["type"] == "message"] == [f"burst {n}" for n in range(40)]
+        assert [a["client_id"] for a in acks] == [f"b-{n}" for n in range(40)] + ["b-3"]
+        ids = [a["message"]["id"] for a in acks[:40]]
+        assert ids == sorted(ids) and len(set(ids)) == 40
+        assert acks[40]["message"] == acks[3]["message"]
+        delivered = [next_frame(bob_ws, "message")["message"] for _ in range(40)]
+        assert [m["body"] for m in delivered] == [f"burst {n}" for n in range(40)]
+        assert [f for f in quiet(bob_ws) if f["type"] == "message"] == []
+    assert [m["id"] for m in history(bob, "alice")["messages"]] == ids
+
+
 def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat):
     client, alice, bob, carol = chat
     with alice.ws() as ws, bob.ws() as bob_ws:
