@@ -1737,9 +1737,11 @@ class ChatX:
         the same or a later one: frames from several processes may cross)."""
         key = entry["username"].lower()
         known = self.presence.get(key)
-        last_seen = entry["last_seen"] or ""
-        if known is not None and (known[1:] == (entry["status"], entry["last_seen"]) or (known[2] or "") > last_seen):
-            return False
+        if known is not None:
+            if known[1:] == (entry["status"], entry["last_seen"]):
+                return False  # a repeat
+            if (known[2] or "") > (entry["last_seen"] or ""):  # fixed-width ISO times sort as strings
+                return False  # older than what this process knows
         self.presence[key] = (entry["username"], entry["status"], entry["last_seen"])
         return True
 
@@ -1747,8 +1749,9 @@ class ChatX:
         """Read every user's presence again and tell local sockets what changed,
         oldest first: after a broadcast outage, and every heartbeat in case a
         process died between committing a change and publishing it."""
-        rows = await self.reads.fetch_all(sa.select(users.c.username, users.c.status, users.c.last_seen)
-                                             .order_by(users.c.last_seen))
+        rows = await self.reads.fetch_all(
+            sa.select(users.c.username, users.c.status, users.c.last_seen).order_by(users.c.last_seen)
+        )
         entries = [{"type": "presence", **presence_entry(row)} for row in rows]
         self.fan_out([dumps(entry) for entry in entries if self.note_presence(entry)])
 
