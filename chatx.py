@@ -257,6 +257,17 @@ def is_unique_violation(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.IntegrityError) or type(exc).__name__ == "UniqueViolationError"
 
 
+@dataclass
+class Job:
+    """One write for the Writer: `function(connection, *args)`."""
+
+    function: Callable[..., Awaitable[Any]]
+    args: tuple
+    bulk: bool = False
+    one_statement: bool = False
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
 class Writer:
     """Runs every write transaction of this process, in order, on one task
     that holds one connection; jobs queued together share one commit.
@@ -270,7 +281,7 @@ class Writer:
         # A one-connection pool of its own: the writer holds it for good, readers never queue behind it.
         self.database = open_database(url, connections=1)
         self.sqlite = self.database.url.dialect == "sqlite"
-        self._jobs: asyncio.Queue[tuple[Callable[..., Awaitable[Any]], tuple, asyncio.Future, bool] | None] = asyncio.Queue()
+        self._jobs: asyncio.Queue[Job | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._stopping = False
 
@@ -293,18 +304,21 @@ class Writer:
 
     async def run(self, job: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Run `job(connection, *args)` in a write transaction; return once committed."""
-        return await self._submit(job, args, bulk=False)
+        return await self._submit(Job(job, args))
 
-    def submit_bulk(self, job: Callable[..., Awaitable[list]], item: Any) -> asyncio.Future:
+    def submit_bulk(self, job: Callable[..., Awaitable[list]], item: Any, *, one_statement: bool = False) -> asyncio.Future:
         """Queue `item` without waiting: the items queued together for one job
         reach it as one list, `job(connection, items)`, which returns a result
-        per item. The future is resolved once that commit is done."""
-        return self._submit(job, (item,), bulk=True)
+        per item. The future is resolved once that commit is done.
 
-    def _submit(self, job: Callable[..., Awaitable[Any]], args: tuple, bulk: bool) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
-        self._jobs.put_nowait((job, args, future, bulk))
-        return future
+        `one_statement` says the job writes with a single statement, which
+        SQLite makes atomic by itself: a batch of such jobs alone is sent
+        without BEGIN and COMMIT, two fewer trips to the database thread."""
+        return self._submit(Job(job, (item,), bulk=True, one_statement=one_statement))
+
+    def _submit(self, job: Job) -> asyncio.Future:
+        self._jobs.put_nowait(job)
+        return job.future
 
     async def _serve(self) -> None:
         while True:
@@ -328,44 +342,46 @@ class Writer:
             if len(jobs) < len(batch):  # stop() was called
                 return
 
-    async def _commit(self, conn: Any, batch: list) -> None:
+    async def _commit(self, conn: Any, batch: list[Job]) -> None:
         try:
-            async with self._transaction(conn):
+            if self.sqlite and all(job.one_statement for job in batch):
                 results = await self._run_jobs(conn, batch)
+            else:
+                async with self._transaction(conn):
+                    results = await self._run_jobs(conn, batch)
         except Exception:
             # One failing job must not fail the others: retry each alone.
-            for item in batch:
-                await self._run_alone(conn, item)
+            for job in batch:
+                await self._run_alone(conn, job)
             await conn.fetch_val("SELECT 1")  # a dead connection raises here: _serve opens another
             return
-        for (_, _, future, _), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
+        for job, result in zip(batch, results):
+            if not job.future.done():
+                job.future.set_result(result)
 
-    async def _run_jobs(self, conn: Any, batch: list) -> list:
+    async def _run_jobs(self, conn: Any, batch: list[Job]) -> list:
         results: list[Any] = [None] * len(batch)
         bulk: dict[Callable, list[int]] = {}
-        for index, (job, args, _, is_bulk) in enumerate(batch):
-            if is_bulk:
-                bulk.setdefault(job, []).append(index)
+        for index, job in enumerate(batch):
+            if job.bulk:
+                bulk.setdefault(job.function, []).append(index)
             else:
-                results[index] = await job(conn, *args)
-        for job, indexes in bulk.items():
-            for index, result in zip(indexes, await job(conn, [batch[i][1][0] for i in indexes])):
+                results[index] = await job.function(conn, *job.args)
+        for function, indexes in bulk.items():
+            for index, result in zip(indexes, await function(conn, [batch[i].args[0] for i in indexes])):
                 results[index] = result
         return results
 
-    async def _run_alone(self, conn: Any, item: tuple) -> None:
-        future = item[2]
+    async def _run_alone(self, conn: Any, job: Job) -> None:
         try:
             async with self._transaction(conn):
-                (result,) = await self._run_jobs(conn, [item])
+                (result,) = await self._run_jobs(conn, [job])
         except Exception as exc:
-            if not future.done():
-                future.set_exception(exc)
+            if not job.future.done():
+                job.future.set_exception(exc)
         else:
-            if not future.done():
-                future.set_result(result)
+            if not job.future.done():
+                job.future.set_result(result)
 
     @asynccontextmanager
     async def _transaction(self, conn: Any) -> AsyncIterator[None]:
@@ -551,44 +567,62 @@ async def insert_messages(conn: Any, items: list[NewMessage], *, postgres: bool)
     owners = [first.setdefault(key, index) if key[1] is not None else index for index, key in enumerate(keys)]
     fresh = sorted(set(owners))
     sent_at = now_ms()
-    rows = {
-        index: (message_id, items[index].sender.id, items[index].recipient.id, items[index].body, sent_at,
-                items[index].client_id)
-        for index, message_id in zip(fresh, await reserve_message_ids(conn, len(fresh), postgres))
-    }
-    inserted = await insert_message_rows(conn, list(rows.values()), postgres)
-    retried = {keys[index] for index, row in rows.items() if row[0] not in inserted}
-    originals = await messages_by_client_id(conn, retried)
+    rows = [(items[i].sender.id, items[i].recipient.id, items[i].body, sent_at, items[i].client_id) for i in fresh]
+    inserted = await (insert_message_rows_postgres if postgres else insert_message_rows_sqlite)(conn, rows)
+    ids = dict(zip(fresh, inserted))
+    originals = await messages_by_client_id(conn, {keys[index] for index in fresh if ids[index] is None})
     results: list[dict[str, Any]] = []
     for owner in owners:
-        if keys[owner] in retried:
+        if ids[owner] is None:
             results.append(originals[keys[owner]])
             continue
         item = items[owner]
-        results.append(message_object({"id": rows[owner][0], "sender": item.sender.username,
+        results.append(message_object({"id": ids[owner], "sender": item.sender.username,
                                        "recipient": item.recipient.username, "body": item.body,
                                        "sent_at": sent_at, "client_id": item.client_id}))
     return results
 
 
-INSERT_COLUMNS = "id, sender_id, recipient_id, body, sent_at, client_id"
+# The hottest statements go to the driver itself: databases compiles every query anew.
+INSERT_MESSAGES = ("INSERT INTO chatx_messages ({columns}) VALUES {rows} "
+                   "ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING {returning}")
 
 
-async def insert_message_rows(conn: Any, rows: list[tuple], postgres: bool) -> set[int]:
-    """Insert rows of INSERT_COLUMNS; return the ids stored (a retried client_id
-    is skipped). The hottest statement goes to the driver itself: databases
-    compiles every query anew, a fifth of the CPU per message under load."""
-    if postgres:
-        marks = ", ".join("(" + ", ".join(f"${6 * r + c}" for c in range(1, 7)) + ")" for r in range(len(rows)))
-    else:
-        marks = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(rows))
-    sql = (f"INSERT INTO chatx_messages ({INSERT_COLUMNS}) VALUES {marks} "
-           "ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING id")
-    values = [value for row in rows for value in row]
-    if postgres:
-        return {record[0] for record in await conn.raw_connection.fetch(sql, *values)}
-    async with conn.raw_connection.execute(sql, values) as cursor:
-        return {record[0] for record in await cursor.fetchall()}
+async def insert_message_rows_sqlite(conn: Any, rows: list[tuple]) -> list[int | None]:
+    """Insert rows of (sender_id, recipient_id, body, sent_at, client_id); return
+    each one's id, or None where that client_id was stored before.
+
+    One statement, which SQLite commits by itself: the writer sends it without
+    BEGIN and COMMIT, one trip to the database thread per commit. Each new row
+    gets the id above the largest so far, so the ids returned, sorted, belong
+    to the rows stored, in order (RETURNING itself promises no order)."""
+    sql = INSERT_MESSAGES.format(columns="sender_id, recipient_id, body, sent_at, client_id",
+                                 rows=", ".join(["(?, ?, ?, ?, ?)"] * len(rows)),
+                                 returning="id, sender_id, client_id")
+    returned = await conn.raw_connection.execute_fetchall(sql, [value for row in rows for value in row])
+    new_keys = {(sender_id, client_id) for _, sender_id, client_id in returned}
+    stored = [row[4] is None or (row[0], row[4]) in new_keys for row in rows]
+    ids = iter(sorted(message_id for message_id, _, _ in returned))
+    return [next(ids) if is_stored else None for is_stored in stored]
+
+
+async def insert_message_rows_postgres(conn: Any, rows: list[tuple]) -> list[int | None]:
+    """As insert_message_rows_sqlite, with ids taken in order beforehand
+    under a lock held to commit: ids then commit in id order, as under
+    SQLite's single writer, so no reader can pass an id whose message is
+    still uncommitted."""
+    driver = conn.raw_connection
+    await driver.execute("SELECT pg_advisory_xact_lock(734216)")
+    records = await driver.fetch("SELECT nextval(pg_get_serial_sequence('chatx_messages', 'id')) "
+                                 "FROM generate_series(1, $1::int)", len(rows))
+    ids = sorted(record[0] for record in records)
+    sql = INSERT_MESSAGES.format(
+        columns="id, sender_id, recipient_id, body, sent_at, client_id",
+        rows=", ".join("(" + ", ".join(f"${6 * r + c}" for c in range(1, 7)) + ")" for r in range(len(rows))),
+        returning="id")
+    values = [value for message_id, row in zip(ids, rows) for value in (message_id, *row)]
+    inserted = {record[0] for record in await driver.fetch(sql, *values)}
+    return [message_id if message_id in inserted else None for message_id in ids]
 
 
 async def messages_by_client_id(conn: Any, keys: set[tuple[int, str | None]]) -> dict[tuple, dict[str, Any]]:
@@ -599,22 +633,6 @@ async def messages_by_client_id(conn: Any, keys: set[tuple[int, str | None]]) ->
         .add_columns(messages.c.sender_id)
     )
     return {(row["sender_id"], row["client_id"]): message_object(row) for row in rows}
-
-
-async def reserve_message_ids(conn: Any, count: int, postgres: bool) -> list[int]:
-    """Ids for new messages, known before the insert so one statement can store
-    many. On SQLite, BEGIN IMMEDIATE makes this transaction the only writer."""
-    driver = conn.raw_connection  # once per commit: not worth databases compiling it each time
-    if postgres:
-        # Held to commit: ids then commit in id order, as under SQLite's single writer,
-        # so no reader can pass an id whose message is still uncommitted.
-        await driver.execute("SELECT pg_advisory_xact_lock(734216)")
-        rows = await driver.fetch("SELECT nextval(pg_get_serial_sequence('chatx_messages', 'id')) "
-                                  "FROM generate_series(1, $1::int)", count)
-        return sorted(row[0] for row in rows)
-    async with driver.execute("SELECT coalesce(max(id), 0) FROM chatx_messages") as cursor:
-        (newest,) = await cursor.fetchone()
-    return list(range(newest + 1, newest + 1 + count))
 
 
 async def advance_read_cursor(conn: Any, insert: Any, me: int, peer: int, up_to: int) -> int | None:
@@ -769,17 +787,22 @@ class RedisPubSubBackend(BroadcastBackend):
     Python 3.11 and its listener dies for good when Redis restarts
     (encode/broadcaster#144, reconnects declined upstream). This one owns the
     connection: it reconnects with backoff, resubscribes, and then hands every
-    subscribed channel a `Resync` event so sockets catch up from the database."""
+    subscribed channel a `Resync` event so sockets catch up from the database.
+
+    Each payload travels as "<origin> <message>": a message its own process
+    has delivered already is published with that process's origin, and the
+    process drops it when it comes back."""
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.origin = uuid.uuid4().hex
         self.healthy = False
         self._lost_at: int | None = None
         self._last_heard = 0.0
         self._pubsub: Any = None
         self._channels: set[str] = set()
         self._confirmed: dict[str, asyncio.Future] = {}
-        self._outgoing: list[tuple[str, str, asyncio.Future]] = []
+        self._outgoing: list[tuple[str, str, asyncio.Future | None]] = []
 
     async def connect(self) -> None:
         # No client retries: failures surface at once and the loops below back off.
@@ -791,6 +814,12 @@ class RedisPubSubBackend(BroadcastBackend):
         self._tasks = [asyncio.create_task(self._listen_forever()), asyncio.create_task(self._publish_forever())]
 
     async def disconnect(self) -> None:
+        if self._outgoing and self.healthy:  # publish_elsewhere() does not wait: send what it left
+            batch, self._outgoing = self._outgoing, []
+            try:
+                await asyncio.wait_for(self._send_pipeline(batch), 2)
+            except Exception as exc:
+                logger.warning("%d publishes failed at shutdown: %s", len(batch), exc)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -823,9 +852,15 @@ class RedisPubSubBackend(BroadcastBackend):
     async def publish(self, channel: str, message: Any) -> None:
         """Publishes are pipelined: all waiting ones go out in one round trip."""
         future = asyncio.get_running_loop().create_future()
-        self._outgoing.append((channel, message, future))
+        self._outgoing.append((channel, "* " + message, future))
         self._wake_publisher.set()
         await future
+
+    def publish_elsewhere(self, channel: str, message: str) -> None:
+        """Publish to the other processes only, without waiting: it joins the
+        next pipeline, and a failure is logged."""
+        self._outgoing.append((channel, f"{self.origin} {message}", None))
+        self._wake_publisher.set()
 
     async def next_published(self) -> Event:
         return await self._events.get()
@@ -843,15 +878,18 @@ class RedisPubSubBackend(BroadcastBackend):
                     await self._redis.connection_pool.disconnect()
                     await self._send_pipeline(batch)
                 except Exception as exc:
+                    unawaited = sum(1 for _, _, future in batch if future is None)
+                    if unawaited:
+                        logger.warning("%d publishes failed: %s", unawaited, exc)
                     for _, _, future in batch:
-                        if not future.done():
+                        if future is not None and not future.done():
                             future.set_exception(exc)
                     continue
             for _, _, future in batch:
-                if not future.done():
+                if future is not None and not future.done():
                     future.set_result(None)
 
-    async def _send_pipeline(self, batch: list[tuple[str, str, asyncio.Future]]) -> None:
+    async def _send_pipeline(self, batch: list[tuple[str, str, asyncio.Future | None]]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             for channel, message, _ in batch:
                 pipe.publish(channel, message)
@@ -893,7 +931,9 @@ class RedisPubSubBackend(BroadcastBackend):
                 self._last_heard = time.monotonic()
                 kind = message["type"] if message else None
                 if kind == "message":
-                    self._events.put_nowait(Event(message["channel"].decode(), message["data"].decode()))
+                    origin, _, data = message["data"].decode().partition(" ")
+                    if origin != self.origin:
+                        self._events.put_nowait(Event(message["channel"].decode(), data))
                 elif kind == "subscribe":
                     confirmed = self._confirmed.pop(message["channel"].decode(), None)
                     if confirmed and not confirmed.done():
@@ -1464,7 +1504,7 @@ class ChatSocket:
         message = stored.result()
         encoded = dumps(message)
         self.enqueue('{"type":"ack","client_id":' + dumps(client_id) + ',"message":' + encoded + "}")
-        self.chat.spawn(self.chat.deliver_message(message_frame(message, encoded), self.user, recipient))
+        self.chat.deliver_message(message_frame(message, encoded), self.user, recipient)
 
     async def on_typing(self, frame: dict[str, Any]) -> None:
         recipient = await self.peer(frame, "to")
@@ -1657,11 +1697,19 @@ class ChatX:
     def store_message(self, sender: User, recipient: User, body: str, client_id: str | None) -> asyncio.Future:
         """Queue the message for the next commit; the future gives the stored
         message, or the original for a (sender, client_id) stored before."""
-        return self.writer.submit_bulk(self.insert_messages, NewMessage(sender, recipient, body, client_id))
+        # One statement on SQLite (the only database where the writer asks).
+        return self.writer.submit_bulk(self.insert_messages, NewMessage(sender, recipient, body, client_id),
+                                       one_statement=True)
 
-    async def deliver_message(self, frame: str, sender: User, recipient: User) -> None:
+    def deliver_message(self, frame: str, sender: User, recipient: User) -> None:
+        """Hand the frame to this process's sockets of both people at once (no
+        trip through Redis), then publish it for the other processes' sockets."""
         for user_id in {sender.id, recipient.id}:
-            await self.publish(f"user:{user_id}", frame)
+            event = Event(f"{self.namespace}:user:{user_id}", frame)  # deduplicated by id, like a published one
+            for socket in list(self.local.get(user_id, ())):
+                socket.enqueue(event)
+            if self.backend is not None:  # with memory://, every socket is local
+                self.backend.publish_elsewhere(f"{self.namespace}:user:{user_id}", frame)
 
     async def messages_since(self, user: User, after: int, limit: int) -> list[dict[str, Any]]:
         rows = await self.reads.fetch_all(
