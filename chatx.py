@@ -683,8 +683,8 @@ class StatusHook:
                 logger.exception("status callback %r failed", callback)
 
 
-def presence_entry(row: Any) -> dict[str, Any]:
-    return {"username": row["username"], "status": row["status"], "last_seen": iso(row["last_seen"])}
+def presence_frame(username: str, status: str, last_seen: str | None) -> dict[str, Any]:
+    return {"type": "presence", "username": username, "status": status, "last_seen": last_seen}
 
 
 async def lock_user(conn: Any, user_id: int) -> None:
@@ -1293,13 +1293,17 @@ class ChatSocket:
                 if not await chat.session_alive(self.session.id):  # signed out before we listened
                     await self.close(4401)
                     return
-                # No await from the snapshot to joining: every later presence frame queues
-                # up behind hello, and none repeats what hello says.
-                hello = dumps(chat.hello(self.user))
-                chat.sockets.add(self)
                 try:
-                    await chat.announce(await chat.writer.run(open_socket, self.socket_id, chat.process_id,
-                                                              self.user.id))
+                    # Committed and announced before the snapshot: hello knows every change
+                    # committed here before ours, as when people connect one after another.
+                    mine = await chat.writer.run(open_socket, self.socket_id, chat.process_id, self.user.id)
+                    await chat.announce(mine)
+                    # No await from the snapshot to joining: every later presence frame queues
+                    # up behind hello, and none repeats what hello says.
+                    hello = dumps(chat.hello(self.user))
+                    chat.sockets.add(self)
+                    for username, status, last_seen in mine:  # announced before this socket joined
+                        self.enqueue(dumps(presence_frame(username, status, iso(last_seen))))
                     await self.ws.send_text(hello)
                     del hello  # serve() lasts as long as the socket: keep no large frame alive in it
                     await self.catch_up()
@@ -1708,8 +1712,7 @@ class ChatX:
             event = Event(f"{self.namespace}:user:{user_id}", frame)  # deduplicated by id, like a published one
             for socket in list(self.local.get(user_id, ())):
                 socket.enqueue(event)
-            if self.backend is not None:  # with memory://, every socket is local
-                self.backend.publish_elsewhere(f"{self.namespace}:user:{user_id}", frame)
+            self.publish_elsewhere(f"user:{user_id}", frame)
 
     async def messages_since(self, user: User, after: int, limit: int) -> list[dict[str, Any]]:
         rows = await self.reads.fetch_all(
@@ -1800,7 +1803,7 @@ class ChatX:
         rows = await self.reads.fetch_all(
             sa.select(users.c.username, users.c.status, users.c.last_seen).order_by(users.c.last_seen)
         )
-        entries = [{"type": "presence", **presence_entry(row)} for row in rows]
+        entries = [presence_frame(row["username"], row["status"], iso(row["last_seen"])) for row in rows]
         self.fan_out([dumps(entry) for entry in entries if self.note_presence(entry)])
 
     def fan_out(self, frames: list[str]) -> None:
@@ -1816,9 +1819,13 @@ class ChatX:
         for username, status, last_seen in transitions:
             await self.status_hook.send(username, status, datetime.fromtimestamp(last_seen / 1000, timezone.utc))
 
-    async def publish_presence(self, username: str, status: str, last_seen: datetime) -> None:
-        frame = {"type": "presence", "username": username, "status": status, "last_seen": iso_time(last_seen)}
-        await self.publish("presence", dumps(frame))
+    def publish_presence(self, username: str, status: str, last_seen: datetime) -> None:
+        """This process's sockets learn at once, the other processes through the broadcast."""
+        frame = presence_frame(username, status, iso_time(last_seen))
+        text = dumps(frame)
+        if self.note_presence(frame):
+            self.fan_out([text])
+        self.publish_elsewhere("presence", text)
 
     async def keep_presence(self) -> None:
         """Heartbeat this process and sweep dead ones. Beats every TTL/4 and a
@@ -1905,6 +1912,13 @@ class ChatX:
             await self.broadcast.publish(f"{self.namespace}:{channel}", frame)
         except (RedisError, OSError) as exc:
             logger.warning("publish to %s failed: %s", channel, exc)
+
+    def publish_elsewhere(self, channel: str, frame: str) -> None:
+        """Publish, without waiting, a frame this process has delivered already."""
+        if self.backend is not None:
+            self.backend.publish_elsewhere(f"{self.namespace}:{channel}", frame)  # Redis: others only
+        elif urlsplit(self.settings.broadcast_url).scheme != "memory":  # memory:// has no elsewhere
+            self.spawn(self.publish(channel, frame))  # comes back too: sockets and the view drop repeats
 
     async def health(self) -> dict[str, str]:
         try:
