@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -251,6 +251,16 @@ class HeldConnections:
 
     async def fetch_val(self, query: Any) -> Any:
         return await self._next().fetch_val(query)
+
+    async def fetch_raw(self, sql: str, args: Sequence[Any]) -> list[tuple]:
+        return await self._next().raw_connection.execute_fetchall(sql, args)
+
+
+@functools.lru_cache(maxsize=64)
+def postgres_marks(sql: str) -> str:
+    """SQLite's `?` marks as asyncpg's `$1, $2, …` (the SQL here has no `?` in literals)."""
+    numbers = iter(range(1, sql.count("?") + 1))
+    return re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
 
 
 def is_unique_violation(exc: BaseException) -> bool:
@@ -544,10 +554,6 @@ def conversation(me: int, peer: int) -> Any:
         sa.and_(messages.c.sender_id == me, messages.c.recipient_id == peer),
         sa.and_(messages.c.sender_id == peer, messages.c.recipient_id == me),
     )
-
-
-def mine(me: int) -> Any:
-    return sa.or_(messages.c.sender_id == me, messages.c.recipient_id == me)
 
 
 @dataclass(frozen=True)
@@ -1300,7 +1306,7 @@ class ChatSocket:
                     await chat.announce(mine)
                     # No await from the snapshot to joining: every later presence frame queues
                     # up behind hello, and none repeats what hello says.
-                    hello = dumps(chat.hello(self.user))
+                    hello = chat.hello(self.user)
                     chat.sockets.add(self)
                     for username, status, last_seen in mine:  # announced before this socket joined
                         self.enqueue(dumps(presence_frame(username, status, iso(last_seen))))
@@ -1550,7 +1556,8 @@ class ChatX:
         self.local: dict[int, set[ChatSocket]] = {}  # user id -> this process's open sockets
         self.relays: dict[int, tuple[asyncio.Task, asyncio.Future]] = {}  # user id -> relay, subscribed
         self.ending_relays: dict[int, asyncio.Task] = {}
-        self.presence: dict[str, tuple[str, str, str | None]] = {}  # username key -> username, status, last_seen
+        self.presence: dict[str, tuple[str, str | None]] = {}  # username key -> status, last_seen
+        self.online: dict[str, str] = {}  # username key -> its hello entry, as JSON
         self.buckets: dict[int, TokenBucket] = {}
         self.users_by_key: dict[str, User] = {}
         self.background: set[asyncio.Task] = set()
@@ -1575,7 +1582,7 @@ class ChatX:
         url = self.settings.database_url
         self.database = open_database(url)
         await self.database.connect()
-        postgres = self.database.url.dialect == "postgresql"
+        postgres = self.postgres = self.database.url.dialect == "postgresql"
         self.insert = postgresql_insert if postgres else sqlite_insert
         self.insert_messages = functools.partial(insert_messages, postgres=postgres)
         self.writer = Writer(url)
@@ -1665,19 +1672,25 @@ class ChatX:
         await self.writer.run(insert_session, session_id(token), user.id, now_ms() + SESSION_DAYS * 86_400_000)
         return f"{token}.{sign(self.secret, token)}"
 
+    async def fetch_raw(self, sql: str, *args: Any) -> list[Any]:
+        """A hot read straight to the driver, in SQLite's SQL: databases compiles
+        every query anew, which was most of the CPU of opening a socket."""
+        if self.postgres:
+            async with self.database.connection() as conn:
+                return await conn.raw_connection.fetch(postgres_marks(sql), *args)
+        return await self.reads.fetch_raw(sql, args)
+
     async def session_from(self, conn: HTTPConnection) -> Session | None:
         token, _, signature = conn.cookies.get(SESSION_COOKIE, "").rpartition(".")
         if not token or not hmac.compare_digest(signature, sign(self.secret, token)):
             return None
-        row = await self.reads.fetch_one(
-            sa.select(sessions.c.id, users.c.id.label("user_id"), users.c.username)
-            .select_from(sessions.join(users, users.c.id == sessions.c.user_id))
-            .where(sessions.c.id == session_id(token), sessions.c.expires_at > now_ms())
-        )
-        return Session(row["id"], User(row["user_id"], row["username"])) if row else None
+        rows = await self.fetch_raw(
+            "SELECT s.id, u.id, u.username FROM chatx_sessions s JOIN chatx_users u ON u.id = s.user_id "
+            "WHERE s.id = ? AND s.expires_at > ?", session_id(token), now_ms())
+        return Session(rows[0][0], User(rows[0][1], rows[0][2])) if rows else None
 
     async def session_alive(self, sid: str) -> bool:
-        return await self.reads.fetch_val(sa.select(sessions.c.id).where(sessions.c.id == sid)) is not None
+        return bool(await self.fetch_raw("SELECT 1 FROM chatx_sessions WHERE id = ?", sid))
 
     async def revoke_session(self, session: Session) -> None:
         """Delete the session, then close its sockets on every process with 4401."""
@@ -1715,13 +1728,16 @@ class ChatX:
             self.publish_elsewhere(f"user:{user_id}", frame)
 
     async def messages_since(self, user: User, after: int, limit: int) -> list[dict[str, Any]]:
-        rows = await self.reads.fetch_all(
-            select_messages(mine(user.id), messages.c.id > after).order_by(messages.c.id).limit(limit)
-        )
-        return [message_object(row) for row in rows]
+        rows = await self.fetch_raw(
+            "SELECT m.id, s.username, r.username, m.body, m.sent_at, m.client_id FROM chatx_messages m "
+            "JOIN chatx_users s ON s.id = m.sender_id JOIN chatx_users r ON r.id = m.recipient_id "
+            "WHERE (m.sender_id = ? OR m.recipient_id = ?) AND m.id > ? ORDER BY m.id LIMIT ?",
+            user.id, user.id, after, limit)
+        return [{"id": message_id, "from": sender, "to": recipient, "body": body, "sent_at": iso(sent_at),
+                 "client_id": client_id} for message_id, sender, recipient, body, sent_at, client_id in rows]
 
     async def newest_message_id(self) -> int:
-        return await self.reads.fetch_val(sa.select(sa.func.max(messages.c.id))) or 0
+        return (await self.fetch_raw("SELECT max(id) FROM chatx_messages"))[0][0] or 0
 
     async def conversation_page(self, me: User, peer: User, before: int | None, after: int | None, limit: int):
         query = select_messages(conversation(me.id, peer.id))
@@ -1774,14 +1790,14 @@ class ChatX:
 
     # presence
 
-    def hello(self, user: User) -> dict[str, Any]:
-        """From this process's view of presence, which the presence relay keeps
-        in step with the frames it hands to sockets (no query per socket)."""
+    def hello(self, user: User) -> str:
+        """From this process's view of presence, which is kept in step with the
+        presence frames handed to sockets (no query per socket). Entries are
+        encoded once, when they change: in a storm of connections every hello
+        lists hundreds of people."""
         me = user.username.lower()
-        online = [{"username": username, "status": status, "last_seen": last_seen}
-                  for key, (username, status, last_seen) in sorted(self.presence.items())
-                  if status == "online" and key != me]
-        return {"type": "hello", "user": user.public(), "presence": online}
+        entries = ",".join(entry for key, entry in self.online.items() if key != me)
+        return '{"type":"hello","user":' + dumps(user.public()) + ',"presence":[' + entries + "]}"
 
     def note_presence(self, entry: dict[str, Any]) -> bool:
         """Record a presence change; False if it is no news (this process knows
@@ -1789,21 +1805,24 @@ class ChatX:
         key = entry["username"].lower()
         known = self.presence.get(key)
         if known is not None:
-            if known[1:] == (entry["status"], entry["last_seen"]):
+            if known == (entry["status"], entry["last_seen"]):
                 return False  # a repeat
-            if (known[2] or "") > (entry["last_seen"] or ""):  # fixed-width ISO times sort as strings
+            if (known[1] or "") > (entry["last_seen"] or ""):  # fixed-width ISO times sort as strings
                 return False  # older than what this process knows
-        self.presence[key] = (entry["username"], entry["status"], entry["last_seen"])
+        self.presence[key] = (entry["status"], entry["last_seen"])
+        if entry["status"] == "online":
+            self.online[key] = dumps({"username": entry["username"], "status": "online",
+                                      "last_seen": entry["last_seen"]})
+        else:
+            self.online.pop(key, None)
         return True
 
     async def refresh_presence(self) -> None:
         """Read every user's presence again and tell local sockets what changed,
         oldest first: after a broadcast outage, and every heartbeat in case a
         process died between committing a change and publishing it."""
-        rows = await self.reads.fetch_all(
-            sa.select(users.c.username, users.c.status, users.c.last_seen).order_by(users.c.last_seen)
-        )
-        entries = [presence_frame(row["username"], row["status"], iso(row["last_seen"])) for row in rows]
+        rows = await self.fetch_raw("SELECT username, status, last_seen FROM chatx_users ORDER BY last_seen")
+        entries = [presence_frame(username, status, iso(last_seen)) for username, status, last_seen in rows]
         self.fan_out([dumps(entry) for entry in entries if self.note_presence(entry)])
 
     def fan_out(self, frames: list[str]) -> None:
