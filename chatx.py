@@ -1701,12 +1701,10 @@ class ChatX:
         key = username.lower()
         user = self.users_by_key.get(key)
         if user is None:
-            row = await self.reads.fetch_one(
-                sa.select(users.c.id, users.c.username).where(users.c.username_key == key)
-            )
-            if row is None:
+            rows = await self.fetch_raw("SELECT id, username FROM chatx_users WHERE username_key = ?", key)
+            if not rows:
                 return None
-            user = self.users_by_key[key] = User(row["id"], row["username"])
+            user = self.users_by_key[key] = User(rows[0][0], rows[0][1])
         return user
 
     # messages
