@@ -818,18 +818,18 @@ class RedisPubSubBackend(BroadcastBackend):
         self._publishing = self._redis.connection_pool.make_connection()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._wake_publisher = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._listen_forever()), asyncio.create_task(self._publish_forever())]
+        self._closing = False
+        self._listener = asyncio.create_task(self._listen_forever())
+        self._publisher = asyncio.create_task(self._publish_forever())
 
     async def disconnect(self) -> None:
-        if self._outgoing and self.healthy:  # publish_elsewhere() does not wait: send what it left
-            batch, self._outgoing = self._outgoing, []
-            try:
-                await asyncio.wait_for(self._send_pipeline(batch), 2)
-            except Exception as exc:
-                logger.warning("%d publishes failed at shutdown: %s", len(batch), exc)
-        for task in self._tasks:
+        # publish_elsewhere() does not wait: the publisher sends what it left, then ends.
+        self._closing = True
+        self._wake_publisher.set()
+        await asyncio.wait([self._publisher], timeout=2)
+        for task in (self._listener, self._publisher):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(self._listener, self._publisher, return_exceptions=True)
         await self._publishing.disconnect()
         await self._redis.aclose()
 
@@ -875,8 +875,13 @@ class RedisPubSubBackend(BroadcastBackend):
 
     async def _publish_forever(self) -> None:
         while True:
-            await self._wake_publisher.wait()
+            if not self._outgoing:
+                if self._closing:
+                    return
+                await self._wake_publisher.wait()
             self._wake_publisher.clear()
+            if not self._outgoing:
+                continue
             batch, self._outgoing = self._outgoing, []
             try:
                 await self._send_pipeline(batch)

@@ -98,6 +98,34 @@ def test_sends_in_flight_together_are_acked_and_delivered_in_the_order_sent(data
     assert [m["id"] for m in history(bob, "alice")["messages"]] == ids
 
 
+def test_a_burst_mixing_retries_and_sends_without_client_id_acks_each_with_its_own_message(
+        database_url, make_client):
+    # One commit may hold new sends, sends with no client_id, and a client_id
+    # stored by an earlier commit: each ack must carry its own message.
+    client = make_client(database_url=database_url, send_burst=100)
+    alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
+    with alice.ws() as ws, bob.ws() as bob_ws:
+        settle(ws, bob_ws)
+        send(ws, "bob", "original", client_id="kept")
+        original = next_frame(ws, "ack")["message"]
+        next_frame(ws, "message")
+        burst = [("a", None), ("retried", "kept"), ("b", None), ("c", "new-1"), ("d", None)]
+        for body, client_id in burst:
+            send(ws, "bob", body, client_id=client_id)
+        frames = [next_frame(ws) for _ in range(9)]  # 5 acks, and each new message once
+        acks = [f for f in frames if f["type"] == "ack"]
+        assert [a["client_id"] for a in acks] == [client_id for _, client_id in burst]
+        assert acks[1]["message"] == original
+        fresh = [acks[i]["message"] for i in (0, 2, 3, 4)]
+        assert [m["body"] for m in fresh] == ["a", "b", "c", "d"]
+        assert [m["id"] for m in fresh] == sorted(m["id"] for m in fresh) and fresh[0]["id"] > original["id"]
+        assert [f["message"] for f in frames if f["type"] == "message"] == fresh
+        delivered = [next_frame(bob_ws, "message")["message"] for _ in range(5)]
+        assert delivered == [original, *fresh]
+        assert [f for f in quiet(bob_ws) if f["type"] == "message"] == []
+    assert [m["body"] for m in history(bob, "alice")["messages"]] == ["original", "a", "b", "c", "d"]
+
+
 def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat):
     client, alice, bob, carol = chat
     with alice.ws() as ws, bob.ws() as bob_ws:
