@@ -786,6 +786,17 @@ class Resync:
     lost_at: int
 
 
+# PUBLISH KEYS[1] ARGV[1] unless the channel has no subscriber but the ARGV[2]
+# of the caller. One script, so no process can subscribe between the count and
+# the publish: one that subscribes after it reads the database after this commit.
+PUBLISH_IF_OTHERS = """
+if redis.call('PUBSUB', 'NUMSUB', KEYS[1])[2] > tonumber(ARGV[2]) then
+    return redis.call('PUBLISH', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
 class RedisPubSubBackend(BroadcastBackend):
     """Redis pub/sub that survives Redis restarts and reports its health.
 
@@ -797,7 +808,8 @@ class RedisPubSubBackend(BroadcastBackend):
 
     Each payload travels as "<origin> <message>": a message its own process
     has delivered already is published with that process's origin, and the
-    process drops it when it comes back."""
+    process drops it when it comes back. Such a message is not published at
+    all when Redis counts no subscriber of its channel but this process."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -808,7 +820,11 @@ class RedisPubSubBackend(BroadcastBackend):
         self._pubsub: Any = None
         self._channels: set[str] = set()
         self._confirmed: dict[str, asyncio.Future] = {}
-        self._outgoing: list[tuple[str, str, asyncio.Future | None]] = []
+        # Channels Redis has confirmed this process's subscription to, with no
+        # unsubscribe of them on the way: what publish_elsewhere() may count as its own.
+        self._subscribed_here: set[str] = set()
+        self._unsubscribing: dict[str, int] = {}
+        self._outgoing: list[tuple[str, str, asyncio.Future | None, int | None]] = []
 
     async def connect(self) -> None:
         # No client retries: failures surface at once and the loops below back off.
@@ -851,6 +867,8 @@ class RedisPubSubBackend(BroadcastBackend):
     async def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
         self._confirmed.pop(channel, None)
+        self._subscribed_here.discard(channel)
+        self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
         if self.healthy:
             try:
                 await self._pubsub.unsubscribe(channel)
@@ -860,14 +878,17 @@ class RedisPubSubBackend(BroadcastBackend):
     async def publish(self, channel: str, message: Any) -> None:
         """Publishes are pipelined: all waiting ones go out in one round trip."""
         future = asyncio.get_running_loop().create_future()
-        self._outgoing.append((channel, "* " + message, future))
+        self._outgoing.append((channel, "* " + message, future, None))
         self._wake_publisher.set()
         await future
 
     def publish_elsewhere(self, channel: str, message: str) -> None:
         """Publish to the other processes only, without waiting: it joins the
-        next pipeline, and a failure is logged."""
-        self._outgoing.append((channel, f"{self.origin} {message}", None))
+        next pipeline, and a failure is logged. Redis itself skips it when no
+        one else subscribes (PUBLISH_IF_OTHERS): with one process, nothing
+        comes back to be parsed and dropped."""
+        mine = 1 if channel in self._subscribed_here else 0
+        self._outgoing.append((channel, f"{self.origin} {message}", None, mine))
         self._wake_publisher.set()
 
     async def next_published(self) -> Event:
@@ -891,25 +912,25 @@ class RedisPubSubBackend(BroadcastBackend):
                     await self._publishing.disconnect()
                     await self._send_pipeline(batch)
                 except Exception as exc:
-                    unawaited = sum(1 for _, _, future in batch if future is None)
+                    unawaited = sum(1 for _, _, future, _ in batch if future is None)
                     if unawaited:
                         logger.warning("%d publishes failed: %s", unawaited, exc)
-                    for _, _, future in batch:
+                    for _, _, future, _ in batch:
                         if future is not None and not future.done():
                             future.set_exception(exc)
                     continue
-            for _, _, future in batch:
+            for _, _, future, _ in batch:
                 if future is not None and not future.done():
                     future.set_result(None)
 
-    async def _send_pipeline(self, batch: list[tuple[str, str, asyncio.Future | None]]) -> None:
+    async def _send_pipeline(self, batch: list[tuple[str, str, asyncio.Future | None, int | None]]) -> None:
         """Every PUBLISH of the batch in one write, then their replies, on the
         publisher's own connection: a redis-py Pipeline per batch (pool, retry
         and reply bookkeeping) took 7 % of the server's CPU at 2,000 msg/s."""
         connection = self._publishing  # reconnects by itself once disconnected
-        await connection.send_packed_command(
-            connection.pack_commands([("PUBLISH", channel, message) for channel, message, _ in batch]),
-            check_health=False)
+        await connection.send_packed_command(connection.pack_commands([
+            ("PUBLISH", channel, message) if mine is None else ("EVAL", PUBLISH_IF_OTHERS, 1, channel, message, mine)
+            for channel, message, _, mine in batch]), check_health=False)
         for _ in batch:
             await connection.read_response()
 
@@ -936,6 +957,8 @@ class RedisPubSubBackend(BroadcastBackend):
     async def _listen(self) -> None:
         """Subscribe everything wanted, then read until the connection breaks.
         A PING follows the SUBSCRIBE; its PONG proves the subscriptions are in place."""
+        self._subscribed_here.clear()
+        self._unsubscribing.clear()
         pubsub = self._pubsub = self._redis.pubsub()
         subscribed = {"chatx:keepalive", *self._channels}
         await pubsub.subscribe(*subscribed)
@@ -953,9 +976,18 @@ class RedisPubSubBackend(BroadcastBackend):
                     if origin != self.origin:
                         self._events.put_nowait(Event(message["channel"].decode(), data))
                 elif kind == "subscribe":
-                    confirmed = self._confirmed.pop(message["channel"].decode(), None)
+                    channel = message["channel"].decode()
+                    if channel in self._channels and not self._unsubscribing.get(channel):
+                        self._subscribed_here.add(channel)
+                    confirmed = self._confirmed.pop(channel, None)
                     if confirmed and not confirmed.done():
                         confirmed.set_result(None)
+                elif kind == "unsubscribe":
+                    channel = message["channel"].decode()
+                    if self._unsubscribing.get(channel, 0) > 1:
+                        self._unsubscribing[channel] -= 1
+                    else:
+                        self._unsubscribing.pop(channel, None)
                 elif kind == "pong" and resubscribing:
                     if late := self._channels - subscribed:  # wanted while this connection was made
                         subscribed |= late

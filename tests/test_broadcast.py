@@ -1,0 +1,86 @@
+"""ChatX's Redis broadcast backend on its own, against a Redis server of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+from chatx import RedisPubSubBackend
+
+
+async def connected(url: str) -> RedisPubSubBackend:
+    backend = RedisPubSubBackend(url)
+    await backend.connect()
+    deadline = time.monotonic() + 10
+    while not backend.healthy:
+        assert time.monotonic() < deadline, "the backend never became healthy"
+        await asyncio.sleep(0.05)
+    return backend
+
+
+async def sent_by(backend: RedisPubSubBackend, channel: str, message: str) -> None:
+    """publish_elsewhere() without waiting, then an awaited publish elsewhere: batches go out in order."""
+    backend.publish_elsewhere(channel, message)
+    await backend.publish("marker", "sent")
+
+
+async def published_while(url: str, act: Callable[[], Awaitable[None]]) -> list[bytes]:
+    """What reached Redis on chan:* while `act` ran, seen by a pattern
+    subscriber (which PUBSUB NUMSUB does not count as a subscriber)."""
+    watcher = aioredis.Redis.from_url(url).pubsub()
+    await watcher.psubscribe("chan:*")
+    await watcher.get_message(timeout=2)  # the psubscribe confirmation
+    await act()
+    seen = []
+    while (message := await watcher.get_message(ignore_subscribe_messages=True, timeout=0.5)) is not None:
+        seen.append(message["data"])
+    await watcher.aclose()
+    return seen
+
+
+def test_a_frame_this_process_delivered_is_published_only_when_another_process_subscribes(redis_server):
+    async def scenario() -> None:
+        here, there = await connected(redis_server.url), await connected(redis_server.url)
+        try:
+            await here.subscribe("chan:alice")
+            alone = await published_while(redis_server.url, lambda: sent_by(here, "chan:alice", "m1"))
+            assert alone == []
+
+            await there.subscribe("chan:alice")
+            shared = await published_while(redis_server.url, lambda: sent_by(here, "chan:alice", "m2"))
+            assert shared == [f"{here.origin} m2".encode()]
+            event = await asyncio.wait_for(there.next_published(), 5)
+            assert (event.channel, event.message) == ("chan:alice", "m2")
+            try:
+                own = await asyncio.wait_for(here.next_published(), 0.5)
+            except asyncio.TimeoutError:
+                own = None
+            assert own is None  # its own copy came back and was dropped
+
+            await there.unsubscribe("chan:alice")
+            await asyncio.sleep(0.2)
+            again = await published_while(redis_server.url, lambda: sent_by(here, "chan:alice", "m3"))
+            assert again == []
+        finally:
+            await here.disconnect()
+            await there.disconnect()
+
+    asyncio.run(scenario())
+
+
+def test_a_frame_for_a_channel_this_process_does_not_subscribe_reaches_the_one_that_does(redis_server):
+    async def scenario() -> None:
+        here, there = await connected(redis_server.url), await connected(redis_server.url)
+        try:
+            await there.subscribe("chan:bob")
+            await sent_by(here, "chan:bob", "hi bob")
+            event = await asyncio.wait_for(there.next_published(), 5)
+            assert (event.channel, event.message) == ("chan:bob", "hi bob")
+        finally:
+            await here.disconnect()
+            await there.disconnect()
+
+    asyncio.run(scenario())
