@@ -1544,7 +1544,7 @@ class ChatSocket:
             await asyncio.wait([stored])
 
     def message_stored(self, recipient: User, client_id: str | None, stored: asyncio.Future) -> None:
-        """Ack, then publish, once the message is committed; this runs even when
+        """Ack, then deliver, once the message is committed; this runs even when
         the socket closed meanwhile, so no stored message stays unpublished. A
         retry (same client_id) gets the original, published again in case the
         first attempt was cut off; sockets that already have it drop it by id."""
