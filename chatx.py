@@ -534,15 +534,15 @@ MESSAGE_FROM = messages.join(sender_alias, sender_alias.c.id == messages.c.sende
 )
 
 
-def message_object(row: Any) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "from": row["sender"],
-        "to": row["recipient"],
-        "body": row["body"],
-        "sent_at": iso(row["sent_at"]),
-        "client_id": row["client_id"],
-    }
+def message_object(message_id: int, sender: str, recipient: str, body: str, sent_at: int,
+                   client_id: str | None) -> dict[str, Any]:
+    return {"id": message_id, "from": sender, "to": recipient, "body": body, "sent_at": iso(sent_at),
+            "client_id": client_id}
+
+
+def message_from_row(row: Any) -> dict[str, Any]:
+    """A row of select_messages() as the contract's message object."""
+    return message_object(row["id"], row["sender"], row["recipient"], row["body"], row["sent_at"], row["client_id"])
 
 
 def select_messages(*where: Any) -> sa.Select:
@@ -583,9 +583,8 @@ async def insert_messages(conn: Any, items: list[NewMessage], *, postgres: bool)
             results.append(originals[keys[owner]])
             continue
         item = items[owner]
-        results.append(message_object({"id": ids[owner], "sender": item.sender.username,
-                                       "recipient": item.recipient.username, "body": item.body,
-                                       "sent_at": sent_at, "client_id": item.client_id}))
+        results.append(message_object(ids[owner], item.sender.username, item.recipient.username, item.body,
+                                      sent_at, item.client_id))
     return results
 
 
@@ -638,7 +637,7 @@ async def messages_by_client_id(conn: Any, keys: set[tuple[int, str | None]]) ->
         select_messages(sa.tuple_(messages.c.sender_id, messages.c.client_id).in_(sorted(keys)))
         .add_columns(messages.c.sender_id)
     )
-    return {(row["sender_id"], row["client_id"]): message_object(row) for row in rows}
+    return {(row["sender_id"], row["client_id"]): message_from_row(row) for row in rows}
 
 
 async def advance_read_cursor(conn: Any, insert: Any, me: int, peer: int, up_to: int) -> int | None:
@@ -1641,7 +1640,9 @@ class ChatX:
         self.secret = secret
         # Apps on other databases may share one Redis: their channels must not meet.
         self.namespace = "chatx:" + hashlib.sha256(secret.encode()).hexdigest()[:16]
-        if urlsplit(self.settings.broadcast_url).scheme in ("redis", "rediss"):
+        scheme = urlsplit(self.settings.broadcast_url).scheme
+        self.single_process = scheme == "memory"  # memory:// reaches no other process
+        if scheme in ("redis", "rediss"):
             self.backend = RedisPubSubBackend(self.settings.broadcast_url)
             self.broadcast = Broadcast(backend=self.backend)
         else:
@@ -1775,8 +1776,7 @@ class ChatX:
             "JOIN chatx_users s ON s.id = m.sender_id JOIN chatx_users r ON r.id = m.recipient_id "
             "WHERE (m.sender_id = ? OR m.recipient_id = ?) AND m.id > ? ORDER BY m.id LIMIT ?",
             user.id, user.id, after, limit)
-        return [{"id": message_id, "from": sender, "to": recipient, "body": body, "sent_at": iso(sent_at),
-                 "client_id": client_id} for message_id, sender, recipient, body, sent_at, client_id in rows]
+        return [message_object(*row) for row in rows]  # columns in message_object's order
 
     async def newest_message_id(self) -> int:
         return (await self.fetch_raw("SELECT max(id) FROM chatx_messages"))[0][0] or 0
@@ -1790,7 +1790,7 @@ class ChatX:
                 query = query.where(messages.c.id < before)
             query = query.order_by(messages.c.id.desc())
         rows = await self.reads.fetch_all(query.limit(limit + 1))
-        page = [message_object(row) for row in rows[:limit]]
+        page = [message_from_row(row) for row in rows[:limit]]
         if after is None:
             page.reverse()
         read_up_to = {
@@ -1978,7 +1978,7 @@ class ChatX:
         """Publish, without waiting, a frame this process has delivered already."""
         if self.backend is not None:
             self.backend.publish_elsewhere(f"{self.namespace}:{channel}", frame)  # Redis: others only
-        elif urlsplit(self.settings.broadcast_url).scheme != "memory":  # memory:// has no elsewhere
+        elif not self.single_process:
             self.spawn(self.publish(channel, frame))  # comes back too: sockets and the view drop repeats
 
     async def health(self) -> dict[str, str]:
