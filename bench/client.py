@@ -5,15 +5,16 @@ ChatX, the bare relay, or any other server that speaks the contract.
 """
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+import orjson
+from websockets.client import ClientProtocol
+from websockets.frames import Close, Frame, Opcode
+from websockets.uri import parse_uri
 
 PASSWORD = "bench-password-0123"
 
@@ -59,54 +60,139 @@ async def statuses(http: httpx.AsyncClient, viewer: User) -> dict[str, str]:
     return {entry["username"]: entry["status"] for entry in response.json()["users"]}
 
 
-class Socket:
+class Socket(asyncio.Protocol):
     """One signed-in /ws connection whose frames go to a handler as they arrive.
 
     The handler is called as handler(socket, frame, perf_counter_time) for every
-    frame after hello; `hello` holds the first frame.
+    frame after hello; `hello` holds the first frame. Built on websockets'
+    Sans-I/O protocol and called straight from the transport: the asyncio client
+    woke a task per frame, which left the load generator, not the server, the
+    limit of the presence storm.
     """
 
     def __init__(self, user: User, handler: FrameHandler | None = None) -> None:
         self.user = user
         self.handler = handler
-        self.connection: ClientConnection | None = None
+        self.connection: asyncio.Transport | None = None
+        self.protocol: ClientProtocol | None = None
         self.hello: dict | None = None
         self.hello_at = 0.0
         self.frames = 0
         self.close_code: int | None = None
-        self.reader: asyncio.Task | None = None
+        self.fragments: list[bytes] = []
+        self.early: list[dict] | None = []  # frames after hello, held until open() has returned
+        self.first: asyncio.Future | None = None
+        self.lost: asyncio.Future | None = None
+        self.writable: asyncio.Future | None = None
 
     async def open(self, ws_url: str, timeout: float = 30.0) -> None:
         """Connect and wait for the hello frame; raise if it does not come first."""
-        self.connection = await connect(
-            ws_url, additional_headers={"Cookie": self.user.cookie}, compression=None,
-            proxy=None, ping_interval=None, open_timeout=timeout, close_timeout=5,
-            max_size=2 ** 20)
-        first = json.loads(await asyncio.wait_for(self.connection.recv(), timeout))
+        loop = asyncio.get_running_loop()
+        uri = parse_uri(ws_url)
+        self.protocol = ClientProtocol(uri, max_size=2 ** 20)
+        request = self.protocol.connect()
+        request.headers["Cookie"] = self.user.cookie
+        self.protocol.send_request(request)
+        self.first, self.lost = loop.create_future(), loop.create_future()
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(lambda: self, uri.host, uri.port)
+            first = await self.first
         if first.get("type") != "hello":
             raise RuntimeError(f"first frame for {self.user.username} was {first.get('type')!r}, not hello")
         self.hello, self.hello_at = first, time.perf_counter()
-        self.reader = asyncio.create_task(self.read_all())
+        # As with a reader task started here: the caller's code after `await open()`
+        # sees hello before any later frame reaches the handler.
+        loop.call_soon(self.release_early)
 
-    async def read_all(self) -> None:
-        try:
-            async for raw in self.connection:
-                self.frames += 1
-                if self.handler is not None:
-                    self.handler(self, json.loads(raw), time.perf_counter())
-        except ConnectionClosed:
-            pass
-        self.close_code = self.connection.close_code
+    def release_early(self) -> None:
+        early, self.early = self.early, None
+        for message in early:
+            self.deliver(message)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connection = transport
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, Frame):
+                self.on_frame(event)
+            elif self.protocol.handshake_exc is not None:
+                self.fail(self.protocol.handshake_exc)
+        self.flush()
+
+    def on_frame(self, frame: Frame) -> None:
+        if frame.opcode not in (Opcode.TEXT, Opcode.CONT):
+            if frame.opcode is Opcode.CLOSE:
+                self.close_code = Close.parse(frame.data).code
+                self.connection.close()  # the close reply goes out first
+            return
+        if not frame.fin:
+            self.fragments.append(frame.data)
+            return
+        data = b"".join([*self.fragments, frame.data]) if self.fragments else frame.data
+        self.fragments = []
+        message = orjson.loads(data)
+        if not self.first.done():
+            self.first.set_result(message)
+        elif self.early is not None:
+            self.early.append(message)
+        else:
+            self.deliver(message)
+
+    def deliver(self, message: dict) -> None:
+        self.frames += 1
+        if self.handler is not None:
+            self.handler(self, message, time.perf_counter())
+
+    def flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data and not self.connection.is_closing():
+                self.connection.write(data)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.first.done():
+            self.first.set_exception(exc)
+        self.connection.close()
+
+    def eof_received(self) -> None:
+        self.protocol.receive_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.close_code is None:
+            self.close_code = 1006  # no close frame came
+        if not self.first.done():
+            self.first.set_exception(exc or ConnectionError("closed before hello"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self.writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
 
     async def send(self, frame: dict) -> None:
-        await self.connection.send(json.dumps(frame))
+        if self.writable is not None:
+            await self.writable
+        if self.closed:
+            raise ConnectionError(f"socket of {self.user.username} is closed")
+        self.protocol.send_text(orjson.dumps(frame))
+        self.flush()
 
     @property
     def closed(self) -> bool:
-        return self.reader is not None and self.reader.done()
+        return self.lost is not None and self.lost.done()
 
     async def close(self) -> None:
-        if self.connection is not None:
-            await self.connection.close()
-        if self.reader is not None:
-            await self.reader
+        if self.connection is None or self.closed:
+            return
+        self.protocol.send_close(1000)
+        self.flush()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.lost), 5)
+        except TimeoutError:
+            self.connection.abort()
