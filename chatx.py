@@ -785,15 +785,24 @@ class Resync:
     lost_at: int
 
 
-# PUBLISH KEYS[1] ARGV[1] unless the channel has no subscriber but the ARGV[2]
-# of the caller. One script, so no process can subscribe between the count and
-# the publish: one that subscribes after it reads the database after this commit.
+# For each i: PUBLISH KEYS[i] ARGV[2i-1], unless the channel has no subscriber
+# but the ARGV[2i] of the caller. One script, so no process can subscribe between
+# the count and the publish: one that subscribes after it reads the database
+# after this commit.
 PUBLISH_IF_OTHERS = """
-if redis.call('PUBSUB', 'NUMSUB', KEYS[1])[2] > tonumber(ARGV[2]) then
-    return redis.call('PUBLISH', KEYS[1], ARGV[1])
+for i, channel in ipairs(KEYS) do
+    if redis.call('PUBSUB', 'NUMSUB', channel)[2] > tonumber(ARGV[2 * i]) then
+        redis.call('PUBLISH', channel, ARGV[2 * i - 1])
+    end
 end
 return 0
 """
+
+
+def redis_command(*args: str | int) -> bytes:
+    """One command in Redis's wire format (RESP)."""
+    encoded = [arg.encode() if isinstance(arg, str) else b"%d" % arg for arg in args]
+    return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in encoded)
 
 
 class RedisPubSubBackend(BroadcastBackend):
@@ -923,15 +932,32 @@ class RedisPubSubBackend(BroadcastBackend):
                     future.set_result(None)
 
     async def _send_pipeline(self, batch: list[tuple[str, str, asyncio.Future | None, int | None]]) -> None:
-        """Every PUBLISH of the batch in one write, then their replies, on the
-        publisher's own connection: a redis-py Pipeline per batch (pool, retry
-        and reply bookkeeping) took 7 % of the server's CPU at 2,000 msg/s."""
+        """The batch in one write, then its replies, on the publisher's own
+        connection. Each run of publish_elsewhere() items is one script call.
+        A redis-py Pipeline per batch, or its command packing, took a tenth of
+        the server's CPU when messages came one at a time."""
+        commands: list[bytes] = []
+        others: list[tuple[str, str, int]] = []
+        for channel, message, _, mine in batch:
+            if mine is not None:
+                others.append((channel, message, mine))
+                continue
+            if others:
+                commands.append(self._publish_if_others(others))
+                others = []
+            commands.append(redis_command("PUBLISH", channel, message))
+        if others:
+            commands.append(self._publish_if_others(others))
         connection = self._publishing  # reconnects by itself once disconnected
-        await connection.send_packed_command(connection.pack_commands([
-            ("PUBLISH", channel, message) if mine is None else ("EVAL", PUBLISH_IF_OTHERS, 1, channel, message, mine)
-            for channel, message, _, mine in batch]), check_health=False)
-        for _ in batch:
+        await connection.send_packed_command(b"".join(commands), check_health=False)
+        for _ in commands:
             await connection.read_response()
+
+    @staticmethod
+    def _publish_if_others(items: list[tuple[str, str, int]]) -> bytes:
+        channels = [channel for channel, _, _ in items]
+        values = [value for _, message, mine in items for value in (message, mine)]
+        return redis_command("EVAL", PUBLISH_IF_OTHERS, len(channels), *channels, *values)
 
     async def _listen_forever(self) -> None:
         backoff = 0.1
@@ -1295,20 +1321,27 @@ class TokenBucket:
         return True
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    chat = chat_of(websocket)
-    session = await chat.session_from(websocket)
-    if session is None or not origin_allowed(websocket, chat.settings.allowed_origins):
-        await websocket.close()  # before accept(): the handshake is refused with 403
-        return
-    after = websocket.query_params.get("after")
-    await websocket.accept()
-    if after is not None and not CURSOR_RE.fullmatch(after):
-        await websocket.send_text(dumps({"type": "error", "code": "invalid_field",
-                                         "detail": "'after' must be a whole number of at least 0."}))
-        await websocket.close(1008)
-        return
-    await ChatSocket(chat, websocket, session).serve(None if after is None else min(int(after), ID_MAX))
+class WebSocketEndpoint:
+    """/ws as an ASGI app rather than a function of a WebSocket: frames go out
+    through the ASGI `send` itself. Starlette's WebSocket.send_text and the
+    route's exception wrapper around `send` are three coroutine layers per
+    frame, and a storm of 1,000 people connecting sends some 750,000 frames."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        chat = chat_of(websocket)
+        session = await chat.session_from(websocket)
+        if session is None or not origin_allowed(websocket, chat.settings.allowed_origins):
+            await websocket.close()  # before accept(): the handshake is refused with 403
+            return
+        after = websocket.query_params.get("after")
+        await websocket.accept()
+        if after is not None and not CURSOR_RE.fullmatch(after):
+            await websocket.send_text(dumps({"type": "error", "code": "invalid_field",
+                                             "detail": "'after' must be a whole number of at least 0."}))
+            await websocket.close(1008)
+            return
+        await ChatSocket(chat, websocket, send, session).serve(None if after is None else min(int(after), ID_MAX))
 
 
 class ChatSocket:
@@ -1319,8 +1352,9 @@ class ChatSocket:
     outage never send one twice, while a message that is published late (another
     process committed it earlier) still gets through."""
 
-    def __init__(self, chat: ChatX, websocket: WebSocket, session: Session) -> None:
+    def __init__(self, chat: ChatX, websocket: WebSocket, send: Send, session: Session) -> None:
         self.chat, self.ws, self.session, self.user = chat, websocket, session, session.user
+        self.send = send
         # A list and a future rather than an asyncio.Queue: a Queue costs 3 kB per idle socket.
         self.outbox: list[Any] = []  # frames, broadcast events and close codes, in order
         self.outbox_ready: asyncio.Future | None = None
@@ -1353,7 +1387,7 @@ class ChatSocket:
                     chat.sockets.add(self)
                     for username, status, last_seen in mine:  # announced before this socket joined
                         self.enqueue(dumps(presence_frame(username, status, iso(last_seen))))
-                    await self.ws.send_text(hello)
+                    await self.send({"type": "websocket.send", "text": hello})
                     del hello  # serve() lasts as long as the socket: keep no large frame alive in it
                     await self.catch_up()
                     code = await self.run_until_closed()
@@ -1427,7 +1461,7 @@ class ChatSocket:
                 if isinstance(item, int):
                     return item
                 if isinstance(item, str):
-                    await self.ws.send_text(item)
+                    await self.send({"type": "websocket.send", "text": item})
                 elif (code := await self.deliver(item)) is not None:
                     return code
             self.unsent = 0
@@ -1444,7 +1478,7 @@ class ChatSocket:
                 return None
         elif text.startswith('{"type":"revoke"'):
             return 4401 if json.loads(text)["session"] == self.session.id else None
-        await self.ws.send_text(text)
+        await self.send({"type": "websocket.send", "text": text})
         return None
 
     def remember(self, message_id: int) -> bool:
@@ -1467,7 +1501,7 @@ class ChatSocket:
             page = await self.chat.messages_since(self.user, cursor, REPLAY_PAGE)
             for message in page:
                 if self.remember(message["id"]):
-                    await self.ws.send_text(message_frame(message))
+                    await self.send({"type": "websocket.send", "text": message_frame(message)})
             if len(page) < REPLAY_PAGE:
                 return
             cursor = page[-1]["id"]
@@ -2005,7 +2039,7 @@ def create_app(**settings: Any) -> Starlette:
         Route("/api/users", user_list),
         Route("/api/conversations/{username}/messages", conversation_messages),
         Route("/healthz", healthz),
-        WebSocketRoute("/ws", websocket_endpoint),
+        WebSocketRoute("/ws", WebSocketEndpoint()),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(
