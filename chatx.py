@@ -589,8 +589,7 @@ async def insert_messages(conn: Any, items: list[NewMessage], *, postgres: bool)
 
 
 # The hottest statements go to the driver itself: databases compiles every query anew.
-INSERT_MESSAGES = ("INSERT INTO chatx_messages ({columns}) VALUES {rows} "
-                   "ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING {returning}")
+INSERT_MESSAGES = "INSERT INTO chatx_messages ({columns}) VALUES {rows} ON CONFLICT (sender_id, client_id) DO NOTHING"
 
 
 async def insert_message_rows_sqlite(conn: Any, rows: list[tuple]) -> list[int | None]:
@@ -598,17 +597,26 @@ async def insert_message_rows_sqlite(conn: Any, rows: list[tuple]) -> list[int |
     each one's id, or None where that client_id was stored before.
 
     One statement, which SQLite commits by itself: the writer sends it without
-    BEGIN and COMMIT, one trip to the database thread per commit. Each new row
-    gets the id above the largest so far, so the ids returned, sorted, belong
-    to the rows stored, in order (RETURNING itself promises no order)."""
+    BEGIN and COMMIT, one trip to the database thread per commit. The rows one
+    statement stores get consecutive ids, up to the last one inserted.
+    No RETURNING: the sqlite3 module lets go of the GIL for every row it
+    steps through, and under load each row then waited for the event loop's
+    thread to hand the GIL back."""
+    driver = conn.raw_connection
     sql = INSERT_MESSAGES.format(columns="sender_id, recipient_id, body, sent_at, client_id",
-                                 rows=", ".join(["(?, ?, ?, ?, ?)"] * len(rows)),
-                                 returning="id, sender_id, client_id")
-    returned = await conn.raw_connection.execute_fetchall(sql, [value for row in rows for value in row])
-    new_keys = {(sender_id, client_id) for _, sender_id, client_id in returned}
-    stored = [row[4] is None or (row[0], row[4]) in new_keys for row in rows]
-    ids = iter(sorted(message_id for message_id, _, _ in returned))
-    return [next(ids) if is_stored else None for is_stored in stored]
+                                 rows=", ".join(["(?, ?, ?, ?, ?)"] * len(rows)))
+    cursor = await driver.execute(sql, [value for row in rows for value in row])
+    stored, last = cursor.rowcount, cursor.lastrowid
+    if stored == len(rows):
+        return list(range(last - stored + 1, last + 1))
+    if stored == 0:
+        return [None] * len(rows)
+    # Some client_id was stored before: which rows are new, by their (sender, client_id).
+    new = await driver.execute_fetchall("SELECT id, sender_id, client_id FROM chatx_messages WHERE id BETWEEN ? AND ?",
+                                        (last - stored + 1, last))
+    new_keys = {(sender_id, client_id) for _, sender_id, client_id in new}
+    ids = iter(sorted(message_id for message_id, _, _ in new))
+    return [next(ids) if row[4] is None or (row[0], row[4]) in new_keys else None for row in rows]
 
 
 async def insert_message_rows_postgres(conn: Any, rows: list[tuple]) -> list[int | None]:
@@ -623,8 +631,7 @@ async def insert_message_rows_postgres(conn: Any, rows: list[tuple]) -> list[int
     ids = sorted(record[0] for record in records)
     sql = INSERT_MESSAGES.format(
         columns="id, sender_id, recipient_id, body, sent_at, client_id",
-        rows=", ".join("(" + ", ".join(f"${6 * r + c}" for c in range(1, 7)) + ")" for r in range(len(rows))),
-        returning="id")
+        rows=", ".join("(" + ", ".join(f"${6 * r + c}" for c in range(1, 7)) + ")" for r in range(len(rows)))) + " RETURNING id"
     values = [value for message_id, row in zip(ids, rows) for value in (message_id, *row)]
     inserted = {record[0] for record in await driver.fetch(sql, *values)}
     return [message_id if message_id in inserted else None for message_id in ids]
