@@ -322,8 +322,8 @@ class Writer:
         per item. The future is resolved once that commit is done.
 
         `one_statement` says the job writes with a single statement, which
-        SQLite makes atomic by itself: a batch of such jobs alone is sent
-        without BEGIN and COMMIT, two fewer trips to the database thread."""
+        the database makes atomic by itself: a batch of such jobs alone is
+        sent without BEGIN and COMMIT, two fewer trips to the database."""
         return self._submit(Job(job, (item,), bulk=True, one_statement=one_statement))
 
     def _submit(self, job: Job) -> asyncio.Future:
@@ -354,7 +354,7 @@ class Writer:
 
     async def _commit(self, conn: Any, batch: list[Job]) -> None:
         try:
-            if self.sqlite and all(job.one_statement for job in batch):
+            if all(job.one_statement for job in batch):
                 results = await self._run_jobs(conn, batch)
             else:
                 async with self._transaction(conn):
@@ -420,6 +420,8 @@ async def create_schema(conn: Any, postgres: bool) -> None:
         await conn.execute(CreateTable(table, if_not_exists=True))
         for index in table.indexes:
             await conn.execute(CreateIndex(index, if_not_exists=True))
+    if postgres:
+        await conn.execute(INSERT_MESSAGES_POSTGRES)
 
 
 # ---- accounts and sessions -------------------------------------------------
@@ -619,22 +621,37 @@ async def insert_message_rows_sqlite(conn: Any, rows: list[tuple]) -> list[int |
     return [next(ids) if row[4] is None or (row[0], row[4]) in new_keys else None for row in rows]
 
 
+# Ids are taken in order under a lock held to commit: ids then commit in id
+# order, as under SQLite's single writer, so no reader can pass an id whose
+# message is still uncommitted. A function, so that a commit is one statement,
+# one round trip, instead of five.
+INSERT_MESSAGES_POSTGRES = """
+CREATE OR REPLACE FUNCTION chatx_insert_messages(
+    senders integer[], recipients integer[], bodies text[], sent_ats bigint[], client_ids text[],
+    OUT ids integer[], OUT inserted integer[]
+) LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(734216);
+    ids := ARRAY(SELECT nextval(pg_get_serial_sequence('chatx_messages', 'id'))::integer
+                 FROM generate_series(1, cardinality(senders)) ORDER BY 1);
+    WITH stored AS (
+        INSERT INTO chatx_messages (id, sender_id, recipient_id, body, sent_at, client_id)
+        SELECT ids[n::integer], s, r, b, t, c
+        FROM unnest(senders, recipients, bodies, sent_ats, client_ids) WITH ORDINALITY AS u(s, r, b, t, c, n)
+        ON CONFLICT (sender_id, client_id) DO NOTHING
+        RETURNING id
+    ) SELECT array_agg(id) INTO inserted FROM stored;
+END
+$$
+"""
+
+
 async def insert_message_rows_postgres(conn: Any, rows: list[tuple]) -> list[int | None]:
-    """As insert_message_rows_sqlite, with ids taken in order beforehand
-    under a lock held to commit: ids then commit in id order, as under
-    SQLite's single writer, so no reader can pass an id whose message is
-    still uncommitted."""
-    driver = conn.raw_connection
-    await driver.execute("SELECT pg_advisory_xact_lock(734216)")
-    records = await driver.fetch("SELECT nextval(pg_get_serial_sequence('chatx_messages', 'id')) "
-                                 "FROM generate_series(1, $1::int)", len(rows))
-    ids = sorted(record[0] for record in records)
-    sql = INSERT_MESSAGES.format(
-        columns="id, sender_id, recipient_id, body, sent_at, client_id",
-        rows=", ".join("(" + ", ".join(f"${6 * r + c}" for c in range(1, 7)) + ")" for r in range(len(rows)))) + " RETURNING id"
-    values = [value for message_id, row in zip(ids, rows) for value in (message_id, *row)]
-    inserted = {record[0] for record in await driver.fetch(sql, *values)}
-    return [message_id if message_id in inserted else None for message_id in ids]
+    """As insert_message_rows_sqlite, in one call of chatx_insert_messages()."""
+    record = await conn.raw_connection.fetchrow(
+        "SELECT ids, inserted FROM chatx_insert_messages($1, $2, $3, $4, $5)", *map(list, zip(*rows)))
+    inserted = set(record["inserted"] or ())
+    return [message_id if message_id in inserted else None for message_id in record["ids"]]
 
 
 async def messages_by_client_id(conn: Any, keys: set[tuple[int, str | None]]) -> dict[tuple, dict[str, Any]]:
@@ -1798,7 +1815,6 @@ class ChatX:
     def store_message(self, sender: User, recipient: User, body: str, client_id: str | None) -> asyncio.Future:
         """Queue the message for the next commit; the future gives the stored
         message, or the original for a (sender, client_id) stored before."""
-        # One statement on SQLite (the only database where the writer asks).
         return self.writer.submit_bulk(self.insert_messages, NewMessage(sender, recipient, body, client_id),
                                        one_statement=True)
 

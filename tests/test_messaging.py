@@ -127,33 +127,37 @@ def test_a_burst_mixing_retries_and_sends_without_client_id_acks_each_with_its_o
     assert [m["body"] for m in history(bob, "alice")["messages"]] == ["original", "a", "b", "c", "d"]
 
 
-def test_one_sqlite_insert_mixing_a_stored_client_id_with_new_rows_gives_each_new_row_its_id(sqlite_url):
-    # The ids come from the count and the last id of the statement, or from a
-    # lookup when a client_id was stored before; the writer would hide a wrong
-    # answer here by retrying each send alone, so this calls the insert itself.
+def test_one_insert_mixing_a_stored_client_id_with_new_rows_gives_each_new_row_its_id(database_url):
+    # SQLite derives the ids from the statement's count and last id (or looks
+    # them up when a client_id was stored before); PostgreSQL takes them first.
+    # The writer would hide a wrong answer by retrying each send alone, so this
+    # calls the insert itself.
+    postgres = database_url.startswith("postgresql")
+    insert = chatx.insert_message_rows_postgres if postgres else chatx.insert_message_rows_sqlite
+
     async def scenario():
-        database = chatx.open_database(sqlite_url)
+        database = chatx.open_database(database_url)
         await database.connect()
         try:
             async with database.connection() as conn:
-                await chatx.create_schema(conn, postgres=False)
+                await chatx.create_schema(conn, postgres=postgres)
                 alice = await chatx.insert_user(conn, "alice", "hash", 0)
                 bob = await chatx.insert_user(conn, "bob", "hash", 0)
-                first = await chatx.insert_message_rows_sqlite(conn, [(alice.id, bob.id, "original", 1, "kept")])
-                mixed = await chatx.insert_message_rows_sqlite(conn, [
+                first = await insert(conn, [(alice.id, bob.id, "original", 1, "kept")])
+                mixed = await insert(conn, [
                     (alice.id, bob.id, "a", 2, None), (alice.id, bob.id, "retried", 3, "kept"),
                     (bob.id, alice.id, "c", 4, "kept"), (alice.id, bob.id, "d", 5, "new")])
-                repeated = await chatx.insert_message_rows_sqlite(conn, [(alice.id, bob.id, "again", 6, "new")])
-                stored = await conn.raw_connection.execute_fetchall("SELECT id, body FROM chatx_messages ORDER BY id")
-            return first, mixed, repeated, stored
+                repeated = await insert(conn, [(alice.id, bob.id, "again", 6, "new")])
+                stored = await conn.fetch_all("SELECT id, body FROM chatx_messages ORDER BY id")
+            return first, mixed, repeated, [(row[0], row[1]) for row in stored]
         finally:
             await database.disconnect()
 
     first, mixed, repeated, stored = run_async(scenario)
-    assert first == [1]
-    assert mixed == [2, None, 3, 4]
-    assert repeated == [None]
-    assert stored == [(1, "original"), (2, "a"), (3, "c"), (4, "d")]
+    assert mixed[1] is None and repeated == [None]
+    new = [mixed[0], mixed[2], mixed[3]]
+    assert first[0] < new[0] < new[1] < new[2]
+    assert stored == [(first[0], "original"), (new[0], "a"), (new[1], "c"), (new[2], "d")]
 
 
 def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat):
