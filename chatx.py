@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
+import aiosqlite
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from broadcaster import Broadcast, BroadcastBackend, Event
@@ -261,6 +262,16 @@ def postgres_marks(sql: str) -> str:
     """SQLite's `?` marks as asyncpg's `$1, $2, …` (the SQL here has no `?` in literals)."""
     numbers = iter(range(1, sql.count("?") + 1))
     return re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
+
+
+async def fetch_raw(conn: Any, sql: str, *args: Any) -> list[Any]:
+    """SQL written once, with SQLite's marks, straight to the driver of a
+    databases connection: databases compiles every statement anew, which was
+    most of the CPU of a socket opening or closing."""
+    driver = conn.raw_connection
+    if isinstance(driver, aiosqlite.Connection):
+        return await driver.execute_fetchall(sql, args)
+    return await driver.fetch(postgres_marks(sql), *args)
 
 
 def is_unique_violation(exc: BaseException) -> bool:
@@ -719,39 +730,34 @@ def presence_frame(username: str, status: str, last_seen: str | None) -> dict[st
 async def lock_user(conn: Any, user_id: int) -> None:
     """Serialise presence changes of one user across processes (no-op on SQLite,
     where BEGIN IMMEDIATE already serialises every writer)."""
-    await conn.fetch_one(sa.select(users.c.id).where(users.c.id == user_id).with_for_update())
+    if not isinstance(conn.raw_connection, aiosqlite.Connection):
+        await fetch_raw(conn, "SELECT id FROM chatx_users WHERE id = ? FOR UPDATE", user_id)
 
 
 async def mark_online(conn: Any, user_id: int, now: int) -> list[Transition]:
-    row = await conn.fetch_one(
-        users.update()
-        .where(users.c.id == user_id, users.c.status == "offline")
-        .values(status="online", last_seen=now)
-        .returning(users.c.username)
-    )
-    return [(row["username"], "online", now)] if row else []
+    rows = await fetch_raw(conn, "UPDATE chatx_users SET status = 'online', last_seen = ? "
+                                 "WHERE id = ? AND status = 'offline' RETURNING username", now, user_id)
+    return [(rows[0][0], "online", now)] if rows else []
 
 
 async def mark_offline_if_unconnected(conn: Any, user_id: int, now: int) -> list[Transition]:
-    no_sockets = ~sa.exists().where(sockets.c.user_id == user_id)
-    row = await conn.fetch_one(
-        users.update()
-        .where(users.c.id == user_id, users.c.status == "online", no_sockets)
-        .values(status="offline", last_seen=now)
-        .returning(users.c.username)
-    )
-    return [(row["username"], "offline", now)] if row else []
+    rows = await fetch_raw(conn, "UPDATE chatx_users SET status = 'offline', last_seen = ? "
+                                 "WHERE id = ? AND status = 'online' "
+                                 "AND NOT EXISTS (SELECT 1 FROM chatx_sockets WHERE user_id = ?) RETURNING username",
+                           now, user_id, user_id)
+    return [(rows[0][0], "offline", now)] if rows else []
 
 
 async def open_socket(conn: Any, socket_id: str, process_id: str, user_id: int) -> list[Transition]:
     await lock_user(conn, user_id)
-    await conn.execute(sockets.insert().values(id=socket_id, process_id=process_id, user_id=user_id))
+    await fetch_raw(conn, "INSERT INTO chatx_sockets (id, process_id, user_id) VALUES (?, ?, ?)",
+                    socket_id, process_id, user_id)
     return await mark_online(conn, user_id, now_ms())
 
 
 async def close_socket(conn: Any, socket_id: str, user_id: int) -> list[Transition]:
     await lock_user(conn, user_id)
-    await conn.execute(sockets.delete().where(sockets.c.id == socket_id))
+    await fetch_raw(conn, "DELETE FROM chatx_sockets WHERE id = ?", socket_id)
     return await mark_offline_if_unconnected(conn, user_id, now_ms())
 
 
