@@ -94,9 +94,14 @@ class Socket(asyncio.Protocol):
         request.headers["Cookie"] = self.user.cookie
         self.protocol.send_request(request)
         self.first, self.lost = loop.create_future(), loop.create_future()
-        async with asyncio.timeout(timeout):
-            await loop.create_connection(lambda: self, uri.host, uri.port)
-            first = await self.first
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(lambda: self, uri.host, uri.port)
+                first = await self.first
+        except BaseException:
+            if self.connection is not None:
+                self.connection.abort()
+            raise
         if first.get("type") != "hello":
             raise RuntimeError(f"first frame for {self.user.username} was {first.get('type')!r}, not hello")
         self.hello, self.hello_at = first, time.perf_counter()
@@ -126,7 +131,8 @@ class Socket(asyncio.Protocol):
         if frame.opcode not in (Opcode.TEXT, Opcode.CONT):
             if frame.opcode is Opcode.CLOSE:
                 self.close_code = Close.parse(frame.data).code
-                self.connection.close()  # the close reply goes out first
+                self.flush()  # the close reply, before the transport closes
+                self.connection.close()
             return
         if not frame.fin:
             self.fragments.append(frame.data)
