@@ -155,9 +155,11 @@ def test_settings_come_from_keywords_then_environment_then_dotenv(tmp_path, monk
     (tmp_path / ".env").write_text("CHATX_SEND_RATE=7\nCHATX_SEND_BURST=8\nCHATX_PRESENCE_TTL=9\n")
     monkeypatch.setenv("CHATX_SEND_BURST", "80")
     monkeypatch.setenv("CHATX_ALLOWED_ORIGINS", "https://a.example, https://b.example/")
+    monkeypatch.setenv("CHATX_TUNE_GC", "false")
     settings = chatx.load_settings(presence_ttl=90)
     assert settings.send_rate == 7 and settings.send_burst == 80 and settings.presence_ttl == 90
     assert settings.allowed_origins == ("https://a.example", "https://b.example")
+    assert settings.tune_gc is False
     assert settings.database_url == "sqlite:///chatx.db" and settings.broadcast_url == "memory://"
     with pytest.raises(TypeError):
         chatx.load_settings(no_such_setting=1)

@@ -3,6 +3,7 @@ independent apps in one process."""
 
 from __future__ import annotations
 
+import gc
 import re
 from contextlib import asynccontextmanager
 
@@ -69,3 +70,18 @@ def test_two_apps_in_one_process_share_nothing(make_client, tmp_path):
         next_frame(ws, "presence")
     assert seen == {"first": ["alice"], "second": []}
     assert first.app.state.chat is not second.app.state.chat
+
+
+def test_starting_freezes_the_collector_unless_the_host_says_tune_gc_false(make_client, tmp_path):
+    gc.unfreeze()
+    default = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        make_client(database_url=f"sqlite:///{tmp_path}/host.db", tune_gc=False)
+        assert gc.get_freeze_count() == 0 and gc.get_threshold() == (700, 10, 10)
+
+        make_client(database_url=f"sqlite:///{tmp_path}/own.db")
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] == 10_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*default)
