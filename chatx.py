@@ -365,7 +365,6 @@ class Writer:
         while True:
             batch = [await self._jobs.get()]
             if time.monotonic() - last_commit < COMMIT_BUSY_S:
-                # Under load a short wait lets one commit take the sends of many sockets.
                 await asyncio.sleep(COMMIT_LINGER_S)
             while not self._jobs.empty() and len(batch) < 256:
                 batch.append(self._jobs.get_nowait())
