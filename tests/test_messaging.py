@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
+import asyncpg
 import chatx
 import pytest
 from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
-from conftest import next_frame, quiet, run_async, settle, sign_up
+from conftest import fresh_postgres_database, next_frame, quiet, run_async, settle, sign_up
 
 
 @pytest.fixture
@@ -158,6 +159,68 @@ def test_one_insert_mixing_a_stored_client_id_with_new_rows_gives_each_new_row_i
     new = [mixed[0], mixed[2], mixed[3]]
     assert first[0] < new[0] < new[1] < new[2]
     assert stored == [(first[0], "original"), (new[0], "a"), (new[1], "c"), (new[2], "d")]
+
+
+def test_a_message_naming_a_user_id_that_does_not_exist_is_refused_and_stores_nothing(database_url):
+    # SQLite has foreign keys; PostgreSQL checks the ids in chatx_insert_messages().
+    postgres = database_url.startswith("postgresql")
+    insert = chatx.insert_message_rows_postgres if postgres else chatx.insert_message_rows_sqlite
+
+    async def scenario():
+        database = chatx.open_database(database_url)
+        await database.connect()
+        try:
+            async with database.connection() as conn:
+                await chatx.create_schema(conn, postgres=postgres)
+                alice = await chatx.insert_user(conn, "alice", "hash", 0)
+                refused = []
+                for row in [(alice.id, alice.id + 99, "to no one", 1, "a"), (alice.id + 99, alice.id, "from no one", 1, "b")]:
+                    try:
+                        await insert(conn, [(alice.id, alice.id, "fine", 1, None), row])
+                    except Exception as exc:
+                        refused.append(type(exc).__name__)
+                stored = await conn.fetch_val("SELECT count(*) FROM chatx_messages")
+            return refused, stored
+        finally:
+            await database.disconnect()
+
+    refused, stored = run_async(scenario)
+    assert refused == ["ForeignKeyViolationError" if postgres else "IntegrityError"] * 2
+    assert stored == 0
+
+
+def test_starting_on_a_postgresql_database_with_foreign_keys_on_messages_drops_them(make_client):
+    # Databases made before chatx_insert_messages() checked the user ids have
+    # them, and each one locks the user's row for every message stored.
+    old_schema = [
+        "CREATE TABLE chatx_users (id SERIAL PRIMARY KEY, username VARCHAR(32) NOT NULL, "
+        "username_key VARCHAR(32) NOT NULL UNIQUE, password_hash VARCHAR(256) NOT NULL, "
+        "status VARCHAR(8) NOT NULL DEFAULT 'offline', last_seen BIGINT, created_at BIGINT NOT NULL)",
+        "CREATE TABLE chatx_messages (id SERIAL PRIMARY KEY, sender_id INTEGER NOT NULL REFERENCES chatx_users (id), "
+        "recipient_id INTEGER NOT NULL REFERENCES chatx_users (id), body TEXT NOT NULL, sent_at BIGINT NOT NULL, "
+        "client_id VARCHAR(128), CONSTRAINT chatx_messages_client_id UNIQUE (sender_id, client_id))",
+    ]
+
+    async def foreign_keys(url: str, *statements: str) -> int:
+        connection = await asyncpg.connect(url)
+        try:
+            for statement in statements:
+                await connection.execute(statement)
+            return await connection.fetchval(
+                "SELECT count(*) FROM pg_constraint WHERE conrelid = 'chatx_messages'::regclass AND contype = 'f'")
+        finally:
+            await connection.close()
+
+    with fresh_postgres_database() as url:
+        before = run_async(foreign_keys, url, *old_schema)
+        client = make_client(database_url=url)
+        alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
+        with alice.ws() as ws, bob.ws() as bob_ws:
+            settle(ws, bob_ws)
+            send(ws, "bob", "after the upgrade")
+            assert next_frame(bob_ws, "message")["message"]["body"] == "after the upgrade"
+        after = run_async(foreign_keys, url)
+    assert (before, after) == (2, 0)
 
 
 def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat):
