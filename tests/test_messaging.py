@@ -8,7 +8,7 @@ import json
 import asyncpg
 import chatx
 import pytest
-from starlette.testclient import WebSocketDenialResponse
+from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 from conftest import fresh_postgres_database, next_frame, quiet, run_async, settle, sign_up
@@ -128,33 +128,41 @@ def test_a_burst_mixing_retries_and_sends_without_client_id_acks_each_with_its_o
     assert [m["body"] for m in history(bob, "alice")["messages"]] == ["original", "a", "b", "c", "d"]
 
 
-def test_one_insert_mixing_a_stored_client_id_with_new_rows_gives_each_new_row_its_id(database_url):
-    # SQLite derives the ids from the statement's count and last id (or looks
-    # them up when a client_id was stored before); PostgreSQL takes them first.
-    # The writer would hide a wrong answer by retrying each send alone, so this
-    # calls the insert itself.
+def on_new_schema(database_url: str, scenario):
+    """`scenario(conn, insert)` on a new schema, with the database's own insert
+    of message rows: the writer would hide a wrong answer of it by retrying
+    each send alone, so these tests call it themselves."""
     postgres = database_url.startswith("postgresql")
     insert = chatx.insert_message_rows_postgres if postgres else chatx.insert_message_rows_sqlite
 
-    async def scenario():
+    async def run():
         database = chatx.open_database(database_url)
         await database.connect()
         try:
             async with database.connection() as conn:
                 await chatx.create_schema(conn, postgres=postgres)
-                alice = await chatx.insert_user(conn, "alice", "hash", 0)
-                bob = await chatx.insert_user(conn, "bob", "hash", 0)
-                first = await insert(conn, [(alice.id, bob.id, "original", 1, "kept")])
-                mixed = await insert(conn, [
-                    (alice.id, bob.id, "a", 2, None), (alice.id, bob.id, "retried", 3, "kept"),
-                    (bob.id, alice.id, "c", 4, "kept"), (alice.id, bob.id, "d", 5, "new")])
-                repeated = await insert(conn, [(alice.id, bob.id, "again", 6, "new")])
-                stored = await conn.fetch_all("SELECT id, body FROM chatx_messages ORDER BY id")
-            return first, mixed, repeated, [(row[0], row[1]) for row in stored]
+                return await scenario(conn, insert)
         finally:
             await database.disconnect()
 
-    first, mixed, repeated, stored = run_async(scenario)
+    return run_async(run)
+
+
+def test_one_insert_mixing_a_stored_client_id_with_new_rows_gives_each_new_row_its_id(database_url):
+    # SQLite derives the ids from the statement's count and last id (or looks
+    # them up when a client_id was stored before); PostgreSQL takes them first.
+    async def scenario(conn, insert):
+        alice = await chatx.insert_user(conn, "alice", "hash", 0)
+        bob = await chatx.insert_user(conn, "bob", "hash", 0)
+        first = await insert(conn, [(alice.id, bob.id, "original", 1, "kept")])
+        mixed = await insert(conn, [
+            (alice.id, bob.id, "a", 2, None), (alice.id, bob.id, "retried", 3, "kept"),
+            (bob.id, alice.id, "c", 4, "kept"), (alice.id, bob.id, "d", 5, "new")])
+        repeated = await insert(conn, [(alice.id, bob.id, "again", 6, "new")])
+        stored = await conn.fetch_all("SELECT id, body FROM chatx_messages ORDER BY id")
+        return first, mixed, repeated, [(row[0], row[1]) for row in stored]
+
+    first, mixed, repeated, stored = on_new_schema(database_url, scenario)
     assert mixed[1] is None and repeated == [None]
     new = [mixed[0], mixed[2], mixed[3]]
     assert first[0] < new[0] < new[1] < new[2]
@@ -163,33 +171,23 @@ def test_one_insert_mixing_a_stored_client_id_with_new_rows_gives_each_new_row_i
 
 def test_a_message_naming_a_user_id_that_does_not_exist_is_refused_and_stores_nothing(database_url):
     # SQLite has foreign keys; PostgreSQL checks the ids in chatx_insert_messages().
+    async def scenario(conn, insert):
+        alice = await chatx.insert_user(conn, "alice", "hash", 0)
+        refused = []
+        for row in [(alice.id, alice.id + 99, "to no one", 1, "a"), (alice.id + 99, alice.id, "from no one", 1, "b")]:
+            try:
+                await insert(conn, [(alice.id, alice.id, "fine", 1, None), row])
+            except Exception as exc:
+                refused.append(type(exc).__name__)
+        return refused, await conn.fetch_val("SELECT count(*) FROM chatx_messages")
+
+    refused, stored = on_new_schema(database_url, scenario)
     postgres = database_url.startswith("postgresql")
-    insert = chatx.insert_message_rows_postgres if postgres else chatx.insert_message_rows_sqlite
-
-    async def scenario():
-        database = chatx.open_database(database_url)
-        await database.connect()
-        try:
-            async with database.connection() as conn:
-                await chatx.create_schema(conn, postgres=postgres)
-                alice = await chatx.insert_user(conn, "alice", "hash", 0)
-                refused = []
-                for row in [(alice.id, alice.id + 99, "to no one", 1, "a"), (alice.id + 99, alice.id, "from no one", 1, "b")]:
-                    try:
-                        await insert(conn, [(alice.id, alice.id, "fine", 1, None), row])
-                    except Exception as exc:
-                        refused.append(type(exc).__name__)
-                stored = await conn.fetch_val("SELECT count(*) FROM chatx_messages")
-            return refused, stored
-        finally:
-            await database.disconnect()
-
-    refused, stored = run_async(scenario)
     assert refused == ["ForeignKeyViolationError" if postgres else "IntegrityError"] * 2
     assert stored == 0
 
 
-def test_starting_on_a_postgresql_database_with_foreign_keys_on_messages_drops_them(make_client):
+def test_starting_on_a_postgresql_database_with_foreign_keys_on_messages_drops_them():
     # Databases made before chatx_insert_messages() checked the user ids have
     # them, and each one locks the user's row for every message stored.
     old_schema = [
@@ -213,12 +211,12 @@ def test_starting_on_a_postgresql_database_with_foreign_keys_on_messages_drops_t
 
     with fresh_postgres_database() as url:
         before = run_async(foreign_keys, url, *old_schema)
-        client = make_client(database_url=url)
-        alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
-        with alice.ws() as ws, bob.ws() as bob_ws:
-            settle(ws, bob_ws)
-            send(ws, "bob", "after the upgrade")
-            assert next_frame(bob_ws, "message")["message"]["body"] == "after the upgrade"
+        with TestClient(chatx.create_app(database_url=url)) as client:
+            alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
+            with alice.ws() as ws, bob.ws() as bob_ws:
+                settle(ws, bob_ws)
+                send(ws, "bob", "after the upgrade")
+                assert next_frame(bob_ws, "message")["message"]["body"] == "after the upgrade"
         after = run_async(foreign_keys, url)
     assert (before, after) == (2, 0)
 
