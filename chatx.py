@@ -205,19 +205,11 @@ def iso(ms: int | None) -> str | None:
 
 class SQLiteWithPragmas(sqlite3.Connection):
     """databases opens a connection per task and a PRAGMA sent through it does
-    not stick, so every new SQLite connection applies the server settings here.
-
-    A new database gets 1 kB pages (an existing one keeps its own): a message
-    changes a page of the table and of each of its three indexes, and the WAL
-    takes whole pages, so 4 kB pages made about 12 kB of log per message for
-    the checkpoints to copy and sync to disk. The checkpoint comes every 4,000
-    pages, the 4 MB that SQLite's default gives 4 kB pages. page_size goes
-    first: it takes only before journal_mode=WAL writes the file."""
+    not stick, so every new SQLite connection applies the server settings here."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for pragma in ("page_size=1024", "busy_timeout=5000", "journal_mode=WAL", "synchronous=NORMAL",
-                       "wal_autocheckpoint=4000", "foreign_keys=ON"):
+        for pragma in ("busy_timeout=5000", "journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
             self.execute(f"PRAGMA {pragma}")
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 
 import asyncpg
 import chatx
@@ -220,31 +219,6 @@ def test_starting_on_a_postgresql_database_with_foreign_keys_on_messages_drops_t
                 assert next_frame(bob_ws, "message")["message"]["body"] == "after the upgrade"
         after = run_async(foreign_keys, url)
     assert (before, after) == (2, 0)
-
-
-def test_a_new_sqlite_database_gets_1_kib_pages_and_an_older_one_keeps_its_own(tmp_path, make_client):
-    # Small pages cut the log each message writes; a file's page size can
-    # only change by rewriting it, so an existing database is left as it is.
-    new, old = tmp_path / "new.db", tmp_path / "old.db"
-    made_before = sqlite3.connect(old)
-    made_before.executescript("PRAGMA page_size=4096; PRAGMA journal_mode=WAL; CREATE TABLE leftover (x);")
-    made_before.close()
-    for path in (new, old):
-        client = make_client(database_url=f"sqlite:///{path}")
-        alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
-        with alice.ws() as ws, bob.ws() as bob_ws:
-            settle(ws, bob_ws)
-            send(ws, "bob", f"stored in {path.name}")
-            assert next_frame(bob_ws, "message")["message"]["body"] == f"stored in {path.name}"
-
-    def page_size(path) -> int:
-        connection = sqlite3.connect(path)
-        try:
-            return connection.execute("PRAGMA page_size").fetchone()[0]
-        finally:
-            connection.close()
-
-    assert (page_size(new), page_size(old)) == (1024, 4096)
 
 
 def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat):
