@@ -71,6 +71,10 @@ BACKLOG_MAX = 1000
 # the server's CPU and a third off its p99; an idle server commits at once.
 COMMIT_BUSY_S = 0.005
 COMMIT_LINGER_S = 0.001
+# SQLite's log is copied into the database by a thread every CHECKPOINT_INTERVAL_S
+# while messages are stored, and by the commit itself only past WAL_BACKSTOP_PAGES.
+CHECKPOINT_INTERVAL_S = 0.1
+WAL_BACKSTOP_PAGES = 10_000
 SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
 SESSION_COOKIE = "chatx_session"
 SESSION_DAYS = 30
@@ -156,7 +160,9 @@ messages = sa.Table(
     # instead, which is enough because no user is ever deleted.
     sa.ForeignKeyConstraint(["sender_id"], ["chatx_users.id"]).ddl_if(dialect="sqlite"),
     sa.ForeignKeyConstraint(["recipient_id"], ["chatx_users.id"]).ddl_if(dialect="sqlite"),
-    sa.Index("chatx_messages_sender", "sender_id", "recipient_id", "id"),
+    # Every index is another page written per message. This one finds a
+    # conversation in both directions and counts the unread; replay finds what
+    # a user sent through the (sender_id, client_id) index above.
     sa.Index("chatx_messages_recipient", "recipient_id", "sender_id", "id"),
 )
 
@@ -209,8 +215,52 @@ class SQLiteWithPragmas(sqlite3.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for pragma in ("busy_timeout=5000", "journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
+        # The automatic checkpoint only backs up the Checkpointer: it runs inside a commit.
+        for pragma in ("busy_timeout=5000", "journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
+                       f"wal_autocheckpoint={WAL_BACKSTOP_PAGES}"):
             self.execute(f"PRAGMA {pragma}")
+
+
+class Checkpointer:
+    """Copies SQLite's write-ahead log into the database file from a thread
+    of its own, on a connection of its own, a moment after each commit.
+
+    SQLite's automatic checkpoint runs inside a commit, on the writer's
+    thread, and syncs both files: at 4,500 msg/s that held the writer 8-15 ms
+    eight times a second, and once 280 ms, while no message could be stored.
+    A passive checkpoint elsewhere lets commits go on meanwhile."""
+
+    def __init__(self, path: str, interval: float = CHECKPOINT_INTERVAL_S) -> None:
+        self.path, self.interval = path, interval
+        self._written = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="chatx-checkpoint", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def written(self) -> None:
+        """Called after each commit."""
+        self._written.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._written.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            while self._written.wait() and not self._stopping:
+                self._written.clear()
+                try:
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    logger.exception("a background checkpoint failed; the writer's own will do")
+                time.sleep(self.interval)  # let several commits' pages be copied at once
+        finally:
+            connection.close()
 
 
 def open_database(url: str, connections: int = 10) -> Database:
@@ -318,10 +368,13 @@ class Writer:
         self._jobs: asyncio.Queue[Job | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self.checkpointer = Checkpointer(self.database.url.database) if self.sqlite else None
 
     async def start(self) -> None:
         await self.database.connect()
         self._task = asyncio.create_task(self._serve(), name="chatx-writer")
+        if self.checkpointer:
+            self.checkpointer.start()
 
     async def stop(self) -> None:
         """Finish the queued jobs, then close. Cancelling a job mid-query would
@@ -334,6 +387,8 @@ class Writer:
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
+        if self.checkpointer:
+            await asyncio.to_thread(self.checkpointer.stop)
         await self.database.disconnect()
 
     async def run(self, job: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -377,6 +432,8 @@ class Writer:
             if jobs:
                 await self._commit(conn, jobs)
                 last_commit = time.monotonic()
+                if self.checkpointer:
+                    self.checkpointer.written()
             if len(jobs) < len(batch):  # stop() was called
                 return
 
@@ -448,6 +505,7 @@ async def create_schema(conn: Any, postgres: bool) -> None:
         await conn.execute(CreateTable(table, if_not_exists=True))
         for index in table.indexes:
             await conn.execute(CreateIndex(index, if_not_exists=True))
+    await conn.execute("DROP INDEX IF EXISTS chatx_messages_sender")  # made by ChatX before 2026-12-03
     if postgres:
         await conn.execute(INSERT_MESSAGES_POSTGRES)
         await drop_message_foreign_keys(conn)

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
+import time
+from contextlib import closing
 
 import asyncpg
 import chatx
@@ -185,6 +189,41 @@ def test_a_message_naming_a_user_id_that_does_not_exist_is_refused_and_stores_no
     postgres = database_url.startswith("postgresql")
     assert refused == ["ForeignKeyViolationError" if postgres else "IntegrityError"] * 2
     assert stored == 0
+
+
+def test_sqlite_copies_stored_messages_into_the_database_file_in_the_background(make_client, sqlite_url):
+    # The commit that stores them does not wait for that copy (a checkpoint);
+    # immutable=1 reads the file alone, without its write-ahead log.
+    client = make_client()
+    alice, _ = sign_up(client, "alice"), sign_up(client, "bob")
+    in_file = f"file:{sqlite_url.removeprefix('sqlite:///')}?immutable=1"
+    with alice.ws() as ws:
+        settle(ws)
+        seed(ws, "bob", 3)
+        deadline, count = time.monotonic() + 10, None
+        while count != 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            with contextlib.suppress(sqlite3.DatabaseError), closing(sqlite3.connect(in_file, uri=True)) as db:
+                count = db.execute("SELECT count(*) FROM chatx_messages").fetchone()[0]
+    assert count == 3
+
+
+def test_starting_on_a_database_with_the_old_sender_index_drops_it(database_url):
+    # Each index is one more page written per message, and the other two serve
+    # every query this one did.
+    postgres = database_url.startswith("postgresql")
+    names = ("SELECT indexname FROM pg_indexes WHERE tablename = 'chatx_messages'" if postgres else
+             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'chatx_messages'")
+
+    async def scenario(conn, insert):
+        await conn.execute("CREATE INDEX chatx_messages_sender ON chatx_messages (sender_id, recipient_id, id)")
+        before = {row[0] for row in await conn.fetch_all(names)}
+        await chatx.create_schema(conn, postgres=postgres)
+        return before, {row[0] for row in await conn.fetch_all(names)}
+
+    before, after = on_new_schema(database_url, scenario)
+    assert before - after == {"chatx_messages_sender"}
+    assert "chatx_messages_recipient" in after
 
 
 def test_starting_on_a_postgresql_database_with_foreign_keys_on_messages_drops_them():
