@@ -71,8 +71,8 @@ BACKLOG_MAX = 1000
 # the server's CPU and a third off its p99; an idle server commits at once.
 COMMIT_BUSY_S = 0.005
 COMMIT_LINGER_S = 0.001
-# SQLite's log is copied into the database by a thread every CHECKPOINT_INTERVAL_S
-# while messages are stored, and by the commit itself only past WAL_BACKSTOP_PAGES.
+# SQLite's log is copied into the database by a thread at most every
+# CHECKPOINT_INTERVAL_S while commits come, and by a commit only past WAL_BACKSTOP_PAGES.
 CHECKPOINT_INTERVAL_S = 0.1
 WAL_BACKSTOP_PAGES = 10_000
 SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames

@@ -7,7 +7,6 @@ import contextlib
 import json
 import sqlite3
 import time
-from contextlib import closing
 
 import asyncpg
 import chatx
@@ -203,7 +202,7 @@ def test_sqlite_copies_stored_messages_into_the_database_file_in_the_background(
         deadline, count = time.monotonic() + 10, None
         while count != 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-            with contextlib.suppress(sqlite3.DatabaseError), closing(sqlite3.connect(in_file, uri=True)) as db:
+            with contextlib.suppress(sqlite3.DatabaseError), contextlib.closing(sqlite3.connect(in_file, uri=True)) as db:
                 count = db.execute("SELECT count(*) FROM chatx_messages").fetchone()[0]
     assert count == 3
 
