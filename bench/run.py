@@ -28,8 +28,8 @@ import uvloop
 
 from bench import report
 from bench.client import User, http_client
-from bench.loadgen import (CpuMeter, Target, fixed_rate, idle_connections, presence_storm, register_users,
-                           short_error, sign_in_under_load, throughput, wait_all_offline)
+from bench.loadgen import (CpuMeter, Target, collector_paused, fixed_rate, idle_connections, presence_storm,
+                           register_users, short_error, sign_in_under_load, throughput, wait_all_offline)
 from bench.server import REPO, Server, ServerDied, ServerSpec, raise_fd_limit
 
 SERVERS = ("relay", "sqlite", "postgres")
@@ -174,14 +174,15 @@ async def measure(server: Server, sizes: Sizes) -> dict:
 
         async def step(name: str, work) -> None:
             print(f"  {name} ...", file=sys.stderr, flush=True)
-            meter = CpuMeter(server)
-            try:
-                result = await server.watch(work)
-                results[name] = {**meter.busy(), **result}  # the workload's own figures win
-            except ServerDied:
-                raise
-            except Exception as exc:  # a workload that breaks is reported; the others still run
-                results[name] = {"error": short_error(exc)}
+            with collector_paused():
+                meter = CpuMeter(server)
+                try:
+                    result = await server.watch(work)
+                    results[name] = {**meter.busy(), **result}  # the workload's own figures win
+                except ServerDied:
+                    raise
+                except Exception as exc:  # a workload that breaks is reported; the others still run
+                    results[name] = {"error": short_error(exc)}
             left = await server.watch(wait_all_offline(http, users[0], users))
             if left:
                 results[name]["still_online_after"] = left
