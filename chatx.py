@@ -1,19 +1,28 @@
 """ChatX: one-to-one web chat with live presence, in one Starlette module.
 
 Run it with `uvicorn chatx:app`; build more apps with `create_app(**settings)`.
-The interface (HTTP, WebSocket frames, presence, embedding) is the one in
-CONTRACT.md; each rule is implemented under the section that names it.
+docs/protocol.md describes the interface: HTTP, WebSocket frames, presence,
+embedding. Each section below uses only the sections above it:
+
+    limits and close codes, settings and logging, schema, storage front,
+    queries and write jobs, wire frames, broadcast transport, services
+    (Metrics, Limits, Accounts, Fanout, Presence, Messenger), requests and
+    sockets alike, the WebSocket, HTTP, the composition root and the app,
+    and the command line (`python -m chatx`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import enum
 import functools
 import gc
+import getpass
 import hashlib
 import hmac
 import inspect
+import ipaddress
 import json
 import logging
 import os
@@ -21,18 +30,21 @@ import random
 import re
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Union
 from urllib.parse import urlsplit
 
 import aiosqlite
+import asyncpg
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
 from broadcaster import Broadcast, BroadcastBackend, Event
@@ -40,48 +52,78 @@ from databases import Database
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.schema import CreateIndex, CreateTable
+from starlette import status as codes
 from starlette.applications import Starlette
 from starlette.config import Config
 from starlette.datastructures import CommaSeparatedStrings
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.schemas import SchemaGenerator
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+__version__ = "2.0.0"
 logger = logging.getLogger("chatx")
 HERE = Path(__file__).resolve().parent
+# templates/ and static/ sit beside chatx.py in a clone, and in chatx_assets/ beside it once installed.
+ASSETS = HERE / "chatx_assets" if (HERE / "chatx_assets").is_dir() else HERE
+
+
+# ---- limits and close codes -----------------------------------------------------
 
 USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,32}")
 PASSWORD_MIN, PASSWORD_MAX = 8, 1024
 BODY_MAX = 4000
+CLIENT_ID_MAX = 128
 FRAME_MAX_BYTES = 64 * 1024
 HTTP_BODY_MAX = 64 * 1024
-PAGE_DEFAULT, PAGE_MAX = 50, 200
-REPLAY_PAGE = 500
-BACKLOG_MAX = 1000
-# A writer that committed less than COMMIT_BUSY_S ago waits COMMIT_LINGER_S before
-# the next commit. At half the maximum rate on SQLite that took about a tenth off
-# the server's CPU and a third off its p99; an idle server commits at once.
+PAGE_DEFAULT, PAGE_MAX = 50, 200  # conversation history and the conversation list
+DIRECTORY_DEFAULT, DIRECTORY_MAX = 20, 100
+QUERY_MAX = 32
+REPLAY_PAGE = 100  # events read and held at once by a socket catching up
+SEND_STALL_S = 10  # a socket whose client has not taken a frame for this long is closed with CLOSE_TRY_LATER
+BACKLOG_FRAMES = 1000  # a socket further behind than this is closed with CLOSE_TRY_LATER
+BACKLOG_BYTES = 4 * 1024 * 1024
+SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
+SESSION_COOKIE = "chatx_session"
+SESSION_DAYS = 30  # a session ends this long after sign-in, or after CHATX_SESSION_IDLE_DAYS unused
+SESSION_TOUCH_MS = 3_600_000  # how stale a session's last use may be recorded
+LOGIN_WINDOW_MS = 15 * 60_000
+SIGNUP_WINDOW_MS = 3_600_000
+HASHES_WAITING_MAX = 16  # password hashes queued in this process; beyond, 503 busy
+HASHES_PER_ADDRESS_MAX = 2  # password hashes in flight for one client address
+DEPTH_MAX = 32  # nesting of a JSON frame
+HEAD_TIMEOUT_S = 10  # for a request's line and headers to arrive (HTTPProtocol)
+BODY_TIMEOUT_S = 10  # for a request's body to arrive
+ID_MAX = 2**31 - 1  # message ids are 32-bit integers; a larger cursor means "past the end"
+# A writer that committed less than COMMIT_BUSY_S ago waits COMMIT_LINGER_S
+# before the next commit, so that one commit takes the sends of many sockets.
 COMMIT_BUSY_S = 0.005
 COMMIT_LINGER_S = 0.001
 # SQLite's log is copied into the database by a thread at most every
 # CHECKPOINT_INTERVAL_S while commits come, and by a commit only past WAL_BACKSTOP_PAGES.
 CHECKPOINT_INTERVAL_S = 0.1
 WAL_BACKSTOP_PAGES = 10_000
-SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
-SESSION_COOKIE = "chatx_session"
-SESSION_DAYS = 30
-CLIENT_ID_MAX = 128
+
+CLOSE_POLICY = codes.WS_1008_POLICY_VIOLATION  # a bad query string
+CLOSE_TOO_BIG = codes.WS_1009_MESSAGE_TOO_BIG
+CLOSE_ERROR = codes.WS_1011_INTERNAL_ERROR  # a server fault, never a client's input
+CLOSE_RESTART = codes.WS_1012_SERVICE_RESTART
+CLOSE_TRY_LATER = codes.WS_1013_TRY_AGAIN_LATER
+CLOSE_REVOKED = 4401
+CLOSE_TOO_MANY = 4429
 
 
-# ---- settings ---------------------------------------------------------------
+# ---- settings and logging -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -90,9 +132,22 @@ class Settings:
     broadcast_url: str = "memory://"
     secret_key: str | None = None
     presence_ttl: float = 30.0
+    presence_grace: float = 5.0
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ("*",)
+    trusted_proxies: tuple[str, ...] = ()
     send_rate: float = 5.0
     send_burst: float = 30.0
+    typing_interval: float = 2.0
+    max_sockets_per_user: int = 20
+    login_failures_per_user: int = 5
+    login_failures_per_address: int = 20
+    signups_per_address: int = 10
+    registration: str = "open"
+    session_idle_days: float = 14.0
+    metrics: bool = False
+    metrics_allow: tuple[str, ...] = ("127.0.0.1", "::1")
+    log_format: str = "text"
     tune_gc: bool = True
 
 
@@ -101,27 +156,73 @@ def load_settings(**overrides: Any) -> Settings:
     unknown = set(overrides) - set(Settings.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown ChatX setting(s): {', '.join(sorted(unknown))}")
-    env_file = ".env" if os.path.isfile(".env") else None
-    config = Config(env_file, env_prefix="CHATX_")
+    config = Config(".env" if os.path.isfile(".env") else None, env_prefix="CHATX_")
     values: dict[str, Any] = {
         "database_url": config("DATABASE_URL", default=Settings.database_url),
         "broadcast_url": config("BROADCAST_URL", default=Settings.broadcast_url),
         "secret_key": config("SECRET_KEY", default=None) or None,
         "presence_ttl": config("PRESENCE_TTL", cast=float, default=Settings.presence_ttl),
+        "presence_grace": config("PRESENCE_GRACE", cast=float, default=Settings.presence_grace),
         "allowed_origins": config("ALLOWED_ORIGINS", cast=CommaSeparatedStrings, default=""),
+        "allowed_hosts": config("ALLOWED_HOSTS", cast=CommaSeparatedStrings, default="*"),
+        "trusted_proxies": config("TRUSTED_PROXIES", cast=CommaSeparatedStrings, default=""),
         "send_rate": config("SEND_RATE", cast=float, default=Settings.send_rate),
         "send_burst": config("SEND_BURST", cast=float, default=Settings.send_burst),
+        "typing_interval": config("TYPING_INTERVAL", cast=float, default=Settings.typing_interval),
+        "max_sockets_per_user": config("MAX_SOCKETS_PER_USER", cast=int, default=Settings.max_sockets_per_user),
+        "login_failures_per_user": config("LOGIN_FAILURES_PER_USER", cast=int,
+                                          default=Settings.login_failures_per_user),
+        "login_failures_per_address": config("LOGIN_FAILURES_PER_ADDRESS", cast=int,
+                                             default=Settings.login_failures_per_address),
+        "signups_per_address": config("SIGNUPS_PER_ADDRESS", cast=int, default=Settings.signups_per_address),
+        "registration": config("REGISTRATION", default=Settings.registration),
+        "session_idle_days": config("SESSION_IDLE_DAYS", cast=float, default=Settings.session_idle_days),
+        "metrics": config("METRICS", cast=bool, default=Settings.metrics),
+        "metrics_allow": config("METRICS_ALLOW", cast=CommaSeparatedStrings, default="127.0.0.1,::1"),
+        "log_format": config("LOG_FORMAT", default=Settings.log_format),
         "tune_gc": config("TUNE_GC", cast=bool, default=Settings.tune_gc),
     }
     values.update(overrides)
-    origins = values["allowed_origins"]
-    if isinstance(origins, str):
-        origins = CommaSeparatedStrings(origins)
-    values["allowed_origins"] = tuple(o.rstrip("/") for o in origins if o)
+    for name in ("allowed_origins", "allowed_hosts", "trusted_proxies", "metrics_allow"):
+        if isinstance(values[name], str):
+            values[name] = CommaSeparatedStrings(values[name])
+        values[name] = tuple(item.strip().rstrip("/") for item in values[name] if item.strip())
+    if values["registration"] not in ("open", "closed"):
+        raise ValueError("CHATX_REGISTRATION is 'open' or 'closed'")
+    if values["log_format"] not in ("text", "json"):
+        raise ValueError("CHATX_LOG_FORMAT is 'text' or 'json'")
     return Settings(**values)
 
 
-# ---- database schema --------------------------------------------------------
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (CHATX_LOG_FORMAT=json)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": iso(int(record.created * 1000)), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return dumps(entry)
+
+
+def configure_logging(log_format: str) -> None:
+    """Give ChatX's log lines a time, level and name, unless the host set up logging itself."""
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+# ---- schema -------------------------------------------------------------------------
+#
+# SCHEMA_VERSION is kept in chatx_settings; migrate() brings an older database
+# up to it on start. Version 1 is every database made before the version was
+# recorded.
+
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -130,11 +231,18 @@ users = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("username", sa.String(32), nullable=False),
-    sa.Column("username_key", sa.String(32), nullable=False, unique=True),
+    # Byte order on PostgreSQL too, so that a prefix is a range of the index.
+    sa.Column("username_key", sa.String(32).with_variant(sa.String(32, collation="C"), "postgresql"),
+              nullable=False, unique=True),
+    # The key with look-alike characters folded (see skeleton()): no two users share one.
+    sa.Column("skeleton", sa.String(32), nullable=False, index=True),
     sa.Column("password_hash", sa.String(256), nullable=False),
     sa.Column("status", sa.String(8), nullable=False, server_default="offline"),
     sa.Column("last_seen", sa.BigInteger, nullable=True),
+    sa.Column("gone_at", sa.BigInteger, nullable=True),  # when the last socket closed: the grace starts
+    sa.Column("seq", sa.BigInteger, nullable=False, server_default="0"),  # the newest seq of the stream
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Index("chatx_users_last_seen", "last_seen"),
 )
 
 sessions = sa.Table(
@@ -143,6 +251,17 @@ sessions = sa.Table(
     sa.Column("id", sa.String(64), primary_key=True),  # sha256 of the token: a leaked table signs no one in
     sa.Column("user_id", sa.Integer, sa.ForeignKey("chatx_users.id"), nullable=False, index=True),
     sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Column("used_at", sa.BigInteger, nullable=False, server_default="0"),  # to within SESSION_TOUCH_MS
+)
+
+# Failed sign-ins and sign-ups, by user or client address, kept for their window.
+attempts = sa.Table(
+    "chatx_attempts",
+    metadata,
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("key", sa.String(64), nullable=False),
+    sa.Column("at", sa.BigInteger, nullable=False),
+    sa.Index("chatx_attempts_key", "kind", "key", "at"),
 )
 
 messages = sa.Table(
@@ -154,24 +273,64 @@ messages = sa.Table(
     sa.Column("body", sa.Text, nullable=False),
     sa.Column("sent_at", sa.BigInteger, nullable=False),
     sa.Column("client_id", sa.String(CLIENT_ID_MAX), nullable=True),
+    sa.Column("edited_at", sa.BigInteger, nullable=True),
+    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("reply_to", sa.Integer, nullable=True),
     sa.UniqueConstraint("sender_id", "client_id", name="chatx_messages_client_id"),
-    # On PostgreSQL a foreign key locks the user's row for every message, about
-    # 40 % of an insert: chatx_insert_messages() checks the ids once per commit
-    # instead, which is enough because no user is ever deleted.
+    # On PostgreSQL a foreign key locks the user's row for every message:
+    # chatx_insert_messages() checks the ids once per commit instead.
     sa.ForeignKeyConstraint(["sender_id"], ["chatx_users.id"]).ddl_if(dialect="sqlite"),
     sa.ForeignKeyConstraint(["recipient_id"], ["chatx_users.id"]).ddl_if(dialect="sqlite"),
     # Every index is another page written per message. This one finds a
-    # conversation in both directions and counts the unread; replay finds what
-    # a user sent through the (sender_id, client_id) index above.
+    # conversation in both directions and counts the unread.
     sa.Index("chatx_messages_recipient", "recipient_id", "sender_id", "id"),
 )
 
-read_cursors = sa.Table(
-    "chatx_read_cursors",
+
+class EventKind(enum.IntEnum):
+    MESSAGE = 1
+    READ = 2
+    EDIT = 3
+    DELETE = 4
+
+
+# A user's stream: every event that concerns them, numbered 1, 2, 3, ... A row
+# points at what happened; the frame is made from the current state when it is
+# replayed, so an erased message leaves no text behind here.
+events = sa.Table(
+    "chatx_events",
     metadata,
-    sa.Column("user_id", sa.Integer, sa.ForeignKey("chatx_users.id"), primary_key=True),
-    sa.Column("peer_id", sa.Integer, sa.ForeignKey("chatx_users.id"), primary_key=True),
-    sa.Column("up_to", sa.Integer, nullable=False),
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.SmallInteger, nullable=False),
+    sa.Column("message_id", sa.Integer, nullable=True),  # message, edit, delete
+    sa.Column("reader_id", sa.Integer, nullable=True),  # read
+    sa.Column("with_id", sa.Integer, nullable=True),  # read
+    sa.Column("up_to", sa.Integer, nullable=True),  # read
+    sa.PrimaryKeyConstraint("user_id", "seq"),
+    sqlite_with_rowid=False,
+)
+
+# One row per person and partner, kept up to date at commit, so that the
+# conversation list costs its page and not the size of the database.
+conversations = sa.Table(
+    "chatx_conversations",
+    metadata,
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("peer_id", sa.Integer, nullable=False),
+    sa.Column("last_message_id", sa.Integer, nullable=False),
+    sa.Column("unread", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("read_up_to", sa.Integer, nullable=False, server_default="0"),
+    sa.PrimaryKeyConstraint("user_id", "peer_id"),
+    sa.Index("chatx_conversations_recent", "user_id", "last_message_id"),
+)
+
+blocks = sa.Table(
+    "chatx_blocks",
+    metadata,
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("blocked_id", sa.Integer, nullable=False),
+    sa.PrimaryKeyConstraint("user_id", "blocked_id"),
 )
 
 processes = sa.Table(
@@ -187,6 +346,7 @@ sockets = sa.Table(
     sa.Column("id", sa.String(32), primary_key=True),
     sa.Column("process_id", sa.String(32), nullable=False, index=True),
     sa.Column("user_id", sa.Integer, nullable=False, index=True),
+    sa.Column("session_id", sa.String(64), nullable=True),  # a socket of an ended session is closed
 )
 
 settings_table = sa.Table(
@@ -197,16 +357,26 @@ settings_table = sa.Table(
 )
 
 
+# ---- storage front --------------------------------------------------------------------
+#
+# The only code that goes around `databases` to its drivers. databases compiles
+# every statement anew, which was most of the CPU of storing a message or
+# opening a socket; the SQL below is written once, with SQLite's `?` marks.
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def iso_time(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+@functools.lru_cache(maxsize=256)
+def postgres_marks(sql: str) -> str:
+    """SQLite's `?` marks as asyncpg's `$1, $2, …` (the SQL here has no `?` in literals)."""
+    numbers = iter(range(1, sql.count("?") + 1))
+    return re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
 
 
-def iso(ms: int | None) -> str | None:
-    return None if ms is None else iso_time(datetime.fromtimestamp(ms / 1000, timezone.utc))
+def marks(count: int) -> str:
+    return ", ".join(["?"] * count)
 
 
 class SQLiteWithPragmas(sqlite3.Connection):
@@ -215,10 +385,97 @@ class SQLiteWithPragmas(sqlite3.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # The automatic checkpoint only backs up the Checkpointer: it runs inside a commit.
+        # secure_delete: an erased message's text is overwritten, not left in a free page.
         for pragma in ("busy_timeout=5000", "journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
-                       f"wal_autocheckpoint={WAL_BACKSTOP_PAGES}"):
+                       "secure_delete=ON", f"wal_autocheckpoint={WAL_BACKSTOP_PAGES}"):
             self.execute(f"PRAGMA {pragma}")
+
+
+class Connection:
+    """One database connection as the queries use it."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection  # databases' own: DDL goes through SQLAlchemy
+        self.driver = connection.raw_connection
+        self.postgres = not isinstance(self.driver, aiosqlite.Connection)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        if self.postgres:
+            return await self.driver.fetch(postgres_marks(sql), *args)
+        return list(await self.driver.execute_fetchall(sql, args))
+
+    async def fetch_one(self, sql: str, *args: Any) -> Any:
+        rows = await self.fetch(sql, *args)
+        return rows[0] if rows else None
+
+    async def fetch_value(self, sql: str, *args: Any) -> Any:
+        row = await self.fetch_one(sql, *args)
+        return None if row is None else row[0]
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run one statement; return how many rows it changed."""
+        if self.postgres:
+            status = await self.driver.execute(postgres_marks(sql), *args)
+            count = status.rsplit(" ", 1)[-1]
+            return int(count) if count.isdigit() else 0
+        cursor = await self.driver.execute(sql, args)
+        return cursor.rowcount
+
+    async def execute_many(self, sql: str, rows: list[tuple]) -> None:
+        if not rows:
+            return
+        if self.postgres:
+            await self.driver.executemany(postgres_marks(sql), rows)
+        else:
+            await self.driver.executemany(sql, rows)
+
+    async def insert_counted(self, sql: str, args: list[Any]) -> tuple[int, int]:
+        """SQLite only: run an INSERT; return its row count and last row id."""
+        cursor = await self.driver.execute(sql, args)
+        return cursor.rowcount, cursor.lastrowid
+
+    async def ddl(self, statement: Any) -> None:
+        await self.connection.execute(statement)
+
+    async def begin(self) -> None:
+        """Write transactions are serialised across processes on both databases:
+        SQLite's BEGIN IMMEDIATE takes the file's write lock, and on PostgreSQL
+        an advisory lock does the same. Stream numbers and message ids then
+        commit in the order they were given, and no two writers deadlock."""
+        if self.postgres:
+            await self.driver.execute("BEGIN")
+            await self.driver.execute("SELECT pg_advisory_xact_lock(734216)")
+        else:
+            await self.driver.execute("BEGIN IMMEDIATE")
+
+    async def commit(self) -> None:
+        await self.driver.execute("COMMIT")
+
+    async def rollback(self) -> None:
+        try:
+            await self.driver.execute("ROLLBACK")
+        except Exception:
+            pass  # a broken connection has nothing to roll back
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.IntegrityError) or type(exc).__name__ == "UniqueViolationError"
+
+
+class Unavailable(Exception):
+    """The database cannot be reached or written now; the caller may try again later."""
+
+
+# What a database says when it, not the query, is the trouble: gone, restarting,
+# out of disk or of connections. SQLite's OperationalError is a locked, full or
+# unreadable file.
+FAULT_TYPES = (OSError, sqlite3.OperationalError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+               asyncpg.exceptions.InsufficientResourcesError, asyncpg.exceptions.OperatorInterventionError,
+               asyncio.TimeoutError)
+
+
+def as_unavailable(exc: BaseException) -> BaseException:
+    return Unavailable(f"{type(exc).__name__}: {exc}") if isinstance(exc, FAULT_TYPES) else exc
 
 
 class Checkpointer:
@@ -226,14 +483,14 @@ class Checkpointer:
     of its own, on a connection of its own, a moment after each commit.
 
     SQLite's automatic checkpoint runs inside a commit, on the writer's
-    thread, and syncs both files: at 4,500 msg/s that held the writer 8-15 ms
-    eight times a second, and once 280 ms, while no message could be stored.
-    A passive checkpoint elsewhere lets commits go on meanwhile."""
+    thread, and syncs both files, holding up every message meanwhile. A
+    passive checkpoint elsewhere lets commits go on."""
 
     def __init__(self, path: str, interval: float = CHECKPOINT_INTERVAL_S) -> None:
         self.path, self.interval = path, interval
         self._written = threading.Event()
         self._stopping = False
+        self._truncate = False
         self._thread = threading.Thread(target=self._run, name="chatx-checkpoint", daemon=True)
 
     def start(self) -> None:
@@ -241,6 +498,11 @@ class Checkpointer:
 
     def written(self) -> None:
         """Called after each commit."""
+        self._written.set()
+
+    def erase(self) -> None:
+        """The next checkpoint empties the log: erased text must not stay in old pages there."""
+        self._truncate = True
         self._written.set()
 
     def stop(self) -> None:
@@ -254,8 +516,9 @@ class Checkpointer:
         try:
             while self._written.wait() and not self._stopping:
                 self._written.clear()
+                mode, self._truncate = ("TRUNCATE" if self._truncate else "PASSIVE"), False
                 try:
-                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    connection.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
                 except sqlite3.Error:
                     logger.exception("a background checkpoint failed; the writer's own will do")
                 time.sleep(self.interval)  # let several commits' pages be copied at once
@@ -269,86 +532,14 @@ def open_database(url: str, connections: int = 10) -> Database:
     return Database(url, min_size=1, max_size=connections)
 
 
-class HeldConnections:
-    """A few SQLite connections opened once, which every task reads through.
-
-    databases ties a connection to a task, so on SQLite each query of a new
-    task opened a connection and an aiosqlite thread of its own: most of the
-    cost of opening a socket, and memory left behind in malloc's arenas."""
-
-    def __init__(self, database: Database, size: int = 3) -> None:
-        self.database, self.size = database, size
-        self._connections: list[Any] = []
-        self._holders: list[asyncio.Task] = []
-        self._turn = 0
-
-    async def connect(self) -> None:
-        self._release = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        opened = [loop.create_future() for _ in range(self.size)]
-        self._holders = [asyncio.create_task(self._hold(future)) for future in opened]
-        self._connections = list(await asyncio.gather(*opened))
-
-    async def disconnect(self) -> None:
-        self._release.set()
-        await asyncio.gather(*self._holders, return_exceptions=True)
-
-    async def _hold(self, opened: asyncio.Future) -> None:
-        try:
-            async with self.database.connection() as connection:
-                opened.set_result(connection)
-                await self._release.wait()
-        except Exception as exc:
-            if not opened.done():
-                opened.set_exception(exc)
-            raise
-
-    def _next(self) -> Any:
-        self._turn = (self._turn + 1) % self.size
-        return self._connections[self._turn]
-
-    async def fetch_all(self, query: Any) -> list[Any]:
-        return await self._next().fetch_all(query)
-
-    async def fetch_one(self, query: Any) -> Any:
-        return await self._next().fetch_one(query)
-
-    async def fetch_val(self, query: Any) -> Any:
-        return await self._next().fetch_val(query)
-
-    async def fetch_raw(self, sql: str, args: Sequence[Any]) -> list[tuple]:
-        return await self._next().raw_connection.execute_fetchall(sql, args)
-
-
-@functools.lru_cache(maxsize=64)
-def postgres_marks(sql: str) -> str:
-    """SQLite's `?` marks as asyncpg's `$1, $2, …` (the SQL here has no `?` in literals)."""
-    numbers = iter(range(1, sql.count("?") + 1))
-    return re.sub(r"\?", lambda _: f"${next(numbers)}", sql)
-
-
-async def fetch_raw(conn: Any, sql: str, *args: Any) -> list[Any]:
-    """SQL written once, with SQLite's marks, straight to the driver of a
-    databases connection: databases compiles every statement anew, which was
-    most of the CPU of a socket opening or closing."""
-    driver = conn.raw_connection
-    if isinstance(driver, aiosqlite.Connection):
-        return await driver.execute_fetchall(sql, args)
-    return await driver.fetch(postgres_marks(sql), *args)
-
-
-def is_unique_violation(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.IntegrityError) or type(exc).__name__ == "UniqueViolationError"
-
-
 @dataclass
 class Job:
-    """One write for the Writer: `function(connection, *args)`."""
+    """One write for the Writer: `function(connection, *args)`; a bulk job's
+    items queued together reach it as one list."""
 
     function: Callable[..., Awaitable[Any]]
     args: tuple
     bulk: bool = False
-    one_statement: bool = False
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -356,15 +547,19 @@ class Writer:
     """Runs every write transaction of this process, in order, on one task
     that holds one connection; jobs queued together share one commit.
 
-    databases 0.9 binds connections to tasks and SQLite's deferred BEGIN makes
-    concurrent writers fail with "database is locked"; one writer per process
-    with BEGIN IMMEDIATE (the busy timeout covers other processes) avoids both,
-    and group commit keeps a commit per message off the hot path."""
+    databases binds connections to tasks, and concurrent SQLite writers fail
+    with "database is locked"; one writer per process avoids both, and group
+    commit keeps a commit per message off the hot path. Its transactions go
+    to the driver: databases' Transaction kept a connection that PostgreSQL
+    had dropped marked as in use, so a restart of the database stopped every
+    write until ChatX itself restarted."""
 
-    def __init__(self, url: str) -> None:
-        # A one-connection pool of its own: the writer holds it for good, readers never queue behind it.
+    def __init__(self, url: str, observe: Callable[[float], None] = lambda seconds: None) -> None:
+        # A one-connection pool of its own: the writer holds it, readers never queue behind it.
         self.database = open_database(url, connections=1)
+        self.observe = observe  # told each commit's duration
         self.sqlite = self.database.url.dialect == "sqlite"
+        self.healthy = True  # the last commit, or the last attempt to connect, worked
         self._jobs: asyncio.Queue[Job | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -391,36 +586,65 @@ class Writer:
             await asyncio.to_thread(self.checkpointer.stop)
         await self.database.disconnect()
 
-    async def run(self, job: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """Run `job(connection, *args)` in a write transaction; return once committed."""
-        return await self._submit(Job(job, args))
+    def run(self, function: Callable[..., Awaitable[Any]], *args: Any) -> asyncio.Future:
+        """Run `function(connection, *args)` in a write transaction; the future
+        gives its result once committed."""
+        return self._submit(Job(function, args))
 
-    def submit_bulk(self, job: Callable[..., Awaitable[list]], item: Any, *, one_statement: bool = False) -> asyncio.Future:
-        """Queue `item` without waiting: the items queued together for one job
-        reach it as one list, `job(connection, items)`, which returns a result
-        per item. The future is resolved once that commit is done.
-
-        `one_statement` says the job writes with a single statement, which
-        the database makes atomic by itself: a batch of such jobs alone is
-        sent without BEGIN and COMMIT, two fewer trips to the database."""
-        return self._submit(Job(job, (item,), bulk=True, one_statement=one_statement))
+    def run_bulk(self, function: Callable[..., Awaitable[list]], item: Any) -> asyncio.Future:
+        """Queue `item` for `function(connection, items)`, which returns a
+        result per item; the future gives this item's once committed."""
+        return self._submit(Job(function, (item,), bulk=True))
 
     def _submit(self, job: Job) -> asyncio.Future:
-        self._jobs.put_nowait(job)
+        if self._stopping and self._task is None:
+            job.future.set_exception(Unavailable("the writer has stopped"))
+        else:
+            self._jobs.put_nowait(job)
         return job.future
 
     async def _serve(self) -> None:
+        backoff = 0.1
         while True:
             try:
-                async with self.database.connection() as conn:
-                    return await self._serve_on(conn)
-            except Exception:
-                if self._stopping:
+                async with self.database.connection() as connection:
+                    await self._serve_on(Connection(connection))
                     return
-                logger.exception("the writer's database connection failed; opening a new one")
-                await asyncio.sleep(0.5)
+            except Exception as exc:
+                if self._stopping:
+                    self._fail_queued(exc)
+                    return
+                self.healthy = False
+                logger.error("the database connection failed (%s); reconnecting", exc)
+                self._fail_queued(exc)
+                await asyncio.sleep(backoff * (1 + random.random()))
+                backoff = min(backoff * 2, 2.0)
+                await self._reopen()
 
-    async def _serve_on(self, conn: Any) -> None:
+    async def _reopen(self) -> None:
+        """A new pool: databases keeps a connection bound to this task otherwise."""
+        try:
+            await self.database.disconnect()
+        except Exception:
+            pass
+        try:
+            await self.database.connect()
+        except Exception as exc:
+            logger.warning("the database does not answer yet: %s", exc)
+
+    def _fail_queued(self, cause: BaseException) -> None:
+        """Jobs waiting while the database is away fail at once rather than hang."""
+        while not self._jobs.empty():
+            job = self._jobs.get_nowait()
+            if job is None:
+                self._jobs.put_nowait(None)
+                return
+            if not job.future.done():
+                job.future.set_exception(Unavailable(str(cause)))
+
+    async def _serve_on(self, connection: Connection) -> None:
+        await connection.fetch("SELECT 1")
+        self.healthy = True
         last_commit = 0.0
         while True:
             batch = [await self._jobs.get()]
@@ -428,101 +652,282 @@ class Writer:
                 await asyncio.sleep(COMMIT_LINGER_S)
             while not self._jobs.empty() and len(batch) < 256:
                 batch.append(self._jobs.get_nowait())
-            jobs = [item for item in batch if item is not None]
+            jobs = [job for job in batch if job is not None]
             if jobs:
-                await self._commit(conn, jobs)
+                started = time.monotonic()
+                await self._commit(connection, jobs)
                 last_commit = time.monotonic()
+                self.observe(last_commit - started)
                 if self.checkpointer:
                     self.checkpointer.written()
             if len(jobs) < len(batch):  # stop() was called
                 return
 
-    async def _commit(self, conn: Any, batch: list[Job]) -> None:
+    async def _commit(self, connection: Connection, batch: list[Job]) -> None:
         try:
-            if all(job.one_statement for job in batch):
-                results = await self._run_jobs(conn, batch)
-            else:
-                async with self._transaction(conn):
-                    results = await self._run_jobs(conn, batch)
-        except Exception:
-            # One failing job must not fail the others: retry each alone.
+            results = await self._transaction(connection, batch)
+        except Exception as failure:
+            try:
+                await connection.fetch("SELECT 1")
+            except Exception:
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(Unavailable(f"{type(failure).__name__}: {failure}"))
+                raise  # _serve opens another connection
+            # One failing job must not fail the others: each alone, then.
+            failed = 0
             for job in batch:
-                await self._run_alone(conn, job)
-            await conn.fetch_val("SELECT 1")  # a dead connection raises here: _serve opens another
+                try:
+                    (result,) = await self._transaction(connection, [job])
+                except Exception as exc:
+                    failed += 1
+                    if not job.future.done():
+                        job.future.set_exception(as_unavailable(exc))
+                else:
+                    if not job.future.done():
+                        job.future.set_result(result)
+            self.healthy = failed < len(batch) or not isinstance(failure, FAULT_TYPES)
             return
+        self.healthy = True
         for job, result in zip(batch, results):
             if not job.future.done():
                 job.future.set_result(result)
 
-    async def _run_jobs(self, conn: Any, batch: list[Job]) -> list:
+    async def _transaction(self, connection: Connection, batch: list[Job]) -> list[Any]:
+        await connection.begin()
+        try:
+            results = await self._run_jobs(connection, batch)
+        except BaseException:
+            await connection.rollback()
+            raise
+        await connection.commit()
+        return results
+
+    @staticmethod
+    async def _run_jobs(connection: Connection, batch: list[Job]) -> list[Any]:
         results: list[Any] = [None] * len(batch)
         bulk: dict[Callable, list[int]] = {}
         for index, job in enumerate(batch):
             if job.bulk:
                 bulk.setdefault(job.function, []).append(index)
             else:
-                results[index] = await job.function(conn, *job.args)
+                results[index] = await job.function(connection, *job.args)
         for function, indexes in bulk.items():
-            for index, result in zip(indexes, await function(conn, [batch[i].args[0] for i in indexes])):
+            for index, result in zip(indexes, await function(connection, [batch[i].args[0] for i in indexes])):
                 results[index] = result
         return results
 
-    async def _run_alone(self, conn: Any, job: Job) -> None:
+
+class HeldConnections:
+    """A few SQLite connections opened once, which every task reads through.
+
+    databases ties a connection to a task, so on SQLite each query of a new
+    task opened a connection and an aiosqlite thread of its own: most of the
+    cost of opening a socket, and memory left behind in malloc's arenas."""
+
+    def __init__(self, database: Database, size: int = 3) -> None:
+        self.database, self.size = database, size
+        self._connections: list[Connection] = []
+        self._holders: list[asyncio.Task] = []
+        self._turn = 0
+
+    async def connect(self) -> None:
+        self._release = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        opened = [loop.create_future() for _ in range(self.size)]
+        self._holders = [asyncio.create_task(self._hold(future)) for future in opened]
+        self._connections = [Connection(c) for c in await asyncio.gather(*opened)]
+
+    async def disconnect(self) -> None:
+        self._release.set()
+        await asyncio.gather(*self._holders, return_exceptions=True)
+
+    async def _hold(self, opened: asyncio.Future) -> None:
         try:
-            async with self._transaction(conn):
-                (result,) = await self._run_jobs(conn, [job])
+            async with self.database.connection() as connection:
+                opened.set_result(connection)
+                await self._release.wait()
         except Exception as exc:
-            if not job.future.done():
-                job.future.set_exception(exc)
-        else:
-            if not job.future.done():
-                job.future.set_result(result)
-
-    @asynccontextmanager
-    async def _transaction(self, conn: Any) -> AsyncIterator[None]:
-        if not self.sqlite:
-            async with conn.transaction():
-                yield
-            return
-        # Straight to the driver: databases would compile these statements on every commit.
-        driver = conn.raw_connection
-        await driver.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            try:
-                await driver.execute("ROLLBACK")
-            except Exception:
-                pass
+            if not opened.done():
+                opened.set_exception(exc)
             raise
-        await driver.execute("COMMIT")
+
+    def next(self) -> Connection:
+        self._turn = (self._turn + 1) % self.size
+        return self._connections[self._turn]
 
 
-async def create_schema(conn: Any, postgres: bool) -> None:
-    if postgres:  # processes starting together must not race on CREATE TABLE
-        await conn.execute("SELECT pg_advisory_xact_lock(734215)")
+class Storage:
+    """The database: writes through the Writer, reads through connections of
+    their own (held ones on SQLite, asyncpg's pool on PostgreSQL)."""
+
+    def __init__(self, url: str, observe_commit: Callable[[float], None] = lambda seconds: None) -> None:
+        self.url = url
+        self.database = open_database(url)
+        self.postgres = self.database.url.dialect == "postgresql"
+        self.writer = Writer(url, observe_commit)
+        self._held = None if self.postgres else HeldConnections(self.database)
+        self._vacuum: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.database.connect()
+        await self.writer.start()
+        try:
+            await self.write(migrate)
+            if self._held:  # opened once the writer put the file in WAL mode
+                await self._held.connect()
+        except BaseException:
+            await self.writer.stop()
+            await self.database.disconnect()
+            raise
+
+    async def stop(self) -> None:
+        if self._vacuum:
+            await asyncio.gather(self._vacuum, return_exceptions=True)
+        await self.writer.stop()
+        if self._held:
+            await self._held.disconnect()
+        await self.database.disconnect()
+
+    def write(self, function: Callable[..., Awaitable[Any]], *args: Any) -> asyncio.Future:
+        return self.writer.run(function, *args)
+
+    def write_bulk(self, function: Callable[..., Awaitable[list]], item: Any) -> asyncio.Future:
+        return self.writer.run_bulk(function, item)
+
+    async def read(self, query: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Run `query(connection, *args)` on a reading connection; a database
+        that cannot answer raises Unavailable."""
+        try:
+            if self._held:
+                return await query(self._held.next(), *args)
+            async with self.database.connection() as connection:
+                return await query(Connection(connection), *args)
+        except FAULT_TYPES as exc:
+            raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def erase_soon(self) -> None:
+        """Text was erased: see that no old copy stays behind on disk. SQLite
+        keeps one in its log until a checkpoint empties it, PostgreSQL in the
+        old row version until a vacuum removes it."""
+        if self.writer.checkpointer:
+            self.writer.checkpointer.erase()
+        elif self._vacuum is None or self._vacuum.done():
+            self._vacuum = asyncio.create_task(self._vacuum_messages())
+
+    async def _vacuum_messages(self) -> None:
+        await asyncio.sleep(1)  # one vacuum for the erasures of a second
+        try:
+            async with self.database.connection() as connection:
+                await Connection(connection).execute("VACUUM (INDEX_CLEANUP OFF) chatx_messages")
+        except Exception as exc:
+            logger.warning("vacuuming erased messages failed: %s", exc)
+
+    async def healthy(self) -> bool:
+        """Commits work (the writer's last one) and a new connection answers."""
+        if not self.writer.healthy:
+            return False
+        try:
+            await asyncio.wait_for(self.database.fetch_val("SELECT 1"), 2)
+        except Exception:
+            return False
+        return True
+
+
+# ---- queries and write jobs ---------------------------------------------------------
+#
+# Each function takes a Connection. Write jobs run inside the Writer's
+# transaction; nothing below this section writes SQL.
+
+
+async def table_exists(conn: Connection, name: str) -> bool:
+    if conn.postgres:
+        return await conn.fetch_value("SELECT to_regclass(?) IS NOT NULL", name)
+    return bool(await conn.fetch("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", name))
+
+
+async def schema_version(conn: Connection) -> int:
+    """0 for an empty database, 1 for one made before versions were recorded."""
+    if not await table_exists(conn, "chatx_users"):
+        return 0
+    if not await table_exists(conn, "chatx_settings"):
+        return 1
+    value = await conn.fetch_value("SELECT value FROM chatx_settings WHERE name = 'schema_version'")
+    return 1 if value is None else int(value)
+
+
+async def migrate(conn: Connection) -> None:
+    """Create the schema, or bring an older one up to SCHEMA_VERSION, keeping everything in it."""
+    version = await schema_version(conn)
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"the database has schema version {version}; this ChatX knows {SCHEMA_VERSION}")
+    if version == 1:
+        await add_version_2_columns(conn)
     for table in metadata.sorted_tables:
-        await conn.execute(CreateTable(table, if_not_exists=True))
+        await conn.ddl(CreateTable(table, if_not_exists=True))
         for index in table.indexes:
-            await conn.execute(CreateIndex(index, if_not_exists=True))
-    await conn.execute("DROP INDEX IF EXISTS chatx_messages_sender")  # made by ChatX before 2026-12-03
-    if postgres:
+            await conn.ddl(CreateIndex(index, if_not_exists=True))
+    if version == 1:
+        await fill_version_2_tables(conn)
+    if conn.postgres:
         await conn.execute(INSERT_MESSAGES_POSTGRES)
-        await drop_message_foreign_keys(conn)
+    await conn.execute("DELETE FROM chatx_settings WHERE name = 'schema_version'")
+    await conn.execute("INSERT INTO chatx_settings (name, value) VALUES ('schema_version', ?)", str(SCHEMA_VERSION))
 
 
-async def drop_message_foreign_keys(conn: Any) -> None:
-    """Databases made before chatx_insert_messages() checked the user ids have
-    foreign keys on chatx_messages; that check replaces them (see the table)."""
-    names = await conn.fetch_all(
-        "SELECT conname FROM pg_constraint WHERE conrelid = 'chatx_messages'::regclass AND contype = 'f' "
-        "AND confrelid = 'chatx_users'::regclass")
-    if names:
-        await conn.execute("ALTER TABLE chatx_messages "
-                           + ", ".join(f'DROP CONSTRAINT "{row[0]}"' for row in names))
+async def add_version_2_columns(conn: Connection) -> None:
+    for statement in (
+        "ALTER TABLE chatx_users ADD COLUMN gone_at BIGINT",
+        "ALTER TABLE chatx_users ADD COLUMN seq BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE chatx_users ADD COLUMN skeleton VARCHAR(32) NOT NULL DEFAULT ''",
+        "ALTER TABLE chatx_sessions ADD COLUMN used_at BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE chatx_sockets ADD COLUMN session_id VARCHAR(64)",
+        "ALTER TABLE chatx_messages ADD COLUMN edited_at BIGINT",
+        f"ALTER TABLE chatx_messages ADD COLUMN deleted BOOLEAN NOT NULL DEFAULT {'false' if conn.postgres else '0'}",
+        "ALTER TABLE chatx_messages ADD COLUMN reply_to INTEGER",
+        "DROP INDEX IF EXISTS chatx_messages_sender",
+    ):
+        await conn.execute(statement)
+    if conn.postgres:
+        await conn.execute('ALTER TABLE chatx_users ALTER COLUMN username_key TYPE VARCHAR(32) COLLATE "C"')
+        names = await conn.fetch(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'chatx_messages'::regclass AND contype = 'f'")
+        for (name,) in names:
+            await conn.execute(f'ALTER TABLE chatx_messages DROP CONSTRAINT "{name}"')
 
 
-# ---- accounts and sessions -------------------------------------------------
+async def fill_version_2_tables(conn: Connection) -> None:
+    """Number every stored message in both people's streams, in id order, and
+    make the conversation rows, read cursors included."""
+    await conn.execute_many("UPDATE chatx_users SET skeleton = ? WHERE id = ?",
+                            [(skeleton(name), user_id) for user_id, name in
+                             await conn.fetch("SELECT id, username FROM chatx_users")])
+    await conn.execute("UPDATE chatx_sessions SET used_at = ?", now_ms())
+    await conn.execute(
+        "INSERT INTO chatx_events (user_id, seq, kind, message_id) "
+        "SELECT user_id, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY message_id), ?, message_id FROM ("
+        " SELECT sender_id AS user_id, id AS message_id FROM chatx_messages"
+        " UNION ALL SELECT recipient_id, id FROM chatx_messages WHERE recipient_id <> sender_id) AS mine",
+        int(EventKind.MESSAGE))
+    await conn.execute("UPDATE chatx_users SET seq = COALESCE("
+                       "(SELECT max(seq) FROM chatx_events WHERE chatx_events.user_id = chatx_users.id), 0)")
+    await conn.execute(
+        "INSERT INTO chatx_conversations (user_id, peer_id, last_message_id, unread, read_up_to) "
+        "SELECT user_id, peer_id, max(id), 0, 0 FROM ("
+        " SELECT sender_id AS user_id, recipient_id AS peer_id, id FROM chatx_messages"
+        " UNION ALL SELECT recipient_id, sender_id, id FROM chatx_messages) AS mine GROUP BY user_id, peer_id")
+    if await table_exists(conn, "chatx_read_cursors"):
+        await conn.execute(
+            "UPDATE chatx_conversations SET read_up_to = COALESCE((SELECT up_to FROM chatx_read_cursors r "
+            "WHERE r.user_id = chatx_conversations.user_id AND r.peer_id = chatx_conversations.peer_id), 0)")
+        await conn.execute("DROP TABLE chatx_read_cursors")
+    await conn.execute(
+        "UPDATE chatx_conversations SET unread = (SELECT count(*) FROM chatx_messages m "
+        "WHERE m.recipient_id = chatx_conversations.user_id AND m.sender_id = chatx_conversations.peer_id "
+        "AND m.id > chatx_conversations.read_up_to)")
+
+
+# -- accounts and sessions
 
 
 @dataclass(frozen=True)
@@ -540,120 +945,174 @@ class Session:
     user: User
 
 
-def hash_password(password: str, salt: bytes | None = None) -> str:
-    """scrypt at OWASP's N=2^14, r=8, p=5 (16 MiB, about 0.1 s here)."""
-    salt = salt or secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=5, maxmem=64 * 1024 * 1024)
-    return f"scrypt$16384$8$5${salt.hex()}${digest.hex()}"
+# Characters that look alike in common fonts, folded together. Usernames are
+# ASCII; widening them would add Unicode's confusables (UTS #39) here.
+LOOK_ALIKES = str.maketrans({"i": "l", "1": "l", "0": "o"})
 
 
-def check_password(password: str, stored: str) -> bool:
-    _, n, r, p, salt, digest = stored.split("$")
-    candidate = hashlib.scrypt(
-        password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), maxmem=64 * 1024 * 1024
-    )
-    return hmac.compare_digest(candidate.hex(), digest)
+def skeleton(username: str) -> str:
+    """What a username looks like: `aIice`, `alice` and `a1ice` share one."""
+    return username.lower().translate(LOOK_ALIKES)
 
 
-# Compared against when the username is unknown, so a login takes as long either way.
-DUMMY_HASH = "scrypt$16384$8$5$" + "00" * 16 + "$" + "00" * 64
-
-
-def yield_to_the_event_loop() -> None:
-    """Lowest CPU priority for a hashing thread (Linux gives threads their own
-    nice value): where the server has one core, sign-ins must not slow chat."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
-
-
-def sign(secret: str, token: str) -> str:
-    mac = hmac.new(secret.encode(), token.encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
-
-
-def session_id(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def username_problem(username: str) -> str | None:
-    if not USERNAME_RE.fullmatch(username):
-        return "Usernames are 3 to 32 characters from A-Z, a-z, 0-9, '_', '.' and '-'."
-    return None
-
-
-def password_problem(password: str) -> str | None:
-    if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
-        return f"Passwords are {PASSWORD_MIN} to {PASSWORD_MAX} characters long."
-    return None
-
-
-async def insert_user(conn: Any, username: str, password_hash: str, now: int) -> User | None:
+async def insert_user(conn: Connection, username: str, password_hash: str, now: int) -> User | None:
+    """None if the name, or one that looks like it, is taken."""
     key = username.lower()
-    if await conn.fetch_one(sa.select(users.c.id).where(users.c.username_key == key)):
+    if await conn.fetch("SELECT 1 FROM chatx_users WHERE username_key = ? OR skeleton = ?", key, skeleton(key)):
         return None
-    user_id = await conn.execute(
-        users.insert().values(
-            username=username, username_key=key, password_hash=password_hash, status="offline", created_at=now
-        )
-    )
+    await conn.execute("INSERT INTO chatx_users (username, username_key, skeleton, password_hash, status, seq, "
+                       "created_at) VALUES (?, ?, ?, ?, 'offline', 0, ?)",
+                       username, key, skeleton(key), password_hash, now)
+    user_id = await conn.fetch_value("SELECT id FROM chatx_users WHERE username_key = ?", key)
     return User(user_id, username)
 
 
-async def insert_session(conn: Any, sid: str, user_id: int, expires_at: int) -> None:
-    await conn.execute(sessions.insert().values(id=sid, user_id=user_id, expires_at=expires_at))
+async def set_password(conn: Connection, user_id: int, password_hash: str, keep_session: str | None) -> None:
+    """A new password ends every session of the user but `keep_session`."""
+    await conn.execute("UPDATE chatx_users SET password_hash = ? WHERE id = ?", password_hash, user_id)
+    await delete_sessions(conn, user_id, keep_session)
 
 
-async def delete_session(conn: Any, sid: str) -> None:
-    await conn.execute(sessions.delete().where(sessions.c.id == sid))
+async def delete_sessions(conn: Connection, user_id: int, keep_session: str | None = None) -> None:
+    await conn.execute("DELETE FROM chatx_sessions WHERE user_id = ? AND id <> ?", user_id, keep_session or "")
 
 
-async def ensure_secret(conn: Any, insert: Any, candidate: str) -> str:
+async def delete_account(conn: Connection, user_id: int) -> None:
+    """The user and everything of theirs: messages sent or received (and their
+    places in both streams), conversations, blocks, sessions, sockets."""
+    mine = "SELECT id FROM chatx_messages WHERE sender_id = ? OR recipient_id = ?"
+    await conn.execute(f"DELETE FROM chatx_events WHERE message_id IN ({mine})", user_id, user_id)
+    await conn.execute("DELETE FROM chatx_events WHERE user_id = ? OR reader_id = ? OR with_id = ?",
+                       user_id, user_id, user_id)
+    await conn.execute("DELETE FROM chatx_messages WHERE sender_id = ? OR recipient_id = ?", user_id, user_id)
+    await conn.execute("UPDATE chatx_messages SET reply_to = NULL WHERE reply_to IS NOT NULL AND NOT EXISTS "
+                       "(SELECT 1 FROM chatx_messages r WHERE r.id = chatx_messages.reply_to)")
+    for table, columns in (("chatx_conversations", ("user_id", "peer_id")), ("chatx_blocks", ("user_id", "blocked_id")),
+                           ("chatx_sessions", ("user_id",)), ("chatx_sockets", ("user_id",))):
+        await conn.execute(f"DELETE FROM {table} WHERE " + " OR ".join(f"{c} = ?" for c in columns),
+                           *[user_id] * len(columns))
+    await conn.execute("DELETE FROM chatx_users WHERE id = ?", user_id)
+
+
+async def add_attempt(conn: Connection, kind: str, key: str, now: int) -> None:
+    await conn.execute("INSERT INTO chatx_attempts (kind, key, at) VALUES (?, ?, ?)", kind, key, now)
+
+
+async def attempts_since(conn: Connection, kind: str, key: str, since: int) -> tuple[int, int | None]:
+    """How many attempts of a kind and key since `since`, and the oldest one's time."""
+    row = await conn.fetch_one("SELECT count(*), min(at) FROM chatx_attempts WHERE kind = ? AND key = ? AND at > ?",
+                               kind, key, since)
+    return row[0], row[1]
+
+
+async def clear_attempts(conn: Connection, kind: str, key: str) -> None:
+    await conn.execute("DELETE FROM chatx_attempts WHERE kind = ? AND key = ?", kind, key)
+
+
+async def purge_expired(conn: Connection, now: int, idle_ms: int) -> None:
+    await conn.execute("DELETE FROM chatx_sessions WHERE expires_at <= ? OR used_at <= ?", now, now - idle_ms)
+    await conn.execute("DELETE FROM chatx_attempts WHERE at <= ?", now - max(LOGIN_WINDOW_MS, SIGNUP_WINDOW_MS))
+
+
+async def user_by_key(conn: Connection, key: str) -> User | None:
+    row = await conn.fetch_one("SELECT id, username FROM chatx_users WHERE username_key = ?", key)
+    return None if row is None else User(row[0], row[1])
+
+
+async def password_of(conn: Connection, key: str) -> tuple[User, str] | None:
+    row = await conn.fetch_one("SELECT id, username, password_hash FROM chatx_users WHERE username_key = ?", key)
+    return None if row is None else (User(row[0], row[1]), row[2])
+
+
+async def insert_session(conn: Connection, sid: str, user_id: int, expires_at: int, replaces: str | None) -> None:
+    """A new session; the one the browser signed in with before (`replaces`) ends."""
+    if replaces:
+        await conn.execute("DELETE FROM chatx_sessions WHERE id = ?", replaces)
+    await conn.execute("INSERT INTO chatx_sessions (id, user_id, expires_at, used_at) VALUES (?, ?, ?, ?)",
+                       sid, user_id, expires_at, now_ms())
+
+
+async def touch_session(conn: Connection, sid: str, now: int) -> None:
+    await conn.execute("UPDATE chatx_sessions SET used_at = ? WHERE id = ?", now, sid)
+
+
+async def delete_session(conn: Connection, sid: str) -> None:
+    await conn.execute("DELETE FROM chatx_sessions WHERE id = ?", sid)
+
+
+async def session_row(conn: Connection, sid: str, now: int, idle_ms: int) -> tuple[Session, int] | None:
+    """A live session and when it was last used."""
+    row = await conn.fetch_one("SELECT s.id, u.id, u.username, s.used_at FROM chatx_sessions s JOIN chatx_users u "
+                               "ON u.id = s.user_id WHERE s.id = ? AND s.expires_at > ? AND s.used_at > ?",
+                               sid, now, now - idle_ms)
+    return None if row is None else (Session(row[0], User(row[1], row[2])), row[3])
+
+
+async def session_exists(conn: Connection, sid: str) -> bool:
+    return bool(await conn.fetch("SELECT 1 FROM chatx_sessions WHERE id = ?", sid))
+
+
+async def ensure_secret(conn: Connection, candidate: str) -> str:
     """The first process to start on a database picks the key; all others read it."""
-    await conn.execute(
-        insert(settings_table).values(name="secret_key", value=candidate).on_conflict_do_nothing(index_elements=["name"])
-    )
-    return await conn.fetch_val(sa.select(settings_table.c.value).where(settings_table.c.name == "secret_key"))
+    await conn.execute("INSERT INTO chatx_settings (name, value) VALUES ('secret_key', ?) "
+                       "ON CONFLICT (name) DO NOTHING", candidate)
+    return await conn.fetch_value("SELECT value FROM chatx_settings WHERE name = 'secret_key'")
 
 
-# ---- messages and read cursors ------------------------------------------------
-
-sender_alias = users.alias("sender")
-recipient_alias = users.alias("recipient")
-MESSAGE_COLUMNS = [
-    messages.c.id,
-    sender_alias.c.username.label("sender"),
-    recipient_alias.c.username.label("recipient"),
-    messages.c.body,
-    messages.c.sent_at,
-    messages.c.client_id,
-]
-MESSAGE_FROM = messages.join(sender_alias, sender_alias.c.id == messages.c.sender_id).join(
-    recipient_alias, recipient_alias.c.id == messages.c.recipient_id
-)
+# A blocked pair, either way round: neither sees the other's presence.
+BLOCKED_EITHER_WAY = ("EXISTS (SELECT 1 FROM chatx_blocks b WHERE (b.user_id = {a} AND b.blocked_id = {b}) "
+                      "OR (b.user_id = {b} AND b.blocked_id = {a}))")
 
 
-def message_object(message_id: int, sender: str, recipient: str, body: str, sent_at: int,
-                   client_id: str | None) -> dict[str, Any]:
+async def directory_page(conn: Connection, me: int, prefix: str, after: str, limit: int) -> list[tuple]:
+    """Users but me whose key starts with `prefix`, after `after`, by key: a range of the key's index."""
+    blocked = BLOCKED_EITHER_WAY.format(a="?", b="u.id")
+    # One lower bound: given two, SQLite ranges over the index from the first only.
+    lower, start = ("u.username_key > ?", after) if after >= prefix else ("u.username_key >= ?", prefix)
+    return await conn.fetch(
+        f"SELECT u.id, u.username, u.status, u.last_seen, {blocked} FROM chatx_users u "
+        f"WHERE {lower} AND u.username_key < ? AND u.id <> ? "
+        "ORDER BY u.username_key LIMIT ?", me, me, start, prefix + "\U0010ffff", me, limit)
+
+
+async def insert_block(conn: Connection, me: int, other: int) -> None:
+    await conn.execute("INSERT INTO chatx_blocks (user_id, blocked_id) VALUES (?, ?) ON CONFLICT DO NOTHING", me, other)
+
+
+async def delete_block(conn: Connection, me: int, other: int) -> None:
+    await conn.execute("DELETE FROM chatx_blocks WHERE user_id = ? AND blocked_id = ?", me, other)
+
+
+async def blocked_users(conn: Connection, me: int) -> list[User]:
+    rows = await conn.fetch("SELECT u.id, u.username FROM chatx_blocks b JOIN chatx_users u ON u.id = b.blocked_id "
+                            "WHERE b.user_id = ? ORDER BY u.username_key", me)
+    return [User(*row) for row in rows]
+
+
+async def blocks_me(conn: Connection, me: int, other: int) -> bool:
+    return bool(await conn.fetch("SELECT 1 FROM chatx_blocks WHERE user_id = ? AND blocked_id = ?", other, me))
+
+
+# -- messages, streams and conversations
+
+
+def iso_time(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso(ms: int | None) -> str | None:
+    return None if ms is None else iso_time(datetime.fromtimestamp(ms / 1000, timezone.utc))
+
+
+def message_object(message_id: int, sender: str, recipient: str, body: str, sent_at: int, client_id: str | None,
+                   edited_at: int | None, deleted: Any, reply_to: int | None) -> dict[str, Any]:
     return {"id": message_id, "from": sender, "to": recipient, "body": body, "sent_at": iso(sent_at),
-            "client_id": client_id}
+            "client_id": client_id, "edited_at": iso(edited_at), "deleted": bool(deleted), "reply_to": reply_to}
 
 
-def message_from_row(row: Any) -> dict[str, Any]:
-    """A row of select_messages() as the contract's message object."""
-    return message_object(row["id"], row["sender"], row["recipient"], row["body"], row["sent_at"], row["client_id"])
-
-
-def select_messages(*where: Any) -> sa.Select:
-    return sa.select(*MESSAGE_COLUMNS).select_from(MESSAGE_FROM).where(*where)
-
-
-def conversation(me: int, peer: int) -> Any:
-    return sa.or_(
-        sa.and_(messages.c.sender_id == me, messages.c.recipient_id == peer),
-        sa.and_(messages.c.sender_id == peer, messages.c.recipient_id == me),
-    )
+MESSAGE_COLUMNS = ("m.id, s.username, r.username, m.body, m.sent_at, m.client_id, m.edited_at, m.deleted, "
+                   "m.reply_to")
+MESSAGE_JOINS = "JOIN chatx_users s ON s.id = m.sender_id JOIN chatx_users r ON r.id = m.recipient_id"
 
 
 @dataclass(frozen=True)
@@ -662,68 +1121,184 @@ class NewMessage:
     recipient: User
     body: str
     client_id: str | None
+    reply_to: int | None
 
 
-async def insert_messages(conn: Any, items: list[NewMessage], *, postgres: bool) -> list[dict[str, Any]]:
-    """Store the messages of one commit in one statement and return them. A
-    (sender, client_id) stored before, or earlier in the same list, stores
-    nothing and gets the original."""
+@dataclass(frozen=True)
+class Refused:
+    """A write the rules refuse, with the error frame's code."""
+
+    code: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A message, edit, delete or read as committed, with each person's place in
+    their stream; `seqs` is empty for a retry that stored nothing new."""
+
+    kind: EventKind
+    seqs: dict[int, int]  # user id -> seq
+    message: dict[str, Any] | None = None
+    read: dict[str, Any] | None = None  # reader, with, up_to
+    new_partners: tuple[int, int] | None = None  # a first message made these two partners
+
+
+async def append_events(conn: Connection, rows: list[tuple[int, EventKind, int | None, int | None, int | None,
+                                                            int | None]]) -> list[int]:
+    """Number events (user_id, kind, message_id, reader_id, with_id, up_to) in
+    their users' streams and store them; return each one's seq. Safe because
+    write transactions are serialised (Connection.begin)."""
+    user_ids = sorted({row[0] for row in rows})
+    newest = dict(await conn.fetch(f"SELECT id, seq FROM chatx_users WHERE id IN ({marks(len(user_ids))})",
+                                   *user_ids))
+    seqs = []
+    for row in rows:
+        newest[row[0]] += 1
+        seqs.append(newest[row[0]])
+    await conn.execute_many(
+        "INSERT INTO chatx_events (user_id, seq, kind, message_id, reader_id, with_id, up_to) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(row[0], seq, int(row[1]), *row[2:]) for row, seq in zip(rows, seqs)])
+    await conn.execute_many("UPDATE chatx_users SET seq = ? WHERE id = ?",
+                            [(newest[user_id], user_id) for user_id in user_ids])
+    return seqs
+
+
+async def insert_messages(conn: Connection, items: list[NewMessage]) -> list[Stored | Refused]:
+    """Store the messages of one commit; number them in both streams; bring the
+    conversation rows up to date. A (sender, client_id) stored before, or
+    earlier in the same list, stores nothing and gets the original."""
+    refusals = await send_refusals(conn, items)
     keys = [(item.sender.id, item.client_id) for item in items]
     first: dict[tuple[int, str | None], int] = {}
-    owners = [first.setdefault(key, index) if key[1] is not None else index for index, key in enumerate(keys)]
-    fresh = sorted(set(owners))
+    owners = [index if index in refusals or key[1] is None else first.setdefault(key, index)
+              for index, key in enumerate(keys)]
+    fresh = sorted(set(owners) - set(refusals))
     sent_at = now_ms()
-    rows = [(items[i].sender.id, items[i].recipient.id, items[i].body, sent_at, items[i].client_id) for i in fresh]
-    inserted = await (insert_message_rows_postgres if postgres else insert_message_rows_sqlite)(conn, rows)
+    rows = [(items[i].sender.id, items[i].recipient.id, items[i].body, sent_at, items[i].client_id,
+             items[i].reply_to) for i in fresh]
+    inserted = await (insert_message_rows_postgres if conn.postgres else insert_message_rows_sqlite)(conn, rows)
     ids = dict(zip(fresh, inserted))
+    stored = {index: message_id for index, message_id in ids.items() if message_id is not None}
     originals = await messages_by_client_id(conn, {keys[index] for index in fresh if ids[index] is None})
-    results: list[dict[str, Any]] = []
-    for owner in owners:
-        if ids[owner] is None:
-            results.append(originals[keys[owner]])
+    numbered = await number_messages(conn, [(items[i], stored[i]) for i in sorted(stored)])
+    results: list[Stored | Refused] = []
+    for index, owner in enumerate(owners):
+        item = items[index]
+        if owner in refusals:
+            results.append(refusals[owner])
             continue
-        item = items[owner]
-        results.append(message_object(ids[owner], item.sender.username, item.recipient.username, item.body,
-                                      sent_at, item.client_id))
+        if owner in stored:
+            seqs, partners = numbered[stored[owner]]
+            first = items[owner]
+            original = message_object(stored[owner], first.sender.username, first.recipient.username, first.body,
+                                      sent_at, first.client_id, None, False, first.reply_to)
+        else:
+            seqs, partners, original = {}, None, originals[keys[owner]]
+        retry = owner != index or owner not in stored  # the original's ack, nothing delivered again
+        if retry and (original["to"], original["body"]) != (item.recipient.username, item.body):
+            results.append(Refused("invalid_field", "This client_id belongs to another message."))
+        elif retry:
+            results.append(Stored(EventKind.MESSAGE, {}, original))
+        else:
+            results.append(Stored(EventKind.MESSAGE, seqs, original, new_partners=partners))
     return results
 
 
-# The hottest statements go to the driver itself: databases compiles every query anew.
-INSERT_MESSAGES = "INSERT INTO chatx_messages ({columns}) VALUES {rows} ON CONFLICT (sender_id, client_id) DO NOTHING"
+async def send_refusals(conn: Connection, items: list[NewMessage]) -> dict[int, Refused]:
+    """Sends to someone who blocks the sender, and replies to a message of another conversation."""
+    refusals: dict[int, Refused] = {}
+    pairs = sorted({(item.recipient.id, item.sender.id) for item in items})
+    blocked = set()
+    if pairs:
+        where = " OR ".join(["(user_id = ? AND blocked_id = ?)"] * len(pairs))
+        blocked = {tuple(row) for row in await conn.fetch(
+            f"SELECT user_id, blocked_id FROM chatx_blocks WHERE {where}", *[v for pair in pairs for v in pair])}
+    replied = sorted({item.reply_to for item in items if item.reply_to is not None})
+    targets = {}
+    if replied:
+        targets = {row[0]: (row[1], row[2]) for row in await conn.fetch(
+            f"SELECT id, sender_id, recipient_id FROM chatx_messages WHERE id IN ({marks(len(replied))})", *replied)}
+    for index, item in enumerate(items):
+        if (item.recipient.id, item.sender.id) in blocked:
+            refusals[index] = Refused("blocked", f"{item.recipient.username} does not accept your messages.")
+        elif item.reply_to is not None and sorted(targets.get(item.reply_to, ())) != sorted(
+                (item.sender.id, item.recipient.id)):
+            refusals[index] = Refused("invalid_field", "'reply_to' must name a message of this conversation.")
+    return refusals
 
 
-async def insert_message_rows_sqlite(conn: Any, rows: list[tuple]) -> list[int | None]:
-    """Insert rows of (sender_id, recipient_id, body, sent_at, client_id); return
-    each one's id, or None where that client_id was stored before.
+async def number_messages(conn: Connection, stored: list[tuple[NewMessage, int]]
+                          ) -> dict[int, tuple[dict[int, int], tuple[int, int] | None]]:
+    """Append new messages to both streams and the conversation rows; per message
+    id, the seqs and, for a conversation's first message, the new partners."""
+    if not stored:
+        return {}
+    event_rows, owners = [], []
+    for item, message_id in stored:
+        for user_id in dict.fromkeys((item.sender.id, item.recipient.id)):
+            event_rows.append((user_id, EventKind.MESSAGE, message_id, None, None, None))
+            owners.append(message_id)
+    seqs: dict[int, dict[int, int]] = {}
+    for row, owner, seq in zip(event_rows, owners, await append_events(conn, event_rows)):
+        seqs.setdefault(owner, {})[row[0]] = seq
+    # Conversation rows: the newest message and the unread count of each (person, partner).
+    changes: dict[tuple[int, int], list[int]] = {}
+    for item, message_id in stored:
+        for me, peer in {(item.sender.id, item.recipient.id), (item.recipient.id, item.sender.id)}:
+            change = changes.setdefault((me, peer), [0, 0])
+            change[0] = max(change[0], message_id)
+            change[1] += me == item.recipient.id
+    people = sorted({me for me, _ in changes})
+    known = {tuple(row) for row in await conn.fetch(
+        f"SELECT user_id, peer_id FROM chatx_conversations WHERE user_id IN ({marks(len(people))})"
+        f" AND peer_id IN ({marks(len(people))})", *people, *people)}
+    await conn.execute_many(
+        "INSERT INTO chatx_conversations (user_id, peer_id, last_message_id, unread, read_up_to) "
+        "VALUES (?, ?, ?, ?, 0) ON CONFLICT (user_id, peer_id) DO UPDATE SET "
+        "last_message_id = excluded.last_message_id, unread = chatx_conversations.unread + excluded.unread",
+        [(me, peer, newest, unread) for (me, peer), (newest, unread) in changes.items()])
+    numbered = {}
+    introduced: set[tuple[int, int]] = set()
+    for item, message_id in stored:
+        pair = (item.sender.id, item.recipient.id)
+        new = pair[0] != pair[1] and pair not in known and pair not in introduced
+        if new:
+            introduced.add(pair)
+            introduced.add(pair[::-1])
+        numbered[message_id] = (seqs[message_id], pair if new else None)
+    return numbered
 
-    One statement, which SQLite commits by itself: the writer sends it without
-    BEGIN and COMMIT, one trip to the database thread per commit. The rows one
-    statement stores get consecutive ids, up to the last one inserted.
+
+async def insert_message_rows_sqlite(conn: Connection, rows: list[tuple]) -> list[int | None]:
+    """Insert rows of (sender_id, recipient_id, body, sent_at, client_id, reply_to);
+    return each one's id, or None where that client_id was stored before.
+
+    One statement whose rows get consecutive ids, up to the last one inserted.
     No RETURNING: the sqlite3 module lets go of the GIL for every row it
     steps through, and under load each row then waited for the event loop's
     thread to hand the GIL back."""
-    driver = conn.raw_connection
-    sql = INSERT_MESSAGES.format(columns="sender_id, recipient_id, body, sent_at, client_id",
-                                 rows=", ".join(["(?, ?, ?, ?, ?)"] * len(rows)))
-    cursor = await driver.execute(sql, [value for row in rows for value in row])
-    stored, last = cursor.rowcount, cursor.lastrowid
+    if not rows:
+        return []
+    sql = ("INSERT INTO chatx_messages (sender_id, recipient_id, body, sent_at, client_id, reply_to) VALUES "
+           + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(rows)) + " ON CONFLICT (sender_id, client_id) DO NOTHING")
+    stored, last = await conn.insert_counted(sql, [value for row in rows for value in row])
     if stored == len(rows):
         return list(range(last - stored + 1, last + 1))
     if stored == 0:
         return [None] * len(rows)
     # Some client_id was stored before: which rows are new, by their (sender, client_id).
-    new = await driver.execute_fetchall("SELECT id, sender_id, client_id FROM chatx_messages WHERE id BETWEEN ? AND ?",
-                                        (last - stored + 1, last))
+    new = await conn.fetch("SELECT id, sender_id, client_id FROM chatx_messages WHERE id BETWEEN ? AND ?",
+                           last - stored + 1, last)
     new_keys = {(sender_id, client_id) for _, sender_id, client_id in new}
     ids = iter(sorted(message_id for message_id, _, _ in new))
     return [next(ids) if row[4] is None or (row[0], row[4]) in new_keys else None for row in rows]
 
 
-# Ids are taken in order under a lock held to commit: ids then commit in id
-# order, as under SQLite's single writer, so no reader can pass an id whose
-# message is still uncommitted. A function, so that a commit is one statement,
-# one round trip, instead of five. It checks the user ids first, in place of
-# foreign keys (see chatx_messages).
+# Ids are taken in order under the write lock: ids then commit in id order, as
+# under SQLite's single writer. A function, so that the insert is one round
+# trip. It checks the user ids first, in place of foreign keys (see chatx_messages).
 INSERT_MESSAGES_POSTGRES = """
 CREATE OR REPLACE FUNCTION chatx_insert_messages(
     senders integer[], recipients integer[], bodies text[], sent_ats bigint[], client_ids text[],
@@ -749,163 +1324,385 @@ $$
 """
 
 
-async def insert_message_rows_postgres(conn: Any, rows: list[tuple]) -> list[int | None]:
+async def insert_message_rows_postgres(conn: Connection, rows: list[tuple]) -> list[int | None]:
     """As insert_message_rows_sqlite, in one call of chatx_insert_messages()."""
-    record = await conn.raw_connection.fetchrow(
-        "SELECT ids, inserted FROM chatx_insert_messages($1, $2, $3, $4, $5)", *map(list, zip(*rows)))
-    inserted = set(record["inserted"] or ())
-    return [message_id if message_id in inserted else None for message_id in record["ids"]]
+    if not rows:
+        return []
+    record = await conn.fetch_one("SELECT ids, inserted FROM chatx_insert_messages(?, ?, ?, ?, ?)",
+                                  *map(list, zip(*[row[:5] for row in rows])))
+    inserted = set(record[1] or ())
+    ids = [message_id if message_id in inserted else None for message_id in record[0]]
+    replies = [(row[5], message_id) for row, message_id in zip(rows, ids) if message_id and row[5] is not None]
+    await conn.execute_many("UPDATE chatx_messages SET reply_to = ? WHERE id = ?", replies)
+    return ids
 
 
-async def messages_by_client_id(conn: Any, keys: set[tuple[int, str | None]]) -> dict[tuple, dict[str, Any]]:
+async def messages_by_client_id(conn: Connection, keys: set[tuple[int, str | None]]) -> dict[tuple, dict[str, Any]]:
     if not keys:
         return {}
-    rows = await conn.fetch_all(
-        select_messages(sa.tuple_(messages.c.sender_id, messages.c.client_id).in_(sorted(keys)))
-        .add_columns(messages.c.sender_id)
-    )
-    return {(row["sender_id"], row["client_id"]): message_from_row(row) for row in rows}
+    where = " OR ".join(["(m.sender_id = ? AND m.client_id = ?)"] * len(keys))
+    rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS}, m.sender_id FROM chatx_messages m {MESSAGE_JOINS} "
+                            f"WHERE {where}", *[value for key in sorted(keys) for value in key])
+    return {(row[9], row[5]): message_object(*row[:9]) for row in rows}
 
 
-async def advance_read_cursor(conn: Any, insert: Any, me: int, peer: int, up_to: int) -> int | None:
-    """Move my cursor to max(old, min(up_to, newest)); return it if it moved."""
-    await lock_user(conn, me)  # two processes moving one cursor must not move it back
-    newest = await conn.fetch_val(sa.select(sa.func.max(messages.c.id)).where(conversation(me, peer))) or 0
-    old = await read_cursor(conn, me, peer)
-    target = min(up_to, newest)
-    if target <= old:
+async def message_by_id(conn: Connection, message_id: int) -> dict[str, Any] | None:
+    row = await conn.fetch_one(f"SELECT {MESSAGE_COLUMNS} FROM chatx_messages m {MESSAGE_JOINS} WHERE m.id = ?",
+                               message_id)
+    return None if row is None else message_object(*row)
+
+
+async def change_message(conn: Connection, me: int, message_id: int, body: str | None) -> Stored | Refused:
+    """Edit (a body) or delete (None) a message of mine that is not deleted."""
+    row = await conn.fetch_one("SELECT sender_id, recipient_id FROM chatx_messages WHERE id = ? AND NOT deleted",
+                               message_id)
+    if row is None or row[0] != me:
+        return Refused("unknown_message", "You have no such message.")
+    if body is None:
+        await conn.execute("UPDATE chatx_messages SET body = '', deleted = ? WHERE id = ?", True, message_id)
+        kind = EventKind.DELETE
+    else:
+        await conn.execute("UPDATE chatx_messages SET body = ?, edited_at = ? WHERE id = ?", body, now_ms(),
+                           message_id)
+        kind = EventKind.EDIT
+    people = list(dict.fromkeys(row))
+    seqs = await append_events(conn, [(user_id, kind, message_id, None, None, None) for user_id in people])
+    return Stored(kind, dict(zip(people, seqs)), await message_by_id(conn, message_id))
+
+
+async def advance_read_cursor(conn: Connection, me: User, peer: User, up_to: int) -> Stored | None:
+    """Move my cursor to max(old, min(up_to, newest)); None if it did not move."""
+    row = await conn.fetch_one("SELECT last_message_id, read_up_to FROM chatx_conversations "
+                               "WHERE user_id = ? AND peer_id = ?", me.id, peer.id)
+    if row is None or min(up_to, row[0]) <= row[1]:
         return None
-    await conn.execute(
-        insert(read_cursors)
-        .values(user_id=me, peer_id=peer, up_to=target)
-        .on_conflict_do_update(index_elements=["user_id", "peer_id"], set_={"up_to": target})
-    )
-    return target
+    target = min(up_to, row[0])
+    newly_read = await conn.fetch_value("SELECT count(*) FROM chatx_messages WHERE recipient_id = ? "
+                                        "AND sender_id = ? AND id > ? AND id <= ?", me.id, peer.id, row[1], target)
+    await conn.execute("UPDATE chatx_conversations SET read_up_to = ?, unread = unread - ? "
+                       "WHERE user_id = ? AND peer_id = ?", target, newly_read, me.id, peer.id)
+    people = list(dict.fromkeys((me.id, peer.id)))
+    seqs = await append_events(conn, [(user_id, EventKind.READ, None, me.id, peer.id, target) for user_id in people])
+    return Stored(EventKind.READ, dict(zip(people, seqs)),
+                  read={"reader": me.username, "with": peer.username, "up_to": target})
 
 
-async def read_cursor(conn: Any, me: int, peer: int) -> int:
-    query = sa.select(read_cursors.c.up_to).where(read_cursors.c.user_id == me, read_cursors.c.peer_id == peer)
-    return await conn.fetch_val(query) or 0
+EVENT_QUERY = (
+    f"SELECT e.seq, e.kind, {MESSAGE_COLUMNS}, rd.username, w.username, e.up_to FROM chatx_events e "
+    "LEFT JOIN chatx_messages m ON m.id = e.message_id "
+    "LEFT JOIN chatx_users s ON s.id = m.sender_id LEFT JOIN chatx_users r ON r.id = m.recipient_id "
+    "LEFT JOIN chatx_users rd ON rd.id = e.reader_id LEFT JOIN chatx_users w ON w.id = e.with_id "
+    "WHERE e.user_id = ? AND e.seq > ? ORDER BY e.seq LIMIT ?")
 
 
-# ---- presence and the status hook -------------------------------------------
+async def events_after(conn: Connection, user_id: int, seq: int, limit: int) -> list[tuple]:
+    """Rows of (seq, kind, message columns…, reader, with, up_to) of a stream, by seq."""
+    return await conn.fetch(EVENT_QUERY, user_id, seq, limit)
 
-StatusCallback = Callable[[str, str, datetime], Any]
+
+async def newest_seq(conn: Connection, user_id: int) -> int:
+    return await conn.fetch_value("SELECT seq FROM chatx_users WHERE id = ?", user_id) or 0
+
+
+async def newest_seqs_here(conn: Connection, process_id: str) -> list[tuple[int, int]]:
+    """(user id, newest seq) of every user with a socket on this process."""
+    return await conn.fetch("SELECT id, seq FROM chatx_users WHERE id IN "
+                            "(SELECT user_id FROM chatx_sockets WHERE process_id = ?)", process_id)
+
+
+async def seq_before_message(conn: Connection, user_id: int, after_id: int) -> int | None:
+    """The seq just before my first message event with an id above `after_id` (v1's `after=`)."""
+    first = await conn.fetch_value("SELECT min(seq) FROM chatx_events WHERE user_id = ? AND kind = ? "
+                                   "AND message_id > ?", user_id, int(EventKind.MESSAGE), after_id)
+    return None if first is None else first - 1
+
+
+async def history_page(conn: Connection, me: int, peer: int, before: int | None, after: int | None,
+                       limit: int) -> tuple[list[dict[str, Any]], bool, int, int]:
+    """Messages between two people, ascending; whether there are more; both read cursors."""
+    mine = "((m.sender_id = ? AND m.recipient_id = ?) OR (m.sender_id = ? AND m.recipient_id = ?))"
+    args: list[Any] = [me, peer, peer, me]
+    if after is not None:
+        where, order = mine + " AND m.id > ?", "m.id"
+        args.append(after)
+    elif before is not None:
+        where, order = mine + " AND m.id < ?", "m.id DESC"
+        args.append(before)
+    else:
+        where, order = mine, "m.id DESC"
+    rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS} FROM chatx_messages m {MESSAGE_JOINS} WHERE {where} "
+                            f"ORDER BY {order} LIMIT ?", *args, limit + 1)
+    page = [message_object(*row) for row in rows[:limit]]
+    if after is None:
+        page.reverse()
+    cursors = dict(await conn.fetch("SELECT user_id, read_up_to FROM chatx_conversations WHERE "
+                                    "(user_id = ? AND peer_id = ?) OR (user_id = ? AND peer_id = ?)",
+                                    me, peer, peer, me))
+    return page, len(rows) > limit, cursors.get(me, 0), cursors.get(peer, 0)
+
+
+async def conversation_rows(conn: Connection, me: int, before: int | None, limit: int) -> list[tuple]:
+    """My conversations by newest message, with the partner, both cursors and the last message."""
+    blocked = BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
+    older = "" if before is None else " AND c.last_message_id < ?"
+    return await conn.fetch(
+        f"SELECT p.id, p.username, p.status, p.last_seen, c.unread, c.read_up_to, pc.read_up_to, {blocked}, "
+        f"{MESSAGE_COLUMNS} FROM chatx_conversations c JOIN chatx_users p ON p.id = c.peer_id "
+        "LEFT JOIN chatx_conversations pc ON pc.user_id = c.peer_id AND pc.peer_id = c.user_id "
+        f"JOIN chatx_messages m ON m.id = c.last_message_id {MESSAGE_JOINS} "
+        f"WHERE c.user_id = ?{older} ORDER BY c.last_message_id DESC LIMIT ?",
+        me, *([] if before is None else [before]), limit)
+
+
+# -- presence
+
 Transition = tuple[str, str, int]  # username, status, last_seen in ms
 
 
-class StatusHook:
-    """Every committed change of a user's status passes through `send`, the way
-    Django's post_save does; publishing the presence frame is one callback."""
-
-    def __init__(self) -> None:
-        self.callbacks: list[StatusCallback] = []
-
-    def connect(self, callback: StatusCallback) -> StatusCallback:
-        self.callbacks.append(callback)
-        return callback
-
-    async def send(self, username: str, status: str, last_seen: datetime) -> None:
-        for callback in list(self.callbacks):
-            try:
-                result = callback(username, status, last_seen)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                logger.exception("status callback %r failed", callback)
-
-
-def presence_frame(username: str, status: str, last_seen: str | None) -> dict[str, Any]:
-    return {"type": "presence", "username": username, "status": status, "last_seen": last_seen}
-
-
-async def lock_user(conn: Any, user_id: int) -> None:
-    """Serialise presence changes of one user across processes (no-op on SQLite,
-    where BEGIN IMMEDIATE already serialises every writer)."""
-    if not isinstance(conn.raw_connection, aiosqlite.Connection):
-        await fetch_raw(conn, "SELECT id FROM chatx_users WHERE id = ? FOR UPDATE", user_id)
-
-
-async def mark_online(conn: Any, user_id: int, now: int) -> list[Transition]:
-    rows = await fetch_raw(conn, "UPDATE chatx_users SET status = 'online', last_seen = ? "
-                                 "WHERE id = ? AND status = 'offline' RETURNING username", now, user_id)
+async def mark_online(conn: Connection, user_id: int, now: int) -> list[Transition]:
+    rows = await conn.fetch("UPDATE chatx_users SET status = 'online', last_seen = ? "
+                            "WHERE id = ? AND status = 'offline' RETURNING username", now, user_id)
     return [(rows[0][0], "online", now)] if rows else []
 
 
-async def mark_offline_if_unconnected(conn: Any, user_id: int, now: int) -> list[Transition]:
-    rows = await fetch_raw(conn, "UPDATE chatx_users SET status = 'offline', last_seen = ? "
-                                 "WHERE id = ? AND status = 'online' "
-                                 "AND NOT EXISTS (SELECT 1 FROM chatx_sockets WHERE user_id = ?) RETURNING username",
-                           now, user_id, user_id)
+async def offline_if_gone(conn: Connection, user_id: int, now: int, grace_ms: int) -> list[Transition]:
+    """Offline, if no socket of theirs is open anywhere and the last one closed at least `grace_ms` ago."""
+    rows = await conn.fetch(
+        "UPDATE chatx_users SET status = 'offline', last_seen = ? WHERE id = ? AND status = 'online' "
+        "AND COALESCE(gone_at, 0) <= ? AND NOT EXISTS (SELECT 1 FROM chatx_sockets WHERE user_id = ?) "
+        "RETURNING username", now, user_id, now - grace_ms, user_id)
     return [(rows[0][0], "offline", now)] if rows else []
 
 
-async def open_socket(conn: Any, socket_id: str, process_id: str, user_id: int) -> list[Transition]:
-    await lock_user(conn, user_id)
-    await fetch_raw(conn, "INSERT INTO chatx_sockets (id, process_id, user_id) VALUES (?, ?, ?)",
-                    socket_id, process_id, user_id)
+async def open_socket(conn: Connection, socket_id: str, process_id: str, user_id: int, limit: int = 0,
+                      session_id: str | None = None) -> list[Transition] | None:
+    """Record an open socket; None, recording nothing, when the user has `limit` open already (0: no limit)."""
+    if limit and await conn.fetch_value("SELECT count(*) FROM chatx_sockets WHERE user_id = ?", user_id) >= limit:
+        return None
+    await conn.execute("INSERT INTO chatx_sockets (id, process_id, user_id, session_id) VALUES (?, ?, ?, ?)",
+                       socket_id, process_id, user_id, session_id)
     return await mark_online(conn, user_id, now_ms())
 
 
-async def close_socket(conn: Any, socket_id: str, user_id: int) -> list[Transition]:
-    await lock_user(conn, user_id)
-    await fetch_raw(conn, "DELETE FROM chatx_sockets WHERE id = ?", socket_id)
-    return await mark_offline_if_unconnected(conn, user_id, now_ms())
+async def close_socket(conn: Connection, socket_id: str, user_id: int, grace_ms: int) -> list[Transition]:
+    """Forget the socket; with no grace, its user goes offline at once if it was their last."""
+    now = now_ms()
+    await conn.execute("DELETE FROM chatx_sockets WHERE id = ?", socket_id)
+    await conn.execute("UPDATE chatx_users SET gone_at = ? WHERE id = ?", now, user_id)
+    return await offline_if_gone(conn, user_id, now, grace_ms) if grace_ms == 0 else []
 
 
-async def heartbeat(conn: Any, process_id: str, live: list[tuple[str, int]]) -> list[Transition]:
+async def heartbeat(conn: Connection, process_id: str, live: list[tuple[str, int, str]]) -> list[Transition]:
     """Refresh this process's heartbeat. If a sweeper took it for dead (a long
     pause), put its sockets back and its users online again."""
     now = now_ms()
-    found = await conn.fetch_one(
-        processes.update().where(processes.c.id == process_id).values(heartbeat_at=now).returning(processes.c.id)
-    )
-    if found:
+    if await conn.execute("UPDATE chatx_processes SET heartbeat_at = ? WHERE id = ?", now, process_id):
         return []
-    await conn.execute(processes.insert().values(id=process_id, heartbeat_at=now))
+    await conn.execute("INSERT INTO chatx_processes (id, heartbeat_at) VALUES (?, ?)", process_id, now)
     transitions: list[Transition] = []
-    for socket_id, user_id in live:
-        transitions += await open_socket(conn, socket_id, process_id, user_id)
+    for socket_id, user_id, session_id in live:
+        transitions += await open_socket(conn, socket_id, process_id, user_id, session_id=session_id)
     return transitions
 
 
-async def sweep(conn: Any, ttl_ms: int) -> list[Transition]:
+async def sockets_of_ended_sessions(conn: Connection, process_id: str) -> list[str]:
+    """This process's sockets whose session is gone: ended where no publish reached."""
+    return [row[0] for row in await conn.fetch(
+        "SELECT k.id FROM chatx_sockets k WHERE k.process_id = ? AND k.session_id IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM chatx_sessions s WHERE s.id = k.session_id)", process_id)]
+
+
+async def sweep(conn: Connection, ttl_ms: int, grace_ms: int) -> list[Transition]:
     """Forget processes that stopped heartbeating, then take offline everyone
-    left online without a socket."""
+    left online without a socket once their grace is over."""
     now = now_ms()
-    stale = sa.select(processes.c.id).where(processes.c.heartbeat_at < now - ttl_ms)
-    await conn.execute(sockets.delete().where(sockets.c.process_id.in_(stale)))
-    await conn.execute(processes.delete().where(processes.c.heartbeat_at < now - ttl_ms))
-    return await offline_unconnected(conn, now)
+    stale = "SELECT id FROM chatx_processes WHERE heartbeat_at < ?"
+    await conn.execute(f"DELETE FROM chatx_sockets WHERE process_id IN ({stale})", now - ttl_ms)
+    await conn.execute("DELETE FROM chatx_processes WHERE heartbeat_at < ?", now - ttl_ms)
+    return await offline_unconnected(conn, now, grace_ms)
 
 
-async def unregister_process(conn: Any, process_id: str) -> list[Transition]:
-    await conn.execute(sockets.delete().where(sockets.c.process_id == process_id))
-    await conn.execute(processes.delete().where(processes.c.id == process_id))
-    return await offline_unconnected(conn, now_ms())
+async def unregister_process(conn: Connection, process_id: str) -> list[Transition]:
+    await conn.execute("DELETE FROM chatx_sockets WHERE process_id = ?", process_id)
+    await conn.execute("DELETE FROM chatx_processes WHERE id = ?", process_id)
+    return await offline_unconnected(conn, now_ms(), 0)
 
 
-async def offline_unconnected(conn: Any, now: int) -> list[Transition]:
-    orphaned = sa.select(users.c.id).where(
-        users.c.status == "online", ~sa.exists().where(sockets.c.user_id == users.c.id)
-    )
+async def offline_unconnected(conn: Connection, now: int, grace_ms: int) -> list[Transition]:
+    orphaned = await conn.fetch("SELECT id FROM chatx_users u WHERE status = 'online' AND NOT EXISTS "
+                                "(SELECT 1 FROM chatx_sockets s WHERE s.user_id = u.id)")
     transitions: list[Transition] = []
-    for row in await conn.fetch_all(orphaned):
-        await lock_user(conn, row["id"])
-        transitions += await mark_offline_if_unconnected(conn, row["id"], now)
+    for (user_id,) in orphaned:
+        transitions += await offline_if_gone(conn, user_id, now, grace_ms)
     return transitions
 
 
-# ---- broadcast backend --------------------------------------------------------
+async def partners_online(conn: Connection, username: str) -> list[int]:
+    """Ids of the online partners of a user, blocked pairs left out."""
+    blocked = BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
+    rows = await conn.fetch(
+        "SELECT c.peer_id FROM chatx_users u JOIN chatx_conversations c ON c.user_id = u.id "
+        f"JOIN chatx_users p ON p.id = c.peer_id WHERE u.username_key = ? AND c.peer_id <> c.user_id "
+        f"AND p.status = 'online' AND NOT {blocked}", username.lower())
+    return [row[0] for row in rows]
 
 
-@dataclass(frozen=True)
+async def partner_presence(conn: Connection, user_id: int) -> list[tuple[str, str, int | None]]:
+    """(username, status, last_seen) of my online partners, blocked pairs left out."""
+    blocked = BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
+    return await conn.fetch(
+        "SELECT p.username, p.status, p.last_seen FROM chatx_conversations c JOIN chatx_users p ON p.id = c.peer_id "
+        f"WHERE c.user_id = ? AND c.peer_id <> c.user_id AND p.status = 'online' AND NOT {blocked}", user_id)
+
+
+async def presence_of(conn: Connection, user_id: int, seen_by: int) -> tuple[str, str, int | None] | None:
+    """A user's presence as `seen_by` may see it: None for a blocked pair."""
+    blocked = BLOCKED_EITHER_WAY.format(a="?", b="u.id")
+    return await conn.fetch_one(f"SELECT username, status, last_seen FROM chatx_users u WHERE id = ? "
+                                f"AND NOT {blocked}", user_id, seen_by, seen_by)
+
+
+async def presence_changes(conn: Connection, process_id: str, since: int) -> list[tuple[int, str, str, int]]:
+    """Changes since `since` of the partners of this process's users: (whose
+    socket, username, status, last_seen). What a lost publish left untold."""
+    blocked = BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
+    return await conn.fetch(
+        "SELECT DISTINCT c.user_id, p.username, p.status, p.last_seen FROM chatx_users p "
+        "JOIN chatx_conversations c ON c.peer_id = p.id "
+        "JOIN chatx_sockets s ON s.user_id = c.user_id AND s.process_id = ? "
+        f"WHERE p.last_seen >= ? AND c.peer_id <> c.user_id AND NOT {blocked} ORDER BY p.last_seen",
+        process_id, since)
+
+
+# -- administration
+
+
+async def database_figures(conn: Connection) -> dict[str, int]:
+    queries = {"users": "SELECT count(*) FROM chatx_users",
+               "online": "SELECT count(*) FROM chatx_users WHERE status = 'online'",
+               "messages": "SELECT count(*) FROM chatx_messages",
+               "conversations": "SELECT count(*) FROM chatx_conversations WHERE user_id <= peer_id",
+               "sessions": "SELECT count(*) FROM chatx_sessions",
+               "open sockets": "SELECT count(*) FROM chatx_sockets",
+               "processes": "SELECT count(*) FROM chatx_processes"}
+    return {name: await conn.fetch_value(sql) for name, sql in queries.items()}
+
+
+# ---- wire frames ----------------------------------------------------------------------
+#
+# What a socket's outbox holds, as typed values. The ones that travel between
+# processes are encoded as a JSON array whose first element names the type.
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A frame sent as it is: ack, typing, error, pong."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFrame:
+    """A numbered event of the socket's user: sent once, in seq order."""
+
+    seq: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceFrame:
+    """A partner's presence: sent unless the socket knows it already."""
+
+    username: str
+    status: str
+    last_seen: str | None
+
+    @property
+    def text(self) -> str:
+        return dumps({"type": "presence", "username": self.username, "status": self.status,
+                      "last_seen": self.last_seen})
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """Sessions ended: one (`session_id`), or every one of the user but `keep`.
+    Their sockets close with CLOSE_REVOKED."""
+
+    session_id: str | None
+    keep: str | None = None
+
+    def ends(self, session_id: str) -> bool:
+        return session_id == self.session_id if self.session_id else session_id != self.keep
+
+
+@dataclass(frozen=True, slots=True)
+class UserGone:
+    """An account was deleted: every process forgets what it knew of the name."""
+
+    username_key: str
+
+
+@dataclass(frozen=True, slots=True)
 class Resync:
-    """Told to every subscriber after the broadcast connection came back:
-    what was published while it was away is gone and must be read from the database."""
+    """The broadcast connection came back: what was published while it was
+    away is gone, and each socket reads its stream again from the database."""
 
     lost_at: int
 
+
+OutboxItem = Union[Frame, StreamFrame, PresenceFrame, Revoke, Resync]
+
+
+Published = Union[Frame, StreamFrame, PresenceFrame, Revoke, UserGone]
+WIRE_NAMES: dict[type, str] = {StreamFrame: "stream", PresenceFrame: "presence", Revoke: "revoke", Frame: "frame",
+                               UserGone: "gone"}
+WIRE_TYPES = {name: kind for kind, name in WIRE_NAMES.items()}
+
+
+def encode_item(item: Published) -> str:
+    return dumps([WIRE_NAMES[type(item)], *(getattr(item, name) for name in item.__slots__)])
+
+
+def decode_item(text: str) -> Published:
+    name, *fields = json.loads(text)
+    return WIRE_TYPES[name](*fields)
+
+
+STREAM_TYPES = {EventKind.MESSAGE: "message", EventKind.EDIT: "edit", EventKind.DELETE: "delete"}
+
+
+def stream_frame(kind: EventKind, seq: int, encoded_message: str | None, read: dict[str, Any] | None) -> StreamFrame:
+    if kind is EventKind.READ:
+        return StreamFrame(seq, dumps({"type": "read", "seq": seq, **read}))
+    return StreamFrame(seq, f'{{"type":"{STREAM_TYPES[kind]}","seq":{seq},"message":{encoded_message}}}')
+
+
+def replayed_frame(row: tuple) -> StreamFrame:
+    """A row of events_after() as the frame it was sent as, with the message as it is now."""
+    seq, kind = row[0], EventKind(row[1])
+    if kind is EventKind.READ:
+        return stream_frame(kind, seq, None, {"reader": row[11], "with": row[12], "up_to": row[13]})
+    return stream_frame(kind, seq, dumps(message_object(*row[2:11])), None)
+
+
+def hello_frame(user: User, seq: int, presence: list[tuple[str, str, int | None]]) -> str:
+    return dumps({"type": "hello", "user": user.public(), "seq": seq,
+                  "presence": [{"username": name, "status": status, "last_seen": iso(last_seen)}
+                               for name, status, last_seen in presence]})
+
+
+def error_frame(code: str, detail: str, client_id: str | None = None) -> Frame:
+    frame = {"type": "error", "code": code, "detail": detail}
+    if client_id is not None:
+        frame["client_id"] = client_id
+    return Frame(dumps(frame))
+
+
+# ---- broadcast transport ----------------------------------------------------------------
 
 # For each i: PUBLISH KEYS[i] ARGV[2i-1], unless the channel has no subscriber
 # but the ARGV[2i] of the caller. One script, so no process can subscribe between
@@ -919,6 +1716,14 @@ for i, channel in ipairs(KEYS) do
 end
 return 0
 """
+
+
+def redacted(url: str) -> str:
+    """A URL fit for a log: its password masked."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@", 1)).geturl()
 
 
 def redis_command(*args: str | int) -> bytes:
@@ -945,6 +1750,7 @@ class RedisPubSubBackend(BroadcastBackend):
         self.url = url
         self.origin = uuid.uuid4().hex
         self.healthy = False
+        self._connected_before = False
         self._lost_at: int | None = None
         self._last_heard = 0.0
         self._pubsub: Any = None
@@ -954,7 +1760,7 @@ class RedisPubSubBackend(BroadcastBackend):
         # unsubscribe of them on the way: what publish_elsewhere() may count as its own.
         self._subscribed_here: set[str] = set()
         self._unsubscribing: dict[str, int] = {}
-        self._outgoing: list[tuple[str, str, asyncio.Future | None, int | None]] = []
+        self._outgoing: list[tuple[str | None, str, asyncio.Future | None, int | None]] = []
 
     async def connect(self) -> None:
         # No client retries: failures surface at once and the loops below back off.
@@ -995,15 +1801,24 @@ class RedisPubSubBackend(BroadcastBackend):
             pass  # the listener reconnects, resubscribes and resyncs
 
     async def unsubscribe(self, channel: str) -> None:
+        """Publishes queued before this have run before Redis sees the
+        UNSUBSCRIBE: they counted this process among the subscribers."""
         self._channels.discard(channel)
         self._confirmed.pop(channel, None)
         self._subscribed_here.discard(channel)
         self._unsubscribing[channel] = self._unsubscribing.get(channel, 0) + 1
         if self.healthy:
             try:
+                await self._publish_queued()
                 await self._pubsub.unsubscribe(channel)
             except (RedisError, OSError):
                 pass
+
+    async def _publish_queued(self) -> None:
+        barrier = asyncio.get_running_loop().create_future()
+        self._outgoing.append((None, "", barrier, None))
+        self._wake_publisher.set()
+        await barrier
 
     async def publish(self, channel: str, message: Any) -> None:
         """Publishes are pipelined: all waiting ones go out in one round trip."""
@@ -1045,6 +1860,7 @@ class RedisPubSubBackend(BroadcastBackend):
                     unawaited = sum(1 for _, _, future, _ in batch if future is None)
                     if unawaited:
                         logger.warning("%d publishes failed: %s", unawaited, exc)
+                        await self._drop_subscriptions()
                     for _, _, future, _ in batch:
                         if future is not None and not future.done():
                             future.set_exception(exc)
@@ -1053,7 +1869,7 @@ class RedisPubSubBackend(BroadcastBackend):
                 if future is not None and not future.done():
                     future.set_result(None)
 
-    async def _send_pipeline(self, batch: list[tuple[str, str, asyncio.Future | None, int | None]]) -> None:
+    async def _send_pipeline(self, batch: list[tuple[str | None, str, asyncio.Future | None, int | None]]) -> None:
         """The batch in one write, then its replies, on the publisher's own
         connection. Each run of publish_elsewhere() items is one script call.
         A redis-py Pipeline per batch, or its command packing, took a tenth of
@@ -1061,13 +1877,13 @@ class RedisPubSubBackend(BroadcastBackend):
         commands: list[bytes] = []
         others: list[tuple[str, str, int]] = []
         for channel, message, _, mine in batch:
-            if mine is not None:
+            if mine is not None and channel is not None:
                 others.append((channel, message, mine))
                 continue
             if others:
                 commands.append(self._publish_if_others(others))
                 others = []
-            commands.append(redis_command("PUBLISH", channel, message))
+            commands.append(redis_command("PING") if channel is None else redis_command("PUBLISH", channel, message))
         if others:
             commands.append(self._publish_if_others(others))
         connection = self._publishing  # reconnects by itself once disconnected
@@ -1146,284 +1962,73 @@ class RedisPubSubBackend(BroadcastBackend):
         finally:
             watchdog.cancel()
 
+    async def _drop_subscriptions(self) -> None:
+        """Publishes were lost: this process resubscribes, and its subscribers
+        catch up from the database (the others learn from Messenger.watch)."""
+        self._lost_at = self._lost_at or now_ms()
+        try:
+            await self._pubsub.connection.disconnect()
+        except Exception:
+            pass
+
     def _resync_subscribers(self) -> None:
-        if self._lost_at is not None:
+        if not self._connected_before:
+            self._connected_before = True
+            logger.info("broadcast connected to %s", redacted(self.url))
+        elif self._lost_at is not None:
             logger.warning("broadcast connection restored; subscribers catch up")
-            for channel in self._channels:
-                self._events.put_nowait(Event(channel, Resync(self._lost_at)))
-            self._lost_at = None
+        if self._lost_at is None:
+            return
+        for channel in self._channels:
+            self._events.put_nowait(Event(channel, Resync(self._lost_at)))
+        self._lost_at = None
 
     async def _keep_alive(self, pubsub: Any) -> None:
-        """PING a quiet connection. One silent for 15 s (a host gone without a
-        reset) is closed, so the blocked read fails and the listener reconnects."""
+        """PING a connection quiet for a second. One silent for 3 s (a host gone
+        without a reset, packets dropped) is closed well inside the publish
+        timeout, so the blocked read fails and the listener reconnects."""
         while True:
-            await asyncio.sleep(5)
+            await asyncio.sleep(1)
             silent = time.monotonic() - self._last_heard
             try:
-                if silent > 15:
+                if silent > 3:
                     logger.warning("no answer from Redis for %.0f s; reconnecting", silent)
                     await pubsub.connection.disconnect()
                     return
-                if silent >= 5:
+                if silent >= 1:
                     await pubsub.ping()
             except (RedisError, OSError):
                 return  # the listener sees the same failure
 
 
-# ---- HTTP routes ------------------------------------------------------------
-
-ERROR_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "too_large"}
-CURSOR_RE = re.compile(r"[0-9]{1,18}")
-ID_MAX = 2**31 - 1  # message ids are 32-bit integers; a larger cursor means "past the end"
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        self.status, self.code, self.detail = status, code, detail
-
-
-def error_response(status: int, code: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "detail": detail}}, status_code=status)
-
-
-async def api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.detail)
-
-
-async def http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, ERROR_CODES.get(exc.status_code, "error"), str(exc.detail))
-
-
-async def server_error(request: Request, exc: Exception) -> Response:
-    return error_response(500, "internal_error", "Something went wrong on the server; nothing was lost.")
-
-
-def own_origin(conn: HTTPConnection) -> str:
-    scheme = "https" if conn.url.scheme in ("https", "wss") else "http"
-    return f"{scheme}://{conn.headers.get('host', '')}"
-
-
-def origin_allowed(conn: HTTPConnection, allowed: tuple[str, ...]) -> bool:
-    """No Origin header means a scripted client, judged by its session alone."""
-    origin = conn.headers.get("origin")
-    return origin is None or origin.rstrip("/") in (own_origin(conn), *allowed)
-
-
-async def json_object(request: Request) -> dict[str, Any]:
-    chat = chat_of(request)
-    if not origin_allowed(request, chat.settings.allowed_origins):
-        raise ApiError(403, "forbidden", "Requests from other sites are not accepted.")
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise ApiError(400, "bad_request", "Send a JSON object with Content-Type: application/json.")
-    try:
-        data = json.loads(await limited_body(request))
-    except ValueError:
-        raise ApiError(400, "bad_request", "The body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "bad_request", "The body must be a JSON object.")
-    return data
-
-
-async def limited_body(request: Request) -> bytes:
-    """Read at most HTTP_BODY_MAX bytes. (Starlette's max_body_size answers in
-    plain text, and every /api error must be JSON.)"""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > HTTP_BODY_MAX:
-            raise ApiError(413, "too_large", f"Request bodies are at most {HTTP_BODY_MAX} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def storable(text: str) -> bool:
-    """JSON admits lone surrogates and NUL; neither UTF-8 nor PostgreSQL text does."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text
-
-
-def string_field(data: dict[str, Any], name: str) -> str:
-    value = data.get(name)
-    if not isinstance(value, str) or not storable(value):
-        raise ApiError(400, "bad_request", f"'{name}' is required and must be a string.")
-    return value
-
-
-def chat_of(conn: HTTPConnection) -> ChatX:
-    return conn.app.state.chat
-
-
-async def signed_in(request: Request) -> Session:
-    session = await chat_of(request).session_from(request)
-    if session is None:
-        raise ApiError(401, "not_authenticated", "Sign in first.")
-    return session
-
-
-def with_session_cookie(response: Response, request: Request, value: str) -> Response:
-    response.set_cookie(
-        SESSION_COOKIE, value, max_age=SESSION_DAYS * 86400, path=request.scope.get("root_path") or "/",
-        httponly=True, samesite="lax", secure=request.url.scheme == "https",
-    )
-    return response
-
-
-async def register(request: Request) -> Response:
-    data = await json_object(request)
-    username, password = string_field(data, "username"), string_field(data, "password")
-    if problem := username_problem(username):
-        raise ApiError(400, "invalid_username", problem)
-    if problem := password_problem(password):
-        raise ApiError(400, "weak_password", problem)
-    chat = chat_of(request)
-    user = await chat.create_user(username, password)
-    if user is None:
-        raise ApiError(409, "username_taken", f"The username {username!r} is taken.")
-    cookie = await chat.create_session(user)
-    return with_session_cookie(JSONResponse({"user": user.public()}, status_code=201), request, cookie)
-
-
-async def login(request: Request) -> Response:
-    data = await json_object(request)
-    username, password = string_field(data, "username"), string_field(data, "password")
-    chat = chat_of(request)
-    user = await chat.authenticate(username, password)
-    if user is None:
-        raise ApiError(401, "bad_credentials", "Wrong username or password.")
-    cookie = await chat.create_session(user)
-    return with_session_cookie(JSONResponse({"user": user.public()}), request, cookie)
-
-
-async def logout(request: Request) -> Response:
-    chat = chat_of(request)
-    if not origin_allowed(request, chat.settings.allowed_origins):
-        raise ApiError(403, "forbidden", "Requests from other sites are not accepted.")
-    session = await chat.session_from(request)
-    if session is not None:
-        await chat.revoke_session(session)
-    response = Response(status_code=204)
-    response.delete_cookie(SESSION_COOKIE, path=request.scope.get("root_path") or "/")
-    return response
-
-
-async def me(request: Request) -> Response:
-    session = await signed_in(request)
-    return JSONResponse({"user": session.user.public()})
-
-
-async def user_list(request: Request) -> Response:
-    session = await signed_in(request)
-    return JSONResponse({"users": await chat_of(request).contacts(session.user)})
-
-
-def query_cursor(request: Request, name: str) -> int | None:
-    value = request.query_params.get(name)
-    if value is None:
-        return None
-    if not CURSOR_RE.fullmatch(value):
-        raise ApiError(400, "bad_request", f"'{name}' must be a whole number of at least 0.")
-    return min(int(value), ID_MAX)
-
-
-async def conversation_messages(request: Request) -> Response:
-    session = await signed_in(request)
-    chat = chat_of(request)
-    before, after = query_cursor(request, "before"), query_cursor(request, "after")
-    if before is not None and after is not None:
-        raise ApiError(400, "bad_request", "Give 'before' or 'after', not both.")
-    limit_text = request.query_params.get("limit", str(PAGE_DEFAULT))
-    if not re.fullmatch(r"-?[0-9]{1,18}", limit_text) or int(limit_text) < 1:
-        raise ApiError(400, "bad_request", "'limit' must be a whole number of at least 1.")
-    peer = await chat.find_user(request.path_params["username"])
-    if peer is None:
-        raise ApiError(404, "unknown_user", "There is no such user.")
-    page = await chat.conversation_page(session.user, peer, before, after, min(int(limit_text), PAGE_MAX))
-    return JSONResponse(page)
-
-
-async def healthz(request: Request) -> Response:
-    checks = await chat_of(request).health()
-    ok = all(value == "ok" for value in checks.values())
-    return JSONResponse({"status": "ok" if ok else "fail", "checks": checks}, status_code=200 if ok else 503)
-
-
-def page_context(request: Request, **extra: Any) -> dict[str, Any]:
-    return {"base": request.scope.get("root_path", ""), **extra}
-
-
-async def chat_page(request: Request) -> Response:
-    chat = chat_of(request)
-    session = await chat.session_from(request)
-    if session is None:
-        return RedirectResponse(request.url_for("login_page"), status_code=303)
-    return chat.templates.TemplateResponse(request, "chat.html", page_context(request, user=session.user.public()))
-
-
-async def login_page(request: Request) -> Response:
-    return chat_of(request).templates.TemplateResponse(request, "login.html", page_context(request))
-
-
-async def register_page(request: Request) -> Response:
-    return chat_of(request).templates.TemplateResponse(request, "register.html", page_context(request))
-
-
-class SecurityHeaders:
-    """Adds the Content-Security-Policy and friends to every HTTP response."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + [
-                    (b"content-security-policy", CSP.encode()),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"same-origin"),
-                    (b"x-frame-options", b"DENY"),
-                ]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-# ---- WebSocket protocol -------------------------------------------------------
-
-
-class FrameError(Exception):
-    def __init__(self, code: str, detail: str) -> None:
-        self.code, self.detail = code, detail
-
-
-def dumps(frame: dict[str, Any]) -> str:
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
-
-
-# Message frames are made by message_frame() with the id first, so each socket
-# reads the id from this prefix instead of parsing the whole frame again.
-MESSAGE_FRAME_START = '{"type":"message","message":{"id":'
-
-
-def message_frame(message: dict[str, Any], encoded: str | None = None) -> str:
-    return '{"type":"message","message":' + (encoded or dumps(message)) + "}"
-
-
-def frame_field(frame: dict[str, Any], name: str, kind: type) -> Any:
-    value = frame.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not storable(value)):
-        raise FrameError("invalid_field", f"'{name}' is required and must be a {kind.__name__}.")
-    return value
+# ---- services -------------------------------------------------------------------------
+#
+# Each owns one concern and its state. Sockets (ChatSocket, below) are
+# referred to only through the methods they are called with here.
+
+
+class Metrics:
+    """What an operator watches, in Prometheus's text format at /metrics. A
+    registry of this app's own: two apps in one process share nothing."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.messages_stored = Counter("chatx_messages_stored", "Messages stored by this process",
+                                       registry=self.registry)
+        self.commit_seconds = Histogram("chatx_commit_seconds", "Duration of one write transaction",
+                                        buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5),
+                                        registry=self.registry)
+        self.sockets_closed = Counter("chatx_sockets_closed", "WebSocket connections closed, by close code",
+                                      ["code"], registry=self.registry)
+        self.refusals = Counter("chatx_refusals", "Requests and frames refused by a limit", ["limit"],
+                                registry=self.registry)
+        self.open_sockets = Gauge("chatx_open_sockets", "Open WebSocket connections of this process",
+                                  registry=self.registry)
+        self.users_connected = Gauge("chatx_users_connected", "Users with a socket open on this process",
+                                     registry=self.registry)
+        self.broadcast_up = Gauge("chatx_broadcast_up", "1 while the broadcast connection works",
+                                  registry=self.registry)
+        self.database_up = Gauge("chatx_database_up", "1 while the last commit worked", registry=self.registry)
 
 
 @dataclass
@@ -1443,100 +2048,795 @@ class TokenBucket:
         return True
 
 
-class WebSocketEndpoint:
-    """/ws as an ASGI app rather than a function of a WebSocket: frames go out
-    through the ASGI `send` itself. Starlette's WebSocket.send_text and the
-    route's exception wrapper around `send` are three coroutine layers per
-    frame, and a storm of 1,000 people connecting sends some 750,000 frames."""
+class Limits:
+    """How often one account may act on this process, so that it cannot hurt others."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        websocket = WebSocket(scope, receive, send)
-        chat = chat_of(websocket)
-        session = await chat.session_from(websocket)
-        if session is None or not origin_allowed(websocket, chat.settings.allowed_origins):
-            await websocket.close()  # before accept(): the handshake is refused with 403
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.buckets: dict[int, TokenBucket] = {}
+        self.typed: dict[tuple[int, int], float] = {}  # (sender, peer) -> when a typing frame last went
+
+    def allow_typing(self, sender: int, peer: int) -> bool:
+        """At most one typing frame per `typing_interval` from one person to another."""
+        interval, now = self.settings.typing_interval, time.monotonic()
+        if now - self.typed.get((sender, peer), -interval) < interval:
+            return False
+        if len(self.typed) > 10_000:
+            self.typed = {pair: at for pair, at in self.typed.items() if now - at < interval}
+        self.typed[(sender, peer)] = now
+        return True
+
+    def allow_send(self, user_id: int) -> bool:
+        """`send`, `read`, `edit` and `delete` frames share one bucket per user."""
+        bucket = self.buckets.get(user_id)
+        if bucket is None:
+            burst = self.settings.send_burst
+            bucket = self.buckets[user_id] = TokenBucket(self.settings.send_rate, burst, burst)
+        return bucket.take()
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """scrypt at OWASP's N=2^14, r=8, p=5 (16 MiB)."""
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=5, maxmem=64 * 1024 * 1024)
+    return f"scrypt$16384$8$5${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    _, n, r, p, salt, digest = stored.split("$")
+    candidate = hashlib.scrypt(
+        password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), maxmem=64 * 1024 * 1024
+    )
+    return hmac.compare_digest(candidate.hex(), digest)
+
+
+# Compared against when the username is unknown, so a login takes as long either way.
+DUMMY_HASH = "scrypt$16384$8$5$" + "00" * 16 + "$" + "00" * 64
+
+
+def yield_to_the_event_loop() -> None:
+    """Lowest CPU priority for a hashing thread (Linux gives threads their own
+    nice value): where the server has one core, sign-ins must not slow chat."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+def sign(secret: str, token: str) -> str:
+    mac = hmac.new(secret.encode(), token.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def session_id(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def username_problem(username: str) -> str | None:
+    if not USERNAME_RE.fullmatch(username):
+        return "Usernames are 3 to 32 characters from A-Z, a-z, 0-9, '_', '.' and '-'."
+    return None
+
+
+def password_problem(password: str) -> str | None:
+    if not PASSWORD_MIN <= len(password) <= PASSWORD_MAX:
+        return f"Passwords are {PASSWORD_MIN} to {PASSWORD_MAX} characters long."
+    return None
+
+
+class Busy(Exception):
+    """Too many password hashes are waiting; the client tries again shortly."""
+
+
+class TooManyAttempts(Exception):
+    def __init__(self, kind: str, retry_after: int) -> None:
+        self.kind, self.retry_after = kind, retry_after
+
+
+class Accounts:
+    """Users, their passwords, sessions and blocks, and the limits on signing in and up."""
+
+    def __init__(self, storage: Storage, fanout: Fanout, settings: Settings) -> None:
+        self.storage, self.fanout, self.settings = storage, fanout, settings
+        self.users_by_key: dict[str, User] = {}
+        self.secret = ""
+        self.hashers: ThreadPoolExecutor | None = None
+        self.hashes_waiting = 0
+        self.hashes_by_address: dict[str, int] = {}
+        self.idle_ms = int(settings.session_idle_days * 86_400_000) or 2**62
+        self.purger: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.secret = self.settings.secret_key or await self.storage.write(ensure_secret, secrets.token_urlsafe(32))
+        self.hashers = ThreadPoolExecutor(2, thread_name_prefix="chatx-hash", initializer=yield_to_the_event_loop)
+        self.fanout.gone_callbacks.append(self.forget)
+        self.purger = asyncio.create_task(self.purge())
+
+    async def stop(self) -> None:
+        if self.purger:
+            self.purger.cancel()
+            await asyncio.gather(self.purger, return_exceptions=True)
+        if self.hashers:
+            self.hashers.shutdown(wait=False)
+
+    async def purge(self) -> None:
+        """Expired and idle sessions, and attempts past their window, go."""
+        while True:
+            try:
+                await self.storage.write(purge_expired, now_ms(), self.idle_ms)
+            except Exception as exc:
+                logger.warning("purging expired sessions failed: %s", exc)
+            await asyncio.sleep(600)
+
+    async def hash(self, address: str, function: Callable[..., Any], *args: Any) -> Any:
+        """Run a slow hash in the hashing threads, never on the event loop. A
+        bounded queue, and a bound per client address: one client's flood of
+        guesses is refused (Busy) rather than delay everyone's sign-in."""
+        if self.hashes_waiting >= HASHES_WAITING_MAX or self.hashes_by_address.get(address, 0) >= HASHES_PER_ADDRESS_MAX:
+            raise Busy()
+        self.hashes_waiting += 1
+        self.hashes_by_address[address] = self.hashes_by_address.get(address, 0) + 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.hashers, function, *args)
+        finally:
+            self.hashes_waiting -= 1
+            if self.hashes_by_address[address] == 1:
+                del self.hashes_by_address[address]
+            else:
+                self.hashes_by_address[address] -= 1
+
+    async def check_attempts(self, kind: str, key: str, limit: int, window_ms: int) -> None:
+        """Raise TooManyAttempts if `limit` attempts of this kind and key fall within the window (0: no limit)."""
+        if not limit:
             return
-        after = websocket.query_params.get("after")
-        await websocket.accept()
-        if after is not None and not CURSOR_RE.fullmatch(after):
-            await websocket.send_text(dumps({"type": "error", "code": "invalid_field",
-                                             "detail": "'after' must be a whole number of at least 0."}))
-            await websocket.close(1008)
+        now = now_ms()
+        count, oldest = await self.storage.read(attempts_since, kind, key, now - window_ms)
+        if count >= limit:
+            raise TooManyAttempts(kind, max(1, -(-(oldest + window_ms - now) // 1000)))
+
+    async def register(self, username: str, password: str, address: str) -> User | None:
+        await self.check_attempts("signup", address, self.settings.signups_per_address, SIGNUP_WINDOW_MS)
+        password_hash = await self.hash(address, hash_password, password)
+        try:
+            user = await self.storage.write(insert_user, username, password_hash, now_ms())
+        except Exception as exc:
+            if is_unique_violation(exc):
+                return None
+            raise
+        if user is not None:
+            await self.storage.write(add_attempt, "signup", address, now_ms())
+        return user
+
+    async def authenticate(self, username: str, password: str, address: str) -> User | None:
+        """The user, if the password is theirs. Past the failure limits, even
+        the right password is refused (TooManyAttempts) until the window passes."""
+        key = username.lower()
+        await self.check_attempts("login-user", key, self.settings.login_failures_per_user, LOGIN_WINDOW_MS)
+        await self.check_attempts("login-address", address, self.settings.login_failures_per_address, LOGIN_WINDOW_MS)
+        found = await self.storage.read(password_of, key)
+        if found and await self.hash(address, check_password, password, found[1]):
+            await self.storage.write(clear_attempts, "login-user", key)
+            return found[0]
+        if not found:
+            await self.hash(address, check_password, password, DUMMY_HASH)  # as slow as a wrong password
+        now = now_ms()
+        await self.storage.write(add_attempt, "login-user", key, now)
+        await self.storage.write(add_attempt, "login-address", address, now)
+        return None
+
+    async def create_session(self, user: User, replaces: Session | None = None) -> str:
+        """A new session (a new token at every sign-in); the one it `replaces` ends."""
+        token = secrets.token_urlsafe(32)
+        await self.storage.write(insert_session, session_id(token), user.id, now_ms() + SESSION_DAYS * 86_400_000,
+                                 replaces.id if replaces else None)
+        if replaces:
+            self.fanout.deliver(replaces.user.id, Revoke(replaces.id))
+        return f"{token}.{sign(self.secret, token)}"
+
+    async def session_from(self, conn: HTTPConnection) -> Session | None:
+        token, _, signature = conn.cookies.get(SESSION_COOKIE, "").rpartition(".")
+        if not token or not hmac.compare_digest(signature.encode(errors="replace"),
+                                                sign(self.secret, token).encode(errors="replace")):
+            return None
+        now = now_ms()
+        found = await self.storage.read(session_row, session_id(token), now, self.idle_ms)
+        if found is None:
+            return None
+        session, used_at = found
+        if used_at < now - SESSION_TOUCH_MS:
+            await self.storage.write(touch_session, session.id, now)
+        return session
+
+    async def session_alive(self, sid: str) -> bool:
+        return await self.storage.read(session_exists, sid)
+
+    async def revoke(self, session: Session) -> None:
+        """End the session; its sockets close with CLOSE_REVOKED on every process."""
+        await self.storage.write(delete_session, session.id)
+        self.fanout.deliver(session.user.id, Revoke(session.id))
+
+    async def revoke_all(self, user: User) -> None:
+        await self.storage.write(delete_sessions, user.id)
+        self.fanout.deliver(user.id, Revoke(None))
+
+    async def password_matches(self, user: User, password: str, address: str) -> bool:
+        found = await self.storage.read(password_of, user.username.lower())
+        return found is not None and await self.hash(address, check_password, password, found[1])
+
+    async def change_password(self, session: Session, new_password: str, address: str) -> None:
+        """The new password, and every other session of the user ends."""
+        password_hash = await self.hash(address, hash_password, new_password)
+        await self.storage.write(set_password, session.user.id, password_hash, session.id)
+        self.fanout.deliver(session.user.id, Revoke(None, keep=session.id))
+
+    async def delete(self, user: User) -> None:
+        """The account and all its messages go; partners see it go offline, and
+        every process forgets the name, which may be registered again."""
+        partners = await self.storage.read(partners_online, user.username)
+        await self.storage.write(delete_account, user.id)
+        self.storage.erase_soon()
+        self.fanout.deliver(user.id, Revoke(None))
+        gone = PresenceFrame(user.username, "offline", iso(now_ms()))
+        for partner in partners:
+            self.fanout.deliver(partner, gone)
+        self.fanout.deliver_everywhere(UserGone(user.username.lower()))
+
+    def forget(self, item: UserGone) -> None:
+        self.users_by_key.pop(item.username_key, None)
+
+    async def find_user(self, username: str) -> User | None:
+        key = username.lower()
+        user = self.users_by_key.get(key)
+        if user is None:
+            user = await self.storage.read(user_by_key, key)
+            if user is not None:
+                self.users_by_key[key] = user
+        return user
+
+    async def directory(self, me: User, prefix: str, after: str, limit: int) -> dict[str, Any]:
+        rows = await self.storage.read(directory_page, me.id, prefix.lower(), after.lower(), limit + 1)
+        found = [{"id": user_id, "username": username, "status": "offline" if blocked else status,
+                  "last_seen": None if blocked else iso(last_seen)}
+                 for user_id, username, status, last_seen, blocked in rows[:limit]]
+        return {"users": found, "has_more": len(rows) > limit}
+
+    async def block(self, me: User, other: User) -> None:
+        await self.storage.write(insert_block, me.id, other.id)
+
+    async def unblock(self, me: User, other: User) -> None:
+        await self.storage.write(delete_block, me.id, other.id)
+
+    async def blocked(self, me: User) -> list[User]:
+        return await self.storage.read(blocked_users, me.id)
+
+    async def blocks_me(self, me: User, other: User) -> bool:
+        return await self.storage.read(blocks_me, me.id, other.id)
+
+
+class Fanout:
+    """Hands items to every open socket of a user: at once to this process's
+    sockets, and through the broadcast to the other processes' (local first).
+    One subscription and one relay task per user serve all of that user's
+    sockets on this process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.local: dict[int, set[Any]] = {}  # user id -> this process's open sockets
+        self.relays: dict[int, tuple[asyncio.Task, asyncio.Future]] = {}  # user id -> relay, subscribed
+        self.ending_relays: dict[int, asyncio.Task] = {}
+        self.resync_callbacks: list[Callable[[int], Awaitable[None]]] = []
+        self.gone_callbacks: list[Callable[[UserGone], None]] = []
+        self.backend: RedisPubSubBackend | None = None
+        self.namespace = "chatx"
+
+    async def start(self, namespace: str) -> None:
+        # Apps on other databases may share one Redis: their channels must not meet.
+        self.namespace = namespace
+        scheme = urlsplit(self.settings.broadcast_url).scheme
+        if scheme in ("redis", "rediss"):
+            self.backend = RedisPubSubBackend(self.settings.broadcast_url)
+            self.broadcast = Broadcast(backend=self.backend)
+        elif scheme == "memory":
+            self.broadcast = Broadcast(self.settings.broadcast_url)
+        else:
+            raise ValueError(f"CHATX_BROADCAST_URL must be memory:// or redis://, not {scheme}://")
+        await self.broadcast.connect()
+        subscribed = asyncio.get_running_loop().create_future()
+        self.process_relay = asyncio.create_task(self.relay_process(subscribed))
+        await asyncio.shield(subscribed)
+        self.stall_watch = asyncio.create_task(self.close_stalled())
+
+    async def stop(self) -> None:
+        for task in (self.process_relay, self.stall_watch):
+            task.cancel()
+        await asyncio.gather(self.process_relay, self.stall_watch, return_exceptions=True)
+        try:
+            await self.broadcast.disconnect()
+        except Exception:
+            logger.exception("broadcast did not disconnect cleanly")
+
+    @property
+    def healthy(self) -> bool:
+        return self.backend is None or self.backend.healthy
+
+    def sockets(self) -> list[Any]:
+        return [socket for group in self.local.values() for socket in group]
+
+    def deliver(self, user_id: int, item: Frame | StreamFrame | PresenceFrame | Revoke) -> None:
+        """To every socket of the user, here at once, elsewhere through the broadcast."""
+        self.deliver_here(user_id, item)
+        if self.backend is not None:
+            self.backend.publish_elsewhere(self.channel(user_id), encode_item(item))
+
+    async def close_stalled(self) -> None:
+        """A socket whose client took no frame for SEND_STALL_S is closed: its
+        replay or backlog must not hold the server's memory, and its client
+        reconnects with `since=` and loses nothing."""
+        while True:
+            await asyncio.sleep(1)
+            now = time.monotonic()
+            for socket in self.sockets():
+                if socket.sending_since and now - socket.sending_since > SEND_STALL_S:
+                    socket.end(CLOSE_TRY_LATER)
+
+    def deliver_everywhere(self, item: UserGone) -> None:
+        """To every process, this one first."""
+        for callback in self.gone_callbacks:
+            callback(item)
+        if self.backend is not None:
+            self.backend.publish_elsewhere(f"{self.namespace}:process", encode_item(item))
+
+    def deliver_here(self, user_id: int, item: OutboxItem) -> None:
+        for socket in list(self.local.get(user_id, ())):
+            socket.enqueue(item)
+
+    def channel(self, user_id: int) -> str:
+        return f"{self.namespace}:user:{user_id}"
+
+    async def attach(self, socket: Any) -> None:
+        """Hand `socket` everything delivered to its user; return once subscribed."""
+        user_id = socket.user.id
+        if user_id not in self.local:
+            self.local[user_id] = set()
+            subscribed = asyncio.get_running_loop().create_future()
+            self.relays[user_id] = (asyncio.create_task(self.relay_user(user_id, subscribed)), subscribed)
+        self.local[user_id].add(socket)
+        await asyncio.shield(self.relays[user_id][1])
+
+    def detach(self, socket: Any) -> None:
+        user_id = socket.user.id
+        group = self.local.get(user_id)
+        if group is None:
             return
-        await ChatSocket(chat, websocket, send, session).serve(None if after is None else min(int(after), ID_MAX))
+        group.discard(socket)
+        if not group:
+            del self.local[user_id]
+            relay, subscribed = self.relays.pop(user_id)
+            relay.cancel()
+            subscribed.cancel()
+            self.ending_relays[user_id] = relay
+            relay.add_done_callback(functools.partial(self.relay_ended, user_id))
+
+    def relay_ended(self, user_id: int, relay: asyncio.Task) -> None:
+        if self.ending_relays.get(user_id) is relay:
+            del self.ending_relays[user_id]
+
+    async def relay_user(self, user_id: int, subscribed: asyncio.Future) -> None:
+        # A relay of this user that is still unsubscribing must finish first, or
+        # its UNSUBSCRIBE would land after this SUBSCRIBE.
+        if (ending := self.ending_relays.get(user_id)) is not None:
+            await asyncio.gather(ending, return_exceptions=True)
+        async with self.broadcast.subscribe(self.channel(user_id)) as subscriber:
+            subscribed.set_result(None)
+            while True:
+                event = await subscriber.get()
+                item = event.message if isinstance(event.message, Resync) else decode_item(event.message)
+                self.deliver_here(user_id, item)
+
+    async def relay_process(self, subscribed: asyncio.Future) -> None:
+        """The channel every process subscribes to: news for the process itself."""
+        async with self.broadcast.subscribe(f"{self.namespace}:process") as subscriber:
+            subscribed.set_result(None)
+            while True:
+                event = await subscriber.get()
+                if isinstance(event.message, Resync):
+                    for resync in self.resync_callbacks:
+                        await resync(event.message.lost_at)
+                    continue
+                item = decode_item(event.message)
+                if isinstance(item, UserGone):
+                    for gone in self.gone_callbacks:
+                        gone(item)
+
+
+StatusCallback = Callable[[str, str, datetime], Any]
+
+
+class StatusHook:
+    """Every committed change of a user's status passes through `send`, the way
+    Django's post_save does; publishing the presence frame is one callback."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[StatusCallback] = []
+
+    def connect(self, callback: StatusCallback) -> StatusCallback:
+        self.callbacks.append(callback)
+        return callback
+
+    async def send(self, username: str, status: str, last_seen: datetime) -> None:
+        for callback in list(self.callbacks):
+            try:
+                result = callback(username, status, last_seen)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("status callback %r failed", callback)
+
+
+class Presence:
+    """Who is online, told to their partners. The socket rows are the truth;
+    each status change is committed, then passes through the status hook,
+    whose first callback delivers it to the partners who are online.
+
+    A user's last socket closing takes effect `presence_grace` seconds later,
+    so a quick reconnect changes nothing. A process that dies is swept by the
+    others' heartbeats within the presence TTL."""
+
+    def __init__(self, storage: Storage, fanout: Fanout, settings: Settings, process_id: str) -> None:
+        self.storage, self.fanout, self.settings, self.process_id = storage, fanout, settings, process_id
+        self.hook = StatusHook()
+        self.hook.connect(self.publish)
+        self.grace_ms = int(settings.presence_grace * 1000)
+        self.pending: set[asyncio.Task] = set()
+        self.upkeep: asyncio.Task | None = None
+        self.unclosed: dict[str, User] = {}  # socket rows a failed write left behind: the heartbeat retries
+
+    async def start(self) -> None:
+        await self.storage.write(heartbeat, self.process_id, [])
+        self.fanout.resync_callbacks.append(self.refresh)
+        self.upkeep = asyncio.create_task(self.keep())
+
+    async def stop(self) -> None:
+        for task in [self.upkeep, *self.pending]:
+            if task:
+                task.cancel()
+        await asyncio.gather(*[task for task in [self.upkeep, *self.pending] if task], return_exceptions=True)
+        try:
+            await self.announce(await self.storage.write(unregister_process, self.process_id))
+        except Exception:
+            logger.exception("could not unregister this process; the sweep will")
+
+    def spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def socket_opened(self, socket_id: str, session: Session) -> bool:
+        """False, recording nothing, when the user has the most sockets allowed open already."""
+        transitions = await self.storage.write(open_socket, socket_id, self.process_id, session.user.id,
+                                               self.settings.max_sockets_per_user, session.id)
+        if transitions is None:
+            return False
+        await self.announce(transitions)
+        return True
+
+    async def socket_closed(self, socket_id: str, user: User) -> None:
+        """Never raises: a row that cannot be deleted now is retried by the heartbeat."""
+        try:
+            await self.announce(await self.storage.write(close_socket, socket_id, user.id, self.grace_ms))
+        except Exception as exc:
+            logger.warning("could not record that a socket of %s closed (%s); retrying", user.username, exc)
+            self.unclosed[socket_id] = user
+            return
+        self.unclosed.pop(socket_id, None)
+        if self.grace_ms:
+            self.spawn(self.expire(user))
+
+    async def expire(self, user: User) -> None:
+        await asyncio.sleep(self.grace_ms / 1000 + 0.05)
+        await self.announce(await self.storage.write(offline_if_gone, user.id, now_ms(), self.grace_ms))
+
+    async def partners(self, user: User) -> list[tuple[str, str, int | None]]:
+        """What hello says: my online partners."""
+        return await self.storage.read(partner_presence, user.id)
+
+    async def introduce(self, first: int, second: int) -> None:
+        """Two people just became partners: each one's sockets learn the other's presence."""
+        for user_id, other in ((first, second), (second, first)):
+            found = await self.storage.read(presence_of, other, user_id)
+            if found is not None:
+                self.fanout.deliver(user_id, PresenceFrame(found[0], found[1], iso(found[2])))
+
+    async def announce(self, transitions: list[Transition]) -> None:
+        for username, status, last_seen in transitions:
+            await self.hook.send(username, status, datetime.fromtimestamp(last_seen / 1000, timezone.utc))
+
+    async def publish(self, username: str, status: str, last_seen: datetime) -> None:
+        """The hook's first callback: the change goes to every online partner."""
+        frame = PresenceFrame(username, status, iso_time(last_seen))
+        for partner in await self.storage.read(partners_online, username):
+            self.fanout.deliver(partner, frame)
+
+    async def refresh(self, since: int) -> None:
+        """Tell this process's sockets every partner's change since `since`
+        again: after a broadcast outage, and every heartbeat in case a process
+        died between committing a change and publishing it. Sockets drop what
+        they know already."""
+        for user_id, username, status, last_seen in await self.storage.read(presence_changes, self.process_id, since):
+            self.fanout.deliver_here(user_id, PresenceFrame(username, status, iso(last_seen)))
+
+    async def keep(self) -> None:
+        """Heartbeat this process and sweep dead ones. Beats every TTL/4 and a
+        process silent for TTL/2 is dead, so its users are offline within TTL."""
+        ttl = self.settings.presence_ttl
+        interval = max(ttl / 4, 0.25)
+        checked = now_ms()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                open_sockets = {socket.socket_id: socket for socket in self.fanout.sockets()}
+                live = [(socket.socket_id, socket.user.id, socket.session.id) for socket in open_sockets.values()]
+                transitions = await self.storage.write(heartbeat, self.process_id, live)
+                transitions += await self.storage.write(sweep, int(ttl * 500), self.grace_ms)
+                await self.announce(transitions)
+                for socket_id, user in list(self.unclosed.items()):
+                    await self.socket_closed(socket_id, user)
+                for socket_id in await self.storage.read(sockets_of_ended_sessions, self.process_id):
+                    if socket_id in open_sockets:
+                        open_sockets[socket_id].enqueue(Revoke(open_sockets[socket_id].session.id))
+                started = now_ms()
+                await self.refresh(checked - int(interval * 1000))
+                checked = started
+            except Exception:
+                logger.exception("presence upkeep failed; trying again")
+
+
+class Messenger:
+    """Stores and delivers: a send, edit, delete or read is committed with its
+    place in each person's stream, then handed to Fanout for both people."""
+
+    def __init__(self, storage: Storage, fanout: Fanout, presence: Presence, settings: Settings) -> None:
+        self.storage, self.fanout, self.presence, self.settings = storage, fanout, presence, settings
+        self.watcher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.watcher = asyncio.create_task(self.watch())
+
+    async def stop(self) -> None:
+        if self.watcher:
+            self.watcher.cancel()
+            await asyncio.gather(self.watcher, return_exceptions=True)
+
+    async def watch(self) -> None:
+        """Every heartbeat, sockets whose stream has events they were not handed
+        read them from the database. That covers an event whose publish was
+        lost with no later one to reveal the gap: its process died between
+        commit and publish, or the broadcast dropped it."""
+        while True:
+            await asyncio.sleep(max(self.settings.presence_ttl / 4, 0.25))
+            try:
+                newest = dict(await self.storage.read(newest_seqs_here, self.presence.process_id))
+            except Exception as exc:
+                logger.warning("could not check the streams of this process's sockets: %s", exc)
+                continue
+            for socket in self.fanout.sockets():
+                if socket.seq < newest.get(socket.user.id, 0):
+                    socket.enqueue(Resync(now_ms()))
+
+    def send(self, message: NewMessage,
+             acknowledge: Callable[[Stored | Refused | BaseException], None]) -> asyncio.Future:
+        """Queue the message for the next commit, without waiting: once it is
+        committed, `acknowledge` gets the outcome, then both people's sockets
+        get the message. This runs even if the sender's socket closed meanwhile."""
+        stored = self.storage.write_bulk(insert_messages, message)
+        stored.add_done_callback(functools.partial(self.message_stored, acknowledge))
+        return stored
+
+    def message_stored(self, acknowledge: Callable[[Any], None], future: asyncio.Future) -> None:
+        if future.cancelled():
+            return
+        outcome = future.exception() or future.result()
+        acknowledge(outcome)
+        if isinstance(outcome, Stored):
+            self.deliver(outcome)
+
+    def deliver(self, stored: Stored) -> None:
+        encoded = None if stored.message is None else dumps(stored.message)
+        for user_id, seq in stored.seqs.items():
+            self.fanout.deliver(user_id, stream_frame(stored.kind, seq, encoded, stored.read))
+        if stored.new_partners:
+            self.presence.spawn(self.presence.introduce(*stored.new_partners))
+
+    async def change(self, me: User, message_id: int, body: str | None) -> Stored | Refused:
+        """Edit (a new body) or delete (None) a message of mine."""
+        outcome = await self.storage.write(change_message, me.id, message_id, body)
+        if isinstance(outcome, Stored):
+            self.storage.erase_soon()
+            self.deliver(outcome)
+        return outcome
+
+    async def read(self, me: User, peer: User, up_to: int) -> None:
+        moved = await self.storage.write(advance_read_cursor, me, peer, up_to)
+        if moved is not None:
+            self.deliver(moved)
+
+    async def typing(self, me: User, peer: User) -> None:
+        if not await self.storage.read(blocks_me, me.id, peer.id):
+            self.fanout.deliver(peer.id, Frame(dumps({"type": "typing", "from": me.username})))
+
+    async def replay(self, user: User, seq: int, limit: int) -> list[StreamFrame]:
+        return [replayed_frame(row) for row in await self.storage.read(events_after, user.id, seq, limit)]
+
+    async def newest_seq(self, user: User) -> int:
+        return await self.storage.read(newest_seq, user.id)
+
+    async def seq_before_message(self, user: User, after_id: int) -> int | None:
+        return await self.storage.read(seq_before_message, user.id, after_id)
+
+    async def history(self, me: User, peer: User, before: int | None, after: int | None,
+                      limit: int) -> dict[str, Any]:
+        page, more, mine, theirs = await self.storage.read(history_page, me.id, peer.id, before, after, limit)
+        return {"messages": page, "has_more": more, "read_up_to": {me.username: mine, peer.username: theirs}}
+
+    async def conversations(self, me: User, before: int | None, limit: int) -> dict[str, Any]:
+        rows = await self.storage.read(conversation_rows, me.id, before, limit + 1)
+        listed = []
+        for row in rows[:limit]:
+            peer_id, peer, status, last_seen, unread, mine, theirs, blocked = row[:8]
+            listed.append({
+                "user": {"id": peer_id, "username": peer},
+                "status": "offline" if blocked else status,
+                "last_seen": None if blocked else iso(last_seen),
+                "unread": unread,
+                "last_message": message_object(*row[8:17]),
+                "read_up_to": {me.username: mine, peer: theirs or 0},
+            })
+        return {"conversations": listed, "has_more": len(rows) > limit}
+
+
+# ---- requests and sockets alike -----------------------------------------------------
+
+
+def chat_of(conn: HTTPConnection) -> ChatX:
+    return conn.app.state.chat
+
+
+def own_origin(conn: HTTPConnection) -> str:
+    scheme = "https" if conn.url.scheme in ("https", "wss") else "http"
+    return f"{scheme}://{conn.headers.get('host', '')}"
+
+
+def origin_allowed(conn: HTTPConnection, allowed: tuple[str, ...]) -> bool:
+    """No Origin header means a scripted client, judged by its session alone."""
+    origin = conn.headers.get("origin")
+    return origin is None or origin.rstrip("/") in (own_origin(conn), *allowed)
+
+
+def client_address(conn: HTTPConnection) -> str:
+    """The peer, or with CHATX_TRUSTED_PROXIES the address the proxy saw (ChatXApp)."""
+    return conn.client.host if conn.client else ""
+
+
+def storable(text: str) -> bool:
+    """JSON admits lone surrogates and NUL; neither UTF-8 nor PostgreSQL text does."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+# ---- the WebSocket ------------------------------------------------------------------
+#
+# ChatSocket is the connection: hello, replay, the outbox, reading frames.
+# What a client frame does is decided by the frame handlers after it.
+
+CURSOR_RE = re.compile(r"[0-9]{1,18}")
+
+
+class FrameError(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        self.code, self.detail = code, detail
+
+
+def abort_connection(scope: Scope) -> None:
+    """Drop the TCP connection of a websocket whose client stopped reading.
+
+    ASGI has no way to do it, and uvicorn waits for a close frame that cannot
+    be written: the server's own `send` (kept by ChatXApp) belongs to its
+    protocol object, which holds the transport. Elsewhere this does nothing."""
+    protocol = getattr(scope.get("chatx.server_send"), "__self__", None)
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 class ChatSocket:
-    """One open /ws connection: hello, replay, live delivery, the client's frames.
+    """One open /ws connection of a signed-in user.
 
-    Message frames are deduplicated by id: `floor` and `seen` say what this
-    socket already has, so replay, live frames and a catch-up after a broadcast
-    outage never send one twice, while a message that is published late (another
-    process committed it earlier) still gets through."""
+    Its outbox holds typed items in order. Stream frames are sent in seq
+    order, each once: one at or below `seq` is a repeat, and one past `seq + 1`
+    means another process committed events this socket has not been handed
+    yet, which are read from the database first. Local-first delivery,
+    publishes from other processes and catch-up after a broadcast outage may
+    interleave in any way."""
 
     def __init__(self, chat: ChatX, websocket: WebSocket, send: Send, session: Session) -> None:
         self.chat, self.ws, self.session, self.user = chat, websocket, session, session.user
         self.send = send
         # A list and a future rather than an asyncio.Queue: a Queue costs 3 kB per idle socket.
-        self.outbox: list[Any] = []  # frames, broadcast events and close codes, in order
+        self.outbox: list[OutboxItem] = []
         self.outbox_ready: asyncio.Future | None = None
+        self.backlog_bytes = 0
         self.unsent = 0  # of the batch send_outbox is writing
         self.sends_in_flight = 0
         self.socket_id = uuid.uuid4().hex
-        self.floor, self.high, self.seen, self.prune_at = 0, 0, set[int](), 2048
+        self.seq = 0  # the newest event of the stream this socket has sent or skipped
+        self.disconnect_code: int | None = None  # as the server reported the connection's end
+        self.sending_since = 0.0  # when the frame being sent was handed to the server
+        self.presence: dict[str, tuple[str, str | None]] = {}  # partner key -> status, last_seen it knows
         loop = asyncio.get_running_loop()
         self.finished = loop.create_future()
         self.ended = loop.create_future()  # the first task to end, or a close code
 
-    async def serve(self, after: int | None) -> None:
+    async def serve(self, since: int | None, after: int | None) -> None:
         chat = self.chat
+        code: int | None = None
         try:
-            # Read before subscribing: a message stored after this is delivered live, never skipped.
-            self.floor = after if after is not None else await chat.newest_message_id()
+            await chat.fanout.attach(self)  # from here on, everything for this user reaches this socket
             try:
-                await chat.listen_for(self)  # from here on, the user's channel reaches this socket
-                if not await chat.session_alive(self.session.id):  # signed out before we listened
-                    await self.close(4401)
+                if not await chat.accounts.session_alive(self.session.id):  # signed out before we listened
+                    code = CLOSE_REVOKED
+                    return
+                if not await chat.presence.socket_opened(self.socket_id, self.session):
+                    chat.metrics.refusals.labels("sockets").inc()
+                    code = CLOSE_TOO_MANY
                     return
                 try:
-                    # Committed and announced before the snapshot: hello knows every change
-                    # committed here before ours, as when people connect one after another.
-                    mine = await chat.writer.run(open_socket, self.socket_id, chat.process_id, self.user.id)
-                    await chat.announce(mine)
-                    # No await from the snapshot to joining: every later presence frame queues
-                    # up behind hello, and none repeats what hello says.
-                    hello = chat.hello(self.user)
-                    chat.sockets.add(self)
-                    for username, status, last_seen in mine:  # announced before this socket joined
-                        self.enqueue(dumps(presence_frame(username, status, iso(last_seen))))
-                    await self.send({"type": "websocket.send", "text": hello})
-                    del hello  # serve() lasts as long as the socket: keep no large frame alive in it
-                    await self.catch_up()
+                    # After attaching: every later event arrives live, every earlier one is in the database.
+                    newest = await chat.messenger.newest_seq(self.user)
+                    partners = await chat.presence.partners(self.user)
+                    self.presence = {name.lower(): (status, iso(seen)) for name, status, seen in partners}
+                    await self.send_text(hello_frame(self.user, newest, partners))
+                    self.seq = newest
+                    if since is not None:
+                        self.seq = min(since, newest)
+                    elif after is not None:
+                        found = await chat.messenger.seq_before_message(self.user, after)
+                        self.seq = newest if found is None else found
+                    # The replay runs first in the outbox, where a reader too far behind is cut off.
+                    self.outbox.insert(0, Resync(now_ms()))
                     code = await self.run_until_closed()
                 finally:
-                    await self.leave()
+                    await asyncio.shield(chat.presence.socket_closed(self.socket_id, self.user))
             finally:
-                chat.stop_listening(self)
-            if code is not None:
-                await self.close(code)
+                chat.fanout.detach(self)
+                if code is not None:
+                    await self.close(code)
         except (WebSocketDisconnect, OSError):
             pass
+        except Unavailable:
+            code = CLOSE_TRY_LATER
+            await self.close(code)
         finally:
+            if code is None and self.disconnect_code == CLOSE_RESTART:
+                code = CLOSE_RESTART  # uvicorn, shutting down, closed it before ChatX's lifespan ends
+            if code == CLOSE_RESTART:
+                chat.closed_for_restart += 1
+            chat.metrics.sockets_closed.labels("client" if code is None else str(code)).inc()
             self.finished.set_result(None)
 
-    async def leave(self) -> None:
-        self.chat.sockets.discard(self)
-        # Shielded: a socket row left behind would keep its user online for good.
-        await asyncio.shield(self.chat.spawn(self.chat.socket_closed(self.socket_id, self.user.id)))
+    async def send_text(self, text: str) -> None:
+        self.sending_since = time.monotonic()  # uvicorn holds a send while the client does not read
+        await self.send({"type": "websocket.send", "text": text})
+        self.sending_since = 0.0
 
     async def close(self, code: int) -> None:
+        """Send the close frame; a client that does not take it within seconds is cut off."""
         try:
             await asyncio.wait_for(self.ws.close(code), 5)
         except Exception:
-            pass  # the client is gone or not reading; the transport closes anyway
-
-    def shut(self, code: int) -> None:
-        self.enqueue(code)
+            abort_connection(self.ws.scope)
 
     def end(self, outcome: asyncio.Task | int) -> None:
         if not self.ended.done():
@@ -1559,18 +2859,30 @@ class ChatSocket:
         failure = None if outcome.cancelled() else outcome.exception()
         if failure is None:
             return None if outcome.cancelled() else outcome.result()
+        if isinstance(failure, Unavailable):
+            return CLOSE_TRY_LATER
         if not isinstance(failure, (WebSocketDisconnect, OSError)):
             logger.error("socket of %s failed", self.user.username, exc_info=failure)
-            return 1011
+            return CLOSE_ERROR
         return None
 
-    def enqueue(self, item: Any) -> None:
-        """Queue a frame or event for this socket; a reader too far behind is cut off."""
+    def enqueue(self, item: OutboxItem) -> None:
+        """Queue an item for this socket; a reader too far behind is cut off."""
+        if self.ended.done():
+            return
         self.outbox.append(item)
-        if len(self.outbox) + self.unsent > BACKLOG_MAX:
-            self.end(1013)
+        if isinstance(item, (Frame, StreamFrame)):
+            self.backlog_bytes += len(item.text)
+        if len(self.outbox) + self.unsent > BACKLOG_FRAMES or self.backlog_bytes > BACKLOG_BYTES:
+            self.end(CLOSE_TRY_LATER)
         if self.outbox_ready is not None and not self.outbox_ready.done():
             self.outbox_ready.set_result(None)
+
+    def reply(self, frame: dict[str, Any]) -> None:
+        self.enqueue(Frame(dumps(frame)))
+
+    def reply_error(self, code: str, detail: str, client_id: str | None = None) -> None:
+        self.enqueue(error_frame(code, detail, client_id))
 
     async def send_outbox(self) -> int | None:
         while True:
@@ -1578,60 +2890,61 @@ class ChatSocket:
                 self.outbox_ready = asyncio.get_running_loop().create_future()
                 await self.outbox_ready
             batch, self.outbox = self.outbox, []
+            self.backlog_bytes = 0
             for index, item in enumerate(batch):
                 self.unsent = len(batch) - index
-                if isinstance(item, int):
-                    return item
-                if isinstance(item, str):
-                    await self.send({"type": "websocket.send", "text": item})
-                elif (code := await self.deliver(item)) is not None:
+                if (code := await self.deliver(item)) is not None:
                     return code
             self.unsent = 0
 
-    async def deliver(self, event: Event) -> int | None:
-        text = event.message
-        if isinstance(text, Resync):
-            if not await self.chat.session_alive(self.session.id):
-                return 4401
+    async def deliver(self, item: OutboxItem) -> int | None:
+        """Send one outbox item; a close code ends the socket."""
+        if isinstance(item, StreamFrame):
+            if item.seq > self.seq + 1:
+                await self.catch_up()  # the events before it are committed: read them
+            if item.seq > self.seq:
+                await self.send_text(item.text)
+                self.seq = item.seq
+        elif isinstance(item, Frame):
+            await self.send_text(item.text)
+        elif isinstance(item, PresenceFrame):
+            if self.news(item):
+                await self.send_text(item.text)
+        elif isinstance(item, Revoke):
+            return CLOSE_REVOKED if item.ends(self.session.id) else None
+        elif isinstance(item, Resync):
+            if not await self.chat.accounts.session_alive(self.session.id):
+                return CLOSE_REVOKED
             await self.catch_up()
-            return None
-        if text.startswith(MESSAGE_FRAME_START):
-            if not self.remember(int(text[len(MESSAGE_FRAME_START):text.index(",", len(MESSAGE_FRAME_START))])):
-                return None
-        elif text.startswith('{"type":"revoke"'):
-            return 4401 if json.loads(text)["session"] == self.session.id else None
-        await self.send({"type": "websocket.send", "text": text})
         return None
 
-    def remember(self, message_id: int) -> bool:
-        """Record a message as sent; False if this socket already has it."""
-        if message_id <= self.floor or message_id in self.seen:
-            return False
-        self.seen.add(message_id)
-        self.high = max(self.high, message_id)
-        if len(self.seen) > self.prune_at:
-            # A message published 100,000 ids late is beyond any real delay.
-            self.floor = max(self.floor, self.high - 100_000)
-            self.seen = {i for i in self.seen if i > self.floor}
-            self.prune_at = max(2048, 2 * len(self.seen))
+    def news(self, frame: PresenceFrame) -> bool:
+        """Record a partner's presence; False for a repeat or one older than what this socket knows."""
+        key = frame.username.lower()
+        known = self.presence.get(key)
+        if known is not None:
+            if known == (frame.status, frame.last_seen):
+                return False
+            if (known[1] or "") > (frame.last_seen or ""):  # fixed-width ISO times sort as strings
+                return False
+        self.presence[key] = (frame.status, frame.last_seen)
         return True
 
     async def catch_up(self) -> None:
-        """Send, in id order, every message of mine above `floor` not yet sent."""
-        cursor = self.floor
+        """Send every event of the stream above `seq`, in order, from the database."""
         while True:
-            page = await self.chat.messages_since(self.user, cursor, REPLAY_PAGE)
-            for message in page:
-                if self.remember(message["id"]):
-                    await self.send({"type": "websocket.send", "text": message_frame(message)})
+            page = await self.chat.messenger.replay(self.user, self.seq, REPLAY_PAGE)
+            for frame in page:
+                await self.send_text(frame.text)
+                self.seq = frame.seq
             if len(page) < REPLAY_PAGE:
                 return
-            cursor = page[-1]["id"]
 
     async def receive_frames(self) -> int | None:
         while True:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
+                self.disconnect_code = message.get("code")
                 return None
             text = message.get("text")
             if text is None:
@@ -1639,527 +2952,823 @@ class ChatSocket:
             else:  # a character is at most 4 bytes: only long frames need measuring
                 size = len(text) if 4 * len(text) <= FRAME_MAX_BYTES else len(text.encode())
             if size > FRAME_MAX_BYTES:
-                return 1009
+                return CLOSE_TOO_BIG
             if text is None:
                 self.reply_error("bad_json", "Frames are JSON text, not binary.")
                 continue
-            await self.handle(text)
+            await handle_frame(self, text)
 
-    async def handle(self, text: str) -> None:
-        try:
-            frame = json.loads(text)
-        except ValueError:
-            return self.reply_error("bad_json", "The frame is not valid JSON.")
-        if not isinstance(frame, dict):
-            return self.reply_error("bad_json", "A frame is a JSON object.")
-        client_id = frame.get("client_id") if isinstance(frame.get("client_id"), str) else None
-        handler = FRAME_HANDLERS.get(frame.get("type"))
-        if handler is None:
-            return self.reply_error("unknown_type", f"Unknown frame type {frame.get('type')!r}.", client_id)
-        try:
-            await handler(self, frame)
-        except FrameError as exc:
-            self.reply_error(exc.code, exc.detail, client_id)
-
-    def reply(self, frame: dict[str, Any]) -> None:
-        self.enqueue(dumps(frame))
-
-    def reply_error(self, code: str, detail: str, client_id: str | None = None) -> None:
-        frame = {"type": "error", "code": code, "detail": detail}
-        if client_id is not None:
-            frame["client_id"] = client_id
-        self.reply(frame)
-
-    async def peer(self, frame: dict[str, Any], name: str) -> User:
-        peer = await self.chat.find_user(frame_field(frame, name, str))
-        if peer is None:
-            raise FrameError("unknown_user", f"There is no user {frame[name]!r}.")
-        return peer
-
-    async def on_send(self, frame: dict[str, Any]) -> None:
-        body = frame_field(frame, "body", str)
-        client_id = frame.get("client_id")
-        if client_id is not None and (
-            not isinstance(client_id, str) or not 0 < len(client_id) <= CLIENT_ID_MAX or not storable(client_id)
-        ):
-            raise FrameError("invalid_field", f"'client_id' must be a string of 1 to {CLIENT_ID_MAX} characters.")
-        recipient = await self.peer(frame, "to")
-        if not body.strip():
-            raise FrameError("empty_body", "The message is empty.")
-        if len(body) > BODY_MAX:
-            raise FrameError("body_too_long", f"Messages are at most {BODY_MAX} characters.")
-        if not self.chat.send_bucket(self.user.id).take():
-            raise FrameError("rate_limited", "Too many messages; slow down and send again.")
-        # Not awaited: the next frames are read meanwhile, so one commit takes many
-        # sends of a socket. The queue keeps their order; the callback acks and publishes.
-        stored = self.chat.store_message(self.user, recipient, body, client_id)
-        stored.add_done_callback(functools.partial(self.message_stored, recipient, client_id))
-        self.sends_in_flight += 1
-        if self.sends_in_flight > SENDS_IN_FLIGHT_MAX:
-            await asyncio.wait([stored])
-
-    def message_stored(self, recipient: User, client_id: str | None, stored: asyncio.Future) -> None:
-        """Ack, then deliver, once the message is committed; this runs even when
-        the socket closed meanwhile, so no stored message stays unpublished. A
-        retry (same client_id) gets the original, published again in case the
-        first attempt was cut off; sockets that already have it drop it by id."""
+    def message_stored(self, client_id: str | None, outcome: Stored | Refused | BaseException) -> None:
+        """Acknowledge a send once its commit is done (or say why not)."""
         self.sends_in_flight -= 1
-        if stored.cancelled():
+        if isinstance(outcome, Refused):
+            self.reply_error(outcome.code, outcome.detail, client_id)
+        elif isinstance(outcome, BaseException):
+            logger.warning("a message of %s could not be stored: %s", self.user.username, outcome)
+            self.reply_error("unavailable", "The message could not be stored; send it again.", client_id)
+        else:
+            if outcome.seqs:
+                self.chat.metrics.messages_stored.inc()
+            self.enqueue(Frame('{"type":"ack","client_id":' + dumps(client_id) + ',"message":'
+                               + dumps(outcome.message) + "}"))
+
+
+# -- frame handlers
+
+
+def frame_field(frame: dict[str, Any], name: str, kind: type) -> Any:
+    value = frame.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not storable(value)):
+        raise FrameError("invalid_field", f"'{name}' is required and must be a {kind.__name__}.")
+    return value
+
+
+# Characters that show nothing: white space, format and control characters,
+# variation selectors, and the blank letters of Hangul and Braille.
+VISIBLE_RE = re.compile("[^\\s\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5"
+                        "\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u2800\u3164\ufe00-\ufe0f"
+                        "\ufeff\uffa0\U000e0000-\U000e0fff]")
+
+
+def body_field(frame: dict[str, Any]) -> str:
+    body = frame_field(frame, "body", str)
+    if not VISIBLE_RE.search(body):
+        raise FrameError("empty_body", "The message is empty.")
+    if len(body) > BODY_MAX:
+        raise FrameError("body_too_long", f"Messages are at most {BODY_MAX} characters.")
+    return body
+
+
+def id_field(frame: dict[str, Any], name: str) -> int:
+    value = frame_field(frame, name, int)
+    if not 0 < value <= ID_MAX:
+        raise FrameError("invalid_field", f"'{name}' must be a message id.")
+    return value
+
+
+async def peer_field(socket: ChatSocket, frame: dict[str, Any], name: str) -> User:
+    peer = await socket.chat.accounts.find_user(frame_field(frame, name, str))
+    if peer is None:
+        raise FrameError("unknown_user", f"There is no user {frame[name]!r}.")
+    return peer
+
+
+def take_token(socket: ChatSocket) -> None:
+    if not socket.chat.limits.allow_send(socket.user.id):
+        socket.chat.metrics.refusals.labels("send_rate").inc()
+        raise FrameError("rate_limited", "Too many frames; slow down and send again.")
+
+
+async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
+    frame_field(frame, "body", str)
+    client_id = frame.get("client_id")
+    if client_id is not None and (
+        not isinstance(client_id, str) or not 0 < len(client_id) <= CLIENT_ID_MAX or not storable(client_id)
+    ):
+        raise FrameError("invalid_field", f"'client_id' must be a string of 1 to {CLIENT_ID_MAX} characters.")
+    reply_to = None if frame.get("reply_to") is None else id_field(frame, "reply_to")
+    recipient = await peer_field(socket, frame, "to")
+    body = body_field(frame)
+    take_token(socket)
+    # Not awaited: the next frames are read meanwhile, so one commit takes many
+    # sends of a socket; the writer's queue keeps their order.
+    socket.sends_in_flight += 1
+    stored = socket.chat.messenger.send(NewMessage(socket.user, recipient, body, client_id, reply_to),
+                                        functools.partial(socket.message_stored, client_id))
+    if socket.sends_in_flight > SENDS_IN_FLIGHT_MAX:
+        await asyncio.wait([stored])
+
+
+async def on_edit(socket: ChatSocket, frame: dict[str, Any]) -> None:
+    message_id = id_field(frame, "id")
+    body = body_field(frame)
+    take_token(socket)
+    outcome = await socket.chat.messenger.change(socket.user, message_id, body)
+    if isinstance(outcome, Refused):
+        raise FrameError(outcome.code, outcome.detail)
+
+
+async def on_delete(socket: ChatSocket, frame: dict[str, Any]) -> None:
+    message_id = id_field(frame, "id")
+    take_token(socket)
+    outcome = await socket.chat.messenger.change(socket.user, message_id, None)
+    if isinstance(outcome, Refused):
+        raise FrameError(outcome.code, outcome.detail)
+
+
+async def on_typing(socket: ChatSocket, frame: dict[str, Any]) -> None:
+    peer = await peer_field(socket, frame, "to")
+    if socket.chat.limits.allow_typing(socket.user.id, peer.id):
+        await socket.chat.messenger.typing(socket.user, peer)
+    else:
+        socket.chat.metrics.refusals.labels("typing").inc()
+
+
+async def on_read(socket: ChatSocket, frame: dict[str, Any]) -> None:
+    peer = await peer_field(socket, frame, "with")
+    up_to = frame_field(frame, "up_to", int)
+    if up_to < 0:
+        raise FrameError("invalid_field", "'up_to' must be at least 0.")
+    take_token(socket)
+    await socket.chat.messenger.read(socket.user, peer, up_to)
+
+
+async def on_ping(socket: ChatSocket, frame: dict[str, Any]) -> None:
+    socket.reply({"type": "pong"})
+
+
+FRAME_HANDLERS: dict[str, Callable[[ChatSocket, dict[str, Any]], Awaitable[None]]] = {
+    "send": on_send, "edit": on_edit, "delete": on_delete, "typing": on_typing, "read": on_read, "ping": on_ping}
+
+
+def too_deep(text: str) -> bool:
+    """Nested deeper than DEPTH_MAX; counted only for frames with that many brackets at all."""
+    if text.count("[") + text.count("{") <= DEPTH_MAX:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > DEPTH_MAX:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+async def handle_frame(socket: ChatSocket, text: str) -> None:
+    if too_deep(text):
+        return socket.reply_error("bad_json", f"Frames are nested at most {DEPTH_MAX} levels deep.")
+    try:
+        frame = json.loads(text)
+    except (ValueError, RecursionError):
+        return socket.reply_error("bad_json", "The frame is not valid JSON.")
+    if not isinstance(frame, dict):
+        return socket.reply_error("bad_json", "A frame is a JSON object.")
+    client_id = frame.get("client_id")
+    client_id = client_id if isinstance(client_id, str) and storable(client_id) else None
+    kind = frame.get("type")
+    handler = FRAME_HANDLERS.get(kind) if isinstance(kind, str) else None
+    if handler is None:
+        return socket.reply_error("unknown_type", "Unknown frame type.", client_id)
+    try:
+        await handler(socket, frame)
+    except FrameError as exc:
+        socket.reply_error(exc.code, exc.detail, client_id)
+    except Unavailable:
+        socket.reply_error("unavailable", "The server cannot store this now; try again.", client_id)
+
+
+class WebSocketEndpoint:
+    """/ws as an ASGI app rather than a function of a WebSocket: frames go out
+    through the ASGI `send` itself. Starlette's WebSocket.send_text and the
+    route's exception wrapper around `send` are three coroutine layers per
+    frame, which a storm of people connecting multiplies."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        chat = chat_of(websocket)
+        try:
+            session = await chat.accounts.session_from(websocket)
+        except Unavailable:
+            await websocket.accept()
+            await websocket.close(CLOSE_TRY_LATER)
             return
-        if (failure := stored.exception()) is not None:
-            logger.error("storing a message of %s failed", self.user.username, exc_info=failure)
-            self.shut(1011)  # the client resends with the same client_id; nothing is stored twice
+        if session is None or not origin_allowed(websocket, chat.settings.allowed_origins):
+            await websocket.close()  # before accept(): the handshake is refused with 403
             return
-        message = stored.result()
-        encoded = dumps(message)
-        self.enqueue('{"type":"ack","client_id":' + dumps(client_id) + ',"message":' + encoded + "}")
-        self.chat.deliver_message(message_frame(message, encoded), self.user, recipient)
-
-    async def on_typing(self, frame: dict[str, Any]) -> None:
-        recipient = await self.peer(frame, "to")
-        await self.chat.publish(f"user:{recipient.id}", dumps({"type": "typing", "from": self.user.username}))
-
-    async def on_read(self, frame: dict[str, Any]) -> None:
-        peer = await self.peer(frame, "with")
-        up_to = frame_field(frame, "up_to", int)
-        if up_to < 0:
-            raise FrameError("invalid_field", "'up_to' must be at least 0.")
-        moved = await self.chat.writer.run(advance_read_cursor, self.chat.insert, self.user.id, peer.id, up_to)
-        if moved is not None:
-            read = dumps({"type": "read", "reader": self.user.username, "with": peer.username, "up_to": moved})
-            for user_id in {self.user.id, peer.id}:
-                await self.chat.publish(f"user:{user_id}", read)
-
-    async def on_ping(self, frame: dict[str, Any]) -> None:
-        self.reply({"type": "pong"})
+        most = chat.settings.max_sockets_per_user
+        if most and len(chat.fanout.local.get(session.user.id, ())) >= most:
+            chat.metrics.refusals.labels("sockets").inc()
+            await websocket.close()  # over the limit on this process; across processes, ChatSocket checks
+            return
+        cursors = {name: websocket.query_params.get(name) for name in ("since", "after")}
+        await websocket.accept()
+        for name, value in cursors.items():
+            if value is not None and not CURSOR_RE.fullmatch(value):
+                await websocket.send_text(dumps({"type": "error", "code": "invalid_field",
+                                                 "detail": f"'{name}' must be a whole number of at least 0."}))
+                await websocket.close(CLOSE_POLICY)
+                return
+        since, after = (None if value is None else int(value) for value in cursors.values())
+        await ChatSocket(chat, websocket, send, session).serve(since, None if after is None else min(after, ID_MAX))
 
 
-FRAME_HANDLERS = {"send": ChatSocket.on_send, "typing": ChatSocket.on_typing, "read": ChatSocket.on_read,
-                  "ping": ChatSocket.on_ping}
+# ---- HTTP -----------------------------------------------------------------------------
+
+ERROR_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "too_large"}
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
 
-# ---- app factory --------------------------------------------------------------
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, retry_after: int | None = None) -> None:
+        self.status, self.code, self.detail, self.retry_after = status, code, detail, retry_after
+
+
+def error_response(status: int, code: str, detail: str, retry_after: int | None = None) -> JSONResponse:
+    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+    return JSONResponse({"error": {"code": code, "detail": detail}}, status_code=status, headers=headers)
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    refusals = chat_of(request).metrics.refusals
+    if isinstance(exc, Unavailable):
+        return error_response(503, "unavailable", "The database is not answering; try again shortly.", 1)
+    if isinstance(exc, Busy):
+        refusals.labels("hash_queue").inc()
+        return error_response(503, "busy", "The server is busy signing people in; try again in a moment.", 1)
+    if isinstance(exc, TooManyAttempts):
+        refusals.labels(exc.kind).inc()
+        return error_response(429, "rate_limited", "Too many attempts; try again later.", exc.retry_after)
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.detail, exc.retry_after)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, ERROR_CODES.get(exc.status_code, "error"), str(exc.detail))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, "internal_error", "Something went wrong on the server; nothing was lost.")
+
+
+def check_origin(request: Request) -> None:
+    if not origin_allowed(request, chat_of(request).settings.allowed_origins):
+        raise ApiError(403, "forbidden", "Requests from other sites are not accepted.")
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    check_origin(request)
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise ApiError(400, "bad_request", "Send a JSON object with Content-Type: application/json.")
+    try:
+        data = json.loads(await limited_body(request))
+    except (ValueError, RecursionError):
+        raise ApiError(400, "bad_request", "The body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_request", "The body must be a JSON object.")
+    return data
+
+
+async def limited_body(request: Request) -> bytes:
+    """Read at most HTTP_BODY_MAX bytes within BODY_TIMEOUT_S. (Starlette's
+    max_body_size answers in plain text, and every /api error must be JSON.)"""
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > HTTP_BODY_MAX:
+                    raise ApiError(413, "too_large", f"Request bodies are at most {HTTP_BODY_MAX} bytes.")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, "timeout", f"The body did not arrive within {BODY_TIMEOUT_S} s.") from None
+    return b"".join(chunks)
+
+
+def string_field(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not storable(value):
+        raise ApiError(400, "bad_request", f"'{name}' is required and must be a string.")
+    return value
+
+
+def query_cursor(request: Request, name: str) -> int | None:
+    value = request.query_params.get(name)
+    if value is None:
+        return None
+    if not CURSOR_RE.fullmatch(value):
+        raise ApiError(400, "bad_request", f"'{name}' must be a whole number of at least 0.")
+    return min(int(value), ID_MAX)
+
+
+def query_limit(request: Request, default: int, most: int) -> int:
+    """A limit above `most` is taken as `most`; below 1 is a bad request."""
+    text = request.query_params.get("limit", str(default))
+    if not re.fullmatch(r"-?[0-9]{1,18}", text) or int(text) < 1:
+        raise ApiError(400, "bad_request", "'limit' must be a whole number of at least 1.")
+    return min(int(text), most)
+
+
+async def signed_in(request: Request) -> Session:
+    session = await chat_of(request).accounts.session_from(request)
+    if session is None:
+        raise ApiError(401, "not_authenticated", "Sign in first.")
+    return session
+
+
+async def named_user(request: Request) -> User:
+    user = await chat_of(request).accounts.find_user(request.path_params["username"])
+    if user is None:
+        raise ApiError(404, "unknown_user", "There is no such user.")
+    return user
+
+
+def with_session_cookie(response: Response, request: Request, value: str) -> Response:
+    response.set_cookie(
+        SESSION_COOKIE, value, max_age=SESSION_DAYS * 86400, path=request.scope.get("root_path") or "/",
+        httponly=True, samesite="lax", secure=request.url.scheme == "https",
+    )
+    return response
+
+
+async def register(request: Request) -> Response:
+    """Create an account and sign in.
+    ---
+    summary: Create an account
+    requestBody:
+      required: true
+      content: {application/json: {schema: {type: object, required: [username, password], properties: {username: {type: string}, password: {type: string}}}}}
+    responses:
+      "201": {description: "{user}; signed in"}
+      "400": {description: "bad_request, invalid_username, weak_password"}
+      "403": {description: "registration_closed"}
+      "409": {description: "username_taken"}
+      "429": {description: "rate_limited"}
+      "503": {description: "busy"}
+    """
+    data = await json_object(request)
+    chat = chat_of(request)
+    if chat.settings.registration == "closed":
+        raise ApiError(403, "registration_closed", "Accounts are made by the administrator here.")
+    username, password = string_field(data, "username"), string_field(data, "password")
+    if problem := username_problem(username):
+        raise ApiError(400, "invalid_username", problem)
+    if problem := password_problem(password):
+        raise ApiError(400, "weak_password", problem)
+    user = await chat.accounts.register(username, password, client_address(request))
+    if user is None:
+        raise ApiError(409, "username_taken", f"The username {username!r}, or one that looks like it, is taken.")
+    cookie = await chat.accounts.create_session(user)
+    return with_session_cookie(JSONResponse({"user": user.public()}, status_code=201), request, cookie)
+
+
+async def login(request: Request) -> Response:
+    """Sign in with a username and password; a session this browser had ends.
+    ---
+    summary: Sign in
+    requestBody:
+      required: true
+      content: {application/json: {schema: {type: object, required: [username, password], properties: {username: {type: string}, password: {type: string}}}}}
+    responses:
+      "200": {description: "{user}; signed in"}
+      "400": {description: "bad_request"}
+      "401": {description: "bad_credentials"}
+      "429": {description: "rate_limited"}
+      "503": {description: "busy"}
+    """
+    data = await json_object(request)
+    username, password = string_field(data, "username"), string_field(data, "password")
+    accounts = chat_of(request).accounts
+    user = await accounts.authenticate(username, password, client_address(request))
+    if user is None:
+        raise ApiError(401, "bad_credentials", "Wrong username or password.")
+    cookie = await accounts.create_session(user, replaces=await accounts.session_from(request))
+    return with_session_cookie(JSONResponse({"user": user.public()}), request, cookie)
+
+
+async def logout(request: Request) -> Response:
+    """End this session, or with `everywhere=true` every session of mine; their sockets close with 4401.
+    ---
+    summary: Sign out
+    parameters:
+      - {name: everywhere, in: query, required: false, schema: {type: string}, description: "true ends every session of mine"}
+    responses:
+      "204": {description: "signed out"}
+    """
+    check_origin(request)
+    accounts = chat_of(request).accounts
+    session = await accounts.session_from(request)
+    if session is not None:
+        if request.query_params.get("everywhere") == "true":
+            await accounts.revoke_all(session.user)
+        else:
+            await accounts.revoke(session)
+    return without_session_cookie(Response(status_code=204), request)
+
+
+def without_session_cookie(response: Response, request: Request) -> Response:
+    response.delete_cookie(SESSION_COOKIE, path=request.scope.get("root_path") or "/")
+    return response
+
+
+async def change_password(request: Request) -> Response:
+    """A new password; every other session of mine ends.
+    ---
+    summary: Change my password
+    requestBody:
+      required: true
+      content: {application/json: {schema: {type: object, required: [password, new_password], properties: {password: {type: string}, new_password: {type: string}}}}}
+    responses:
+      "204": {description: "changed"}
+      "400": {description: "bad_request, weak_password"}
+      "401": {description: "bad_credentials"}
+    """
+    data = await json_object(request)
+    session = await signed_in(request)
+    password, new_password = string_field(data, "password"), string_field(data, "new_password")
+    if problem := password_problem(new_password):
+        raise ApiError(400, "weak_password", problem)
+    accounts, address = chat_of(request).accounts, client_address(request)
+    if not await accounts.password_matches(session.user, password, address):
+        raise ApiError(401, "bad_credentials", "The current password is wrong.")
+    await accounts.change_password(session, new_password, address)
+    return Response(status_code=204)
+
+
+async def delete_me(request: Request) -> Response:
+    """Delete my account and every message I sent or received.
+    ---
+    summary: Delete my account
+    requestBody:
+      required: true
+      content: {application/json: {schema: {type: object, required: [password], properties: {password: {type: string}}}}}
+    responses:
+      "204": {description: "deleted"}
+      "400": {description: "bad_request"}
+      "401": {description: "bad_credentials"}
+    """
+    data = await json_object(request)
+    session = await signed_in(request)
+    accounts = chat_of(request).accounts
+    if not await accounts.password_matches(session.user, string_field(data, "password"), client_address(request)):
+        raise ApiError(401, "bad_credentials", "The password is wrong.")
+    await accounts.delete(session.user)
+    return without_session_cookie(Response(status_code=204), request)
+
+
+async def me(request: Request) -> Response:
+    """The signed-in user.
+    ---
+    summary: Who I am
+    responses:
+      "200": {description: "{user}"}
+      "401": {description: "not_authenticated"}
+    """
+    session = await signed_in(request)
+    return JSONResponse({"user": session.user.public()})
+
+
+async def conversation_list(request: Request) -> Response:
+    """My conversations, newest last message first, paged with `before`.
+    ---
+    summary: My conversations
+    parameters:
+      - {name: before, in: query, required: false, schema: {type: integer}, description: "a message id: conversations whose last message is older"}
+      - {name: limit, in: query, required: false, schema: {type: integer}, description: "1 to 200, default 50"}
+    responses:
+      "200": {description: "{conversations, has_more}"}
+      "400": {description: "bad_request"}
+      "401": {description: "not_authenticated"}
+    """
+    session = await signed_in(request)
+    before, limit = query_cursor(request, "before"), query_limit(request, PAGE_DEFAULT, PAGE_MAX)
+    return JSONResponse(await chat_of(request).messenger.conversations(session.user, before, limit))
+
+
+async def directory(request: Request) -> Response:
+    """Users whose username starts with `q`, by username, paged with `after`.
+    ---
+    summary: Search the directory
+    parameters:
+      - {name: q, in: query, required: true, schema: {type: string}, description: "the start of a username, 1 to 32 characters"}
+      - {name: after, in: query, required: false, schema: {type: string}, description: "a username: continue after it"}
+      - {name: limit, in: query, required: false, schema: {type: integer}, description: "1 to 100, default 20"}
+    responses:
+      "200": {description: "{users, has_more}"}
+      "400": {description: "bad_request"}
+      "401": {description: "not_authenticated"}
+    """
+    session = await signed_in(request)
+    prefix, after = request.query_params.get("q", ""), request.query_params.get("after", "")
+    if not 1 <= len(prefix) <= QUERY_MAX or not storable(prefix) or len(after) > QUERY_MAX or not storable(after):
+        raise ApiError(400, "bad_request", f"'q' is required: 1 to {QUERY_MAX} characters.")
+    limit = query_limit(request, DIRECTORY_DEFAULT, DIRECTORY_MAX)
+    return JSONResponse(await chat_of(request).accounts.directory(session.user, prefix, after, limit))
+
+
+async def conversation_messages(request: Request) -> Response:
+    """Messages between me and a user, paged with `before` or `after`.
+    ---
+    summary: A conversation's messages
+    parameters:
+      - {name: username, in: path, required: true, schema: {type: string}}
+      - {name: before, in: query, required: false, schema: {type: integer}, description: "a message id"}
+      - {name: after, in: query, required: false, schema: {type: integer}, description: "a message id"}
+      - {name: limit, in: query, required: false, schema: {type: integer}, description: "1 to 200, default 50"}
+    responses:
+      "200": {description: "{messages, has_more, read_up_to}"}
+      "400": {description: "bad_request"}
+      "401": {description: "not_authenticated"}
+      "404": {description: "unknown_user"}
+    """
+    session = await signed_in(request)
+    before, after = query_cursor(request, "before"), query_cursor(request, "after")
+    if before is not None and after is not None:
+        raise ApiError(400, "bad_request", "Give 'before' or 'after', not both.")
+    limit = query_limit(request, PAGE_DEFAULT, PAGE_MAX)
+    peer = await named_user(request)
+    return JSONResponse(await chat_of(request).messenger.history(session.user, peer, before, after, limit))
+
+
+async def block_list(request: Request) -> Response:
+    """The users I block.
+    ---
+    summary: Users I block
+    responses:
+      "200": {description: "{blocks}"}
+      "401": {description: "not_authenticated"}
+    """
+    session = await signed_in(request)
+    blocked = await chat_of(request).accounts.blocked(session.user)
+    return JSONResponse({"blocks": [user.public() for user in blocked]})
+
+
+async def block(request: Request) -> Response:
+    """PUT blocks a user, DELETE unblocks them.
+    ---
+    summary: Block or unblock a user
+    parameters:
+      - {name: username, in: path, required: true, schema: {type: string}}
+    responses:
+      "204": {description: "done"}
+      "401": {description: "not_authenticated"}
+      "404": {description: "unknown_user"}
+    """
+    check_origin(request)
+    session = await signed_in(request)
+    other = await named_user(request)
+    accounts = chat_of(request).accounts
+    if request.method == "PUT":
+        await accounts.block(session.user, other)
+    else:
+        await accounts.unblock(session.user, other)
+    return Response(status_code=204)
+
+
+def address_allowed(address: str, allowed: tuple[str, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(network, strict=False) for network in allowed)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus's text format; on with CHATX_METRICS, for CHATX_METRICS_ALLOW addresses.
+    ---
+    summary: Metrics for Prometheus
+    responses:
+      "200": {description: "text format 0.0.4"}
+      "403": {description: "forbidden"}
+      "404": {description: "not_found"}
+    """
+    chat = chat_of(request)
+    if not chat.settings.metrics:
+        raise ApiError(404, "not_found", "Metrics are off (CHATX_METRICS).")
+    if not address_allowed(client_address(request), chat.settings.metrics_allow):
+        raise ApiError(403, "forbidden", "Metrics are not served to this address.")
+    chat.refresh_metrics()
+    return Response(generate_latest(chat.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+SCHEMAS = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "ChatX", "version": __version__}})
+
+
+async def openapi(request: Request) -> Response:
+    """The HTTP API as OpenAPI, from the handlers' docstrings."""
+    return JSONResponse(SCHEMAS.get_schema(routes=request.app.routes))
+
+
+async def healthz(request: Request) -> Response:
+    """Whether the database takes commits and the broadcast is connected.
+    ---
+    summary: Health
+    responses:
+      "200": {description: "{status: ok, checks}"}
+      "503": {description: "{status: fail, checks}"}
+    """
+    checks = await chat_of(request).health()
+    ok = all(value == "ok" for value in checks.values())
+    return JSONResponse({"status": "ok" if ok else "fail", "checks": checks}, status_code=200 if ok else 503)
+
+
+def page_context(request: Request, **extra: Any) -> dict[str, Any]:
+    return {"base": request.scope.get("root_path", ""), **extra}
+
+
+async def chat_page(request: Request) -> Response:
+    chat = chat_of(request)
+    session = await chat.accounts.session_from(request)
+    if session is None:  # relative to the root path: the Host header does not make the URL
+        return RedirectResponse(request.scope.get("root_path", "") + "/login", status_code=303)
+    return chat.templates.TemplateResponse(request, "chat.html", page_context(request, user=session.user.public()))
+
+
+async def login_page(request: Request) -> Response:
+    return chat_of(request).templates.TemplateResponse(request, "login.html", page_context(request))
+
+
+async def register_page(request: Request) -> Response:
+    return chat_of(request).templates.TemplateResponse(request, "register.html", page_context(request))
+
+
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+class SecurityHeaders:
+    """Adds the Content-Security-Policy and friends to every HTTP response,
+    and `Cache-Control: no-store` to the API's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        api = scope["path"].startswith(scope.get("root_path", "") + "/api/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+                if api:
+                    message["headers"].append((b"cache-control", b"no-store"))
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class HTTPProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for each request's head.
+    uvicorn has none: a client that connects and sends nothing, or sends its
+    headers a byte at a time, holds a connection for good. `make run` and
+    `python -m chatx serve` pass it as `--http chatx:HTTPProtocol`."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.head_deadline: asyncio.TimerHandle | None = self.loop.call_later(HEAD_TIMEOUT_S, self.head_late)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self.head_deadline is None:
+            self.head_deadline = self.loop.call_later(HEAD_TIMEOUT_S, self.head_late)
+
+    def on_headers_complete(self) -> None:
+        self.stop_head_deadline()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_head_deadline()
+        super().connection_lost(exc)
+
+    def stop_head_deadline(self) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def head_late(self) -> None:
+        self.head_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+# ---- the composition root and the app -------------------------------------------------
 
 
 class ChatX:
-    """Everything one ChatX app holds; `create_app` makes one per app, so two
-    apps in one process share nothing."""
+    """One ChatX app: its settings and services, started and stopped together.
+    `create_app` makes one per app, so two apps in one process share nothing."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.process_id = uuid.uuid4().hex
-        self.status_hook = StatusHook()
-        self.status_hook.connect(self.publish_presence)
-        self.templates = Jinja2Templates(directory=HERE / "templates")
-        self.sockets: set[ChatSocket] = set()
-        self.local: dict[int, set[ChatSocket]] = {}  # user id -> this process's open sockets
-        self.relays: dict[int, tuple[asyncio.Task, asyncio.Future]] = {}  # user id -> relay, subscribed
-        self.ending_relays: dict[int, asyncio.Task] = {}
-        self.presence: dict[str, tuple[str, str | None]] = {}  # username key -> status, last_seen
-        self.online: dict[str, str] = {}  # username key -> its hello entry, as JSON
-        self.buckets: dict[int, TokenBucket] = {}
-        self.users_by_key: dict[str, User] = {}
-        self.background: set[asyncio.Task] = set()
-        self.backend: RedisPubSubBackend | None = None
+        self.templates = Jinja2Templates(directory=ASSETS / "templates")
+        self.metrics = Metrics()
+        self.storage = Storage(settings.database_url, self.metrics.commit_seconds.observe)
+        self.fanout = Fanout(settings)
+        self.limits = Limits(settings)
+        self.accounts = Accounts(self.storage, self.fanout, settings)
+        self.presence = Presence(self.storage, self.fanout, settings, self.process_id)
+        self.messenger = Messenger(self.storage, self.fanout, self.presence, settings)
+        self.closed_for_restart = 0
 
     def on_status_change(self, callback: StatusCallback) -> StatusCallback:
         """Register `callback(username, status, last_seen)`, plain or async; it
         runs once per committed change of status made by this process."""
-        return self.status_hook.connect(callback)
-
-    # lifecycle
+        return self.presence.hook.connect(callback)
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        await self.start()
-        try:
+        """Start the services in order; stop them in reverse, also when a start fails."""
+        configure_logging(self.settings.log_format)
+        async with AsyncExitStack() as started:
+            started.callback(logger.info, "ChatX stopped")
+            await self.storage.start()
+            started.push_async_callback(self.storage.stop)
+            await self.accounts.start()
+            started.push_async_callback(self.accounts.stop)
+            await self.fanout.start("chatx:" + hashlib.sha256(self.accounts.secret.encode()).hexdigest()[:16])
+            started.push_async_callback(self.fanout.stop)
+            await self.presence.start()
+            started.push_async_callback(self.presence.stop)
+            await self.messenger.start()
+            started.push_async_callback(self.messenger.stop)
+            started.push_async_callback(self.close_sockets)
+            if self.settings.tune_gc:
+                tune_collector()
+            logger.info("ChatX %s started: database %s, broadcast %s", __version__,
+                        redacted(self.settings.database_url), redacted(self.settings.broadcast_url))
             yield
-        finally:
-            await self.stop()
 
-    async def start(self) -> None:
-        url = self.settings.database_url
-        self.database = open_database(url)
-        await self.database.connect()
-        postgres = self.postgres = self.database.url.dialect == "postgresql"
-        self.insert = postgresql_insert if postgres else sqlite_insert
-        self.insert_messages = functools.partial(insert_messages, postgres=postgres)
-        self.writer = Writer(url)
-        await self.writer.start()
-        await self.writer.run(create_schema, postgres)
-        # asyncpg's pool holds its connections already; SQLite needs its own (opened
-        # once the writer has put the file in WAL mode, which takes a lock that waits for no one).
-        self.reads: Any = self.database if postgres else HeldConnections(self.database)
-        if not postgres:
-            await self.reads.connect()
-        secret = self.settings.secret_key or await self.writer.run(ensure_secret, self.insert, secrets.token_urlsafe(32))
-        self.secret = secret
-        # Apps on other databases may share one Redis: their channels must not meet.
-        self.namespace = "chatx:" + hashlib.sha256(secret.encode()).hexdigest()[:16]
-        scheme = urlsplit(self.settings.broadcast_url).scheme
-        self.single_process = scheme == "memory"  # memory:// reaches no other process
-        if scheme in ("redis", "rediss"):
-            self.backend = RedisPubSubBackend(self.settings.broadcast_url)
-            self.broadcast = Broadcast(backend=self.backend)
-        else:
-            self.broadcast = Broadcast(self.settings.broadcast_url)
-        await self.broadcast.connect()
-        presence_known = asyncio.get_running_loop().create_future()
-        self.presence_relay = asyncio.create_task(self.relay_presence(presence_known))
-        await asyncio.wait([presence_known, self.presence_relay], return_when=asyncio.FIRST_COMPLETED)
-        if not presence_known.done():
-            self.presence_relay.result()  # it failed before it could start: say why
-        self.hashers = ThreadPoolExecutor(2, thread_name_prefix="chatx-hash", initializer=yield_to_the_event_loop)
-        await self.writer.run(heartbeat, self.process_id, [])
-        self.upkeep = asyncio.create_task(self.keep_presence())
-        if self.settings.tune_gc:
-            tune_collector()
+    async def close_sockets(self) -> None:
+        """Close sockets with 1012 so clients reconnect elsewhere."""
+        open_sockets = self.fanout.sockets()
+        for socket in open_sockets:
+            socket.end(CLOSE_RESTART)  # ahead of its backlog: a client that stopped reading must not hold us
+        if open_sockets:
+            await asyncio.wait([socket.finished for socket in open_sockets], timeout=10)
+        logger.info("closed %d sockets with %d", self.closed_for_restart, CLOSE_RESTART)
 
-    async def stop(self) -> None:
-        """Close sockets with 1012 so clients reconnect elsewhere, then leave."""
-        for socket in list(self.sockets):
-            socket.shut(1012)
-        waiting = [socket.finished for socket in list(self.sockets)]
-        if waiting:
-            await asyncio.wait(waiting, timeout=5)
-        self.upkeep.cancel()
-        await asyncio.gather(self.upkeep, *self.background, return_exceptions=True)
-        try:
-            await self.announce(await self.writer.run(unregister_process, self.process_id))
-        except Exception:
-            logger.exception("could not unregister this process; the sweep will")
-        self.presence_relay.cancel()
-        await asyncio.gather(self.presence_relay, return_exceptions=True)
-        try:
-            await self.broadcast.disconnect()
-        except Exception:
-            logger.exception("broadcast did not disconnect cleanly")
-        await self.writer.stop()
-        if self.reads is not self.database:
-            await self.reads.disconnect()
-        await self.database.disconnect()
-        self.hashers.shutdown(wait=False)
-
-    def spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task:
-        task = asyncio.ensure_future(coroutine)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-        return task
-
-    # accounts and sessions
-
-    async def create_user(self, username: str, password: str) -> User | None:
-        password_hash = await self.off_loop(hash_password, password)
-        try:
-            return await self.writer.run(insert_user, username, password_hash, now_ms())
-        except Exception as exc:
-            if is_unique_violation(exc):
-                return None
-            raise
-
-    async def authenticate(self, username: str, password: str) -> User | None:
-        row = await self.reads.fetch_one(
-            sa.select(users.c.id, users.c.username, users.c.password_hash).where(
-                users.c.username_key == username.lower()
-            )
-        )
-        matches = await self.off_loop(check_password, password, row["password_hash"] if row else DUMMY_HASH)
-        return User(row["id"], row["username"]) if row and matches else None
-
-    async def off_loop(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Slow hashes run in the hashing threads, never on the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.hashers, function, *args)
-
-    async def create_session(self, user: User) -> str:
-        token = secrets.token_urlsafe(32)
-        await self.writer.run(insert_session, session_id(token), user.id, now_ms() + SESSION_DAYS * 86_400_000)
-        return f"{token}.{sign(self.secret, token)}"
-
-    async def fetch_raw(self, sql: str, *args: Any) -> list[Any]:
-        """A hot read straight to the driver, in SQLite's SQL: databases compiles
-        every query anew, which was most of the CPU of opening a socket."""
-        if self.postgres:
-            async with self.database.connection() as conn:
-                return await conn.raw_connection.fetch(postgres_marks(sql), *args)
-        return await self.reads.fetch_raw(sql, args)
-
-    async def session_from(self, conn: HTTPConnection) -> Session | None:
-        token, _, signature = conn.cookies.get(SESSION_COOKIE, "").rpartition(".")
-        if not token or not hmac.compare_digest(signature, sign(self.secret, token)):
-            return None
-        rows = await self.fetch_raw(
-            "SELECT s.id, u.id, u.username FROM chatx_sessions s JOIN chatx_users u ON u.id = s.user_id "
-            "WHERE s.id = ? AND s.expires_at > ?", session_id(token), now_ms())
-        return Session(rows[0][0], User(rows[0][1], rows[0][2])) if rows else None
-
-    async def session_alive(self, sid: str) -> bool:
-        return bool(await self.fetch_raw("SELECT 1 FROM chatx_sessions WHERE id = ?", sid))
-
-    async def revoke_session(self, session: Session) -> None:
-        """Delete the session, then close its sockets on every process with 4401."""
-        await self.writer.run(delete_session, session.id)
-        await self.publish(f"user:{session.user.id}", dumps({"type": "revoke", "session": session.id}))
-
-    async def find_user(self, username: str) -> User | None:
-        key = username.lower()
-        user = self.users_by_key.get(key)
-        if user is None:
-            rows = await self.fetch_raw("SELECT id, username FROM chatx_users WHERE username_key = ?", key)
-            if not rows:
-                return None
-            user = self.users_by_key[key] = User(rows[0][0], rows[0][1])
-        return user
-
-    # messages
-
-    def store_message(self, sender: User, recipient: User, body: str, client_id: str | None) -> asyncio.Future:
-        """Queue the message for the next commit; the future gives the stored
-        message, or the original for a (sender, client_id) stored before."""
-        return self.writer.submit_bulk(self.insert_messages, NewMessage(sender, recipient, body, client_id),
-                                       one_statement=True)
-
-    def deliver_message(self, frame: str, sender: User, recipient: User) -> None:
-        """Hand the frame to this process's sockets of both people at once (no
-        trip through Redis), then publish it for the other processes' sockets."""
-        for user_id in {sender.id, recipient.id}:
-            event = Event(f"{self.namespace}:user:{user_id}", frame)  # deduplicated by id, like a published one
-            for socket in list(self.local.get(user_id, ())):
-                socket.enqueue(event)
-            self.publish_elsewhere(f"user:{user_id}", frame)
-
-    async def messages_since(self, user: User, after: int, limit: int) -> list[dict[str, Any]]:
-        rows = await self.fetch_raw(
-            "SELECT m.id, s.username, r.username, m.body, m.sent_at, m.client_id FROM chatx_messages m "
-            "JOIN chatx_users s ON s.id = m.sender_id JOIN chatx_users r ON r.id = m.recipient_id "
-            "WHERE (m.sender_id = ? OR m.recipient_id = ?) AND m.id > ? ORDER BY m.id LIMIT ?",
-            user.id, user.id, after, limit)
-        return [message_object(*row) for row in rows]  # columns in message_object's order
-
-    async def newest_message_id(self) -> int:
-        return (await self.fetch_raw("SELECT max(id) FROM chatx_messages"))[0][0] or 0
-
-    async def conversation_page(self, me: User, peer: User, before: int | None, after: int | None, limit: int):
-        query = select_messages(conversation(me.id, peer.id))
-        if after is not None:
-            query = query.where(messages.c.id > after).order_by(messages.c.id)
-        else:
-            if before is not None:
-                query = query.where(messages.c.id < before)
-            query = query.order_by(messages.c.id.desc())
-        rows = await self.reads.fetch_all(query.limit(limit + 1))
-        page = [message_from_row(row) for row in rows[:limit]]
-        if after is None:
-            page.reverse()
-        read_up_to = {
-            me.username: await read_cursor(self.reads, me.id, peer.id),
-            peer.username: await read_cursor(self.reads, peer.id, me.id),
-        }
-        return {"messages": page, "has_more": len(rows) > limit, "read_up_to": read_up_to}
-
-    async def contacts(self, me: User) -> list[dict[str, Any]]:
-        cursor = (
-            sa.select(read_cursors.c.up_to)
-            .where(read_cursors.c.user_id == me.id, read_cursors.c.peer_id == users.c.id)
-            .scalar_subquery()
-        )
-        unread = (
-            sa.select(sa.func.count())
-            .select_from(messages)
-            .where(messages.c.recipient_id == me.id, messages.c.sender_id == users.c.id,
-                   messages.c.id > sa.func.coalesce(cursor, 0))
-            .scalar_subquery()
-        )
-        rows = await self.reads.fetch_all(
-            sa.select(users.c.id, users.c.username, users.c.status, users.c.last_seen, unread.label("unread"))
-            .where(users.c.id != me.id)
-            .order_by(users.c.username_key)
-        )
-        return [
-            {"id": r["id"], "username": r["username"], "status": r["status"], "last_seen": iso(r["last_seen"]),
-             "unread": r["unread"]}
-            for r in rows
-        ]
-
-    def send_bucket(self, user_id: int) -> TokenBucket:
-        bucket = self.buckets.get(user_id)
-        if bucket is None:
-            burst = self.settings.send_burst
-            bucket = self.buckets[user_id] = TokenBucket(self.settings.send_rate, burst, burst)
-        return bucket
-
-    # presence
-
-    def hello(self, user: User) -> str:
-        """From this process's view of presence, which is kept in step with the
-        presence frames handed to sockets (no query per socket). Entries are
-        encoded once, when they change: in a storm of connections every hello
-        lists hundreds of people."""
-        me = user.username.lower()
-        entries = ",".join(entry for key, entry in self.online.items() if key != me)
-        return '{"type":"hello","user":' + dumps(user.public()) + ',"presence":[' + entries + "]}"
-
-    def note_presence(self, entry: dict[str, Any]) -> bool:
-        """Record a presence change; False if it is no news (this process knows
-        the same or a later one: frames from several processes may cross)."""
-        key = entry["username"].lower()
-        known = self.presence.get(key)
-        if known is not None:
-            if known == (entry["status"], entry["last_seen"]):
-                return False  # a repeat
-            if (known[1] or "") > (entry["last_seen"] or ""):  # fixed-width ISO times sort as strings
-                return False  # older than what this process knows
-        self.presence[key] = (entry["status"], entry["last_seen"])
-        if entry["status"] == "online":
-            self.online[key] = dumps({"username": entry["username"], "status": "online",
-                                      "last_seen": entry["last_seen"]})
-        else:
-            self.online.pop(key, None)
-        return True
-
-    async def refresh_presence(self) -> None:
-        """Read every user's presence again and tell local sockets what changed,
-        oldest first: after a broadcast outage, and every heartbeat in case a
-        process died between committing a change and publishing it."""
-        rows = await self.fetch_raw("SELECT username, status, last_seen FROM chatx_users ORDER BY last_seen")
-        entries = [presence_frame(username, status, iso(last_seen)) for username, status, last_seen in rows]
-        self.fan_out([dumps(entry) for entry in entries if self.note_presence(entry)])
-
-    def fan_out(self, frames: list[str]) -> None:
-        if frames:
-            for socket in list(self.sockets):
-                for frame in frames:
-                    socket.enqueue(frame)
-
-    async def socket_closed(self, socket_id: str, user_id: int) -> None:
-        await self.announce(await self.writer.run(close_socket, socket_id, user_id))
-
-    async def announce(self, transitions: list[Transition]) -> None:
-        for username, status, last_seen in transitions:
-            await self.status_hook.send(username, status, datetime.fromtimestamp(last_seen / 1000, timezone.utc))
-
-    def publish_presence(self, username: str, status: str, last_seen: datetime) -> None:
-        """This process's sockets learn at once, the other processes through the broadcast."""
-        frame = presence_frame(username, status, iso_time(last_seen))
-        text = dumps(frame)
-        if self.note_presence(frame):
-            self.fan_out([text])
-        self.publish_elsewhere("presence", text)
-
-    async def keep_presence(self) -> None:
-        """Heartbeat this process and sweep dead ones. Beats every TTL/4 and a
-        process silent for TTL/2 is dead, so its users are offline within TTL."""
-        ttl = self.settings.presence_ttl
-        while True:
-            await asyncio.sleep(max(ttl / 4, 0.25))
-            try:
-                live = [(socket.socket_id, socket.user.id) for socket in list(self.sockets)]
-                transitions = await self.writer.run(heartbeat, self.process_id, live)
-                transitions += await self.writer.run(sweep, int(ttl * 500))
-                await self.announce(transitions)
-                await self.refresh_presence()
-            except Exception:
-                logger.exception("presence upkeep failed; trying again")
-
-    # broadcast
-
-    async def relay_presence(self, known: asyncio.Future) -> None:
-        """One subscription per process hands presence frames to every local
-        socket and keeps the view that hello frames are made from. A frame
-        that is no news (an older one arriving late) goes to no one."""
-        async with self.subscribe("presence") as subscriber:
-            await self.refresh_presence()  # after subscribing: no change falls in between
-            known.set_result(None)
-            while True:
-                event = await subscriber.get()
-                if isinstance(event.message, Resync):
-                    await self.refresh_presence()
-                elif self.note_presence(json.loads(event.message)):
-                    self.fan_out([event.message])
-
-    async def listen_for(self, socket: ChatSocket) -> None:
-        """Hand `socket` everything published to its user; return once that is
-        subscribed. One subscription and one relay task per user serve all of
-        that user's sockets on this process."""
-        user_id = socket.user.id
-        if user_id not in self.local:
-            self.local[user_id] = set()
-            subscribed = asyncio.get_running_loop().create_future()
-            self.relays[user_id] = (asyncio.create_task(self.relay_user(user_id, subscribed)), subscribed)
-        self.local[user_id].add(socket)
-        await asyncio.shield(self.relays[user_id][1])
-
-    def stop_listening(self, socket: ChatSocket) -> None:
-        user_id = socket.user.id
-        sockets = self.local.get(user_id)
-        if sockets is None:
-            return
-        sockets.discard(socket)
-        if not sockets:
-            del self.local[user_id]
-            relay, subscribed = self.relays.pop(user_id)
-            relay.cancel()
-            subscribed.cancel()
-            self.ending_relays[user_id] = relay
-            relay.add_done_callback(functools.partial(self.relay_ended, user_id))
-
-    def relay_ended(self, user_id: int, relay: asyncio.Task) -> None:
-        if self.ending_relays.get(user_id) is relay:
-            del self.ending_relays[user_id]
-
-    async def relay_user(self, user_id: int, subscribed: asyncio.Future) -> None:
-        # A relay of this user that is still unsubscribing must finish first, or
-        # its UNSUBSCRIBE would land after this SUBSCRIBE.
-        if (ending := self.ending_relays.get(user_id)) is not None:
-            await asyncio.gather(ending, return_exceptions=True)
-        async with self.subscribe(f"user:{user_id}") as subscriber:
-            subscribed.set_result(None)
-            while True:
-                event = await subscriber.get()
-                for socket in list(self.local.get(user_id, ())):
-                    socket.enqueue(event)
-
-    def subscribe(self, channel: str) -> Any:
-        # One subscriber per channel and process (presence, and a relay per user),
-        # so broadcaster's race between two first subscribers of a channel cannot occur.
-        return self.broadcast.subscribe(f"{self.namespace}:{channel}")
-
-    async def publish(self, channel: str, frame: str) -> None:
-        """Best effort: while Redis is away the message is already stored, and
-        sockets catch up from the database once it is back."""
-        try:
-            await self.broadcast.publish(f"{self.namespace}:{channel}", frame)
-        except (RedisError, OSError) as exc:
-            logger.warning("publish to %s failed: %s", channel, exc)
-
-    def publish_elsewhere(self, channel: str, frame: str) -> None:
-        """Publish, without waiting, a frame this process has delivered already."""
-        if self.backend is not None:
-            self.backend.publish_elsewhere(f"{self.namespace}:{channel}", frame)  # Redis: others only
-        elif not self.single_process:
-            self.spawn(self.publish(channel, frame))  # comes back too: sockets and the view drop repeats
+    def refresh_metrics(self) -> None:
+        """The gauges, read when scraped."""
+        self.metrics.open_sockets.set(len(self.fanout.sockets()))
+        self.metrics.users_connected.set(len(self.fanout.local))
+        self.metrics.broadcast_up.set(int(self.fanout.healthy))
+        self.metrics.database_up.set(int(self.storage.writer.healthy))
 
     async def health(self) -> dict[str, str]:
-        try:
-            await asyncio.wait_for(self.database.fetch_val("SELECT 1"), 2)  # opens a connection: is the file still there?
-            database = "ok"
-        except Exception:
-            database = "fail"
-        broadcast = "ok" if self.backend is None or self.backend.healthy else "fail"
-        return {"database": database, "broadcast": broadcast}
+        return {"database": "ok" if await self.storage.healthy() else "fail",
+                "broadcast": "ok" if self.fanout.healthy else "fail"}
 
 
 def tune_collector() -> None:
-    """Freeze what is alive once started, and collect young objects less often.
-
-    Measured under load: every second or two a full collection walked the
-    ~100,000 objects that live as long as the process (modules, SQLAlchemy's
-    tables) and stalled the event loop for about 80 ms; the young generation's
-    threshold of 700 cost half a millisecond some 14 times a second. Frozen,
-    with a threshold of 10,000, the collector took 2 % of that time, its
-    longest pause 5.5 ms."""
+    """Freeze what is alive once started, and collect young objects less often:
+    full collections walked the objects that live as long as the process
+    (modules, SQLAlchemy's tables) and stalled the event loop under load."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)
+
+
+class TrustedHosts(TrustedHostMiddleware):
+    """Starlette's check of the Host header, its refusal in ChatX's error shape."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str]) -> None:
+        async def allowed(scope: Scope, receive: Receive, send: Send) -> None:
+            scope["chatx.host_allowed"] = True
+            await app(scope, receive, send)
+
+        super().__init__(allowed, allowed_hosts=allowed_hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def answer(message: Message) -> None:
+            if scope.get("chatx.host_allowed") or scope["type"] != "http":
+                await send(message)
+            elif message["type"] == "http.response.start" and message["status"] == 400:
+                await error_response(400, "bad_request", "This server does not serve that host.")(
+                    scope, receive, send)
+            elif message["type"] == "http.response.start":  # Starlette's redirect to www.
+                scope["chatx.host_allowed"] = True
+                await send(message)
+
+        await super().__call__(scope, receive, answer)
+
+
+class ChatXApp(Starlette):
+    """Starlette with ChatX's outermost layers, which see every response, 500s
+    included (user middleware sits inside Starlette's error handler): the
+    security headers, and with CHATX_TRUSTED_PROXIES uvicorn's proxy-headers
+    middleware, which makes the scheme and client address the proxy's."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = SecurityHeaders(super().build_middleware_stack())
+        proxies = self.state.chat.settings.trusted_proxies
+        if proxies:
+            app = ProxyHeadersMiddleware(app, trusted_hosts=list(proxies))
+        return app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope["chatx.server_send"] = send  # see abort_connection()
+        await super().__call__(scope, receive, send)
 
 
 def create_app(**settings: Any) -> Starlette:
@@ -2172,21 +3781,168 @@ def create_app(**settings: Any) -> Starlette:
         Route("/api/register", register, methods=["POST"]),
         Route("/api/login", login, methods=["POST"]),
         Route("/api/logout", logout, methods=["POST"]),
-        Route("/api/me", me),
-        Route("/api/users", user_list),
+        Route("/api/password", change_password, methods=["POST"]),
+        Route("/api/me", me, methods=["GET"]),
+        Route("/api/me", delete_me, methods=["DELETE"]),
+        Route("/api/conversations", conversation_list),
+        Route("/api/users", directory),
         Route("/api/conversations/{username}/messages", conversation_messages),
+        Route("/api/blocks", block_list),
+        Route("/api/blocks/{username}", block, methods=["PUT", "DELETE"]),
         Route("/healthz", healthz),
+        Route("/metrics", metrics),
+        Route("/api/openapi.json", openapi, include_in_schema=False),
         WebSocketRoute("/ws", WebSocketEndpoint()),
-        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        Mount("/static", StaticFiles(directory=ASSETS / "static"), name="static"),
     ]
-    app = Starlette(
+    app = ChatXApp(
         routes=routes,
         lifespan=chat.lifespan,
-        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
+        exception_handlers={ApiError: api_error, Busy: api_error, TooManyAttempts: api_error, Unavailable: api_error,
+                            HTTPException: http_error, Exception: server_error},
+        middleware=[Middleware(TrustedHosts, allowed_hosts=list(chat.settings.allowed_hosts))],
     )
-    app.add_middleware(SecurityHeaders)
     app.state.chat = chat
     return app
 
 
 app = create_app()
+
+
+# ---- command line: python -m chatx ----------------------------------------------------
+
+SERVE_OPTIONS = {"ws_max_size": FRAME_MAX_BYTES, "ws_per_message_deflate": False, "http": "chatx:HTTPProtocol",
+                 "timeout_keep_alive": 5, "timeout_graceful_shutdown": 10}
+
+
+def read_password(prompt: str) -> str:
+    """From the terminal, or the first line of standard input when it is not one."""
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    return sys.stdin.readline().rstrip("\n")
+
+
+class CommandError(Exception):
+    pass
+
+
+@asynccontextmanager
+async def accounts_of(settings: Settings) -> AsyncIterator[Accounts]:
+    """The accounts of the database the settings name, and its broadcast, so
+    that running servers hear of ended sessions."""
+    chat = ChatX(settings)
+    async with AsyncExitStack() as started:
+        await chat.storage.start()
+        started.push_async_callback(chat.storage.stop)
+        await chat.accounts.start()
+        started.push_async_callback(chat.accounts.stop)
+        await chat.fanout.start("chatx:" + hashlib.sha256(chat.accounts.secret.encode()).hexdigest()[:16])
+        started.push_async_callback(chat.fanout.stop)
+        yield chat.accounts
+
+
+async def existing_user(accounts: Accounts, username: str) -> User:
+    user = await accounts.find_user(username)
+    if user is None:
+        raise CommandError(f"there is no user {username!r}")
+    return user
+
+
+async def create_user_command(settings: Settings, username: str) -> str:
+    if problem := username_problem(username):
+        raise CommandError(problem)
+    password = read_password(f"Password for {username}: ")
+    if problem := password_problem(password):
+        raise CommandError(problem)
+    async with accounts_of(settings) as accounts:
+        user = await accounts.storage.write(insert_user, username, await asyncio.to_thread(hash_password, password),
+                                            now_ms())
+    if user is None:
+        raise CommandError(f"the username {username!r}, or one that looks like it, is taken")
+    return f"created {user.username} (id {user.id})"
+
+
+async def set_password_command(settings: Settings, username: str) -> str:
+    password = read_password(f"New password for {username}: ")
+    if problem := password_problem(password):
+        raise CommandError(problem)
+    async with accounts_of(settings) as accounts:
+        user = await existing_user(accounts, username)
+        await accounts.storage.write(set_password, user.id, await asyncio.to_thread(hash_password, password), None)
+        accounts.fanout.deliver(user.id, Revoke(None))
+    return f"set the password of {user.username}; every session of theirs has ended"
+
+
+async def delete_user_command(settings: Settings, username: str) -> str:
+    async with accounts_of(settings) as accounts:
+        user = await existing_user(accounts, username)
+        await accounts.delete(user)
+    return f"deleted {user.username} and every message they sent or received"
+
+
+async def stats_command(settings: Settings) -> str:
+    storage = Storage(settings.database_url)
+    await storage.start()
+    try:
+        figures = await storage.read(database_figures)
+    finally:
+        await storage.stop()
+    return "\n".join(f"{name}: {value}" for name, value in figures.items())
+
+
+def backup_command(settings: Settings, path: str) -> str:
+    """SQLite's online backup: a consistent copy while servers keep writing."""
+    url = urlsplit(settings.database_url)
+    if url.scheme.startswith("postgresql"):
+        raise CommandError(f"on PostgreSQL use its own tool: pg_dump --format=custom --file {path} "
+                           f"'{settings.database_url}'")
+    source_path = Database(settings.database_url).url.database
+    if not os.path.isfile(source_path):
+        raise CommandError(f"there is no database at {source_path}")
+    if os.path.exists(path):
+        raise CommandError(f"{path} exists already; name a new file")
+    with sqlite3.connect(source_path) as source, sqlite3.connect(path) as target:
+        source.backup(target)
+    return f"backed up {source_path} to {path}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m chatx", description="Run and administer a ChatX server.")
+    parser.add_argument("--database-url", help="overrides CHATX_DATABASE_URL")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve ChatX with uvicorn, as `make run` does")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    for name, text in (("create-user", "make an account (the password is read from the terminal or stdin)"),
+                       ("set-password", "set a password (read likewise); every session of the user ends"),
+                       ("delete-user", "delete an account and every message it sent or received")):
+        commands.add_parser(name, help=text).add_argument("username")
+    commands.add_parser("backup", help="copy the SQLite database while it is in use").add_argument("path")
+    commands.add_parser("stats", help="count users, messages, sessions and sockets")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        import uvicorn
+
+        uvicorn.run("chatx:app", host=args.host, port=args.port, workers=args.workers, **SERVE_OPTIONS)
+        return 0
+    settings = load_settings(**({"database_url": args.database_url} if args.database_url else {}))
+    try:
+        if args.command == "backup":
+            print(backup_command(settings, args.path))
+            return 0
+        command = {"create-user": create_user_command, "set-password": set_password_command,
+                   "delete-user": delete_user_command}.get(args.command)
+        result = asyncio.run(command(settings, args.username) if command else stats_command(settings))
+    except CommandError as exc:
+        print(f"chatx: {exc}", file=sys.stderr)
+        return 1
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
