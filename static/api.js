@@ -36,7 +36,10 @@ export function goTo(path) {
   location.assign(base + path);
 }
 
-export function socketUrl(after) {
+// No `since` on a fresh page (the history comes over HTTP, the socket starts
+// live); after that, the highest stream position seen, so nothing is lost.
+export function socketUrl(since) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  return `${scheme}//${location.host}${base}/ws?after=${after}`;
+  const query = since === null ? "" : `?since=${since}`;
+  return `${scheme}//${location.host}${base}/ws${query}`;
 }

@@ -2,8 +2,10 @@
 // hands the views what they need to draw.
 import { api, goTo, socketUrl } from "./api.js";
 import { ReconnectingSocket } from "./socket.js";
+import { Stream } from "./stream.js";
 import { Conversation, Outbox, keyOf } from "./store.js";
 import { ContactList } from "./contacts.js";
+import { PeopleSearch } from "./people.js";
 import { MessageView } from "./messages.js";
 import { Composer } from "./composer.js";
 import { fillAvatar } from "./dom.js";
@@ -11,24 +13,33 @@ import { lastSeen } from "./timefmt.js";
 import { notifyMessage, setupNotificationButton, showUnreadInTitle } from "./notify.js";
 
 const PAGE = 50;
-const PEEKERS = 4;
+const CONVERSATIONS_PAGE = 50;
+const HELLO_WAIT = 5000;
+const LIST_RETRY_MAX = 30000;
+const NEAR_LIST_END = 200;
 const TYPING_SHOWN_FOR = 5000;
 const TIMES_REFRESH = 30000;
+const USERNAME_RE = /^[A-Za-z0-9_.-]{3,32}$/;
 
 const $ = (id) => document.getElementById(id);
 const me = document.body.dataset.username;
 const meKey = keyOf(me);
 const outbox = new Outbox(`chatx.outbox.${meKey}`);
-const contacts = new Map(); // key -> {key, username, status, lastSeen, unread, lastId, typing}
+// Everyone this page knows of: the people of my conversations (`listed`, shown
+// in the contact list) and anyone opened from the search or a link.
+const contacts = new Map(); // key -> {key, username, status, lastSeen, unread, lastId, typing, listed, ...}
 const conversations = new Map(); // key -> Conversation
 const drafts = new Map();
 let openKey = null;
-let highestId = 0; // of messages this page has received; the next connection asks for the ones after it
-let usersLoaded = false;
-let helloCount = 0;
+// The contact list comes from GET /api/conversations, newest first, a page at a time.
+const list = { loaded: false, loading: false, hasMore: false, before: null, retryAt: 0 };
 
 const app = $("app");
-const contactList = new ContactList($("contacts"), $("filter"), $("contacts-empty"), (key) => navigate(key));
+const contactList = new ContactList($("contacts"), $("contacts-empty"), (key) => navigate(key));
+const search = new PeopleSearch(
+  { input: $("search"), section: $("people-section"), list: $("people"), note: $("people-note"), more: $("people-more") },
+  { onQuery: (query) => contactList.setFilter(query), onChoose: chooseFromSearch },
+);
 const view = new MessageView($("log"), $("jump"), {
   onNearTop: () => loadOlder(conversations.get(openKey)),
   onScrolled: scheduleReadCheck,
@@ -38,8 +49,9 @@ const view = new MessageView($("log"), $("jump"), {
   },
 });
 const composer = new Composer($("composer"), { onSend: send, onTyping: sendTyping });
-const socket = new ReconnectingSocket(() => socketUrl(highestId), {
-  onFrame,
+const stream = new Stream(onFrame);
+const socket = new ReconnectingSocket(() => socketUrl(stream.seq), {
+  onFrame: (frame) => stream.receive(frame),
   onState: showConnection,
   onSignedOut: () => goTo("/login"),
   onRefused: checkSession,
@@ -50,7 +62,13 @@ const socket = new ReconnectingSocket(() => socketUrl(highestId), {
 function contactFor(username) {
   const key = keyOf(username);
   if (!contacts.has(key)) {
-    contacts.set(key, { key, username, status: "offline", lastSeen: null, unread: 0, lastId: 0, typing: false });
+    contacts.set(key, {
+      key, username, status: "offline", lastSeen: null, unread: 0, typing: false,
+      listed: false, // a conversation exists: shown in the contact list
+      lastId: 0, // the newest message of the conversation this page knows of
+      snapshotId: 0, // the newest message the last GET /api/conversations counted in `unread`
+      presenceLive: false, // status came from the socket, which beats any HTTP snapshot
+    });
   }
   return contacts.get(key);
 }
@@ -60,53 +78,110 @@ function conversationFor(key) {
   return conversations.get(key);
 }
 
-function applyUser(user, withUnread) {
-  const isNew = !contacts.has(keyOf(user.username));
-  const contact = contactFor(user.username);
-  contact.status = user.status;
-  contact.lastSeen = user.last_seen;
-  if (isNew || withUnread) contact.unread = user.unread;
+// A status from HTTP (conversation list, search): kept unless the socket said more.
+function applyStatus(contact, status, lastSeenAt) {
+  if (contact.presenceLive) return;
+  contact.status = status;
+  contact.lastSeen = lastSeenAt;
 }
 
-async function loadUsers(withUnread) {
-  const { users } = await api("GET", "/api/users");
-  for (const user of users) applyUser(user, withUnread);
-  usersLoaded = true;
-  scheduleRender();
-}
-
-function mergePage(conversation, page) {
-  const contact = contacts.get(conversation.key);
-  for (const message of page.messages) {
-    conversation.add(message);
-    contact.lastId = Math.max(contact.lastId, message.id);
-  }
-  for (const [username, upTo] of Object.entries(page.read_up_to)) {
+function mergeReads(conversation, readUpTo) {
+  for (const [username, upTo] of Object.entries(readUpTo || {})) {
     if (keyOf(username) === meKey) conversation.myRead = Math.max(conversation.myRead, upTo);
     else conversation.peerRead = Math.max(conversation.peerRead, upTo);
   }
 }
 
-function messagesPath(conversation, query) {
-  return `/api/conversations/${encodeURIComponent(conversation.peer)}/messages?${query}`;
+// One item of GET /api/conversations. Its `unread` counts every message up to
+// its last_message; messages newer than that are counted as they arrive.
+function applyConversation(item) {
+  if (keyOf(item.user.username) === meKey) return; // notes to self have no place in this interface
+  const contact = contactFor(item.user.username);
+  const conversation = conversationFor(contact.key);
+  const last = item.last_message;
+  contact.listed = true;
+  applyStatus(contact, item.status, item.last_seen);
+  if (last) {
+    if (last.id >= contact.lastId) contact.unread = item.unread;
+    contact.snapshotId = Math.max(contact.snapshotId, last.id);
+    contact.lastId = Math.max(contact.lastId, last.id);
+    conversation.put(last);
+  }
+  mergeReads(conversation, item.read_up_to);
+  if (conversation.myRead >= contact.lastId) contact.unread = 0;
 }
 
-// The newest message of every conversation: sorts the contacts and tells
-// where the live stream has to start.
-async function peekConversations() {
-  const queue = [...contacts.values()];
-  const peek = async () => {
-    for (let contact = queue.shift(); contact; contact = queue.shift()) {
-      const conversation = conversationFor(contact.key);
-      try {
-        mergePage(conversation, await api("GET", messagesPath(conversation, "limit=1")));
-      } catch {
-        // the contact stays unsorted; its messages still arrive live
-      }
+// The first page, or (more) the next older one.
+async function loadConversations(more) {
+  if (list.loading || (more && !list.hasMore)) return;
+  list.loading = true;
+  $("contacts-more").hidden = !more;
+  try {
+    const query = more ? `?before=${list.before}&limit=${CONVERSATIONS_PAGE}` : `?limit=${CONVERSATIONS_PAGE}`;
+    const page = await api("GET", `/api/conversations${query}`);
+    for (const item of page.conversations) applyConversation(item);
+    const oldest = page.conversations.at(-1)?.last_message?.id;
+    if (more || !list.loaded) {
+      list.hasMore = page.has_more;
+      if (oldest !== undefined) list.before = oldest;
     }
-  };
-  await Promise.all(Array.from({ length: PEEKERS }, peek));
-  for (const conversation of conversations.values()) highestId = Math.max(highestId, conversation.newestId);
+    list.loaded = true;
+  } finally {
+    list.loading = false;
+    $("contacts-more").hidden = true;
+  }
+  scheduleRender();
+}
+
+// Until the first page is here, nothing else can be shown: try until it works.
+async function loadFirstConversations() {
+  for (let delay = 1000; ; delay = Math.min(delay * 2, LIST_RETRY_MAX)) {
+    try {
+      await loadConversations(false);
+      contactList.setProblem("");
+      return true;
+    } catch (error) {
+      if (error.status === 401) {
+        goTo("/login");
+        return false;
+      }
+      contactList.setProblem("Can't load your conversations right now. Trying again…");
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
+}
+
+// Scrolled near the end of the list: the next page of older conversations.
+// (Not while searching: a list narrowed down by name is always short.)
+function loadMoreIfNearEnd() {
+  const lists = $("sidebar-lists");
+  if (!list.loaded || !list.hasMore || list.loading || contactList.query || Date.now() < list.retryAt) return;
+  if (lists.scrollHeight - lists.scrollTop - lists.clientHeight > NEAR_LIST_END) return;
+  loadConversations(true).then(loadMoreIfNearEnd, () => {
+    list.retryAt = Date.now() + LIST_RETRY_MAX / 6;
+  });
+}
+
+function chooseFromSearch(user) {
+  const contact = contactFor(user.username);
+  applyStatus(contact, user.status, user.last_seen);
+  search.clear();
+  navigate(contact.key);
+}
+
+function mergePage(conversation, page) {
+  const contact = contacts.get(conversation.key);
+  for (const message of page.messages) {
+    conversation.put(message);
+    contact.lastId = Math.max(contact.lastId, message.id);
+  }
+  // History with someone found by search or a link: that is a conversation.
+  if (page.messages.length) contact.listed = true;
+  mergeReads(conversation, page.read_up_to);
+}
+
+function messagesPath(conversation, query) {
+  return `/api/conversations/${encodeURIComponent(conversation.peer)}/messages?${query}`;
 }
 
 async function loadLatest(conversation) {
@@ -158,7 +233,9 @@ function fillViewport(conversation) {
 function onFrame(frame) {
   const handler = {
     hello: onHello,
-    message: (f) => onMessage(f.message),
+    message: (f) => receive(f.message),
+    edit: onChange,
+    delete: onChange,
     ack: onAck,
     typing: onTyping,
     read: onRead,
@@ -168,24 +245,21 @@ function onFrame(frame) {
   handler?.(frame);
 }
 
+// hello lists the people of my conversations who are online; the others are
+// offline. (Someone opened from the search is not covered: their status stays.)
 function onHello(frame) {
-  helloCount += 1;
-  const online = new Set(frame.presence.map((entry) => keyOf(entry.username)));
+  const online = new Set((frame.presence || []).map((entry) => keyOf(entry.username)));
   for (const contact of contacts.values()) {
-    if (!online.has(contact.key)) contact.status = "offline";
+    if (!contact.listed || online.has(contact.key)) continue;
+    if (contact.status === "online") stopTyping(contact);
+    contact.status = "offline";
+    contact.presenceLive = true;
   }
-  for (const entry of frame.presence) onPresence(entry);
-  // Who signed up, or when people left, while this page was not connected.
-  if (helloCount > 1 || !usersLoaded) loadUsers(!usersLoaded).catch(() => {});
+  for (const entry of frame.presence || []) onPresence(entry);
   const open = conversations.get(openKey);
   if (open && !open.loaded) loadLatest(open);
   for (const entry of outbox.unsent()) socket.send(sendFrame(entry));
   scheduleRender("auto");
-}
-
-function onMessage(message) {
-  highestId = Math.max(highestId, message.id);
-  receive(message);
 }
 
 function onAck(frame) {
@@ -200,17 +274,25 @@ function receive(message) {
   if (mine && message.client_id) outbox.remove(message.client_id);
   const contact = contactFor(peer);
   const conversation = conversationFor(contact.key);
-  if (conversation.add(message)) {
-    contact.lastId = Math.max(contact.lastId, message.id);
-    if (!mine) {
-      stopTyping(contact);
-      if (message.id > conversation.myRead) {
-        contact.unread += 1;
-        notifyMessage(message, () => navigate(contact.key));
-      }
+  contact.listed = true; // a first message makes a conversation: it goes to the top of the list
+  contact.lastId = Math.max(contact.lastId, message.id);
+  // Counted unless the conversation list already counted it (or it was here already).
+  if (conversation.put(message) === "added" && !mine) {
+    stopTyping(contact);
+    if (message.id > contact.snapshotId && message.id > conversation.myRead && !message.deleted) {
+      contact.unread += 1;
+      notifyMessage(message, () => navigate(contact.key));
     }
   }
   scheduleRender(mine ? "bottom" : "auto");
+}
+
+// An edit or a delete, by either of us: shown wherever the message is.
+function onChange(frame) {
+  const message = frame.message;
+  const peer = keyOf(message.from) === meKey ? message.to : message.from;
+  const conversation = conversations.get(keyOf(peer));
+  if (conversation?.change(message)) scheduleRender("auto");
 }
 
 function onTyping(frame) {
@@ -251,9 +333,11 @@ function updateUnread(contact, conversation) {
 
 function onPresence(frame) {
   if (keyOf(frame.username) === meKey) return;
-  const contact = contactFor(frame.username); // someone new signed up: they appear
+  // Only the people of my conversations (or someone becoming one) have presence.
+  const contact = contactFor(frame.username);
   // Frames from different server processes can arrive out of order: the later change wins.
   if (frame.last_seen && contact.lastSeen && frame.last_seen < contact.lastSeen) return;
+  contact.presenceLive = true;
   contact.status = frame.status;
   contact.lastSeen = frame.last_seen ?? contact.lastSeen;
   if (frame.status === "offline") stopTyping(contact);
@@ -331,12 +415,13 @@ function scheduleRender(mode) {
   renderQueued = true;
   setTimeout(() => {
     renderQueued = false;
-    contactList.render(contacts.values(), openKey);
+    contactList.render([...contacts.values()].filter((contact) => contact.listed), openKey);
     showUnreadInTitle([...contacts.values()].reduce((sum, contact) => sum + contact.unread, 0));
     renderHeader();
     if (logMode && openKey) view.sync(logMode);
     logMode = null;
     scheduleReadCheck();
+    loadMoreIfNearEnd(); // a first page that does not fill the list could never be scrolled
   }, 0);
 }
 
@@ -365,10 +450,36 @@ function navigate(key) {
   route();
 }
 
-function route() {
-  const key = keyOf(decodeURIComponent(location.hash.slice(1)));
-  if (contacts.has(key)) openChat(key);
-  else closeChat();
+// The username in the fragment, or "" (a malformed fragment is no one).
+function fragmentName() {
+  try {
+    return decodeURIComponent(location.hash.slice(1));
+  } catch {
+    return "";
+  }
+}
+
+let routing = 0;
+
+// A link to anyone in the directory opens a conversation with them.
+async function route() {
+  const attempt = ++routing;
+  const name = fragmentName();
+  const key = keyOf(name);
+  if (!name || key === meKey || !(contacts.has(key) || USERNAME_RE.test(name))) return closeChat();
+  if (contacts.has(key)) return openChat(key);
+  try {
+    const { users } = await api("GET", `/api/users?q=${encodeURIComponent(name)}&limit=1`);
+    if (attempt !== routing) return;
+    const user = users.find((candidate) => keyOf(candidate.username) === key);
+    if (!user) return closeChat();
+    applyStatus(contactFor(user.username), user.status, user.last_seen);
+    openChat(key);
+  } catch (error) {
+    if (attempt !== routing) return;
+    if (error.status === 401) return goTo("/login");
+    closeChat();
+  }
 }
 
 function openChat(key) {
@@ -428,15 +539,19 @@ async function start() {
     contactList.refreshTimes(contacts.values());
     renderHeader();
   }, TIMES_REFRESH);
-  try {
-    await loadUsers(true);
-  } catch (error) {
-    if (error.status === 401) return goTo("/login");
-  }
-  route();
-  await peekConversations();
-  scheduleRender();
+  $("sidebar-lists").addEventListener("scroll", loadMoreIfNearEnd, { passive: true });
+  contactList.setProblem("Loading your conversations…");
+  // The socket first: once hello is here, every event after it arrives live
+  // (held until the list is drawn), and the list loaded next has all before it.
   socket.start();
+  await Promise.race([stream.hello, new Promise((resolve) => setTimeout(resolve, HELLO_WAIT))]);
+  const helloFirst = stream.helloSeen;
+  if (!(await loadFirstConversations())) return;
+  stream.release();
+  route();
+  scheduleRender();
+  // Loaded without a socket: what happened before it connected comes with a fresh first page.
+  if (!helloFirst) stream.hello.then(() => loadConversations(false).catch(() => {}));
 }
 
 start();

@@ -1,4 +1,5 @@
-// The contacts list: one button per person, most recent conversation first.
+// The contacts list: one button per conversation, most recent first. The
+// search box narrows it down by name as well as searching the directory.
 import { el, hidden, fillAvatar } from "./dom.js";
 import { lastSeen } from "./timefmt.js";
 
@@ -7,13 +8,24 @@ function byRecency(a, b) {
 }
 
 export class ContactList {
-  constructor(list, filter, emptyNote, onChoose) {
+  constructor(list, emptyNote, onChoose) {
     this.list = list;
-    this.filter = filter;
     this.emptyNote = emptyNote;
     this.items = new Map();
     this.onChoose = onChoose;
-    filter.addEventListener("input", () => this.#applyFilter());
+    this.query = "";
+    this.problem = "";
+  }
+
+  setFilter(query) {
+    this.query = query.trim().toLowerCase();
+    this.#applyFilter();
+  }
+
+  // Why the list may be incomplete ("" once it loaded).
+  setProblem(text) {
+    this.problem = text;
+    this.#applyFilter();
   }
 
   render(contacts, activeKey) {
@@ -84,16 +96,11 @@ export class ContactList {
     item.detail.classList.toggle("typing-now", contact.typing);
   }
 
+  // While searching, the People results below say whether anyone matches.
   #applyFilter() {
-    const query = this.filter.value.trim().toLowerCase();
-    let shown = 0;
-    for (const [key, item] of this.items) {
-      item.li.hidden = !key.includes(query);
-      if (!item.li.hidden) shown += 1;
-    }
-    this.emptyNote.hidden = shown > 0;
-    this.emptyNote.textContent = this.items.size === 0
-      ? "No one else is here yet. Invite a friend to sign up!"
-      : `No one matches “${this.filter.value.trim()}”.`;
+    const query = this.query;
+    for (const [key, item] of this.items) item.li.hidden = !key.includes(query);
+    this.emptyNote.textContent = this.problem || "No conversations yet. Search people by name to start one.";
+    this.emptyNote.hidden = !this.problem && (this.items.size > 0 || query !== "");
   }
 }

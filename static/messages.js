@@ -167,19 +167,23 @@ export class MessageView {
       body: el("p", { class: "body" }),
       time: el("time"),
       tick: el("span", { class: "tick", "aria-hidden": "true" }),
+      edited: el("span", { class: "edited", text: "edited", hidden: true }),
       tickLabel: hidden(""),
       discard: el("button", { type: "button", class: "link-button", text: "Discard", hidden: true }),
     };
     const node = el("div", { class: "msg" }, parts.sender, parts.body,
-      el("span", { class: "meta" }, parts.time, parts.tick, parts.tickLabel, parts.discard));
+      el("span", { class: "meta" }, parts.edited, parts.time, parts.tick, parts.tickLabel, parts.discard));
     node.parts = parts;
     return node;
   }
 
   #fillMessage(node, message, mine) {
     const state = !mine ? null : message.id <= this.conversation.peerRead ? "read" : "sent";
-    this.#fill(node, { body: message.body, iso: message.sent_at, mine, state });
+    this.#fill(node, { body: message.body, iso: message.sent_at, mine, state, deleted: message.deleted });
     node.dataset.id = message.id;
+    const { edited } = node.parts;
+    edited.hidden = !message.edited_at || Boolean(message.deleted);
+    edited.title = message.edited_at ? `Edited ${new Date(message.edited_at).toLocaleString()}` : "";
   }
 
   #fillPending(node, entry) {
@@ -190,11 +194,17 @@ export class MessageView {
     if (entry.error) node.parts.tickLabel.textContent = `Not sent: ${entry.error}`;
   }
 
-  #fill(node, { body, iso, mine, state }) {
+  // The text is only rebuilt when it changed (an edit or a delete), so a
+  // selection in it survives ticks and times being updated.
+  #fill(node, { body, iso, mine, state, deleted = false }) {
     const { sender, body: paragraph, time, tick, tickLabel, discard } = node.parts;
-    if (!paragraph.hasChildNodes()) {
-      sender.textContent = mine ? "You: " : `${this.conversation.peer}: `;
-      fillBody(paragraph, body);
+    sender.textContent = mine ? "You: " : `${this.conversation.peer}: `;
+    if (node.shown?.body !== body || node.shown?.deleted !== deleted) {
+      node.shown = { body, deleted };
+      paragraph.replaceChildren();
+      paragraph.classList.toggle("deleted", deleted);
+      if (deleted) paragraph.textContent = "message deleted";
+      else fillBody(paragraph, body);
     }
     node.className = `msg ${mine ? "mine" : "theirs"}`;
     if (state) node.classList.add(state);

@@ -1,7 +1,7 @@
 // A WebSocket that reconnects by itself: exponential backoff with jitter,
 // a ping to notice dead connections, and an immediate retry when the network
 // or the tab comes back. The caller builds the URL for every attempt, so it can
-// always ask for `after=<highest id seen>`.
+// always ask for `since=<highest seq seen>`.
 
 const BASE_DELAY = 500;
 const MAX_DELAY = 15000;

@@ -3,6 +3,13 @@
 
 export const keyOf = (username) => username.toLowerCase();
 
+// Whether a is a later state of the same message than b: deleted is final,
+// and a later edit wins.
+function isNewer(a, b) {
+  if (Boolean(a.deleted) !== Boolean(b.deleted)) return Boolean(a.deleted);
+  return (a.edited_at ?? "") > (b.edited_at ?? "");
+}
+
 export class Conversation {
   constructor(peer, meKey, outbox) {
     this.peer = peer;
@@ -10,6 +17,7 @@ export class Conversation {
     this.meKey = meKey;
     this.outbox = outbox;
     this.messages = new Map();
+    this.changes = new Map(); // id -> edited or deleted state of a message not loaded yet
     this.loaded = false; // the newest page came from the API
     this.hasOlder = true;
     this.loadingOlder = false;
@@ -18,11 +26,26 @@ export class Conversation {
     this.sortedCache = null;
   }
 
-  add(message) {
-    if (this.messages.has(message.id)) return false;
-    this.messages.set(message.id, message);
+  // Adds a message, or a newer state of one already here (edited, deleted).
+  // Returns "added", "changed" or null (nothing new).
+  put(message) {
+    const known = this.messages.get(message.id) ?? this.changes.get(message.id);
+    this.changes.delete(message.id);
+    const current = known && !isNewer(message, known) ? known : message;
+    const had = this.messages.has(message.id);
+    if (had && current === this.messages.get(message.id)) return null;
+    this.messages.set(message.id, current);
     this.sortedCache = null;
-    return true;
+    return had ? "changed" : "added";
+  }
+
+  // An edit or delete: applied if the message is here, else kept until it
+  // arrives (a page of history asked for before the change can come after it).
+  change(message) {
+    if (this.messages.has(message.id)) return this.put(message) !== null;
+    const known = this.changes.get(message.id);
+    if (!known || isNewer(message, known)) this.changes.set(message.id, message);
+    return false;
   }
 
   sorted() {
