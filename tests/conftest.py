@@ -51,9 +51,23 @@ class Person:
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.client.post(path, headers={**self.headers, **kwargs.pop("headers", {})}, **kwargs)
 
-    def ws(self, after: int | None = None, headers: dict[str, str] | None = None, prefix: str = ""):
-        path = f"{prefix}/ws" if after is None else f"{prefix}/ws?after={after}"
+    def put(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.put(path, headers={**self.headers, **kwargs.pop("headers", {})}, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.delete(path, headers={**self.headers, **kwargs.pop("headers", {})}, **kwargs)
+
+    def ws(self, after: int | None = None, headers: dict[str, str] | None = None, prefix: str = "",
+           since: int | None = None):
+        """A socket of this person: `since=S` resumes the stream above seq S, `after=N` (v1) the messages above id N."""
+        path = f"{prefix}/ws{ws_query(after=after, since=since)}"
         return self.client.websocket_connect(path, headers={**self.headers, **(headers or {})})
+
+
+def ws_query(**cursors: Any) -> str:
+    """`?since=S&after=N` for the cursors given (None: left out)."""
+    given = [f"{name}={value}" for name, value in cursors.items() if value is not None]
+    return "?" + "&".join(given) if given else ""
 
 
 def sign_up(client: TestClient, username: str, prefix: str = "") -> Person:
@@ -63,6 +77,49 @@ def sign_up(client: TestClient, username: str, prefix: str = "") -> Person:
     cookie = response.cookies[chatx.SESSION_COOKIE]
     client.cookies.clear()
     return Person(client, username, cookie, response.json()["user"]["id"])
+
+
+def run_job(client: TestClient, job: Any, *args: Any) -> Any:
+    """Run a write job (`job(connection, *args)`) on an in-process app's own
+    writer, from the test thread; its result once committed."""
+    storage = client.app.state.chat.storage
+
+    async def write() -> Any:
+        return await storage.write(job, *args)
+
+    return client.portal.call(write)
+
+
+async def store_message(storage: Any, sender: Any, recipient: Any, body: str) -> dict[str, Any]:
+    result = await storage.write_bulk(chatx.insert_messages, chatx.NewMessage(sender, recipient, body, None, None))
+    assert isinstance(result, chatx.Stored), result
+    return result.message
+
+
+def make_partners(a: Any, b: Any, body: str = "hello, partner", server: ChatServer | None = None) -> dict[str, Any]:
+    """Make a and b conversation partners (v2: presence goes only to partners)
+    by storing one message from a to b, straight through the server's write
+    job: no socket opens or closes, so no presence changes on the way. Both
+    in-process Persons (the app's own writer) and Remotes of a `cluster`
+    (pass one of its servers: a writer of the test's own on the shared
+    database, whose write transactions the servers' are serialised with).
+    Call it before opening sockets of the two: it delivers no frame. Returns
+    the stored message."""
+    assert a.id is not None and b.id is not None, "make_partners needs both user ids (remote_sign_up gives them)"
+    sender, recipient = chatx.User(a.id, a.username), chatx.User(b.id, b.username)
+    if server is None:
+        storage = a.client.app.state.chat.storage
+        return a.client.portal.call(store_message, storage, sender, recipient, body)
+
+    async def on_shared_database() -> dict[str, Any]:
+        storage = chatx.Storage(server.env["CHATX_DATABASE_URL"])
+        await storage.start()
+        try:
+            return await store_message(storage, sender, recipient, body)
+        finally:
+            await storage.stop()
+
+    return run_async(on_shared_database)
 
 
 def next_frame(ws: Any, kind: str | None = None) -> dict[str, Any]:
@@ -286,14 +343,14 @@ class ChatServer:
 class Remote:
     """A signed-in user of a real server: HTTP with httpx, sockets with websockets."""
 
-    def __init__(self, username: str, cookie: str) -> None:
-        self.username, self.cookie = username, cookie
+    def __init__(self, username: str, cookie: str, user_id: int | None = None) -> None:
+        self.username, self.cookie, self.id = username, cookie, user_id
 
     def headers(self) -> dict[str, str]:
         return {"Cookie": f"{chatx.SESSION_COOKIE}={self.cookie}"}
 
-    def ws(self, server: ChatServer, after: int | None = None) -> ClientConnection:
-        query = "" if after is None else f"?after={after}"
+    def ws(self, server: ChatServer, after: int | None = None, since: int | None = None) -> ClientConnection:
+        query = ws_query(after=after, since=since)
         return connect(f"{server.ws_base}/ws{query}", additional_headers=self.headers(), open_timeout=10,
                        max_size=2**20)
 
@@ -303,12 +360,18 @@ class Remote:
     def post(self, server: ChatServer, path: str) -> httpx.Response:
         return httpx.post(f"{server.base}{path}", headers=self.headers(), timeout=10)
 
+    def put(self, server: ChatServer, path: str) -> httpx.Response:
+        return httpx.put(f"{server.base}{path}", headers=self.headers(), timeout=10)
+
+    def delete(self, server: ChatServer, path: str) -> httpx.Response:
+        return httpx.delete(f"{server.base}{path}", headers=self.headers(), timeout=10)
+
 
 def remote_sign_up(server: ChatServer, username: str) -> Remote:
     response = httpx.post(f"{server.base}/api/register", json={"username": username, "password": PASSWORD},
                           timeout=10)
     assert response.status_code == 201, response.text
-    return Remote(username, response.cookies[chatx.SESSION_COOKIE])
+    return Remote(username, response.cookies[chatx.SESSION_COOKIE], response.json()["user"]["id"])
 
 
 def receive(ws: ClientConnection, kind: str | None = None, timeout: float = 10) -> dict[str, Any]:

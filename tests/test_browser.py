@@ -8,11 +8,16 @@ Set CHATX_SCREENSHOTS=<dir> to save screenshots of the main screens there.
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
+import time
 import uuid
+from contextlib import closing
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import chatx
 import httpx2 as httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
@@ -30,15 +35,20 @@ expect.set_options(timeout=10_000)
 # ---- fixtures -------------------------------------------------------------------
 
 
-# Generous send limits: the seeding below sends 120 messages at once.
+# Generous send limits: the seeding below sends 120 messages at once. No
+# presence grace: closing a page shows its user offline at once. Every test
+# signs people up from one address: no limit on that.
 SEED_LIMITS = {"CHATX_SEND_RATE": "1000", "CHATX_SEND_BURST": "1000"}
+NO_GRACE = {"CHATX_PRESENCE_GRACE": "0"}
+SIGNUPS = {"CHATX_SIGNUPS_PER_ADDRESS": "0"}
 
 
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory):
     """One server for the tests that need no restart (each uses new names)."""
     workdir = tmp_path_factory.mktemp("chatx")
-    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{workdir / 'chat.db'}", **SEED_LIMITS}, workdir)
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{workdir / 'chat.db'}", **SEED_LIMITS, **NO_GRACE,
+                         **SIGNUPS}, workdir)
     server.start()
     yield server
     server.stop()
@@ -134,6 +144,25 @@ def open_chat(page, username):
     expect(page.get_by_role("heading", name=username)).to_be_visible()
 
 
+def people(page):
+    return page.get_by_role("list", name="People")
+
+
+def find_person(page, username, query=None):
+    """Search the directory; the person found, in the People list."""
+    page.get_by_role("searchbox", name="Search people").fill(query or username)
+    found = people(page).get_by_role("listitem").filter(has=page.get_by_text(username, exact=True))
+    expect(found).to_have_count(1)
+    return found
+
+
+def start_chat(page, username):
+    """Open a conversation with someone who is not a contact yet, through the search."""
+    find_person(page, username).get_by_role("button").click()
+    expect(messages(page)).to_be_visible()
+    expect(page.get_by_role("heading", name=username)).to_be_visible()
+
+
 def send(page, text):
     box = page.get_by_role("textbox", name="Message")
     box.fill(text)
@@ -190,13 +219,16 @@ def test_two_people_see_each_other_online_chat_both_ways_with_typing_read_ticks_
     alice_page = sign_up(new_context(), chat_server, alice)
     bob_page = sign_up(new_context(), chat_server, bob)
 
-    # bob signed up after alice's page was open: he appears there without a reload.
-    expect_presence(alice_page, bob, "online")
-    expect_presence(bob_page, alice, "online")
-
-    open_chat(alice_page, bob)
+    # Strangers are not contacts: alice finds bob through the search.
+    expect(contact(alice_page, bob)).to_have_count(0)
+    expect(contact(bob_page, alice)).to_have_count(0)
+    start_chat(alice_page, bob)
     send(alice_page, "Hi! Lunch at noon?")
     expect(bubble(alice_page, "Hi! Lunch at noon?").locator(".tick")).to_have_text("✓")
+
+    # The first message makes them contacts, on both pages without a reload, online.
+    expect_presence(alice_page, bob, "online")
+    expect_presence(bob_page, alice, "online")
 
     # Not opened yet on bob's side: unread badge and title.
     expect(contact(bob_page, alice).locator(".badge")).to_contain_text("1")
@@ -236,8 +268,10 @@ def test_two_people_see_each_other_online_chat_both_ways_with_typing_read_ticks_
 def test_closing_one_context_turns_the_other_side_offline(chat_server, new_context):
     alice, bob = unique("alice"), unique("bob")
     alice_context = new_context()
-    sign_up(alice_context, chat_server, alice)
+    alice_page = sign_up(alice_context, chat_server, alice)
     bob_page = sign_up(new_context(), chat_server, bob)
+    start_chat(alice_page, bob)
+    send(alice_page, "are you there?")
     expect_presence(bob_page, alice, "online")
 
     alice_context.close()
@@ -247,15 +281,18 @@ def test_closing_one_context_turns_the_other_side_offline(chat_server, new_conte
 
 def test_a_message_sent_across_a_server_restart_shows_reconnecting_and_arrives_exactly_once(
         tmp_path, new_context):
-    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}"}, tmp_path)
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", **SIGNUPS}, tmp_path)
     server.start()
     try:
         alice, bob = unique("alice"), unique("bob")
-        alice_page = sign_up(new_context(), server, alice)
+        alice_context = new_context()
+        sockets = []
+        alice_context.on("page", lambda page: page.on("websocket", lambda ws: sockets.append(ws.url)))
+        alice_page = sign_up(alice_context, server, alice)
         bob_page = sign_up(new_context(), server, bob)
-        open_chat(alice_page, bob)
-        open_chat(bob_page, alice)
+        start_chat(alice_page, bob)
         send(alice_page, "before the restart")
+        open_chat(bob_page, alice)
         expect(bubble(bob_page, "before the restart")).to_be_visible()
 
         in_flight, while_down = "sent as the server stops", "typed while the server is down"
@@ -272,6 +309,11 @@ def test_a_message_sent_across_a_server_restart_shows_reconnecting_and_arrives_e
             expect(bubble(bob_page, text)).to_have_count(1, timeout=30_000)
             expect(bubble(alice_page, text)).to_have_attribute("data-state", re.compile("sent|read"))
             expect(bubble(alice_page, text)).to_have_count(1)
+        # A fresh page starts live; a reconnection resumes after the last event seen.
+        ws_base = server.base.replace("http://", "ws://")
+        assert sockets[0] == ws_base + "/ws"
+        assert len(sockets) >= 2 and all(re.fullmatch(re.escape(ws_base) + r"/ws\?since=[1-9]\d*", url)
+                                         for url in sockets[1:]), sockets
 
         # Stored once too: a fresh page loads the history from the server.
         bob_page.reload()
@@ -289,11 +331,11 @@ def test_markup_in_a_message_is_shown_as_text_and_runs_nothing(chat_server, new_
     dialogs = []
     for page in (alice_page, bob_page):
         page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-    open_chat(alice_page, bob)
-    open_chat(bob_page, alice)
+    start_chat(alice_page, bob)
 
     payload = "<img src=x onerror=alert(1)>"
     send(alice_page, payload)
+    open_chat(bob_page, alice)
     send(alice_page, "javascript:alert(2) <b>bold?</b> https://example.com/a?b=1.")
     expect(bubble(bob_page, payload)).to_be_visible()
     expect(bob_page.get_by_text("<b>bold?</b>", exact=False)).to_be_visible()
@@ -355,7 +397,8 @@ def test_a_phone_shows_one_pane_at_a_time_and_still_sends(chat_server, new_conte
     phone = new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
                         device_scale_factor=2)
     alice_page = sign_up(phone, chat_server, alice)
-    open_chat(bob_page, alice)
+    start_chat(bob_page, alice)
+    send(bob_page, "Hi from my laptop")
 
     expect(contacts(alice_page)).to_be_visible()
     expect(messages(alice_page)).to_be_hidden()
@@ -391,30 +434,217 @@ def test_signing_out_in_one_tab_sends_the_other_tab_to_the_sign_in_page(chat_ser
     expect(first_tab).to_have_url(chat_server.base + "/login")
 
 
+def remote_send(server, remote, to, body):
+    """A scripted client sends one message and waits for its ack; returns it."""
+    with remote.ws(server) as ws:
+        ws.send(json.dumps({"type": "send", "to": to, "body": body, "client_id": uuid.uuid4().hex}))
+        return receive(ws, "ack")["message"]
+
+
 def test_contacts_put_the_latest_conversation_first_and_filter_by_name(chat_server, new_context):
     prefix = uuid.uuid4().hex[:6]
-    carol, dave, erin = (f"{prefix}_{name}" for name in ("carol", "dave", "erin"))
+    carol, dave, erin, frank = (f"{prefix}_{name}" for name in ("carol", "dave", "erin", "frank"))
     carol_remote, dave_remote = remote_sign_up(chat_server, carol), remote_sign_up(chat_server, dave)
-    page = sign_up(new_context(), chat_server, erin)
-    list_items = contacts(page).get_by_role("listitem").filter(has_text=prefix)
-    expect(list_items).to_have_text([re.compile(carol), re.compile(dave)])
+    frank_remote = remote_sign_up(chat_server, frank)
+    remote_sign_up(chat_server, erin)
+    remote_send(chat_server, carol_remote, erin, "first from carol")
+    remote_send(chat_server, dave_remote, erin, "first from dave")
 
-    with dave_remote.ws(chat_server) as ws:
-        ws.send(json.dumps({"type": "send", "to": erin, "body": "hello from dave", "client_id": "d-1"}))
-        receive(ws, "ack")
+    # The list comes from the server newest first, with the unread counts;
+    # frank has written nothing yet: he is no contact.
+    page = sign_in(new_context(), chat_server, erin)
+    list_items = contacts(page).get_by_role("listitem").filter(has_text=prefix)
     expect(list_items).to_have_text([re.compile(dave), re.compile(carol)])
     expect(contact(page, dave).locator(".badge")).to_contain_text("1")
-
-    with carol_remote.ws(chat_server) as ws:
-        ws.send(json.dumps({"type": "send", "to": erin, "body": "and from carol", "client_id": "c-1"}))
-        receive(ws, "ack")
-    expect(list_items).to_have_text([re.compile(carol), re.compile(dave)])
     expect(page).to_have_title("(2) ChatX")
 
-    page.get_by_role("searchbox", name="Search people").fill("DAV")
+    # A new message moves its conversation to the top.
+    remote_send(chat_server, carol_remote, erin, "and again from carol")
+    expect(list_items).to_have_text([re.compile(carol), re.compile(dave)])
+    expect(contact(page, carol).locator(".badge")).to_contain_text("2")
+    expect(page).to_have_title("(3) ChatX")
+
+    # A first message from someone new makes a new contact, at the top.
+    remote_send(chat_server, frank_remote, erin, "hello from frank")
+    expect(list_items).to_have_text([re.compile(frank), re.compile(carol), re.compile(dave)])
+    expect(page).to_have_title("(4) ChatX")
+
+    # The search box narrows the contacts down and finds people in the directory.
+    page.get_by_role("searchbox", name="Search people").fill(f"{prefix}_DAV")
     expect(list_items.filter(visible=True)).to_have_text([re.compile(dave)])
+    expect(people(page).get_by_role("listitem")).to_have_text([re.compile(dave)])
     page.get_by_role("searchbox", name="Search people").fill("nobody-has-this-name")
     expect(page.get_by_text("No one matches")).to_be_visible()
+    expect(list_items.filter(visible=True)).to_have_count(0)
+    page.get_by_role("searchbox", name="Search people").press("Escape")
+    expect(list_items.filter(visible=True)).to_have_count(3)
+    expect(people(page)).to_be_hidden()
+
+
+def insert_users(db_path, usernames):
+    """Accounts written straight into the SQLite file: thousands in a moment."""
+    now = int(time.time() * 1000)
+    rows = [{"username": name, "username_key": name.lower(), "skeleton": chatx.skeleton(name.lower()),
+             "password_hash": "not a password hash", "status": "offline", "last_seen": None,
+             "created_at": now, "seq": 0} for name in usernames]
+    with closing(sqlite3.connect(db_path, timeout=30)) as db, db:
+        columns = [column for column in rows[0]
+                   if column in {row[1] for row in db.execute("PRAGMA table_info(chatx_users)")}]
+        db.executemany(f"INSERT INTO chatx_users ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                       [tuple(row[column] for column in columns) for row in rows])
+
+
+def test_a_page_load_among_2000_people_makes_one_list_request_and_opens_one_socket(tmp_path, new_context):
+    db_path = tmp_path / "chat.db"
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{db_path}", **SIGNUPS}, tmp_path)
+    server.start()
+    try:
+        insert_users(db_path, [f"crowd_{i:04}" for i in range(2000)])
+        remote_sign_up(server, "alice")
+        remote_send(server, remote_sign_up(server, "bob"), "alice", "hi alice")
+
+        requests, sockets = [], []
+        context = new_context()
+        context.on("request", lambda request: requests.append(urlsplit(request.url)))
+        context.on("page", lambda page: page.on("websocket", lambda ws: sockets.append(ws.url)))
+        page = sign_in(context, server, "alice")
+        expect(contact(page, "bob")).to_have_count(1)
+        seen = list(requests)
+        assert [url.path for url in seen].count("/api/conversations") == 1
+        assert [url for url in seen if url.path == "/api/users"] == []
+        assert [url for url in seen if url.path.endswith("/messages")] == []
+        expect(page.get_by_text("Connecting…")).to_be_hidden()
+        # Only the conversation is listed, none of the 2,000 strangers.
+        expect(contacts(page).get_by_role("listitem")).to_have_count(1)
+        expect(contact(page, "bob").locator(".badge")).to_contain_text("1")
+        assert sockets == [server.base.replace("http://", "ws://") + "/ws"]
+
+        # The directory is searched a page at a time.
+        page.get_by_role("searchbox", name="Search people").fill("CROWD_1")
+        found = people(page).get_by_role("listitem")
+        expect(found).to_have_count(20)
+        expect(found.first).to_contain_text("crowd_1000")
+        page.get_by_role("button", name="More people").click()
+        expect(found).to_have_count(40)
+        expect(found.last).to_contain_text("crowd_1039")
+        snap(page, "search-people.png")
+        find_person(page, "crowd_1999")
+        assert len(sockets) == 1
+    finally:
+        server.stop()
+
+
+def test_the_contact_list_loads_older_conversations_when_scrolled_to_its_end(chat_server, new_context):
+    prefix = uuid.uuid4().hex[:6]
+    peers = [f"{prefix}_p{i:02}" for i in range(60)]
+    insert_users(chat_server.workdir / "chat.db", peers)
+    alice = remote_sign_up(chat_server, f"{prefix}_alice")
+    with alice.ws(chat_server) as ws:
+        for i, peer in enumerate(peers):
+            ws.send(json.dumps({"type": "send", "to": peer, "body": f"hello {i}", "client_id": f"p-{i}"}))
+            receive(ws, "ack")
+
+    requests = []
+    context = new_context()
+    context.on("request", lambda request: requests.append(urlsplit(request.url)))
+    page = sign_in(context, chat_server, alice.username)
+    items = contacts(page).get_by_role("listitem")
+    expect(items).to_have_count(50)
+    expect(items.first).to_contain_text(peers[-1])
+    expect(items.last).to_contain_text(peers[10])
+
+    items.last.scroll_into_view_if_needed()
+    expect(items).to_have_count(60)
+    expect(items.last).to_contain_text(peers[0])
+    pages = [url.query for url in requests if url.path == "/api/conversations"]
+    assert len(pages) == 2 and "before=" in pages[1], pages
+
+
+def test_the_search_finds_a_stranger_and_a_message_to_them_arrives(chat_server, new_context):
+    prefix = uuid.uuid4().hex[:6]
+    alice, bob = f"{prefix}_alice", f"{prefix}_bob"
+    bob_remote = remote_sign_up(chat_server, bob)
+    page = sign_up(new_context(), chat_server, alice)
+    expect(contact(page, bob)).to_have_count(0)
+
+    with bob_remote.ws(chat_server) as ws:
+        receive(ws, "hello")
+        # Any case, any prefix of the name.
+        find_person(page, bob, query=f"{prefix}_B").get_by_role("button").click()
+        expect(page.get_by_role("heading", name=bob)).to_be_visible()
+        expect(messages(page).get_by_text(f"No messages yet. Say hello to {bob}!")).to_be_visible()
+        expect(people(page)).to_be_hidden()
+
+        send(page, "hello, stranger")
+        frame = receive(ws, "message")
+        assert frame["message"]["body"] == "hello, stranger"
+        assert frame["message"]["from"] == alice
+        assert isinstance(frame["seq"], int)
+        # Now they have a conversation: bob is a contact, and his answer shows up.
+        expect(contact(page, bob)).to_have_count(1)
+        ws.send(json.dumps({"type": "send", "to": alice, "body": "hi back", "client_id": "b-1"}))
+        expect(bubble(page, "hi back")).to_be_visible()
+        expect_presence(page, bob, "online")
+    expect_presence(page, bob, "offline")
+
+
+def test_an_edit_and_a_delete_by_the_other_person_show_up_live_and_after_a_reload(chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    bob_remote = remote_sign_up(chat_server, bob)
+    page = sign_up(new_context(), chat_server, alice)
+
+    with bob_remote.ws(chat_server) as ws:
+        def say(body):
+            ws.send(json.dumps({"type": "send", "to": alice, "body": body, "client_id": uuid.uuid4().hex}))
+            return receive(ws, "ack")["message"]
+
+        first, second = say("see you at 5"), say("bring the slides")
+        open_chat(page, bob)
+        expect(bubble(page, "see you at 5")).to_be_visible()
+        expect(bubble(page, "bring the slides")).to_be_visible()
+        expect(messages(page).get_by_text("edited", exact=True).filter(visible=True)).to_have_count(0)
+
+        ws.send(json.dumps({"type": "edit", "id": first["id"], "body": "see you at 6"}))
+        assert receive(ws, "edit")["message"]["edited_at"]
+        expect(bubble(page, "see you at 6").get_by_text("edited", exact=True)).to_be_visible()
+        expect(bubble(page, "see you at 5")).to_have_count(0)
+
+        ws.send(json.dumps({"type": "delete", "id": second["id"]}))
+        assert receive(ws, "delete")["message"]["deleted"] is True
+        expect(bubble(page, "message deleted")).to_have_count(1)
+        expect(messages(page).get_by_text("bring the slides")).to_have_count(0)
+        expect(messages(page).locator(".msg")).to_have_count(2)
+
+    # The history over HTTP shows the same.
+    page.reload()
+    expect(page.get_by_role("heading", name=bob)).to_be_visible()
+    expect(bubble(page, "see you at 6").get_by_text("edited", exact=True)).to_be_visible()
+    expect(bubble(page, "message deleted")).to_have_count(1)
+    expect(messages(page).get_by_text("bring the slides")).to_have_count(0)
+    snap(page, "chat-edited-and-deleted.png")
+
+
+def test_a_link_opens_a_conversation_with_anyone_and_a_malformed_one_is_ignored(chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    remote_sign_up(chat_server, bob)
+    context = new_context()
+    sign_up(context, chat_server, alice)
+
+    broken = context.new_page()
+    broken.goto(chat_server.base + "/#%E0%A4%A")
+    expect(broken.get_by_text("Connecting…")).to_be_hidden()
+    expect(broken.get_by_text("Choose someone on the left to start chatting.")).to_be_visible()
+    expect(messages(broken)).to_be_hidden()
+
+    linked = context.new_page()
+    linked.goto(chat_server.base + "/#" + bob.upper())
+    expect(linked.get_by_role("heading", name=bob)).to_be_visible()
+    expect(messages(linked).get_by_text(f"No messages yet. Say hello to {bob}!")).to_be_visible()
+    # Not a contact until a message is exchanged.
+    expect(contact(linked, bob)).to_have_count(0)
+    send(linked, "found you by a link")
+    expect(contact(linked, bob)).to_have_count(1)
+    # The page errors of all three pages are checked by new_context.
 
 
 HOST_APP = """
@@ -472,15 +702,18 @@ def test_the_client_honours_the_mount_prefix_for_links_static_files_api_and_sock
     context.on("page", lambda page: page.on("websocket", lambda ws: sockets.append(ws.url)))
     alice_page = sign_up(context, Mounted, alice)
     bob_page = sign_up(new_context(), Mounted, bob)
-    expect_presence(alice_page, bob, "online")
-    open_chat(alice_page, bob)
-    open_chat(bob_page, alice)
+    start_chat(alice_page, bob)  # the directory search goes through /chat/api/users
     send(alice_page, "hello under /chat")
+    expect_presence(alice_page, bob, "online")
+    open_chat(bob_page, alice)
     expect(bubble(bob_page, "hello under /chat")).to_be_visible()
 
     host = mounted_server.removesuffix("/chat")
     ws_base = mounted_server.replace("http://", "ws://")
-    assert sockets and all(url.startswith(ws_base + "/ws?after=") for url in sockets)
+    assert sockets and sockets[0] == ws_base + "/ws"
+    assert all(url.startswith(ws_base + "/ws") for url in sockets)
+    assert any(url.startswith(mounted_server + "/api/users?") for url in requests)
+    assert any(url.startswith(mounted_server + "/api/conversations") for url in requests)
     assert [url for url in requests if url.startswith(host) and not url.startswith(mounted_server)] == []
 
     alice_page.get_by_role("button", name="Sign out").click()

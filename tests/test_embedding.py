@@ -13,7 +13,7 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 import chatx
-from conftest import PASSWORD, next_frame, sign_up
+from conftest import PASSWORD, next_frame, quiet, sign_up
 
 
 def host_app(chat: Starlette) -> Starlette:
@@ -66,9 +66,12 @@ def test_two_apps_in_one_process_share_nothing(make_client, tmp_path):
     assert second.post("/api/login", json={"username": "alice", "password": PASSWORD}).status_code == 401
     assert second.get("/api/me", headers=alice.headers).status_code == 401
     with alice.ws() as ws:
-        next_frame(ws, "hello")
-        next_frame(ws, "presence")
-    assert seen == {"first": ["alice"], "second": []}
+        next_frame(ws, "hello")  # her status changed, and the hook ran, before her hello
+        assert seen == {"first": ["alice"], "second": []}
+        # v2: her own presence frame goes to her partners only, so none comes here
+        # (v1 sent it to her too, and this test waited for it).
+        assert [f for f in quiet(ws) if f["type"] == "presence"] == []
+    assert seen["second"] == []
     assert first.app.state.chat is not second.app.state.chat
 
 

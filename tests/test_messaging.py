@@ -8,13 +8,12 @@ import json
 import sqlite3
 import time
 
-import asyncpg
 import chatx
 import pytest
-from starlette.testclient import TestClient, WebSocketDenialResponse
+from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
-from conftest import fresh_postgres_database, next_frame, quiet, run_async, settle, sign_up
+from conftest import PASSWORD, Person, make_partners, next_frame, quiet, run_async, settle, sign_up
 
 
 @pytest.fixture
@@ -43,14 +42,19 @@ def seed(ws, to: str, count: int, prefix: str = "m") -> list[int]:
     return ids
 
 
-def test_hello_is_the_first_frame_and_lists_only_online_users(chat):
+def test_hello_is_the_first_frame_and_lists_only_online_partners(chat):
+    # v2: the partners (people alice exchanged a message with) who are online;
+    # v1 listed every online user. carol is online but a stranger.
     client, alice, bob, carol = chat
-    with bob.ws() as bob_ws:
+    make_partners(alice, bob)
+    with bob.ws() as bob_ws, carol.ws() as carol_ws:
         next_frame(bob_ws, "hello")
+        next_frame(carol_ws, "hello")
         with alice.ws() as ws:
             hello = ws.receive_json()
             assert hello["type"] == "hello"
             assert hello["user"] == {"id": alice.id, "username": "alice"}
+            assert hello["seq"] == 1  # her stream: the one message
             assert [p["username"] for p in hello["presence"]] == ["bob"]
             assert hello["presence"][0]["status"] == "online" and hello["presence"][0]["last_seen"].endswith("Z")
 
@@ -65,8 +69,8 @@ def test_a_send_is_acked_and_reaches_every_socket_of_both_people_once(chat):
         assert ack["client_id"] == "c-1"
         assert message["from"] == "alice" and message["to"] == "bob" and message["body"] == "hi bob"
         assert message["client_id"] == "c-1" and message["sent_at"].endswith("Z") and isinstance(message["id"], int)
-        for ws in (a1, a2, b1):
-            assert next_frame(ws, "message") == {"type": "message", "message": message}
+        for ws in (a1, a2, b1):  # the first event of each stream (v2: frames carry the seq of the socket's user)
+            assert next_frame(ws, "message") == {"type": "message", "seq": 1, "message": message}
             assert [f for f in quiet(ws) if f["type"] != "presence"] == []
         assert [f for f in quiet(c1) if f["type"] != "presence"] == []  # carol sees nothing
     assert history(bob, "alice")["messages"] == [message]
@@ -82,14 +86,15 @@ def test_message_ids_grow(chat):
 
 def test_sends_in_flight_together_are_acked_and_delivered_in_the_order_sent(database_url, make_client):
     # The socket reads its next frame before the previous send is committed, so
-    # these share commits; a client_id repeated inside the burst still stores once.
+    # these share commits; a send repeated inside the burst (same client_id, same
+    # message) still stores once.
     client = make_client(database_url=database_url, send_burst=100)
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
     with alice.ws() as ws, bob.ws() as bob_ws:
         settle(ws, bob_ws)
         for n in range(40):
             send(ws, "bob", f"burst {n}", client_id=f"b-{n}")
-        send(ws, "bob", "burst 3 again", client_id="b-3")
+        send(ws, "bob", "burst 3", client_id="b-3")
         frames = [next_frame(ws) for _ in range(81)]  # 41 acks, and each message once
         acks = [f for f in frames if f["type"] == "ack"]
         assert [f["message"]["body"] for f in frames if f["type"] == "message"] == [f"burst {n}" for n in range(40)]
@@ -114,7 +119,7 @@ def test_a_burst_mixing_retries_and_sends_without_client_id_acks_each_with_its_o
         send(ws, "bob", "original", client_id="kept")
         original = next_frame(ws, "ack")["message"]
         next_frame(ws, "message")
-        burst = [("a", None), ("retried", "kept"), ("b", None), ("c", "new-1"), ("d", None)]
+        burst = [("a", None), ("original", "kept"), ("b", None), ("c", "new-1"), ("d", None)]
         for body, client_id in burst:
             send(ws, "bob", body, client_id=client_id)
         frames = [next_frame(ws) for _ in range(9)]  # 5 acks, and each new message once
@@ -142,8 +147,9 @@ def on_new_schema(database_url: str, scenario):
         database = chatx.open_database(database_url)
         await database.connect()
         try:
-            async with database.connection() as conn:
-                await chatx.create_schema(conn, postgres=postgres)
+            async with database.connection() as connection:
+                conn = chatx.Connection(connection)
+                await chatx.migrate(conn)
                 return await scenario(conn, insert)
         finally:
             await database.disconnect()
@@ -157,19 +163,20 @@ def test_one_insert_mixing_a_stored_client_id_with_new_rows_gives_each_new_row_i
     async def scenario(conn, insert):
         alice = await chatx.insert_user(conn, "alice", "hash", 0)
         bob = await chatx.insert_user(conn, "bob", "hash", 0)
-        first = await insert(conn, [(alice.id, bob.id, "original", 1, "kept")])
+        # Rows are (sender_id, recipient_id, body, sent_at, client_id, reply_to).
+        first = await insert(conn, [(alice.id, bob.id, "original", 1, "kept", None)])
         mixed = await insert(conn, [
-            (alice.id, bob.id, "a", 2, None), (alice.id, bob.id, "retried", 3, "kept"),
-            (bob.id, alice.id, "c", 4, "kept"), (alice.id, bob.id, "d", 5, "new")])
-        repeated = await insert(conn, [(alice.id, bob.id, "again", 6, "new")])
-        stored = await conn.fetch_all("SELECT id, body FROM chatx_messages ORDER BY id")
-        return first, mixed, repeated, [(row[0], row[1]) for row in stored]
+            (alice.id, bob.id, "a", 2, None, None), (alice.id, bob.id, "retried", 3, "kept", None),
+            (bob.id, alice.id, "c", 4, "kept", first[0]), (alice.id, bob.id, "d", 5, "new", None)])
+        repeated = await insert(conn, [(alice.id, bob.id, "again", 6, "new", None)])
+        stored = await conn.fetch("SELECT id, body, reply_to FROM chatx_messages ORDER BY id")
+        return first, mixed, repeated, [tuple(row) for row in stored]
 
     first, mixed, repeated, stored = on_new_schema(database_url, scenario)
     assert mixed[1] is None and repeated == [None]
     new = [mixed[0], mixed[2], mixed[3]]
     assert first[0] < new[0] < new[1] < new[2]
-    assert stored == [(first[0], "original"), (new[0], "a"), (new[1], "c"), (new[2], "d")]
+    assert stored == [(first[0], "original", None), (new[0], "a", None), (new[1], "c", first[0]), (new[2], "d", None)]
 
 
 def test_a_message_naming_a_user_id_that_does_not_exist_is_refused_and_stores_nothing(database_url):
@@ -179,10 +186,10 @@ def test_a_message_naming_a_user_id_that_does_not_exist_is_refused_and_stores_no
         refused = []
         for row in [(alice.id, alice.id + 99, "to no one", 1, "a"), (alice.id + 99, alice.id, "from no one", 1, "b")]:
             try:
-                await insert(conn, [(alice.id, alice.id, "fine", 1, None), row])
+                await insert(conn, [(alice.id, alice.id, "fine", 1, None, None), (*row, None)])
             except Exception as exc:
                 refused.append(type(exc).__name__)
-        return refused, await conn.fetch_val("SELECT count(*) FROM chatx_messages")
+        return refused, await conn.fetch_value("SELECT count(*) FROM chatx_messages")
 
     refused, stored = on_new_schema(database_url, scenario)
     postgres = database_url.startswith("postgresql")
@@ -207,56 +214,111 @@ def test_sqlite_copies_stored_messages_into_the_database_file_in_the_background(
     assert count == 3
 
 
-def test_starting_on_a_database_with_the_old_sender_index_drops_it(database_url):
-    # Each index is one more page written per message, and the other two serve
-    # every query this one did.
+# A database as ChatX before version 2 left it ({serial} per dialect). The
+# sender index and, on PostgreSQL, the foreign keys of chatx_messages are older
+# still: databases that had them kept them until now.
+VERSION_1_SCHEMA = [
+    "CREATE TABLE chatx_users (id {serial} PRIMARY KEY, username VARCHAR(32) NOT NULL, "
+    "username_key VARCHAR(32) NOT NULL UNIQUE, password_hash VARCHAR(256) NOT NULL, "
+    "status VARCHAR(8) NOT NULL DEFAULT 'offline', last_seen BIGINT, created_at BIGINT NOT NULL)",
+    "CREATE TABLE chatx_sessions (id VARCHAR(64) PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES chatx_users (id), "
+    "expires_at BIGINT NOT NULL)",
+    "CREATE TABLE chatx_messages (id {serial} PRIMARY KEY, sender_id INTEGER NOT NULL REFERENCES chatx_users (id), "
+    "recipient_id INTEGER NOT NULL REFERENCES chatx_users (id), body TEXT NOT NULL, sent_at BIGINT NOT NULL, "
+    "client_id VARCHAR(128), CONSTRAINT chatx_messages_client_id UNIQUE (sender_id, client_id))",
+    "CREATE INDEX chatx_messages_recipient ON chatx_messages (recipient_id, sender_id, id)",
+    "CREATE INDEX chatx_messages_sender ON chatx_messages (sender_id, recipient_id, id)",
+    "CREATE TABLE chatx_read_cursors (user_id INTEGER NOT NULL REFERENCES chatx_users (id), "
+    "peer_id INTEGER NOT NULL REFERENCES chatx_users (id), up_to INTEGER NOT NULL, PRIMARY KEY (user_id, peer_id))",
+    "CREATE TABLE chatx_processes (id VARCHAR(32) PRIMARY KEY, heartbeat_at BIGINT NOT NULL)",
+    "CREATE TABLE chatx_sockets (id VARCHAR(32) PRIMARY KEY, process_id VARCHAR(32) NOT NULL, user_id INTEGER NOT NULL)",
+    "CREATE TABLE chatx_settings (name VARCHAR(64) PRIMARY KEY, value TEXT NOT NULL)",
+]
+
+
+def test_starting_on_a_version_1_database_keeps_everything_and_numbers_it_in_the_streams(database_url, make_client):
+    # v2 adds streams, conversation rows, edits and blocks to a database v1
+    # made; everything in it must survive, and the old sender index (one more
+    # page written per message) and PostgreSQL's message foreign keys (a row
+    # lock per message) go.
     postgres = database_url.startswith("postgresql")
-    names = ("SELECT indexname FROM pg_indexes WHERE tablename = 'chatx_messages'" if postgres else
-             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'chatx_messages'")
+    password_hash = chatx.hash_password(PASSWORD)
+    people = ["alice", "bob", "carol"]
+    sent = [("alice", "bob", "one"), ("bob", "alice", "two"), ("alice", "bob", "three"), ("carol", "bob", "four"),
+            ("alice", "alice", "note to self")]
+    index_names = ("SELECT indexname FROM pg_indexes WHERE tablename = 'chatx_messages'" if postgres else
+                   "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'chatx_messages'")
+    foreign_keys = ("SELECT count(*) FROM pg_constraint WHERE conrelid = 'chatx_messages'::regclass AND contype = 'f'"
+                    if postgres else "SELECT count(*) FROM pragma_foreign_key_list('chatx_messages')")
 
-    async def scenario(conn, insert):
-        await conn.execute("CREATE INDEX chatx_messages_sender ON chatx_messages (sender_id, recipient_id, id)")
-        before = {row[0] for row in await conn.fetch_all(names)}
-        await chatx.create_schema(conn, postgres=postgres)
-        return before, {row[0] for row in await conn.fetch_all(names)}
-
-    before, after = on_new_schema(database_url, scenario)
-    assert before - after == {"chatx_messages_sender"}
-    assert "chatx_messages_recipient" in after
-
-
-def test_starting_on_a_postgresql_database_with_foreign_keys_on_messages_drops_them():
-    # Databases made before chatx_insert_messages() checked the user ids have
-    # them, and each one locks the user's row for every message stored.
-    old_schema = [
-        "CREATE TABLE chatx_users (id SERIAL PRIMARY KEY, username VARCHAR(32) NOT NULL, "
-        "username_key VARCHAR(32) NOT NULL UNIQUE, password_hash VARCHAR(256) NOT NULL, "
-        "status VARCHAR(8) NOT NULL DEFAULT 'offline', last_seen BIGINT, created_at BIGINT NOT NULL)",
-        "CREATE TABLE chatx_messages (id SERIAL PRIMARY KEY, sender_id INTEGER NOT NULL REFERENCES chatx_users (id), "
-        "recipient_id INTEGER NOT NULL REFERENCES chatx_users (id), body TEXT NOT NULL, sent_at BIGINT NOT NULL, "
-        "client_id VARCHAR(128), CONSTRAINT chatx_messages_client_id UNIQUE (sender_id, client_id))",
-    ]
-
-    async def foreign_keys(url: str, *statements: str) -> int:
-        connection = await asyncpg.connect(url)
+    async def on_database(build: bool):
+        database = chatx.open_database(database_url)
+        await database.connect()
         try:
-            for statement in statements:
-                await connection.execute(statement)
-            return await connection.fetchval(
-                "SELECT count(*) FROM pg_constraint WHERE conrelid = 'chatx_messages'::regclass AND contype = 'f'")
+            async with database.connection() as connection:
+                conn = chatx.Connection(connection)
+                if build:
+                    for statement in VERSION_1_SCHEMA:
+                        await conn.execute(statement.format(serial="SERIAL" if postgres else "INTEGER"))
+                    for name in people:
+                        await conn.execute("INSERT INTO chatx_users (username, username_key, password_hash, status, "
+                                           "created_at) VALUES (?, ?, ?, 'offline', 0)", name, name, password_hash)
+                    for n, (sender, recipient, body) in enumerate(sent):
+                        await conn.execute(
+                            "INSERT INTO chatx_messages (sender_id, recipient_id, body, sent_at, client_id) VALUES ("
+                            "(SELECT id FROM chatx_users WHERE username = ?), "
+                            "(SELECT id FROM chatx_users WHERE username = ?), ?, ?, ?)",
+                            sender, recipient, body, 1_700_000_000_000 + n, f"old-{n}")
+                    await conn.execute("INSERT INTO chatx_read_cursors (user_id, peer_id, up_to) VALUES (2, 1, 1)")
+                    await conn.execute("INSERT INTO chatx_settings (name, value) VALUES ('secret_key', 'v1 secret')")
+                return ({row[0] for row in await conn.fetch(index_names)}, await conn.fetch_value(foreign_keys),
+                        await conn.fetch_value("SELECT value FROM chatx_settings WHERE name = 'schema_version'"))
         finally:
-            await connection.close()
+            await database.disconnect()
 
-    with fresh_postgres_database() as url:
-        before = run_async(foreign_keys, url, *old_schema)
-        with TestClient(chatx.create_app(database_url=url)) as client:
-            alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
-            with alice.ws() as ws, bob.ws() as bob_ws:
-                settle(ws, bob_ws)
-                send(ws, "bob", "after the upgrade")
-                assert next_frame(bob_ws, "message")["message"]["body"] == "after the upgrade"
-        after = run_async(foreign_keys, url)
-    assert (before, after) == (2, 0)
+    indexes, keys, version = run_async(on_database, True)
+    assert "chatx_messages_sender" in indexes and keys == 2 and version is None
+
+    client = make_client(database_url=database_url)
+    signed_in = {}
+    for name in people:
+        response = client.post("/api/login", json={"username": name, "password": PASSWORD})
+        assert response.status_code == 200, response.text
+        signed_in[name] = response.cookies[chatx.SESSION_COOKIE]
+        client.cookies.clear()
+    alice, bob = (chatx_person(client, name, signed_in[name]) for name in ("alice", "bob"))
+
+    assert [m["body"] for m in history(bob, "alice")["messages"]] == ["one", "two", "three"]
+    assert history(bob, "alice")["read_up_to"] == {"bob": 1, "alice": 0}
+    listed = bob.get("/api/conversations").json()["conversations"]
+    assert [(c["user"]["username"], c["last_message"]["body"], c["unread"]) for c in listed] == [
+        ("carol", "four", 1), ("alice", "three", 1)]
+    assert unread_counts(alice) == {"alice": 1, "bob": 1}  # "two", and her note to herself
+
+    # Each person's stream numbers their old messages in id order, from 1.
+    with bob.ws(since=0) as b:
+        assert b.receive_json()["seq"] == 4
+        replayed = [next_frame(b, "message") for _ in range(4)]
+        assert [(f["seq"], f["message"]["body"]) for f in replayed] == [
+            (1, "one"), (2, "two"), (3, "three"), (4, "four")]
+        assert [f for f in quiet(b) if f["type"] == "message"] == []
+        with alice.ws() as a:
+            assert a.receive_json()["seq"] == 4  # one, two, three and her note, once
+            send(a, "bob", "after the upgrade", client_id="new-1")
+            ack = next_frame(a, "ack")
+            assert ack["message"]["id"] > 5
+            assert next_frame(b, "message") == {"type": "message", "seq": 5, "message": ack["message"]}
+            assert next_frame(a, "message")["seq"] == 5
+
+    indexes, keys, version = run_async(on_database, False)
+    assert "chatx_messages_sender" not in indexes and "chatx_messages_recipient" in indexes
+    assert keys == (0 if postgres else 2)  # SQLite keeps its foreign keys: they cost no row lock there
+    assert version == str(chatx.SCHEMA_VERSION)
+
+
+def chatx_person(client, username: str, cookie: str) -> Person:
+    response = client.get("/api/me", headers={"cookie": f"{chatx.SESSION_COOKIE}={cookie}"})
+    return Person(client, username, cookie, response.json()["user"]["id"])
 
 
 def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat):
@@ -267,12 +329,32 @@ def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat)
         first = next_frame(ws, "ack")
         next_frame(ws, "message")
         assert next_frame(bob_ws, "message")["message"] == first["message"]
-        send(ws, "bob", "changed body", client_id="dup")
+        send(ws, "BOB", "once", client_id="dup")  # a retry: the same message
         again = next_frame(ws, "ack")
         assert again == first
         assert [f for f in quiet(ws) if f["type"] == "message"] == []
         assert [f for f in quiet(bob_ws) if f["type"] == "message"] == []
     assert [m["body"] for m in history(alice, "bob")["messages"]] == ["once"]
+
+
+def test_a_client_id_reused_for_a_different_message_is_invalid_and_delivers_nothing(chat):
+    # v2: v1 acked the original for any reuse; now another body or another
+    # recipient under a used client_id is invalid_field.
+    client, alice, bob, carol = chat
+    with alice.ws() as ws, bob.ws() as bob_ws, carol.ws() as carol_ws:
+        settle(ws, bob_ws, carol_ws)
+        send(ws, "bob", "once", client_id="dup")
+        next_frame(ws, "ack")
+        next_frame(ws, "message")
+        next_frame(bob_ws, "message")
+        for to, body in (("bob", "changed body"), ("carol", "once")):
+            send(ws, to, body, client_id="dup")
+            error = next_frame(ws, "error")
+            assert error["code"] == "invalid_field" and error["client_id"] == "dup" and error["detail"]
+        for socket in (ws, bob_ws, carol_ws):
+            assert [f for f in quiet(socket) if f["type"] in ("message", "ack")] == []
+    assert [m["body"] for m in history(alice, "bob")["messages"]] == ["once"]
+    assert history(alice, "carol")["messages"] == []
 
 
 def test_different_senders_may_use_the_same_client_id(chat):
@@ -388,13 +470,16 @@ def test_a_read_cursor_moves_forward_and_both_people_are_told(chat):
         ids = seed(a, "bob", 3)
         settle(b)
         b.send_json({"type": "read", "with": "alice", "up_to": ids[1]})
-        expected = {"type": "read", "reader": "bob", "with": "alice", "up_to": ids[1]}
+        # Each stream's 4th event (after the three messages): v2 read frames carry the seq.
+        expected = {"type": "read", "seq": 4, "reader": "bob", "with": "alice", "up_to": ids[1]}
         assert next_frame(b, "read") == expected
         assert next_frame(a, "read") == expected
         b.send_json({"type": "read", "with": "alice", "up_to": ids[0]})  # backwards: nothing
         assert [f for f in quiet(b) if f["type"] == "read"] == []
         b.send_json({"type": "read", "with": "alice", "up_to": ids[2] + 1000})  # past the end: the newest
-        assert next_frame(b, "read")["up_to"] == ids[2]
+        moved = next_frame(b, "read")
+        assert moved["up_to"] == ids[2] and moved["seq"] == 5  # a move that sent nothing used no seq
+        assert next_frame(a, "read") == moved
         b.send_json({"type": "read", "with": "alice", "up_to": ids[2] + 5})  # no move: nothing
         assert [f for f in quiet(b) if f["type"] == "read"] == []
     assert history(bob, "alice")["read_up_to"] == {"bob": ids[2], "alice": 0}
@@ -420,19 +505,56 @@ def test_unread_counts_messages_from_them_above_my_read_cursor(chat):
             next_frame(b, "hello")
             b.send_json({"type": "read", "with": "alice", "up_to": ids[0]})
             next_frame(b, "read")
-    users = {u["username"]: u for u in bob.get("/api/users").json()["users"]}
-    assert users["alice"]["unread"] == 2 and users["carol"]["unread"] == 1
-    assert "bob" not in users
-    assert {u["username"]: u["unread"] for u in alice.get("/api/users").json()["users"]} == {"bob": 0, "carol": 0}
+    # v2: unread counts are in the conversation list (v1 had them in /api/users).
+    assert unread_counts(bob) == {"alice": 2, "carol": 1}
+    assert unread_counts(alice) == {"bob": 0, "carol": 0}
+    assert unread_counts(carol) == {"bob": 0, "alice": 1}
 
 
-def test_user_list_is_everyone_but_me_by_username(chat):
+def unread_counts(person) -> dict[str, int]:
+    response = person.get("/api/conversations")
+    assert response.status_code == 200, response.text
+    return {c["user"]["username"]: c["unread"] for c in response.json()["conversations"]}
+
+
+def directory(person, **query) -> dict:
+    response = person.get("/api/users", params=query)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_the_directory_finds_users_but_me_by_username_prefix_in_username_order(chat):
+    # v2: GET /api/users is a paged prefix search; v1 listed everyone.
     client, alice, bob, carol = chat
-    sign_up(client, "Aaron")
-    users = alice.get("/api/users").json()["users"]
-    assert [u["username"] for u in users] == ["Aaron", "bob", "carol"]
-    assert set(users[0]) == {"id", "username", "status", "last_seen", "unread"}
-    assert client.get("/api/users").status_code == 401
+    for name in ("Alfred", "aaron", "ALBERT", "bobby"):
+        sign_up(client, name)
+    found = directory(alice, q="A")
+    assert [u["username"] for u in found["users"]] == ["aaron", "ALBERT", "Alfred"]  # not alice herself
+    assert found["has_more"] is False
+    assert set(found["users"][0]) == {"id", "username", "status", "last_seen"}
+    assert found["users"][0]["status"] == "offline" and found["users"][0]["last_seen"] is None
+    assert [u["username"] for u in directory(bob, q="bO")["users"]] == ["bobby"]
+    assert [u["username"] for u in directory(bob, q="alice")["users"]] == ["alice"]
+    assert directory(alice, q="zed") == {"users": [], "has_more": False}
+
+    first = directory(alice, q="al", limit=1)
+    assert [u["username"] for u in first["users"]] == ["ALBERT"] and first["has_more"] is True
+    second = directory(alice, q="al", limit=1, after="ALBERT")
+    assert [u["username"] for u in second["users"]] == ["Alfred"] and second["has_more"] is False
+    assert [u["username"] for u in directory(alice, q="a", after="aaron")["users"]] == ["ALBERT", "Alfred"]
+
+
+@pytest.mark.parametrize("query", [{}, {"q": ""}, {"q": "a" * 33}, {"q": "a", "limit": 0}, {"q": "a", "limit": "x"}])
+def test_bad_directory_queries_are_bad_request(chat, query):
+    client, alice, bob, carol = chat
+    response = alice.get("/api/users", params=query)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
+
+
+def test_the_directory_needs_a_session(chat):
+    client, alice, bob, carol = chat
+    response = client.get("/api/users", params={"q": "a"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "not_authenticated"
 
 
 def test_history_pages_newest_first_then_older_then_newer(chat):
@@ -513,6 +635,12 @@ def test_replay_sends_every_message_above_after_in_order_before_live(chat):
     with bob.ws(after=0) as b:
         next_frame(b, "hello")
         assert [next_frame(b, "message")["message"]["id"] for _ in range(4)] == ids
+    # v2: since=S replays bob's stream above seq S, each frame with its seq.
+    with bob.ws(since=2) as b:
+        assert b.receive_json()["seq"] == 4
+        replayed = [next_frame(b, "message") for _ in range(2)]
+        assert [(f["seq"], f["message"]["id"]) for f in replayed] == [(3, ids[2]), (4, ids[3])]
+        assert [f for f in quiet(b) if f["type"] == "message"] == []
 
 
 def test_replay_then_live_misses_and_repeats_nothing(chat):

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 import chatx
-from conftest import PASSWORD, ChatServer, Remote, drain, receive, remote_sign_up, wait_until
+from conftest import PASSWORD, ChatServer, Remote, drain, make_partners, receive, remote_sign_up, wait_until
 
 Frame = dict[str, Any]
 
@@ -93,10 +93,11 @@ def close_code(ws: ClientConnection, timeout: float = 15, max_frames: int = 200_
     raise AssertionError(f"the socket was not closed within {timeout} s / {max_frames} frames")
 
 
-def users_seen_by(person: Remote, server: ChatServer) -> dict[str, Frame]:
-    response = person.get(server, "/api/users")
+def seen_by(person: Remote, server: ChatServer, username: str) -> Frame:
+    """`username` as the directory (v2: a prefix search) shows them to `person`."""
+    response = person.get(server, f"/api/users?q={username}")
     assert response.status_code == 200, response.text
-    return {u["username"]: u for u in response.json()["users"]}
+    return next(u for u in response.json()["users"] if u["username"] == username)
 
 
 def history(person: Remote, server: ChatServer, peer: str) -> list[Frame]:
@@ -117,13 +118,14 @@ def remote_login(server: ChatServer, username: str) -> Remote:
     """A second session of an existing user."""
     response = httpx.post(f"{server.base}/api/login", json={"username": username, "password": PASSWORD}, timeout=10)
     assert response.status_code == 200, response.text
-    return Remote(username, response.cookies[chatx.SESSION_COOKIE])
+    return Remote(username, response.cookies[chatx.SESSION_COOKIE], response.json()["user"]["id"])
 
 
 @pytest.fixture
 def pair(cluster):
-    """Processes A and B on one database and one Redis, with alice, bob and carol."""
-    a, b = cluster(2)
+    """Processes A and B on one database and one Redis, with no presence grace,
+    and alice, bob and carol: strangers until a test makes them partners."""
+    a, b = cluster(2, CHATX_PRESENCE_GRACE="0")
     return a, b, remote_sign_up(a, "alice"), remote_sign_up(b, "bob"), remote_sign_up(a, "carol")
 
 
@@ -146,13 +148,17 @@ def test_a_message_sent_on_one_process_reaches_every_socket_on_both_processes_on
         assert (message["from"], message["to"], message["body"]) == ("alice", "bob", "across processes")
         assert message["client_id"] == "x-1" and message["sent_at"].endswith("Z") and fence["id"] > message["id"]
         assert messages_in(frames) == [message, fence]
+        assert [f["seq"] for f in frames if f["type"] == "message"] == [1, 2]
         for ws in (alice_b, bob_b):
-            assert messages_in(frames_until(ws, is_message(fence["id"]))) == [message, fence]
+            frames = frames_until(ws, is_message(fence["id"]))
+            assert messages_in(frames) == [message, fence]
+            assert [f["seq"] for f in frames if f["type"] == "message"] == [1, 2]
         for ws in (alice_a, alice_b, bob_b):
             assert messages_in(drain(ws)) == []
 
         bob_b.send(json.dumps({"type": "read", "with": "alice", "up_to": fence["id"]}))
-        read = {"type": "read", "reader": "bob", "with": "alice", "up_to": fence["id"]}
+        # The third event of both streams (v2: stream frames carry the seq).
+        read = {"type": "read", "seq": 3, "reader": "bob", "with": "alice", "up_to": fence["id"]}
         for ws in (alice_a, alice_b, bob_b):
             assert receive(ws, "read") == read
 
@@ -183,17 +189,19 @@ def test_an_idle_subscriber_outlives_the_redis_socket_timeout(pair):
 
 def test_presence_is_one_online_and_one_offline_frame_whichever_process_the_sockets_are_on(pair):
     a, b, alice, bob, carol = pair
+    make_partners(alice, bob, server=a)  # v2: presence goes to partners only
+    make_partners(carol, bob, server=a)
     with ExitStack() as sockets:
         watcher = sockets.enter_context(bob.ws(b))
-        hello(watcher)
-        frames_until(watcher, is_presence("bob", "online"))  # its own
+        assert hello(watcher)["presence"] == []
+        assert presence_of(drain(watcher), "bob") == []  # v2: not his own
         first = sockets.enter_context(alice.ws(a))
         hello(first)
         seen = frames_until(watcher, is_presence("alice"))
         online = presence_of(seen, "alice")
         assert [f["status"] for f in online] == ["online"] and online[0]["last_seen"].endswith("Z")
         for server in (a, b):
-            assert users_seen_by(bob, server)["alice"]["status"] == "online"
+            assert seen_by(bob, server, "alice")["status"] == "online"
 
         second = sockets.enter_context(alice.ws(b))
         hello(second)  # its presence change (if any) was published before the hello
@@ -205,7 +213,7 @@ def test_presence_is_one_online_and_one_offline_frame_whichever_process_the_sock
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
             for server in (a, b):
-                assert users_seen_by(bob, server)["alice"]["status"] == "online"
+                assert seen_by(bob, server, "alice")["status"] == "online"
             time.sleep(0.1)
         first.send(json.dumps({"type": "typing", "to": "bob"}))
         # ...and no presence frame about her comes.
@@ -221,8 +229,35 @@ def test_presence_is_one_online_and_one_offline_frame_whichever_process_the_sock
             hello(fence)
             assert presence_of(frames_until(watcher, is_presence("carol", "online")), "alice") == []
     for server in (a, b):
-        listed = users_seen_by(bob, server)["alice"]
+        listed = seen_by(bob, server, "alice")
         assert listed["status"] == "offline" and listed["last_seen"] == offline[0]["last_seen"]
+
+
+def test_a_reconnect_to_another_process_within_the_grace_sends_nothing_and_offline_comes_after_it(cluster):
+    grace = 2.0
+    a, b = cluster(2, CHATX_PRESENCE_GRACE=str(grace))
+    alice, bob = remote_sign_up(a, "alice"), remote_sign_up(b, "bob")
+    make_partners(alice, bob, server=a)
+    with bob.ws(b) as watcher:
+        hello(watcher)
+        with alice.ws(a) as first:
+            hello(first)
+            online = presence_of(frames_until(watcher, is_presence("alice")), "alice")
+            assert [f["status"] for f in online] == ["online"]
+        # Her page reloads, and this time the balancer picks the other process.
+        with alice.ws(b) as again:
+            assert [p["username"] for p in hello(again)["presence"]] == ["bob"]
+            time.sleep(grace + 1)  # past the grace of the first socket's close
+            assert presence_of(drain(watcher), "alice") == []
+            for server in (a, b):
+                assert seen_by(bob, server, "alice")["status"] == "online"
+        closed_at = time.monotonic()
+        frames = frames_until(watcher, is_presence("alice"), timeout=15)
+        elapsed = time.monotonic() - closed_at
+        assert [f["status"] for f in presence_of(frames, "alice")] == ["offline"]
+        assert grace - 0.2 <= elapsed < grace + 5, f"offline came {elapsed:.1f} s after her last socket closed"
+        assert presence_of(drain(watcher), "alice") == []
+    assert seen_by(bob, a, "alice")["status"] == "offline"
 
 
 # ---- idempotency ---------------------------------------------------------------------
@@ -285,8 +320,10 @@ def test_logout_on_one_process_closes_that_sessions_sockets_on_every_process_wit
 
 
 def test_users_of_a_killed_process_go_offline_within_the_presence_ttl(cluster):
+    # With the default presence grace: a dead process's users are not in it.
     a, b = cluster(2, CHATX_PRESENCE_TTL="3")
     alice, bob = remote_sign_up(a, "alice"), remote_sign_up(b, "bob")
+    make_partners(alice, bob, server=a)
     with ExitStack() as sockets:
         hello(sockets.enter_context(bob.ws(b)))  # bob's online frame was published before his hello
         alice_a = sockets.enter_context(alice.ws(a))
@@ -300,7 +337,7 @@ def test_users_of_a_killed_process_go_offline_within_the_presence_ttl(cluster):
         assert [f["status"] for f in offline] == ["offline"], frames
         assert offline[0]["last_seen"].endswith("Z")
         assert elapsed < 3 + 5, f"bob went offline {elapsed:.1f} s after his process died"
-    listed = users_seen_by(alice, a)["bob"]
+    listed = seen_by(alice, a, "bob")
     assert listed["status"] == "offline" and listed["last_seen"] == offline[0]["last_seen"]
 
 
@@ -402,7 +439,10 @@ def test_the_websocket_handshake_needs_a_session_and_an_acceptable_origin(cluste
 
 
 def test_a_reader_more_than_1000_frames_behind_is_closed_with_1013_and_loses_nothing(cluster):
-    (server,) = cluster(1, CHATX_SEND_RATE="100000", CHATX_SEND_BURST="100000")
+    # No grace, so that bob sees alice offline as soon as her socket is cut; and
+    # no typing limit, so that every typing frame is one more frame for her.
+    (server,) = cluster(1, CHATX_SEND_RATE="100000", CHATX_SEND_BURST="100000", CHATX_PRESENCE_GRACE="0",
+                        CHATX_TYPING_INTERVAL="0")
     alice, bob = remote_sign_up(server, "alice"), remote_sign_up(server, "bob")
     raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window for good
@@ -418,7 +458,7 @@ def test_a_reader_more_than_1000_frames_behind_is_closed_with_1013_and_loses_not
             # alice reads nothing. Long messages fill the kernel's buffers (the
             # server's send buffer alone takes megabytes on loopback); typing
             # frames, one frame each, then pile up behind them. Until her socket
-            # is closed, which bob sees as her going offline.
+            # is closed, which bob sees as her going offline (his first message made them partners).
             while not cut and rounds < 40 and time.monotonic() - started < 30:
                 for n in range(100):
                     send(flooder, "alice", "x" * 4000, f"r{rounds}-{n}")
