@@ -19,6 +19,7 @@ from websockets.uri import parse_uri
 PASSWORD = "bench-password-0123"
 
 FrameHandler = Callable[["Socket", dict, float], None]
+STREAM_FRAMES = frozenset({"message", "read", "edit", "delete"})  # frames numbered in the stream (v2)
 
 
 @dataclass
@@ -39,25 +40,63 @@ def cookie_header(response: httpx.Response) -> str:
     return "; ".join(pair for pair in pairs if pair)
 
 
+BUSY_RETRIES = 200  # answers 503 busy / 429 rate_limited taken before giving up
+
+
+async def post_credentials(http: httpx.AsyncClient, path: str, username: str) -> httpx.Response:
+    """POST username and password, waiting out 503 `busy` and 429 `rate_limited`
+    (v2 bounds the password hashes it queues) as a client would: Retry-After,
+    capped at 2 s. `http.busy_retries` counts the waits."""
+    for _ in range(BUSY_RETRIES):
+        response = await http.post(path, json={"username": username, "password": PASSWORD})
+        if response.status_code not in (429, 503):
+            return response
+        http.busy_retries = getattr(http, "busy_retries", 0) + 1
+        try:
+            wait = float(response.headers.get("retry-after", "0.2"))
+        except ValueError:
+            wait = 0.2
+        await asyncio.sleep(min(max(wait, 0.05), 2.0))
+    return response
+
+
 async def register(http: httpx.AsyncClient, username: str) -> User:
-    response = await http.post("/api/register", json={"username": username, "password": PASSWORD})
+    response = await post_credentials(http, "/api/register", username)
     if response.status_code != 201:
         raise RuntimeError(f"register {username}: HTTP {response.status_code} {response.text[:200]}")
     return User(username, cookie_header(response))
 
 
 async def login(http: httpx.AsyncClient, user: User) -> None:
-    response = await http.post("/api/login", json={"username": user.username, "password": PASSWORD})
+    response = await post_credentials(http, "/api/login", user.username)
     if response.status_code != 200:
         raise RuntimeError(f"login {user.username}: HTTP {response.status_code} {response.text[:200]}")
     user.cookie = cookie_header(response) or user.cookie
 
 
-async def statuses(http: httpx.AsyncClient, viewer: User) -> dict[str, str]:
-    """username -> "online"/"offline" for every user but `viewer` (GET /api/users)."""
-    response = await http.get("/api/users", headers={"Cookie": viewer.cookie})
-    response.raise_for_status()
-    return {entry["username"]: entry["status"] for entry in response.json()["users"]}
+async def get_json(http: httpx.AsyncClient, viewer: User, path: str, **params) -> dict:
+    response = await http.get(path, params=params, headers={"Cookie": viewer.cookie})
+    if response.status_code != 200:
+        raise RuntimeError(f"GET {path} {params}: HTTP {response.status_code} {response.text[:200]}")
+    return response.json()
+
+
+async def search_all(http: httpx.AsyncClient, viewer: User, q: str) -> list[dict]:
+    """Every directory entry (GET /api/users?q=, v2) whose username starts with `q`,
+    page after page; the viewer is never listed."""
+    found: list[dict] = []
+    params = {"q": q, "limit": 100}
+    while True:
+        page = await get_json(http, viewer, "/api/users", **params)
+        found.extend(page["users"])
+        if not page.get("has_more") or not page["users"]:
+            return found
+        params["after"] = page["users"][-1]["username"]
+
+
+async def statuses(http: httpx.AsyncClient, viewer: User, q: str) -> dict[str, str]:
+    """username -> "online"/"offline" for every user but `viewer` whose name starts with `q`."""
+    return {entry["username"]: entry["status"] for entry in await search_all(http, viewer, q)}
 
 
 class Socket(asyncio.Protocol):
@@ -78,6 +117,9 @@ class Socket(asyncio.Protocol):
         self.hello: dict | None = None
         self.hello_at = 0.0
         self.frames = 0
+        self.seq: int | None = None  # the newest seq of the user's stream seen on this socket
+        self.seq_errors = 0  # stream frames whose seq was not the one after the last (gap, repeat, order)
+        self.seq_absent = 0  # stream frames without a seq (a v1 server)
         self.close_code: int | None = None
         self.fragments: list[bytes] = []
         self.early: list[dict] | None = []  # frames after hello, held until open() has returned
@@ -105,6 +147,7 @@ class Socket(asyncio.Protocol):
         if first.get("type") != "hello":
             raise RuntimeError(f"first frame for {self.user.username} was {first.get('type')!r}, not hello")
         self.hello, self.hello_at = first, time.perf_counter()
+        self.seq = first.get("seq")
         # As with a reader task started here: the caller's code after `await open()`
         # sees hello before any later frame reaches the handler.
         loop.call_soon(self.release_early)
@@ -149,8 +192,20 @@ class Socket(asyncio.Protocol):
 
     def deliver(self, message: dict) -> None:
         self.frames += 1
+        if message.get("type") in STREAM_FRAMES:
+            self.check_seq(message.get("seq"))
         if self.handler is not None:
             self.handler(self, message, time.perf_counter())
+
+    def check_seq(self, seq: int | None) -> None:
+        """v2: a socket gets its user's stream live in seq order, each event once,
+        starting just after hello's seq."""
+        if seq is None:
+            self.seq_absent += 1
+            return
+        if self.seq is not None and seq != self.seq + 1:
+            self.seq_errors += 1
+        self.seq = seq if self.seq is None else max(self.seq, seq)
 
     def flush(self) -> None:
         for data in self.protocol.data_to_send():

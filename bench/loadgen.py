@@ -1,4 +1,4 @@
-"""Workloads of the benchmark, driving a server only through the ChatX contract.
+"""Workloads of the benchmark, driving a server only through the ChatX contract (v2).
 
 Each workload opens its own sockets, is bounded in count and time, closes what
 it opened and returns a dict of plain numbers (times in ms unless named _s).
@@ -9,15 +9,16 @@ import asyncio
 import contextlib
 import gc
 import resource
+import statistics
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
 
-from bench.client import Socket, User, login, register, statuses
+from bench.client import Socket, User, get_json, login, register, statuses
 from bench.progress import Progress
 
 DRAIN_TIMEOUT_S = 10.0
@@ -151,6 +152,12 @@ async def bounded(jobs: Sequence[Callable[[], Awaitable]], limit: int,
     return results
 
 
+def stream_order(sockets: Sequence[Socket]) -> dict:
+    """Stream frames out of seq order (gap, repeat, disorder) or without a seq, over `sockets`."""
+    return {"seq_errors": sum(s.seq_errors for s in sockets),
+            "seq_absent": sum(s.seq_absent for s in sockets)}
+
+
 def count_failures(results: list) -> tuple[int, dict[str, int]]:
     failures = Counter(short_error(r) for r in results if isinstance(r, Exception))
     return sum(failures.values()), dict(failures.most_common(5))
@@ -166,9 +173,11 @@ async def close_sockets(sockets: Sequence[Socket]) -> None:
 
 
 async def register_users(http: httpx.AsyncClient, prefix: str, count: int) -> list[User]:
-    """Register `count` users concurrently; ChatX hashes passwords in a thread pool."""
+    """Register `count` users, two at a time: ChatX hashes passwords in a thread
+    pool, on the one core it has here, and answers 503 busy beyond two hashes
+    in flight from one address (v2), each costing a second's wait (Retry-After)."""
     names = [f"{prefix}{i:05d}" for i in range(count)]
-    results = await bounded([lambda n=n: register(http, n) for n in names], 8,
+    results = await bounded([lambda n=n: register(http, n) for n in names], 2,
                             Progress("registering users", count))
     failed, samples = count_failures(results)
     if failed:
@@ -176,13 +185,15 @@ async def register_users(http: httpx.AsyncClient, prefix: str, count: int) -> li
     return results
 
 
-async def wait_all_offline(http: httpx.AsyncClient, viewer: User, users: Sequence[User],
+async def wait_all_offline(http: httpx.AsyncClient, viewer: User, users: Sequence[User], prefix: str,
                            timeout: float = 20.0) -> int:
-    """Wait until GET /api/users shows all `users` offline; return how many never were."""
+    """Wait until the directory (GET /api/users?q=`prefix`, page after page) shows
+    all `users` offline; return how many never were."""
     names = {u.username for u in users if u.username != viewer.username}
     deadline = time.monotonic() + timeout
     while True:
-        online = {n for n, status in (await statuses(http, viewer)).items() if n in names and status != "offline"}
+        online = {n for n, status in (await statuses(http, viewer, prefix)).items()
+                  if n in names and status != "offline"}
         if not online or time.monotonic() > deadline:
             return len(online)
         await asyncio.sleep(0.2)
@@ -335,12 +346,13 @@ async def throughput(target: Target, pairs: Sequence[tuple[User, User]], window:
     await traffic.drain()
     server_cpu = target.probe.cpu_seconds() - meter.server_start
     busy = meter.busy()
-    await close_sockets([s for pair in sockets for s in pair])
+    flat = [s for pair in sockets for s in pair]
+    await close_sockets(flat)
     counted = sum(1 for t in traffic.delivered_at.values() if start + warmup <= t <= end)
     delivered = len(traffic.delivered_at)
     return {"pairs": len(pairs), "window": window, "duration_s": duration,
             "msgs_per_s": counted / (duration - warmup),
-            **traffic.counts(),
+            **traffic.counts(), **stream_order(flat),
             "latency": latency_summary(traffic.latencies(since=start + warmup)),
             "server_cpu_s": server_cpu,
             "server_cpu_us_per_msg": server_cpu / delivered * 1e6 if delivered else None, **busy}
@@ -352,7 +364,8 @@ async def fixed_rate(target: Target, pairs: Sequence[tuple[User, User]], rate: f
 
     As in `throughput`, the first second is a warm-up left out of the
     figures: it still carries the server's work for the sockets that have
-    just connected (their presence frames to everyone)."""
+    just connected (their presence frames to their partners: after the
+    presence storm, the pairs' people are all partners of one another)."""
     traffic = Traffic(body_size)
     sockets = await connect_pairs(target, pairs, traffic)
     warmup = min(1.0, duration / 5)
@@ -363,11 +376,13 @@ async def fixed_rate(target: Target, pairs: Sequence[tuple[User, User]], rate: f
                          timed_progress(f"fixed rate {rate:,.0f}/s", duration))
     await traffic.drain()
     stalled_ms = stalls.stop(since=start + warmup, until=time.perf_counter())
-    await close_sockets([s for pair in sockets for s in pair])
+    flat = [s for pair in sockets for s in pair]
+    await close_sockets(flat)
     delivered = [t for t in traffic.delivered_at.values() if start + warmup <= t <= start + duration]
     return {"offered_per_s": rate, "duration_s": duration, "warmup_s": warmup,
             "delivered_per_s": len(delivered) / (duration - warmup),
-            **traffic.counts(), "latency": latency_summary(traffic.latencies(since=start + warmup)),
+            **traffic.counts(), **stream_order(flat),
+            "latency": latency_summary(traffic.latencies(since=start + warmup)),
             "latency_with_warmup": latency_summary(traffic.latencies()),
             "loadgen_stall_max_ms": stalled_ms}
 
@@ -387,6 +402,7 @@ async def sign_in_under_load(target: Target, http: httpx.AsyncClient,
     chatting = asyncio.create_task(send_paced(sockets, traffic, rate, stop, limit_s=300, tag="s"))
     await timed_progress("sign-in: chat only", baseline_s)
     login_start = time.perf_counter()
+    busy_before = getattr(http, "busy_retries", 0)
     results = await bounded([lambda u=u: login(http, u) for u in people], len(people),
                             Progress("sign-in: logging in", len(people)))
     login_end = time.perf_counter()
@@ -399,6 +415,7 @@ async def sign_in_under_load(target: Target, http: httpx.AsyncClient,
     return {"people": len(people), "chat_rate_per_s": rate,
             "logins_failed": failed, "login_errors": samples,
             "logins_s": login_end - login_start,
+            "busy_retries": getattr(http, "busy_retries", 0) - busy_before,
             "before": latency_summary(traffic.latencies(since=start + 0.5, until=login_start)),
             "during": latency_summary(traffic.latencies(since=login_start, until=login_end)),
             **traffic.counts()}
@@ -429,44 +446,136 @@ async def idle_connections(target: Target, users: Sequence[User], count: int,
             "rss_per_socket_kb": (rss_after - rss_before) / max(len(opened), 1) / 1024}
 
 
-class Storm:
-    """What each storm participant knows of everyone else's status.
+# ---------------------------------------------------------------- presence
 
-    For each viewer, `wrong` counts the others whose known status (from hello,
-    then presence frames) differs from the expected one; a phase is over when
-    every tracked viewer has wrong == 0.
+Partners = dict[str, set[str]]  # username -> their conversation partners
+
+
+def everyone_partners(names: Sequence[str]) -> tuple[Partners, list[tuple[str, str]]]:
+    """Each one a partner of every other: (partners, edges)."""
+    edges = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    return partners_of(names, edges), edges
+
+
+def ring_partners(names: Sequence[str], degree: int) -> tuple[Partners, list[tuple[str, str]]]:
+    """Each one a partner of the degree/2 people on either side of them in a ring
+    (everyone a partner of everyone when there are too few): (partners, edges)."""
+    n = len(names)
+    edges = {tuple(sorted((names[i], names[(i + k) % n])))
+             for i in range(n) for k in range(1, degree // 2 + 1) if (i + k) % n != i}
+    return partners_of(names, sorted(edges)), sorted(edges)
+
+
+def partners_of(names: Sequence[str], edges: Sequence[tuple[str, str]]) -> Partners:
+    partners: Partners = {n: set() for n in names}
+    for a, b in edges:
+        partners[a].add(b)
+        partners[b].add(a)
+    return partners
+
+
+async def make_partners(target: Target, users: Sequence[User], edges: Sequence[tuple[str, str]],
+                        each_way: bool, window: int = 32) -> dict:
+    """Make conversation partners (v2: presence only goes to them) by a message
+    along each edge, or one each way: every sender connects, sends with at most
+    `window` unanswered, waits for every answer, and leaves."""
+    outgoing: dict[str, list[str]] = defaultdict(list)
+    for a, b in edges:
+        outgoing[a].append(b)
+        if each_way:
+            outgoing[b].append(a)
+    errors: Counter[str] = Counter()
+    slots: dict[str, asyncio.Semaphore] = {}
+
+    def handle(socket: Socket, frame: dict, now: float) -> None:
+        kind = frame.get("type")
+        if kind == "error" and frame.get("client_id"):
+            errors[frame.get("code", "?")] += 1
+        if kind == "ack" or (kind == "error" and frame.get("client_id")):
+            slots[socket.user.username].release()
+
+    by_name = {u.username: u for u in users}
+    sockets = [Socket(by_name[name], handle) for name in outgoing]
+    total = sum(len(peers) for peers in outgoing.values())
+    start = time.perf_counter()
+    failed, samples = count_failures(await open_sockets(target, sockets, 100,
+                                                        Progress("partners: connecting", len(sockets))))
+    if failed:
+        await close_sockets(sockets)
+        raise RuntimeError(f"{failed} of {len(sockets)} sockets did not open: {samples}")
+    progress = Progress("partners: messages", total)
+    sent = 0
+
+    async def send_all(socket: Socket) -> None:
+        nonlocal sent
+        name = socket.user.username
+        gate = slots[name] = asyncio.Semaphore(window)
+        for k, peer in enumerate(outgoing[name]):
+            await gate.acquire()
+            await socket.send({"type": "send", "to": peer, "body": "hello", "client_id": f"{name}-partner-{k}"})
+            sent += 1
+            progress.show(sent)
+        for _ in range(window):  # every send answered
+            await gate.acquire()
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(send_all(s) for s in sockets)), max(60.0, total / 500))
+    finally:
+        progress.finish()
+        await close_sockets(sockets)
+    if errors:
+        raise RuntimeError(f"{sum(errors.values())} of {total} partner messages refused: {dict(errors)}")
+    return {"people": len(users), "edges": len(edges), "each_way": each_way,
+            "messages": total, "seconds": time.perf_counter() - start}
+
+
+class Storm:
+    """What each participant knows of their partners' status, and every presence
+    frame they got, against what v2 says they must get.
+
+    Phase one (join): everyone connects. Each viewer must come to know every
+    partner online: from hello, or else from exactly one `online` frame (a
+    partner listed in hello needs none; a frame for them as well is a repeat of
+    hello, counted apart, as the two can cross). Phase two (leave): the leavers
+    close; every stayer must get exactly one `offline` frame per leaving
+    partner. A frame about someone who is not a partner goes to a stranger.
+    A phase is over when every tracked viewer knows what it should.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = set(names)
-        self.expected = dict.fromkeys(names, "online")
-        self.known: dict[str, dict[str, str]] = {}  # viewer -> other -> status
-        self.from_frames: dict[str, dict[str, str]] = {}  # viewer -> other -> last frame status
+    def __init__(self, partners: Partners) -> None:
+        self.partners = partners
+        self.expected = dict.fromkeys(partners, "online")
+        self.known: dict[str, dict[str, str]] = {}  # viewer -> partner -> status
+        self.in_hello: dict[str, set[str]] = {}  # viewer -> partners hello listed online
+        self.frames: Counter[tuple[str, str, str]] = Counter()  # (viewer, other, status) -> frames
         self.wrong: dict[str, int] = {}
-        self.tracked = set(names)
+        self.tracked = set(partners)
+        self.leavers: set[str] = set()
         self.complete = 0
         self.done = asyncio.Event()
-        self.duplicates = 0
-        self.repeats_hello = 0
+        self.strangers = 0  # presence frames about someone not a partner of the viewer
+        self.hello_strangers = 0  # hello entries of people not partners of the viewer
 
     def on_hello(self, socket: Socket) -> None:
         me = socket.user.username
+        mine = self.partners[me]
         listed = {p["username"]: p["status"] for p in socket.hello.get("presence", [])}
-        self.known[me] = {n: listed.get(n, "offline") for n in self.names if n != me}
-        self.from_frames[me] = {}
+        self.hello_strangers += sum(1 for n in listed if n not in mine)
+        self.in_hello[me] = {n for n, status in listed.items() if n in mine and status == "online"}
+        self.known[me] = {n: "online" if n in self.in_hello[me] else "offline" for n in mine}
         self.set_wrong(me, self.count_wrong(me))
 
     def handle(self, socket: Socket, frame: dict, now: float) -> None:
-        me, other = socket.user.username, frame.get("username")
-        if frame.get("type") != "presence" or me not in self.tracked or other not in self.names or other == me:
+        if frame.get("type") != "presence":
             return
-        status = frame["status"]
-        previous_frame = self.from_frames[me].get(other)
-        if previous_frame == status:
-            self.duplicates += 1
-        elif previous_frame is None and self.known[me][other] == status:
-            self.repeats_hello += 1
-        self.from_frames[me][other] = status
+        me, other = socket.user.username, frame.get("username")
+        if me not in self.tracked:
+            return
+        if other not in self.partners[me]:
+            self.strangers += 1
+            return
+        status = frame.get("status")
+        self.frames[me, other, status] += 1
         expected = self.expected[other]
         change = (status != expected) - (self.known[me][other] != expected)
         self.known[me][other] = status
@@ -484,7 +593,8 @@ class Storm:
             self.done.set()
 
     def leave(self, leavers: Sequence[str]) -> None:
-        """Start the second phase: `leavers` are expected offline, and no longer watch."""
+        """Start phase two: `leavers` are expected offline, and no longer watch."""
+        self.leavers = set(leavers)
         for name in leavers:
             self.expected[name] = "offline"
             self.tracked.discard(name)
@@ -494,16 +604,43 @@ class Storm:
         for me in self.tracked & self.known.keys():
             self.set_wrong(me, self.count_wrong(me))
 
-    def missing(self) -> int:
-        """Viewer/other pairs still wrong, counting a viewer with no socket as all wrong."""
-        blind = len(self.tracked - self.known.keys())
-        return sum(self.wrong.get(me, 0) for me in self.tracked) + blind * (len(self.names) - 1)
+    def stop(self) -> None:
+        """Count nothing more (everyone is about to leave)."""
+        self.tracked = set()
+
+    def tally(self) -> dict:
+        """Frames expected and received over both phases, and how they differ."""
+        expected = received = missing = doubled = unexpected = repeats = 0
+        for me, mine in self.partners.items():
+            hello = self.in_hello.get(me, set())
+            staying = me not in self.leavers
+            for other in mine:
+                want_online = 0 if other in hello else 1
+                want_offline = 1 if staying and other in self.leavers else 0
+                got_online, got_offline = self.frames[me, other, "online"], self.frames[me, other, "offline"]
+                expected += want_online + want_offline
+                received += got_online + got_offline
+                missing += max(0, want_online - got_online) + max(0, want_offline - got_offline)
+                if want_online:
+                    doubled += max(0, got_online - 1)
+                elif got_online:
+                    repeats += 1
+                    doubled += got_online - 1
+                if want_offline:
+                    doubled += max(0, got_offline - 1)
+                else:
+                    unexpected += got_offline
+        return {"frames_expected": expected, "frames_received": received, "missing": missing,
+                "duplicates": doubled, "unexpected": unexpected, "repeats_of_hello": repeats,
+                "to_strangers": self.strangers, "hello_strangers": self.hello_strangers}
 
 
-async def presence_storm(target: Target, users: Sequence[User], timeout_s: float) -> dict:
-    """All `users` connect at once; then half leave at once. Each phase ends when
-    every remaining user knows every other's status."""
-    storm = Storm([u.username for u in users])
+async def presence_storm(target: Target, users: Sequence[User], partners: Partners,
+                         timeout_s: float, linger_s: float = 1.0) -> dict:
+    """All `users` connect at once; then every second one leaves at once. Each
+    phase ends when every remaining user knows each partner's status (it is
+    timed to there), plus `linger_s` to catch frames that come twice."""
+    storm = Storm(partners)
     sockets = [Socket(u, storm.handle) for u in users]
 
     async def join(socket: Socket) -> None:
@@ -513,25 +650,112 @@ async def presence_storm(target: Target, users: Sequence[User], timeout_s: float
     start = time.perf_counter()
     results = await bounded([lambda s=s: join(s) for s in sockets], len(sockets),
                             Progress("storm: connecting", len(sockets)))
-    join_s, join_missing = await wait_phase(storm, start, timeout_s)
-    leavers = sockets[len(sockets) // 2:]
+    join_s, join_wrong = await wait_phase(storm, start, timeout_s)
+    await asyncio.sleep(linger_s)
+    leavers = sockets[1::2]
     storm.leave([s.user.username for s in leavers])
     start = time.perf_counter()
     await close_sockets(leavers)
-    leave_s, leave_missing = await wait_phase(storm, start, timeout_s)
+    leave_s, leave_wrong = await wait_phase(storm, start, timeout_s)
+    await asyncio.sleep(linger_s)
+    storm.stop()
     await close_sockets(sockets)
     failed, samples = count_failures(results)
-    return {"users": len(users), "connect_failed": failed, "connect_errors": samples,
+    degrees = [len(p) for p in partners.values()]
+    return {"users": len(users), "partners_each": max(degrees, default=0),
+            "connect_failed": failed, "connect_errors": samples,
             "join_s": join_s, "leave_s": leave_s,
             "total_s": join_s + leave_s if join_s is not None and leave_s is not None else None,
-            "missing": join_missing + leave_missing, "duplicates": storm.duplicates,
-            "repeats_of_hello": storm.repeats_hello}
+            "wrong_at_timeout": join_wrong + leave_wrong, **storm.tally()}
 
 
 async def wait_phase(storm: Storm, start: float, timeout_s: float) -> tuple[float | None, int]:
-    """(seconds until the storm's phase completed or None, pairs still wrong)."""
+    """(seconds until the storm's phase completed or None, viewer/partner pairs still wrong)."""
     try:
         await asyncio.wait_for(storm.done.wait(), timeout_s)
     except TimeoutError:
-        return None, storm.missing()
+        blind = storm.tracked - storm.known.keys()
+        return None, sum(storm.wrong.get(me, 0) for me in storm.tracked) + sum(
+            len(storm.partners[me]) for me in blind)
     return time.perf_counter() - start, 0
+
+
+# ---------------------------------------------------------------- directory
+
+Seeder = Callable[[list[str]], Awaitable[None]]  # adds users by name, the server's own fast way
+
+
+async def time_requests(http: httpx.AsyncClient, viewer: User, queries: dict[str, dict],
+                        count: int, warmup: int = 10) -> dict:
+    """Each query `count` times, one request at a time, the queries interleaved;
+    per query the median and p90 in ms, and what the last answer held."""
+    took: dict[str, list[float]] = {name: [] for name in queries}
+    answers: dict[str, dict] = {}
+    for round_ in range(warmup + count):
+        for name, query in queries.items():
+            started = time.perf_counter()
+            answers[name] = await get_json(http, viewer, query["path"], **query["params"])
+            if round_ >= warmup:
+                took[name].append((time.perf_counter() - started) * 1000)
+    return {name: {"median_ms": statistics.median(ms), "min_ms": min(ms), "p90_ms": percentile(ms, 0.90),
+                   "listed": len(answers[name].get("conversations", answers[name].get("users", []))),
+                   "has_more": answers[name].get("has_more")}
+            for name, ms in took.items()}
+
+
+async def directory(target: Target, http: httpx.AsyncClient, prefix: str, seed: Seeder,
+                    small: int, large: int, conversations: int, requests: int) -> dict:
+    """GET /api/conversations and GET /api/users?q= for a user with `conversations`
+    conversations, with `small` users in all and then with `large`.
+
+    One user signs up; the others are added by `seed` (straight into ChatX's
+    database, or the relay's bulk route), all named `prefix`..., so that a
+    search for the prefix has every one of them in its range. Queries:
+    conversations (the whole list), search_page (q = the prefix: a full page,
+    more beyond), search_after (the same from the middle of the small users,
+    by `after`), search_one (q = one full username)."""
+    viewer = await register(http, f"{prefix}viewer")
+    few = [f"{prefix}u{i:05d}" for i in range(small - 1)]
+    started = time.perf_counter()
+    await seed(few)
+    seed_small_s = time.perf_counter() - started
+
+    partners = few[:conversations]
+    await make_partners(target, [viewer], [(viewer.username, p) for p in partners], each_way=False)
+
+    middle, one = few[len(few) // 2], few[min(len(few) - 1, 57)]
+    queries = {
+        "conversations": {"path": "/api/conversations", "params": {}},
+        "search_page": {"path": "/api/users", "params": {"q": prefix}},
+        "search_after": {"path": "/api/users", "params": {"q": prefix, "after": middle}},
+        "search_one": {"path": "/api/users", "params": {"q": one}},
+    }
+    expected = {"conversations": (len(partners), False), "search_page": (20, True),
+                "search_after": (min(20, len(few) - len(few) // 2 - 1), len(few) - len(few) // 2 - 1 > 20),
+                "search_one": (1, False)}
+    at_small = await time_requests(http, viewer, queries, requests)
+
+    many = [f"{prefix}s{i:06d}" for i in range(large - small)]
+    started = time.perf_counter()
+    for chunk in range(0, len(many), 20_000):
+        await seed(many[chunk:chunk + 20_000])
+    seed_large_s = time.perf_counter() - started
+    await asyncio.sleep(1.0)  # whatever the server does after a burst of writes, it does before the timing
+    found = await get_json(http, viewer, "/api/users", q=f"{prefix}s", limit=100)
+    at_large = await time_requests(http, viewer, queries, requests)
+
+    problems = []
+    for size, timings in (("small", at_small), ("large", at_large)):
+        for name, (listed, has_more) in expected.items():
+            got = timings[name]
+            if (got["listed"], got["has_more"]) != (listed, has_more):
+                problems.append(f"{name} at {size}: {got['listed']} listed, has_more {got['has_more']}; "
+                                f"expected {listed}, {has_more}")
+    if many and (len(found["users"]) != min(100, len(many)) or found.get("has_more") != (len(many) > 100)):
+        problems.append(f"seeded users not found: q={prefix}s listed {len(found['users'])}, "
+                        f"has_more {found.get('has_more')}")
+    return {"users_small": small, "users_large": large, "conversations": len(partners),
+            "requests": requests, "seed_small_s": seed_small_s, "seed_large_s": seed_large_s,
+            "small": at_small, "large": at_large,
+            "ratios": {name: at_large[name]["median_ms"] / at_small[name]["median_ms"] for name in queries},
+            "problems": problems}
