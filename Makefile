@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-.PHONY: run test bench redis-server chromium clean
+.PHONY: run test bench redis-server chromium nginx clean
 
 $(VENV)/runtime.stamp: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,10 @@ $(VENV)/dev.stamp: $(VENV)/runtime.stamp requirements-dev.txt
 	touch $@
 
 run: $(VENV)/runtime.stamp
-	$(PY) -m uvicorn chatx:app --host 127.0.0.1 --port $(PORT) --ws-max-size 65536 --ws-per-message-deflate false
+	$(PY) -m uvicorn chatx:app --host 127.0.0.1 --port $(PORT) --ws-max-size 65536 --ws-per-message-deflate false \
+	  --http chatx:HTTPProtocol --timeout-keep-alive 5 --timeout-graceful-shutdown 10
 
-test: $(VENV)/dev.stamp redis-server chromium
+test: $(VENV)/dev.stamp redis-server chromium nginx
 	$(PY) -m pytest
 
 $(VENV)/bench.stamp: $(VENV)/runtime.stamp bench/requirements.txt
@@ -41,6 +42,12 @@ chromium:
 	@command -v /usr/bin/chromium >/dev/null || { \
 	  [ -n "$(ROOT)" ] || { echo "chromium is missing: install Debian's chromium package (as root: apt-get install chromium)"; exit 1; }; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+# tests/test_deploy.py runs Debian's nginx in front of ChatX, as docs/deploy.md shows.
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
+	  [ -n "$(ROOT)" ] || { echo "nginx is missing: install Debian's nginx package (as root: apt-get install nginx)"; exit 1; }; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache
