@@ -28,7 +28,7 @@ $(VENV)/bench.stamp: $(VENV)/runtime.stamp bench/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	touch $@
 
-# `make bench BENCH_ARGS=--quick` for a ~40 s smoke test; results go to bench/results/.
+# `make bench BENCH_ARGS=--quick` for a smoke test of a minute or two; results go to bench/results/.
 bench: $(VENV)/bench.stamp redis-server
 	$(PY) -m bench.run $(BENCH_ARGS)
 
