@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-.PHONY: run test bench redis-server chromium nginx clean
+.PHONY: run test bench redis-server chromium nginx iptables clean
 
 $(VENV)/runtime.stamp: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ run: $(VENV)/runtime.stamp
 	$(PY) -m uvicorn chatx:app --host 127.0.0.1 --port $(PORT) --ws-max-size 65536 --ws-per-message-deflate false \
 	  --http chatx:HTTPProtocol --timeout-keep-alive 5 --timeout-graceful-shutdown 10
 
-test: $(VENV)/dev.stamp redis-server chromium nginx
+test: $(VENV)/dev.stamp redis-server chromium nginx iptables
 	$(PY) -m pytest
 
 $(VENV)/bench.stamp: $(VENV)/runtime.stamp bench/requirements.txt
@@ -48,6 +48,12 @@ nginx:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
 	  [ -n "$(ROOT)" ] || { echo "nginx is missing: install Debian's nginx package (as root: apt-get install nginx)"; exit 1; }; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx; }
+
+# The fault tests drop packets to their own Redis with iptables.
+iptables:
+	@command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || { \
+	  [ -n "$(ROOT)" ] || { echo "iptables is missing: install Debian's iptables package (as root: apt-get install iptables)"; exit 1; }; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache

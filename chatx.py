@@ -30,6 +30,7 @@ import random
 import re
 import secrets
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -39,6 +40,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from socket import SO_LINGER, SOL_SOCKET
 from typing import Any, AsyncIterator, Awaitable, Callable, Union
 from urllib.parse import urlsplit
 
@@ -1993,6 +1995,8 @@ class RedisPubSubBackend(BroadcastBackend):
             try:
                 if silent > 3:
                     logger.warning("no answer from Redis for %.0f s; reconnecting", silent)
+                    self.healthy = False  # at once: reconnecting may take the connect timeout
+                    self._lost_at = self._lost_at or now_ms()
                     await pubsub.connection.disconnect()
                     return
                 if silent >= 1:
@@ -2747,8 +2751,12 @@ def abort_connection(scope: Scope) -> None:
     protocol object, which holds the transport. Elsewhere this does nothing."""
     protocol = getattr(scope.get("chatx.server_send"), "__self__", None)
     transport = getattr(protocol, "transport", None)
-    if transport is not None:
-        transport.abort()
+    if transport is None:
+        return
+    connection = transport.get_extra_info("socket")
+    if connection is not None:  # a reset, not a FIN the client would wait behind unread data for
+        connection.setsockopt(SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class ChatSocket:

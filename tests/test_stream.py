@@ -62,9 +62,12 @@ class Tab:
 
     def __init__(self, person: Remote, server: ChatServer, since: int | None = None, after: int | None = None):
         self.person, self.server = person, server
+        # max_queue=None: with websockets' default of 16 frames, a client that
+        # closes with more unread frames than that stops reading, misses the
+        # server's close frame and waits its close_timeout (10 s) for nothing.
         self.ws: ClientConnection = connect(f"{server.ws_base}{query(since, after)}",
                                             additional_headers=person.headers(), open_timeout=10,
-                                            max_size=2**22).__enter__()  # closed by close()
+                                            max_size=2**22, max_queue=None).__enter__()  # closed by close()
         self.hello = json.loads(self.ws.recv(timeout=10))
         assert self.hello["type"] == "hello", self.hello
         self.frames: list[Frame] = []
