@@ -20,8 +20,7 @@ from starlette.websockets import WebSocketDisconnect
 from websockets.sync.client import ClientConnection, connect
 
 import chatx
-from conftest import (ChatServer, Person, Remote, fresh_postgres_database, quiet, remote_sign_up, sign_up,
-                      wait_until)
+from conftest import PASSWORD, ChatServer, Person, Remote, fresh_postgres_database, quiet, sign_up, wait_until
 
 Frame = dict[str, Any]
 STREAM_TYPES = ("message", "read", "edit", "delete")
@@ -129,6 +128,15 @@ def replay(person: Remote, server: ChatServer, since: int = 0) -> tuple[int, lis
         tab.close()
 
 
+def remote_sign_up(server: ChatServer, username: str) -> Remote:
+    """conftest's, with patience: hashing threads run at nice 19, so on a busy
+    machine one sign-up can take longer than its 10 s timeout."""
+    response = httpx.post(f"{server.base}/api/register", json={"username": username, "password": PASSWORD},
+                          timeout=60)
+    assert response.status_code == 201, response.text
+    return Remote(username, response.cookies[chatx.SESSION_COOKIE])
+
+
 def health_is(server: ChatServer, status: int, broadcast: str) -> bool:
     try:
         code, body = server.health()
@@ -215,7 +223,8 @@ USERS, MESSAGES_PER_USER = 6, 60
 def test_seq_is_gap_free_and_per_user_with_five_processes_committing_at_once(shared_database, cluster):
     servers = cluster(5, **FAST, **shared_database)
     names = [f"user{i}" for i in range(USERS)]
-    people = [remote_sign_up(servers[i % len(servers)], name) for i, name in enumerate(names)]
+    people = in_parallel([lambda i=i, name=name: remote_sign_up(servers[i % len(servers)], name)
+                          for i, name in enumerate(names)])
     with ExitStack() as stack:
         # Each user has two sockets, on two different processes, and sends half of
         # their messages through each, to every other user in turn, with a read now and then.
