@@ -21,7 +21,7 @@ run: $(VENV)/runtime.stamp
 	$(PY) -m uvicorn chatx:app --host 127.0.0.1 --port $(PORT) --ws-max-size 65536 --ws-per-message-deflate false \
 	  --http chatx:HTTPProtocol --timeout-keep-alive 5 --timeout-graceful-shutdown 10
 
-test: $(VENV)/dev.stamp redis-server chromium nginx iptables
+test: $(VENV)/dev.stamp redis-server chromium nginx iptables node_modules/axe-core/axe.min.js
 	$(PY) -m pytest
 
 $(VENV)/bench.stamp: $(VENV)/runtime.stamp bench/requirements.txt
@@ -55,5 +55,13 @@ iptables:
 	  [ -n "$(ROOT)" ] || { echo "iptables is missing: install Debian's iptables package (as root: apt-get install iptables)"; exit 1; }; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables; }
 
+# The browser tests check every page with axe-core, pinned in package-lock.json (node and npm: Debian's nodejs and npm).
+node_modules/axe-core/axe.min.js: package.json package-lock.json
+	@command -v npm >/dev/null || { \
+	  [ -n "$(ROOT)" ] || { echo "npm is missing: install Debian's nodejs and npm packages (as root: apt-get install nodejs npm)"; exit 1; }; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; }
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache node_modules

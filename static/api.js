@@ -32,6 +32,27 @@ export async function api(method, path, body) {
   return data;
 }
 
+// A `next` from a URL, made safe: only the chat page of this server, with a
+// fragment naming a conversation. Anything else (another origin, another path,
+// "//evil.example", "javascript:…") is "/".
+export function safeNext(raw) {
+  if (typeof raw !== "string" || !raw.startsWith("/") || raw.startsWith("//") || raw.startsWith("/\\")) return "/";
+  let url;
+  try {
+    url = new URL(raw, location.origin);
+  } catch {
+    return "/";
+  }
+  if (url.origin !== location.origin || url.pathname !== "/" || url.search) return "/";
+  return url.hash.length > 1 ? `/${url.hash}` : "/";
+}
+
+// The sign-in page, coming back to the conversation open now (if any).
+export function goToSignIn() {
+  const next = location.hash.length > 1 ? `?next=${encodeURIComponent(`/${location.hash}`)}` : "";
+  goTo(`/login${next}`);
+}
+
 export function goTo(path) {
   location.assign(base + path);
 }

@@ -1,6 +1,6 @@
 // Sign-in and sign-up forms: checked here first, then the server's answer is
 // shown next to the field it is about.
-import { api, goTo } from "./api.js";
+import { api, goTo, safeNext } from "./api.js";
 
 const form = document.querySelector(".auth-form");
 const mode = form.dataset.mode;
@@ -9,6 +9,16 @@ const fields = {
   username: form.elements.username,
   password: form.elements.password,
 };
+
+// Where to go once signed in: the chat page, with the conversation a link
+// asked for. `/#bob` opened while signed out is redirected here as `/login#bob`;
+// the fragment becomes `?next=/#bob`, which the link to the other form keeps.
+const next = safeNext(new URLSearchParams(location.search).get("next") ?? (location.hash ? `/${location.hash}` : null));
+if (next !== "/") {
+  const query = `?next=${encodeURIComponent(next)}`;
+  history.replaceState(null, "", location.pathname + query);
+  for (const link of document.querySelectorAll(".switch a")) link.search = query;
+}
 
 const USERNAME_RE = /^[A-Za-z0-9_.-]{3,32}$/;
 const MESSAGES = {
@@ -57,7 +67,7 @@ async function submit(event) {
   button.disabled = true;
   try {
     await api("POST", `/api/${mode}`, { username, password });
-    goTo("/");
+    goTo(next);
   } catch (error) {
     const [name, text] = MESSAGES[error.code] || [null, error.message];
     showError(name, text);

@@ -1,12 +1,12 @@
 // The chat page: keeps contacts and conversations in step with the server and
 // hands the views what they need to draw.
-import { api, goTo, socketUrl } from "./api.js";
+import { api, goTo, goToSignIn, socketUrl } from "./api.js";
 import { ReconnectingSocket } from "./socket.js";
 import { Stream } from "./stream.js";
 import { Conversation, Outbox, keyOf } from "./store.js";
 import { ContactList } from "./contacts.js";
 import { PeopleSearch } from "./people.js";
-import { MessageView } from "./messages.js";
+import { MessageView, snippet } from "./messages.js";
 import { Composer } from "./composer.js";
 import { fillAvatar } from "./dom.js";
 import { lastSeen } from "./timefmt.js";
@@ -33,6 +33,10 @@ const drafts = new Map();
 let openKey = null;
 // The contact list comes from GET /api/conversations, newest first, a page at a time.
 const list = { loaded: false, loading: false, hasMore: false, before: null, retryAt: 0 };
+// The people I block (keys), from GET /api/blocks the first time a conversation opens.
+const blocks = { keys: new Set(), loaded: null };
+let connected = false;
+let signingOut = false; // signed out here: the sign-in page comes back to no conversation
 
 const app = $("app");
 const contactList = new ContactList($("contacts"), $("contacts-empty"), (key) => navigate(key));
@@ -47,13 +51,26 @@ const view = new MessageView($("log"), $("jump"), {
     outbox.remove(clientId);
     view.sync();
   },
+  onReply: (message) => {
+    const name = conversations.get(openKey).isMine(message) ? "yourself" : message.from;
+    composer.startReply(message, name, snippet(message));
+  },
+  onEdit: (message) => composer.startEdit(message),
+  onDelete: confirmDelete,
+  onQuote: showOriginal,
 });
-const composer = new Composer($("composer"), { onSend: send, onTyping: sendTyping });
+const composer = new Composer($("composer"), {
+  onSend: send,
+  onTyping: sendTyping,
+  onEdit: (id, body) => socket.send({ type: "edit", id, body }),
+  lastEditable,
+  onModeChange: () => {},
+});
 const stream = new Stream(onFrame);
 const socket = new ReconnectingSocket(() => socketUrl(stream.seq), {
   onFrame: (frame) => stream.receive(frame),
   onState: showConnection,
-  onSignedOut: () => goTo("/login"),
+  onSignedOut: () => (signingOut ? goTo("/login") : goToSignIn()),
   onRefused: checkSession,
 });
 
@@ -66,6 +83,9 @@ function contactFor(username) {
       key, username, status: "offline", lastSeen: null, unread: 0, typing: false,
       listed: false, // a conversation exists: shown in the contact list
       lastId: 0, // the newest message of the conversation this page knows of
+      last: null, // that message, for the preview in the list
+      lastMine: false,
+      blockedMe: false, // a message of mine was refused with `blocked`
       snapshotId: 0, // the newest message the last GET /api/conversations counted in `unread`
       presenceLive: false, // status came from the socket, which beats any HTTP snapshot
     });
@@ -83,6 +103,14 @@ function applyStatus(contact, status, lastSeenAt) {
   if (contact.presenceLive) return;
   contact.status = status;
   contact.lastSeen = lastSeenAt;
+}
+
+// The newest message of a conversation (or a newer state of it) for its preview.
+// (The conversation keeps the latest state of each message: pass what it holds.)
+function noteLast(contact, message) {
+  if (!message || (contact.last && message.id < contact.last.id)) return;
+  contact.last = message;
+  contact.lastMine = keyOf(message.from) === meKey;
 }
 
 function mergeReads(conversation, readUpTo) {
@@ -106,6 +134,7 @@ function applyConversation(item) {
     contact.snapshotId = Math.max(contact.snapshotId, last.id);
     contact.lastId = Math.max(contact.lastId, last.id);
     conversation.put(last);
+    noteLast(contact, conversation.messages.get(last.id));
   }
   mergeReads(conversation, item.read_up_to);
   if (conversation.myRead >= contact.lastId) contact.unread = 0;
@@ -142,7 +171,7 @@ async function loadFirstConversations() {
       return true;
     } catch (error) {
       if (error.status === 401) {
-        goTo("/login");
+        goToSignIn();
         return false;
       }
       contactList.setProblem("Can't load your conversations right now. Trying again…");
@@ -175,6 +204,8 @@ function mergePage(conversation, page) {
     conversation.put(message);
     contact.lastId = Math.max(contact.lastId, message.id);
   }
+  const newest = conversation.sorted().at(-1);
+  if (newest) noteLast(contact, newest);
   // History with someone found by search or a link: that is a conversation.
   if (page.messages.length) contact.listed = true;
   mergeReads(conversation, page.read_up_to);
@@ -192,13 +223,15 @@ async function loadLatest(conversation) {
     conversation.loaded = true;
     conversation.hasOlder = page.has_more;
   } catch (error) {
-    if (error.status === 401) goTo("/login");
+    if (error.status === 401) goToSignIn();
     return; // tried again when the connection is back
   } finally {
     view.setBusy(false);
   }
   if (openKey !== conversation.key) return;
-  view.sync("bottom");
+  // Opened at the first unread message, under an "Unread messages" divider.
+  view.markUnread(firstUnread(conversation));
+  view.sync("unread");
   fillViewport(conversation);
   scheduleRender();
 }
@@ -221,6 +254,41 @@ async function loadOlder(conversation) {
   if (openKey !== conversation.key) return;
   view.sync("prepend");
   fillViewport(conversation);
+}
+
+// The first message from the peer that was unread when the conversation was opened.
+function firstUnread(conversation) {
+  const cursor = conversation.readWhenOpened ?? conversation.myRead;
+  return conversation.sorted().find((message) => message.id > cursor
+    && !conversation.isMine(message) && !message.deleted)?.id ?? null;
+}
+
+// A click on a quote: the original, loading older pages until it is there.
+async function showOriginal(id) {
+  const conversation = conversations.get(openKey);
+  for (let pages = 0; conversation && !view.showMessage(id); pages += 1) {
+    if (pages >= 20 || !conversation.hasOlder || conversation.oldestId <= id) return;
+    await loadOlder(conversation);
+    if (openKey !== conversation.key) return;
+  }
+}
+
+// ↑ in an empty message box: my last message that can still be edited.
+function lastEditable() {
+  const conversation = conversations.get(openKey);
+  if (!conversation) return null;
+  const mine = conversation.sorted().filter((message) => conversation.isMine(message) && !message.deleted);
+  return mine.at(-1) ?? null;
+}
+
+function confirmDelete(message) {
+  const dialog = $("confirm-delete");
+  dialog.returnValue = "";
+  dialog.onclose = () => {
+    if (dialog.returnValue === "delete") socket.send({ type: "delete", id: message.id });
+    composer.focus();
+  };
+  dialog.showModal();
 }
 
 // A first page shorter than the screen could never be scrolled up.
@@ -276,6 +344,7 @@ function receive(message) {
   const conversation = conversationFor(contact.key);
   contact.listed = true; // a first message makes a conversation: it goes to the top of the list
   contact.lastId = Math.max(contact.lastId, message.id);
+  if (mine) contact.blockedMe = false; // stored: whatever block there was is gone
   // Counted unless the conversation list already counted it (or it was here already).
   if (conversation.put(message) === "added" && !mine) {
     stopTyping(contact);
@@ -284,6 +353,7 @@ function receive(message) {
       notifyMessage(message, () => navigate(contact.key));
     }
   }
+  noteLast(contact, conversation.messages.get(message.id));
   scheduleRender(mine ? "bottom" : "auto");
 }
 
@@ -292,7 +362,11 @@ function onChange(frame) {
   const message = frame.message;
   const peer = keyOf(message.from) === meKey ? message.to : message.from;
   const conversation = conversations.get(keyOf(peer));
-  if (conversation?.change(message)) scheduleRender("auto");
+  if (!conversation?.change(message)) return;
+  const contact = contacts.get(conversation.key);
+  if (contact) noteLast(contact, conversation.messages.get(message.id));
+  if (message.deleted && openKey === conversation.key) composer.forget(message.id);
+  scheduleRender("auto");
 }
 
 function onTyping(frame) {
@@ -356,22 +430,27 @@ function onError(frame) {
     }, 2000);
     return;
   }
-  outbox.fail(frame.client_id, frame.detail);
+  const entry = outbox.unsent().find((candidate) => candidate.client_id === frame.client_id);
+  if (frame.code === "blocked" && entry) contactFor(entry.to).blockedMe = true;
+  outbox.fail(frame.client_id, frame.code === "blocked" ? `${entry?.to ?? "They"} isn't accepting your messages.` : frame.detail);
   scheduleRender("auto");
 }
 
 // ---- what this page sends
 
 function sendFrame(entry) {
-  return { type: "send", to: entry.to, body: entry.body, client_id: entry.client_id };
+  const frame = { type: "send", to: entry.to, body: entry.body, client_id: entry.client_id };
+  if (entry.reply_to) frame.reply_to = entry.reply_to;
+  return frame;
 }
 
 // Shown as pending at once; sent now or as soon as the connection is back,
 // always with the same client_id, so the server never stores it twice.
-function send(body) {
+function send(body, replyTo) {
   const conversation = conversations.get(openKey);
   if (!conversation) return;
-  socket.send(sendFrame(outbox.add(conversation.peer, body)));
+  socket.send(sendFrame(outbox.add(conversation.peer, body, replyTo)));
+  view.markUnread(null); // answering: what was unread has been seen
   view.sync("bottom");
 }
 
@@ -395,6 +474,7 @@ function markRead() {
   if (!openKey || document.visibilityState !== "visible" || !document.hasFocus()) return;
   const contact = contacts.get(openKey);
   const conversation = conversations.get(openKey);
+  if (!conversation.loaded) return; // the page on screen is not the conversation yet
   const id = view.newestVisibleFromPeer();
   if (id <= conversation.myRead) return;
   if (!socket.send({ type: "read", with: contact.username, up_to: id })) return;
@@ -415,7 +495,7 @@ function scheduleRender(mode) {
   renderQueued = true;
   setTimeout(() => {
     renderQueued = false;
-    contactList.render([...contacts.values()].filter((contact) => contact.listed), openKey);
+    contactList.render([...contacts.values()].filter((contact) => contact.listed), openKey, connected);
     showUnreadInTitle([...contacts.values()].reduce((sum, contact) => sum + contact.unread, 0));
     renderHeader();
     if (logMode && openKey) view.sync(logMode);
@@ -431,15 +511,91 @@ function renderHeader() {
   $("peer-name").textContent = contact.username;
   fillAvatar($("peer-avatar"), contact.username);
   const status = $("peer-status");
-  status.textContent = contact.status === "online" ? "online" : lastSeen(contact.lastSeen);
-  status.classList.toggle("online", contact.status === "online");
-  $("typing").textContent = contact.typing ? `${contact.username} is typing…` : "";
+  const blocked = blocks.keys.has(contact.key);
+  // While the connection is down nobody's presence is known.
+  status.textContent = blocked ? "blocked" : !connected ? "waiting for the connection…"
+    : contact.status === "online" ? "online" : lastSeen(contact.lastSeen);
+  status.classList.toggle("online", connected && !blocked && contact.status === "online");
+  $("typing").textContent = contact.typing && connected ? `${contact.username} is typing…` : "";
+  renderBlock(contact, blocked);
+}
+
+// ---- blocking, from the conversation header
+
+function renderBlock(contact, blocked) {
+  const button = $("block");
+  button.hidden = blocks.loaded !== true;
+  button.textContent = blocked ? "Unblock" : "Block";
+  button.setAttribute("aria-label", `${blocked ? "Unblock" : "Block"} ${contact.username}`);
+  const notice = $("block-notice");
+  const text = blocked
+    ? `You blocked ${contact.username}. They can't send you messages, and neither of you sees the other online.`
+    : contact.blockedMe ? `${contact.username} isn't accepting messages from you.` : "";
+  notice.hidden = !text;
+  if ($("block-text").textContent !== text) $("block-text").textContent = text;
+  $("unblock").hidden = !blocked;
+  $("unblock").setAttribute("aria-label", `Unblock ${contact.username}`);
+  $("composer").hidden = blocked || !openKey;
+}
+
+async function loadBlocks() {
+  if (blocks.loaded) return;
+  blocks.loaded = "loading";
+  try {
+    const page = await api("GET", "/api/blocks");
+    for (const user of page.blocks) blocks.keys.add(keyOf(user.username));
+    blocks.loaded = true;
+  } catch (error) {
+    blocks.loaded = null; // tried again when a conversation opens
+    if (error.status === 401) goToSignIn();
+  }
+  scheduleRender();
+}
+
+async function setBlock(key, block) {
+  const contact = contacts.get(key);
+  const button = $("block");
+  button.disabled = true;
+  try {
+    await api(block ? "PUT" : "DELETE", `/api/blocks/${encodeURIComponent(contact.username)}`);
+    if (block) {
+      blocks.keys.add(key);
+      stopTyping(contact);
+      contact.status = "offline"; // no presence either way while the block lasts
+    } else {
+      blocks.keys.delete(key);
+      refreshPresence(contact);
+    }
+  } catch (error) {
+    if (error.status === 401) goToSignIn();
+  } finally {
+    button.disabled = false;
+  }
+  scheduleRender();
+  if (openKey === key) (block ? $("unblock") : composer).focus();
+}
+
+// After an unblock: presence is shared again from now on.
+async function refreshPresence(contact) {
+  try {
+    const { users } = await api("GET", `/api/users?q=${encodeURIComponent(contact.username)}&limit=1`);
+    const user = users.find((candidate) => keyOf(candidate.username) === contact.key);
+    if (user && !blocks.keys.has(contact.key)) {
+      contact.status = user.status;
+      contact.lastSeen = user.last_seen;
+      scheduleRender();
+    }
+  } catch {
+    // the next presence frame tells
+  }
 }
 
 function showConnection(state) {
   const banner = $("connection");
   banner.textContent = state === "open" ? "" : state === "connecting" ? "Connecting…" : "Reconnecting…";
   app.classList.toggle("disconnected", state !== "open");
+  connected = state === "open";
+  scheduleRender();
 }
 
 // ---- navigation: the open conversation lives in the URL's fragment
@@ -477,7 +633,7 @@ async function route() {
     openChat(key);
   } catch (error) {
     if (attempt !== routing) return;
-    if (error.status === 401) return goTo("/login");
+    if (error.status === 401) return goToSignIn();
     closeChat();
   }
 }
@@ -489,8 +645,14 @@ function openChat(key) {
     openKey = key;
     showConversation(true);
     const conversation = conversationFor(key);
+    conversation.readWhenOpened = conversation.myRead;
     view.open(conversation);
     if (!conversation.loaded) loadLatest(conversation);
+    else {
+      view.markUnread(firstUnread(conversation));
+      view.sync("unread");
+    }
+    loadBlocks();
   }
   app.dataset.view = "conversation";
   composer.focus();
@@ -517,11 +679,12 @@ async function checkSession() {
   try {
     await api("GET", "/api/me");
   } catch (error) {
-    if (error.status === 401) goTo("/login");
+    if (error.status === 401) goToSignIn();
   }
 }
 
 async function signOut() {
+  signingOut = true;
   await api("POST", "/api/logout").catch(() => {});
   outbox.clear();
   goTo("/login");
@@ -531,6 +694,17 @@ async function start() {
   showConnection("connecting");
   setupNotificationButton($("notify"));
   $("sign-out").addEventListener("click", signOut);
+  $("new-chat").addEventListener("click", () => $("search").focus());
+  $("block").addEventListener("click", () => openKey && setBlock(openKey, !blocks.keys.has(openKey)));
+  $("unblock").addEventListener("click", () => openKey && setBlock(openKey, false));
+  // Escape closes the open conversation (unless something in it used the key:
+  // a menu, a dialog, an edit or a reply, the search box).
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape" || event.defaultPrevented || !openKey || view.menu.isOpen) return;
+    if ($("confirm-delete").open) return;
+    event.preventDefault();
+    navigate(null);
+  });
   $("back").addEventListener("click", () => (history.state?.fromList ? history.back() : navigate(null)));
   window.addEventListener("popstate", route);
   window.addEventListener("focus", scheduleReadCheck);

@@ -23,10 +23,30 @@ export class PeopleSearch {
     input.addEventListener("keydown", (event) => {
       if (event.key === "Escape" && input.value) {
         event.preventDefault();
+        event.stopPropagation(); // clears the search, does not close the conversation
         this.clear();
       } else if (event.key === "Enter" && this.users.length) {
         event.preventDefault();
         this.#choose(this.users[0]);
+      } else if (event.key === "ArrowDown" && this.users.length) {
+        event.preventDefault();
+        this.#focusResult(0);
+      }
+    });
+    // Up and down move through the people found; Escape goes back to the box.
+    list.addEventListener("keydown", (event) => {
+      const buttons = [...list.querySelectorAll("button")];
+      const index = buttons.indexOf(document.activeElement);
+      if (index < 0) return;
+      const moves = { ArrowDown: index + 1, ArrowUp: index - 1, Home: 0, End: buttons.length - 1 };
+      if (event.key in moves) {
+        event.preventDefault();
+        if (moves[event.key] < 0) input.focus();
+        else this.#focusResult(Math.min(moves[event.key], buttons.length - 1));
+      } else if (event.key === "Escape") {
+        event.preventDefault();
+        event.stopPropagation();
+        input.focus();
       }
     });
     more.addEventListener("click", () => this.#search(true));
@@ -70,6 +90,10 @@ export class PeopleSearch {
     } finally {
       if (request === this.request) this.more.disabled = false;
     }
+  }
+
+  #focusResult(index) {
+    this.list.querySelectorAll("button")[index]?.focus();
   }
 
   #none() {

@@ -81,8 +81,9 @@ export class Outbox {
     this.entries = this.#load();
   }
 
-  add(to, body) {
-    const entry = { client_id: crypto.randomUUID(), to, body, created: new Date().toISOString(), error: null };
+  add(to, body, replyTo = null) {
+    const entry = { client_id: crypto.randomUUID(), to, body, reply_to: replyTo, created: new Date().toISOString(),
+      error: null };
     this.entries.push(entry);
     this.#save();
     return entry;

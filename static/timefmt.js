@@ -45,3 +45,16 @@ export function lastSeen(iso) {
   if (daysAgo(date) === 1) return `last seen yesterday at ${clock.format(date)}`;
   return `last seen ${shortDay.format(date)}`;
 }
+
+const weekday = new Intl.DateTimeFormat(undefined, { weekday: "short" });
+
+// The time of a conversation's last message in the list: the clock today,
+// "Yesterday", the weekday within a week, the date before that.
+export function listTime(iso) {
+  const date = new Date(iso);
+  const ago = daysAgo(date);
+  if (ago <= 0) return clock.format(date);
+  if (ago === 1) return "Yesterday";
+  if (ago < 7) return weekday.format(date);
+  return date.getFullYear() === new Date().getFullYear() ? shortDay.format(date) : dayOtherYear.format(date);
+}

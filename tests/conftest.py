@@ -414,3 +414,22 @@ def cluster(tmp_path: Path, redis_server: RedisServer):
     yield start
     for server in servers:
         server.stop(signal.SIGKILL)
+
+
+# ---- the browser ---------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One Debian Chromium for the whole run: Playwright's sync API keeps an
+    event loop in the main thread, so a second sync_playwright() would fail."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -20,13 +20,10 @@ from urllib.parse import urlsplit
 import chatx
 import httpx2 as httpx
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from conftest import PASSWORD, ROOT, ChatServer, free_port, receive, remote_sign_up, wait_until
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 SCREENSHOTS = os.environ.get("CHATX_SCREENSHOTS")
 
 expect.set_options(timeout=10_000)
@@ -52,14 +49,6 @@ def chat_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="session")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
@@ -170,7 +159,36 @@ def send(page, text):
 
 
 def bubble(page, text):
-    return messages(page).locator(".msg").filter(has=page.get_by_text(text, exact=True))
+    """The message whose text is `text` (not a reply that quotes it)."""
+    return (messages(page).locator(".msg").filter(has=page.get_by_text(text, exact=True))
+            .filter(has_not=page.locator(".quote").get_by_text(text, exact=True)))
+
+
+AXE = ROOT / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def check_accessibility(page, state: str) -> None:
+    """axe-core (npm, pinned in package-lock.json; `make test` installs it) on
+    the page as it is now: no serious or critical violation."""
+    assert AXE.exists(), "axe-core is missing: run `make test`, or `npm ci` at the top of the repository"
+    if not page.evaluate("() => typeof window.axe === 'object'"):
+        page.evaluate(AXE.read_text() + "\n;undefined")  # DevTools evaluation: the page's CSP does not apply
+    violations = page.evaluate("""async () => {
+        const result = await axe.run(document, { resultTypes: ["violations"] });
+        return result.violations.filter((v) => v.impact === "serious" || v.impact === "critical")
+            .map((v) => ({ id: v.id, impact: v.impact, help: v.help,
+                           nodes: v.nodes.slice(0, 5).map((n) => n.target.join(" ") + " " + n.failureSummary) }));
+    }""")
+    assert violations == [], f"{state}: {json.dumps(violations, indent=1)}"
+
+
+def open_menu(page, text):
+    """The menu of one message (hovered first, as a mouse would)."""
+    target = bubble(page, text)
+    target.hover()
+    target.get_by_role("button", name=re.compile("^Actions for")).click()
+    expect(page.get_by_role("menu")).to_be_visible()
+    return page.get_by_role("menu")
 
 
 # ---- tests ----------------------------------------------------------------------
@@ -276,7 +294,9 @@ def test_closing_one_context_turns_the_other_side_offline(chat_server, new_conte
 
     alice_context.close()
     expect_presence(bob_page, alice, "offline")
-    expect(contact(bob_page, alice)).to_contain_text("last seen just now")
+    expect(contact(bob_page, alice).get_by_role("button")).to_have_attribute("title", "last seen just now")
+    open_chat(bob_page, alice)
+    expect(bob_page.locator("#peer-status")).to_have_text("last seen just now")
 
 
 def test_a_message_sent_across_a_server_restart_shows_reconnecting_and_arrives_exactly_once(
@@ -295,16 +315,27 @@ def test_a_message_sent_across_a_server_restart_shows_reconnecting_and_arrives_e
         open_chat(bob_page, alice)
         expect(bubble(bob_page, "before the restart")).to_be_visible()
 
+        expect_presence(alice_page, bob, "online")
+        expect(alice_page.locator("#peer-status")).to_have_text("online")
         in_flight, while_down = "sent as the server stops", "typed while the server is down"
         send(alice_page, in_flight)
         server.stop()
         expect(alice_page.get_by_text("Reconnecting…")).to_be_visible()
+        # Nobody's presence is known while the connection is down: not "online".
+        expect(contact(alice_page, bob).get_by_text("presence unknown", exact=True)).to_have_count(1)
+        expect(contact(alice_page, bob).get_by_text("online", exact=True)).to_have_count(0)
+        expect(alice_page.locator("#peer-status")).to_have_text("waiting for the connection…")
+        # The bar lies over the page: nothing under it moved down or got cut off.
+        for region in (alice_page.locator(".sidebar"), alice_page.locator(".conversation")):
+            box = region.bounding_box()
+            assert box["y"] == 0 and box["height"] == 800, box
         send(alice_page, while_down)
         expect(bubble(alice_page, while_down)).to_have_attribute("data-state", "pending")
         snap(alice_page, "chat-reconnecting.png")
 
         server.start()
         expect(alice_page.get_by_text("Reconnecting…")).to_be_hidden(timeout=30_000)
+        expect_presence(alice_page, bob, "online")
         for text in (in_flight, while_down):
             expect(bubble(bob_page, text)).to_have_count(1, timeout=30_000)
             expect(bubble(alice_page, text)).to_have_attribute("data-state", re.compile("sent|read"))
@@ -338,7 +369,7 @@ def test_markup_in_a_message_is_shown_as_text_and_runs_nothing(chat_server, new_
     open_chat(bob_page, alice)
     send(alice_page, "javascript:alert(2) <b>bold?</b> https://example.com/a?b=1.")
     expect(bubble(bob_page, payload)).to_be_visible()
-    expect(bob_page.get_by_text("<b>bold?</b>", exact=False)).to_be_visible()
+    expect(messages(bob_page).get_by_text("<b>bold?</b>", exact=False)).to_be_visible()
     for page in (alice_page, bob_page):
         expect(messages(page).locator("img, b")).to_have_count(0)
         links = messages(page).get_by_role("link")
@@ -358,7 +389,11 @@ def seed_conversation(server, sender, recipient, count):
         for i in range(1, count + 1):
             ws, to = (sender_ws, recipient) if i % 2 else (recipient_ws, sender)
             ws.send(json.dumps({"type": "send", "to": to, "body": f"msg {i:03}", "client_id": f"seed-{i}"}))
-            assert receive(ws, "ack")["client_id"] == f"seed-{i}"
+            last = receive(ws, "ack")
+            assert last["client_id"] == f"seed-{i}"
+        # All read: the conversation opens at its newest message, not at the first unread one.
+        recipient_ws.send(json.dumps({"type": "read", "with": sender, "up_to": last["message"]["id"]}))
+        assert receive(recipient_ws, "read")["up_to"] == last["message"]["id"]
 
 
 def test_scrolling_up_loads_older_history_in_order_without_jumping(chat_server, new_context):
@@ -720,3 +755,314 @@ def test_the_client_honours_the_mount_prefix_for_links_static_files_api_and_sock
     expect(alice_page).to_have_url(mounted_server + "/login")
     alice_page.get_by_role("link", name="Create account").click()
     expect(alice_page).to_have_url(mounted_server + "/register")
+
+
+def visible_times(page, *texts):
+    return [bubble(page, text).locator("time").evaluate("t => !t.classList.contains('visually-hidden')")
+            for text in texts]
+
+
+def test_groups_share_one_time_unread_messages_get_a_divider_and_the_list_shows_the_last_message(
+        chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    bob_remote = remote_sign_up(chat_server, bob)
+    page = sign_up(new_context(), chat_server, alice)
+    remote_send(chat_server, bob_remote, alice, "first")
+
+    # The list shows the last message and its time.
+    expect(contact(page, bob).locator(".preview")).to_have_text("first")
+    expect(contact(page, bob).locator("time")).to_have_text(re.compile(r"\d"))
+    open_chat(page, bob)
+    expect(bubble(page, "first")).to_be_visible()
+    expect(contact(page, bob).locator(".badge")).to_be_hidden()
+    expect(messages(page).locator(".msg .body, .unread-divider")).to_have_text(["Unread messages", "first"])
+
+    # Escape closes the conversation on a desktop.
+    page.get_by_role("textbox", name="Message").press("Escape")
+    expect(messages(page)).to_be_hidden()
+    expect(page).to_have_url(chat_server.base + "/")
+
+    with bob_remote.ws(chat_server) as ws:
+        for body in ("second", "third", "fourth"):
+            ws.send(json.dumps({"type": "send", "to": alice, "body": body, "client_id": uuid.uuid4().hex}))
+            receive(ws, "ack")
+    expect(contact(page, bob).locator(".badge")).to_contain_text("3")
+    expect(contact(page, bob).locator(".preview")).to_have_text("fourth")
+
+    # Opened again: at the first unread message, under the divider; the three
+    # form one group with one time shown, under its last message.
+    open_chat(page, bob)
+    log = messages(page)
+    expect(log.locator(".unread-divider")).to_have_text("Unread messages")
+    expect(log.locator(".msg .body, .unread-divider")).to_have_text(
+        ["first", "Unread messages", "second", "third", "fourth"])
+    assert visible_times(page, "first", "second", "third", "fourth") == [True, False, False, True]
+    expect(bubble(page, "third")).to_have_class(re.compile(r"\bcontinues\b"))
+    expect(log.get_by_role("separator").filter(has_text="Today")).to_have_count(1)
+
+    send(page, "all four received")
+    expect(contact(page, bob).locator(".preview")).to_have_text("You: all four received")
+    expect(log.locator(".unread-divider")).to_have_count(0)
+
+    # The counter counts characters as people see them.
+    box = page.get_by_role("textbox", name="Message")
+    counter = page.locator("#counter")
+    box.fill("👨‍👩‍👧‍👦" + "a" * 3500)
+    expect(counter).to_have_text("499 characters left")
+    box.fill("a" * 4001)
+    expect(counter).to_have_text("1 character over the 4000 limit")
+    expect(page.get_by_role("button", name="Send")).to_be_disabled()
+    box.fill("")
+    snap(page, "chat-unread.png")
+
+
+def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_reload(chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    alice_page = sign_up(new_context(), chat_server, alice)
+    bob_page = sign_up(new_context(), chat_server, bob)
+    start_chat(alice_page, bob)
+    send(alice_page, "meet at 5")
+    send(alice_page, "bring snacks")
+    open_chat(bob_page, alice)
+    expect(bubble(bob_page, "bring snacks")).to_be_visible()
+
+    # ↑ in the empty box edits my last message.
+    box = alice_page.get_by_role("textbox", name="Message")
+    box.press("ArrowUp")
+    expect(alice_page.get_by_text("Edit message")).to_be_visible()
+    expect(box).to_have_value("bring snacks")
+    box.fill("bring drinks")
+    box.press("Enter")
+    expect(bubble(bob_page, "bring drinks").get_by_text("edited", exact=True)).to_be_visible()
+    expect(bubble(alice_page, "bring drinks").get_by_text("edited", exact=True)).to_be_visible()
+    expect(box).to_have_value("")
+
+    # Delete from the message's menu, after a confirmation.
+    menu = open_menu(alice_page, "meet at 5")
+    expect(menu.get_by_role("menuitem")).to_have_text(["Reply", "Edit", "Delete"])
+    menu.get_by_role("menuitem", name="Delete").click()
+    alice_page.get_by_role("dialog").get_by_role("button", name="Delete").click()
+    expect(bubble(bob_page, "message deleted")).to_have_count(1)
+    expect(bob_page.get_by_text("meet at 5")).to_have_count(0)
+    expect(bubble(alice_page, "message deleted")).to_have_count(1)
+
+    # bob replies to a message: the quote is above the reply, on both sides.
+    menu = open_menu(bob_page, "bring drinks")
+    expect(menu.get_by_role("menuitem")).to_have_text(["Reply"])
+    menu.get_by_role("menuitem", name="Reply").click()
+    expect(bob_page.get_by_text(f"Reply to {alice}")).to_be_visible()
+    send(bob_page, "on it!")
+    for page, who in ((bob_page, alice), (alice_page, "You")):
+        quote = bubble(page, "on it!").locator(".quote")
+        expect(quote).to_contain_text(who)
+        expect(quote).to_contain_text("bring drinks")
+    # The reply went with reply_to: the original's id, as the server keeps it.
+    original_id = int(bubble(alice_page, "bring drinks").get_attribute("data-id"))
+    history = alice_page.evaluate("url => fetch(url).then((r) => r.json())",
+                                  f"/api/conversations/{bob}/messages")["messages"]
+    assert [(m["body"], m["reply_to"]) for m in history if m["body"] == "on it!"] == [("on it!", original_id)]
+
+    check_accessibility(alice_page, "a conversation with an edit, a delete and a reply")
+    snap(alice_page, "chat-reply.png")
+
+    # After a reload, each sees the same: edited, deleted, the quote, and a
+    # click on the quote brings the original into view.
+    for page, who in ((alice_page, "You"), (bob_page, alice)):
+        page.reload()
+        expect(bubble(page, "bring drinks").get_by_text("edited", exact=True)).to_be_visible()
+        expect(bubble(page, "message deleted")).to_have_count(1)
+        expect(page.get_by_text("meet at 5")).to_have_count(0)
+        quote = bubble(page, "on it!").locator(".quote")
+        expect(quote).to_contain_text("bring drinks")
+        quote.click()
+        expect(bubble(page, "bring drinks")).to_be_focused()
+        expect(bubble(page, "bring drinks")).to_be_in_viewport()
+
+
+def test_a_block_is_seen_from_both_sides_and_an_unblock_lifts_it(chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    alice_page = sign_up(new_context(), chat_server, alice)
+    bob_page = sign_up(new_context(), chat_server, bob)
+    start_chat(alice_page, bob)
+    send(alice_page, "hello bob")
+    open_chat(bob_page, alice)
+    expect(bubble(bob_page, "hello bob")).to_be_visible()
+
+    bob_page.get_by_role("button", name=f"Block {alice}").click()
+    expect(bob_page.get_by_text(f"You blocked {alice}.")).to_be_visible()
+    expect(bob_page.get_by_role("textbox", name="Message")).to_be_hidden()
+    expect(bob_page.locator("#peer-status")).to_have_text("blocked")
+    check_accessibility(bob_page, "a blocked conversation")
+    snap(bob_page, "chat-blocked.png")
+
+    send(alice_page, "are you there?")
+    expect(bubble(alice_page, "are you there?")).to_have_attribute("data-state", "failed")
+    expect(alice_page.get_by_text(f"{bob} isn't accepting messages from you.")).to_be_visible()
+    expect(bubble(bob_page, "are you there?")).to_have_count(0)
+
+    # A reload keeps the block (it comes from the server).
+    bob_page.reload()
+    expect(bob_page.get_by_text(f"You blocked {alice}.")).to_be_visible()
+    bob_page.get_by_role("button", name=f"Unblock {alice}").first.click()
+    expect(bob_page.get_by_text(f"You blocked {alice}.")).to_be_hidden()
+    expect(bob_page.get_by_role("textbox", name="Message")).to_be_visible()
+    expect(bob_page.get_by_role("button", name=f"Block {alice}")).to_be_visible()
+
+    send(alice_page, "and now?")
+    expect(bubble(bob_page, "and now?")).to_be_visible()
+    expect(alice_page.get_by_text(f"{bob} isn't accepting messages from you.")).to_be_hidden()
+
+
+BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def test_right_to_left_text_takes_its_direction_from_its_content_and_links_hold_no_bidi_controls(
+        chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    alice_page = sign_up(new_context(), chat_server, alice)
+    bob_page = sign_up(new_context(), chat_server, bob)
+    start_chat(alice_page, bob)
+    hebrew = "שלום, מה שלומך?"
+    send(alice_page, "hello first")
+    send(alice_page, hebrew)
+    open_chat(bob_page, alice)
+
+    for page in (alice_page, bob_page):
+        body = bubble(page, hebrew).locator(".body")
+        expect(body).to_have_attribute("dir", "auto")
+        geometry = body.evaluate("""body => {
+            const text = body.firstChild, range = document.createRange(), at = (i) => {
+                range.setStart(text, i); range.setEnd(text, i + 1); return range.getBoundingClientRect();
+            };
+            const style = getComputedStyle(body);
+            return { direction: style.direction, bidi: style.unicodeBidi, first: at(0), last: at(text.length - 1),
+                     box: body.getBoundingClientRect() };
+        }""")
+        assert geometry["direction"] == "rtl" and geometry["bidi"] == "isolate", geometry
+        # Read from the right: the first letter is at the right edge, the question mark at the left end.
+        assert geometry["last"]["right"] <= geometry["first"]["left"], geometry
+        assert abs(geometry["first"]["right"] - geometry["box"]["right"]) < 2, geometry
+        assert abs(geometry["last"]["left"] - geometry["box"]["left"]) < 2, geometry
+        latin = bubble(page, "hello first").locator(".body")
+        assert latin.evaluate("b => getComputedStyle(b).direction") == "ltr"
+    preview = contact(bob_page, alice).locator(".preview-text")
+    expect(preview).to_have_text(hebrew)
+    assert preview.evaluate("p => [getComputedStyle(p).direction, getComputedStyle(p).unicodeBidi]") == [
+        "rtl", "isolate"]
+
+    # A right-to-left override inside an address ends the link: no link holds one.
+    send(alice_page, "see https://example.com/\u202egpj.exe and https://example.org/\u2067x\u2069 too")
+    expect(messages(bob_page).get_by_role("link")).to_have_count(2)
+    for page in (alice_page, bob_page):
+        links = messages(page).get_by_role("link").evaluate_all("links => links.map(a => [a.href, a.textContent])")
+        assert [href for href, _ in links] == ["https://example.com/", "https://example.org/"], links
+        assert not any(BIDI_CONTROLS.search(href + text) for href, text in links), links
+    snap(bob_page, "chat-rtl.png")
+
+
+def test_a_deep_link_survives_signing_in_through_a_safe_next(chat_server, new_context):
+    alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
+    remote_sign_up(chat_server, alice)
+    remote_sign_up(chat_server, bob)
+
+    page = new_context().new_page()
+    page.goto(f"{chat_server.base}/#{bob}")
+    expect(page).to_have_url(f"{chat_server.base}/login?next=%2F%23{bob}")
+    page.get_by_label("Username").fill(alice)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(f"{chat_server.base}/#{bob}")
+    expect(page.get_by_role("heading", name=bob)).to_be_visible()
+    expect(messages(page)).to_be_visible()
+
+    # Through the sign-up page too: the link to it keeps the next.
+    page = new_context().new_page()
+    page.goto(f"{chat_server.base}/#{bob}")
+    page.get_by_role("link", name="Create account").click()
+    expect(page).to_have_url(f"{chat_server.base}/register?next=%2F%23{bob}")
+    page.get_by_label("Username").fill(carol)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Create account").click()
+    expect(page.get_by_role("heading", name=bob)).to_be_visible()
+    expect(page).to_have_url(f"{chat_server.base}/#{bob}")
+
+    # A next that leaves the chat page, or the site, is not followed.
+    for unsafe in ("//example.com/%23x", "https://example.com/", "/api/me", "javascript:alert(1)", "/\\example.com"):
+        page = new_context().new_page()
+        page.goto(f"{chat_server.base}/login?next={unsafe}")
+        page.get_by_label("Username").fill(alice)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page).to_have_url(chat_server.base + "/")
+        page.context.close()
+
+
+def test_the_search_is_used_with_the_keyboard_alone(chat_server, new_context):
+    prefix = uuid.uuid4().hex[:6]
+    names = [f"{prefix}_{name}" for name in ("anna", "anton", "antje")]
+    for name in names:
+        remote_sign_up(chat_server, name)
+    page = sign_up(new_context(), chat_server, f"{prefix}_zed")
+    page.get_by_role("button", name="New chat").click()
+    search = page.get_by_role("searchbox", name="Search people")
+    expect(search).to_be_focused()
+    search.press_sequentially(f"{prefix}_an")
+    found = people(page).get_by_role("button")
+    expect(found).to_have_count(3)
+    search.press("ArrowDown")
+    expect(found.nth(0)).to_be_focused()
+    page.keyboard.press("ArrowDown")
+    page.keyboard.press("ArrowDown")
+    expect(found.nth(2)).to_be_focused()
+    page.keyboard.press("ArrowUp")
+    expect(found.nth(1)).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name=sorted(names)[1])).to_be_visible()
+    expect(page.get_by_role("textbox", name="Message")).to_be_focused()
+
+
+def test_every_page_and_state_has_no_serious_accessibility_violation(chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    context = new_context(reduced_motion="reduce")
+    page = context.new_page()
+    page.goto(chat_server.base + "/login")
+    check_accessibility(page, "sign-in")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_text("Enter your username.")).to_be_visible()
+    check_accessibility(page, "sign-in with an error")
+    page.goto(chat_server.base + "/register")
+    check_accessibility(page, "register")
+    page.close()
+
+    bob_page = sign_up(new_context(reduced_motion="reduce"), chat_server, bob)
+    page = sign_up(context, chat_server, alice)
+    check_accessibility(page, "empty chat")
+    find_person(page, bob)
+    check_accessibility(page, "the search")
+    page.get_by_role("searchbox", name="Search people").press("Escape")
+    start_chat(page, bob)
+    check_accessibility(page, "a new conversation")
+    send(page, "Hi Bob, are we still on for Friday?")
+    send(page, "https://example.com/menu")
+    open_chat(bob_page, alice)
+    send(bob_page, "Yes! Friday at 8.")
+    expect(bubble(page, "Yes! Friday at 8.")).to_be_visible()
+    check_accessibility(page, "a conversation")
+    open_menu(page, "https://example.com/menu")
+    check_accessibility(page, "a message menu")
+    page.get_by_role("menuitem", name="Delete").click()
+    check_accessibility(page, "the delete dialog")
+    page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
+    page.emulate_media(color_scheme="dark")
+    check_accessibility(page, "a conversation, dark")
+
+    for scheme in ("light", "dark"):
+        phone = new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                            color_scheme=scheme, reduced_motion="reduce")
+        phone_page = sign_in(phone, chat_server, bob)
+        expect(contact(phone_page, alice)).to_be_visible()
+        check_accessibility(phone_page, f"phone contacts, {scheme}")
+        open_chat(phone_page, alice)
+        expect(bubble(phone_page, "Yes! Friday at 8.")).to_be_visible()
+        check_accessibility(phone_page, f"phone conversation, {scheme}")
+        phone.close()

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import httpx2 as httpx
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -36,8 +36,6 @@ from conftest import PASSWORD, ROOT, ChatServer, RedisServer, free_port, fresh_p
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--ignore-certificate-errors", "--no-sandbox", "--disable-background-networking",
-                 "--disable-gpu", "--disable-component-update", "--disable-sync", "--no-first-run"]
 EVIL = "https://evil.example"
 
 expect.set_options(timeout=15_000)
@@ -290,59 +288,60 @@ def insecure_tls() -> ssl.SSLContext:
 # ---- the test ---------------------------------------------------------------------------
 
 
-def test_two_people_chat_through_nginx_over_https_with_secure_cookies_and_foreign_origins_refused(deployment):
+def test_two_people_chat_through_nginx_over_https_with_secure_cookies_and_foreign_origins_refused(deployment, browser):
     proxy, servers = deployment
     problems: list[str] = []
     alice, bob = unique("alice"), unique("bob")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            contexts = [browser.new_context(viewport={"width": 1280, "height": 800}) for _ in range(2)]
-            for context in contexts:
-                context.on("page", lambda page: page.on("pageerror", lambda error: problems.append(str(error))))
-            alice_page = sign_up(contexts[0], proxy.base, alice)
-            bob_page = sign_up(contexts[1], proxy.base, bob)
+    # The certificate is self-signed: as --ignore-certificate-errors would.
+    contexts = [browser.new_context(viewport={"width": 1280, "height": 800}, ignore_https_errors=True)
+                for _ in range(2)]
+    try:
+        for context in contexts:
+            context.on("page", lambda page: page.on("pageerror", lambda error: problems.append(str(error))))
+        alice_page = sign_up(contexts[0], proxy.base, alice)
+        bob_page = sign_up(contexts[1], proxy.base, bob)
 
-            # The proxy said https, ChatX believed it (CHATX_TRUSTED_PROXIES): the cookie is Secure.
-            for context in contexts:
-                cookie = session_cookie(context)
-                assert cookie["secure"] is True, cookie
-                assert cookie["httpOnly"] is True, cookie
-                assert cookie["sameSite"] == "Lax", cookie
+        # The proxy said https, ChatX believed it (CHATX_TRUSTED_PROXIES): the cookie is Secure.
+        for context in contexts:
+            cookie = session_cookie(context)
+            assert cookie["secure"] is True, cookie
+            assert cookie["httpOnly"] is True, cookie
+            assert cookie["sameSite"] == "Lax", cookie
 
-            # alice finds bob through the search; a first message makes them contacts, both online.
-            start_chat(alice_page, bob)
-            send(alice_page, "Hello over TLS")
-            expect(bubble(alice_page, "Hello over TLS")).to_be_visible()
-            expect_presence(alice_page, bob, "online")
-            expect_presence(bob_page, alice, "online")
+        # alice finds bob through the search; a first message makes them contacts, both online.
+        start_chat(alice_page, bob)
+        send(alice_page, "Hello over TLS")
+        expect(bubble(alice_page, "Hello over TLS")).to_be_visible()
+        expect_presence(alice_page, bob, "online")
+        expect_presence(bob_page, alice, "online")
 
-            open_chat(bob_page, alice)
-            expect(bubble(bob_page, "Hello over TLS")).to_be_visible()
-            send(bob_page, "Loud and clear")
-            expect(bubble(alice_page, "Loud and clear")).to_be_visible()
-            expect(bubble(alice_page, "Loud and clear")).to_have_class(re.compile(r"\btheirs\b"))
-            send(alice_page, "Both ways, then")
-            expect(bubble(bob_page, "Both ways, then")).to_be_visible()
+        open_chat(bob_page, alice)
+        expect(bubble(bob_page, "Hello over TLS")).to_be_visible()
+        send(bob_page, "Loud and clear")
+        expect(bubble(alice_page, "Loud and clear")).to_be_visible()
+        expect(bubble(alice_page, "Loud and clear")).to_have_class(re.compile(r"\btheirs\b"))
+        send(alice_page, "Both ways, then")
+        expect(bubble(bob_page, "Both ways, then")).to_be_visible()
 
-            # Presence through the proxy: bob leaves (no grace), alice sees it; he comes back, online again.
-            bob_page.close()
-            expect_presence(alice_page, bob, "offline")
-            bob_page = contexts[1].new_page()
-            bob_page.goto(proxy.base + "/")
-            expect(bob_page.get_by_text("Connecting…")).to_be_hidden()
-            expect_presence(alice_page, bob, "online")
-            expect_presence(bob_page, alice, "online")
+        # Presence through the proxy: bob leaves (no grace), alice sees it; he comes back, online again.
+        bob_page.close()
+        expect_presence(alice_page, bob, "offline")
+        bob_page = contexts[1].new_page()
+        bob_page.goto(proxy.base + "/")
+        expect(bob_page.get_by_text("Connecting…")).to_be_hidden()
+        expect_presence(alice_page, bob, "online")
+        expect_presence(bob_page, alice, "online")
 
-            # nginx upgraded the sockets, and spread the requests over both processes.
-            log_lines = (proxy.prefix / "access.log").read_text().splitlines()
-            assert any('"GET /ws' in line and " 101 " in line for line in log_lines), log_lines[-20:]
-            upstreams = {line.rsplit(" upstream=", 1)[1] for line in log_lines if " upstream=" in line}
-            assert {f"127.0.0.1:{server.port}" for server in servers} <= upstreams, upstreams
+        # nginx upgraded the sockets, and spread the requests over both processes.
+        log_lines = (proxy.prefix / "access.log").read_text().splitlines()
+        assert any('"GET /ws' in line and " 101 " in line for line in log_lines), log_lines[-20:]
+        upstreams = {line.rsplit(" upstream=", 1)[1] for line in log_lines if " upstream=" in line}
+        assert {f"127.0.0.1:{server.port}" for server in servers} <= upstreams, upstreams
 
-            cookie = session_cookie(contexts[1])["value"]
-        finally:
-            browser.close()
+        cookie = session_cookie(contexts[1])["value"]
+    finally:
+        for context in contexts:
+            context.close()
     assert problems == []
 
     # A foreign Origin is refused through the proxy, before anything is accepted: the socket ...
