@@ -4,8 +4,10 @@ on a real SQLite file, a real PostgreSQL database and real Redis servers."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -120,6 +122,25 @@ def make_partners(a: Any, b: Any, body: str = "hello, partner", server: ChatServ
             await storage.stop()
 
     return run_async(on_shared_database)
+
+
+def error_code(response: httpx.Response) -> str:
+    return response.json()["error"]["code"]
+
+
+@pytest.fixture
+def cheap_hashes(monkeypatch):
+    """For tests that are not about the cost of a password hash: in-process
+    apps hash with scrypt at N=2^10 (the stored hash names its parameters, so
+    checking follows), which on a loaded two-core machine is the difference
+    between seconds and minutes. Servers run as subprocesses hash for real."""
+    def cheap(password: str, salt: bytes | None = None) -> str:
+        salt = salt or secrets.token_bytes(16)
+        digest = hashlib.scrypt(password.encode(), salt=salt, n=2**10, r=8, p=1)
+        return f"scrypt$1024$8$1${salt.hex()}${digest.hex()}"
+
+    monkeypatch.setattr(chatx, "hash_password", cheap)
+    monkeypatch.setattr(chatx, "DUMMY_HASH", "scrypt$1024$8$1$" + "00" * 16 + "$" + "00" * 64)
 
 
 def next_frame(ws: Any, kind: str | None = None) -> dict[str, Any]:

@@ -6,11 +6,9 @@ their sockets stay open."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
-import secrets
 import select
 import socket
 import statistics
@@ -28,26 +26,13 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (PASSWORD, ChatServer, drain, make_partners, next_frame, quiet, receive, remote_sign_up,
+from conftest import (error_code, PASSWORD, ChatServer, drain, make_partners, next_frame, quiet, receive, remote_sign_up,
                       sign_up, wait_until)
 
 
-@pytest.fixture(autouse=True)
-def cheap_hashes(monkeypatch):
-    """In-process apps hash with scrypt at N=2^10 (the stored hash names its
-    parameters, so checking follows): these tests count attempts, not the
-    cost of one. The hash-queue test runs a real server, which hashes for real."""
-    def cheap(password: str, salt: bytes | None = None) -> str:
-        salt = salt or secrets.token_bytes(16)
-        digest = hashlib.scrypt(password.encode(), salt=salt, n=2**10, r=8, p=1)
-        return f"scrypt$1024$8$1${salt.hex()}${digest.hex()}"
-
-    monkeypatch.setattr(chatx, "hash_password", cheap)
-    monkeypatch.setattr(chatx, "DUMMY_HASH", "scrypt$1024$8$1$" + "00" * 16 + "$" + "00" * 64)
+pytestmark = pytest.mark.usefixtures("cheap_hashes")
 
 
-def error_code(response) -> str:
-    return response.json()["error"]["code"]
 
 
 def login(client: TestClient, username: str, password: str = PASSWORD, headers: dict | None = None):

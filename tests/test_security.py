@@ -5,10 +5,8 @@ believed only where configured (CONTRACT §2–4, §7)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import secrets
 import sqlite3
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -18,23 +16,11 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (PASSWORD, ChatServer, drain, next_frame, quiet, receive, remote_sign_up,
+from conftest import (error_code, PASSWORD, ChatServer, drain, next_frame, quiet, receive, remote_sign_up,
                       sign_up)
 
 
-@pytest.fixture(autouse=True)
-def cheap_hashes(monkeypatch):
-    """These tests are not about the cost of a password hash: in-process apps
-    hash with scrypt at N=2^10 (the stored hash names its parameters, so
-    checking follows), which on a loaded two-core machine is the difference
-    between seconds and minutes. Servers run as subprocesses hash for real."""
-    def cheap(password: str, salt: bytes | None = None) -> str:
-        salt = salt or secrets.token_bytes(16)
-        digest = hashlib.scrypt(password.encode(), salt=salt, n=2**10, r=8, p=1)
-        return f"scrypt$1024$8$1${salt.hex()}${digest.hex()}"
-
-    monkeypatch.setattr(chatx, "hash_password", cheap)
-    monkeypatch.setattr(chatx, "DUMMY_HASH", "scrypt$1024$8$1$" + "00" * 16 + "$" + "00" * 64)
+pytestmark = pytest.mark.usefixtures("cheap_hashes")
 
 
 @contextmanager
@@ -46,8 +32,6 @@ def app_client(database_url: str, raise_server_exceptions: bool = True, base_url
         yield client
 
 
-def error_code(response) -> str:
-    return response.json()["error"]["code"]
 
 
 def raw_frame(ws) -> str:

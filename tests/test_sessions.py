@@ -4,9 +4,7 @@ rotation on sign-in, hostile cookies, and the command line."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import secrets
 import sqlite3
 import subprocess
 import sys
@@ -21,28 +19,14 @@ from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import PASSWORD, ROOT, Person, make_partners, next_frame, quiet, run_async, sign_up, wait_until
+from conftest import error_code, PASSWORD, ROOT, Person, make_partners, next_frame, quiet, run_async, sign_up, wait_until
 
 
-@pytest.fixture(autouse=True)
-def cheap_hashes(monkeypatch):
-    """These tests are not about the cost of a password hash: in-process apps
-    hash with scrypt at N=2^10 (the stored hash names its parameters, so
-    checking follows), which on a loaded two-core machine is the difference
-    between seconds and minutes. Servers run as subprocesses hash for real."""
-    def cheap(password: str, salt: bytes | None = None) -> str:
-        salt = salt or secrets.token_bytes(16)
-        digest = hashlib.scrypt(password.encode(), salt=salt, n=2**10, r=8, p=1)
-        return f"scrypt$1024$8$1${salt.hex()}${digest.hex()}"
-
-    monkeypatch.setattr(chatx, "hash_password", cheap)
-    monkeypatch.setattr(chatx, "DUMMY_HASH", "scrypt$1024$8$1$" + "00" * 16 + "$" + "00" * 64)
+pytestmark = pytest.mark.usefixtures("cheap_hashes")
 
 NEW_PASSWORD = "a brand new passphrase"
 
 
-def error_code(response) -> str:
-    return response.json()["error"]["code"]
 
 
 def login(client, username: str, password: str = PASSWORD, cookie: str | None = None):
