@@ -2,6 +2,9 @@
 
 const base = document.body.dataset.base || "";
 
+// What the server accepts as a username.
+export const USERNAME_RE = /^[A-Za-z0-9_.-]{3,32}$/;
+
 class ApiError extends Error {
   constructor(status, code, detail) {
     super(detail);

@@ -1,6 +1,6 @@
 // Sign-in and sign-up forms: checked here first, then the server's answer is
 // shown next to the field it is about.
-import { api, goTo, safeNext } from "./api.js";
+import { USERNAME_RE, api, goTo, safeNext } from "./api.js";
 
 const form = document.querySelector(".auth-form");
 const mode = form.dataset.mode;
@@ -20,7 +20,6 @@ if (next !== "/") {
   for (const link of document.querySelectorAll(".switch a")) link.search = query;
 }
 
-const USERNAME_RE = /^[A-Za-z0-9_.-]{3,32}$/;
 const MESSAGES = {
   username_taken: ["username", "That username is taken. Try another one."],
   invalid_username: ["username", "Use 3–32 letters, digits, “_”, “.” or “-”, with no spaces."],

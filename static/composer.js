@@ -37,7 +37,7 @@ export function measure(text) {
 const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 
 export class Composer {
-  constructor(form, { onSend, onTyping, onEdit, lastEditable, onModeChange }) {
+  constructor(form, { onSend, onTyping, onEdit, lastEditable }) {
     this.form = form;
     this.box = form.elements.message;
     this.counter = form.querySelector(".counter");
@@ -45,7 +45,7 @@ export class Composer {
     this.bar = form.querySelector(".composing");
     this.barTitle = form.querySelector("#composing-title");
     this.barQuote = form.querySelector("#composing-quote");
-    this.handlers = { onSend, onTyping, onEdit, lastEditable, onModeChange };
+    this.handlers = { onSend, onTyping, onEdit, lastEditable };
     this.mode = null; // null, {kind: "reply", id}, or {kind: "edit", id, draft}
     this.lastTypingAt = 0;
     this.typingTimer = null;
@@ -130,7 +130,6 @@ export class Composer {
     this.barQuote.textContent = quote;
     this.form.classList.toggle("editing", mode?.kind === "edit");
     this.button.textContent = mode?.kind === "edit" ? "Save" : "Send";
-    this.handlers.onModeChange?.(mode);
   }
 
   #typing() {

@@ -3,12 +3,19 @@
 // under "People"; choosing one opens a conversation with them.
 import { api } from "./api.js";
 import { el, fillAvatar } from "./dom.js";
+import { keyOf } from "./store.js";
 import { lastSeen } from "./timefmt.js";
 
 const DEBOUNCE = 250;
 const PAGE = 20;
 const MAX_QUERY = 32;
 const NAME_CHARS = /^[A-Za-z0-9_.-]+$/;
+
+// Someone in the directory by exact name (any case), or undefined.
+export async function findUser(username) {
+  const { users } = await api("GET", `/api/users?q=${encodeURIComponent(username)}&limit=1`);
+  return users.find((candidate) => keyOf(candidate.username) === keyOf(username));
+}
 
 export class PeopleSearch {
   constructor({ input, section, list, note, more }, { onQuery, onChoose }) {
@@ -120,7 +127,7 @@ export class PeopleSearch {
       el("span", { class: "who" }, el("span", { class: "name", text: user.username }),
         el("span", { class: "status-line" }, presence, detail)));
     button.addEventListener("click", () => this.#choose(user));
-    return el("li", { "data-key": user.username.toLowerCase() }, button);
+    return el("li", { "data-key": keyOf(user.username) }, button);
   }
 
   #choose(user) {

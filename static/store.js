@@ -57,10 +57,6 @@ export class Conversation {
     return this.sorted()[0]?.id ?? 0;
   }
 
-  get newestId() {
-    return this.sorted().at(-1)?.id ?? 0;
-  }
-
   isMine(message) {
     return keyOf(message.from) === this.meKey;
   }

@@ -1,0 +1,93 @@
+// Blocking, from the conversation header: the people I block (keys, from GET
+// /api/blocks the first time a conversation opens), the Block/Unblock button
+// and the notice saying who blocked whom.
+import { api, goToSignIn } from "./api.js";
+import { findUser } from "./people.js";
+import { keyOf } from "./store.js";
+import { stopTyping } from "./roster.js";
+
+export class Blocks {
+  // form: the composer's, hidden while blocked. focusComposer: after an
+  // unblock, focus goes back to the message box.
+  constructor(roster, { button, notice, text, unblock, form }, { onChange, focusComposer }) {
+    Object.assign(this, { roster, button, notice, text, unblock, form });
+    this.handlers = { onChange, focusComposer };
+    this.keys = new Set();
+    this.loaded = null; // null, "loading" or true
+    button.addEventListener("click", () => roster.openKey && this.set(roster.openKey, !this.has(roster.openKey)));
+    unblock.addEventListener("click", () => roster.openKey && this.set(roster.openKey, false));
+  }
+
+  has(key) {
+    return this.keys.has(key);
+  }
+
+  render(contact, blocked) {
+    const { button, notice, text, unblock } = this;
+    button.hidden = this.loaded !== true;
+    button.textContent = blocked ? "Unblock" : "Block";
+    button.setAttribute("aria-label", `${blocked ? "Unblock" : "Block"} ${contact.username}`);
+    const says = blocked
+      ? `You blocked ${contact.username}. They can't send you messages, and neither of you sees the other online.`
+      : contact.blockedMe ? `${contact.username} isn't accepting messages from you.` : "";
+    notice.hidden = !says;
+    if (text.textContent !== says) text.textContent = says;
+    unblock.hidden = !blocked;
+    unblock.setAttribute("aria-label", `Unblock ${contact.username}`);
+    this.form.hidden = blocked || !this.roster.openKey;
+  }
+
+  async load() {
+    if (this.loaded) return;
+    this.loaded = "loading";
+    try {
+      const page = await api("GET", "/api/blocks");
+      for (const user of page.blocks) this.keys.add(keyOf(user.username));
+      this.loaded = true;
+    } catch (error) {
+      this.loaded = null; // tried again when a conversation opens
+      if (error.status === 401) goToSignIn();
+    }
+    this.handlers.onChange();
+  }
+
+  async set(key, block) {
+    const contact = this.roster.contacts.get(key);
+    const button = this.button;
+    button.disabled = true;
+    try {
+      await api(block ? "PUT" : "DELETE", `/api/blocks/${encodeURIComponent(contact.username)}`);
+      if (block) {
+        this.keys.add(key);
+        stopTyping(contact);
+        contact.status = "offline"; // no presence either way while the block lasts
+      } else {
+        this.keys.delete(key);
+        this.#refreshPresence(contact);
+      }
+    } catch (error) {
+      if (error.status === 401) goToSignIn();
+    } finally {
+      button.disabled = false;
+    }
+    this.handlers.onChange();
+    if (this.roster.openKey === key) {
+      if (block) this.unblock.focus();
+      else this.handlers.focusComposer();
+    }
+  }
+
+  // After an unblock: presence is shared again from now on.
+  async #refreshPresence(contact) {
+    try {
+      const user = await findUser(contact.username);
+      if (user && !this.keys.has(contact.key)) {
+        contact.status = user.status;
+        contact.lastSeen = user.last_seen;
+        this.handlers.onChange();
+      }
+    } catch {
+      // the next presence frame tells
+    }
+  }
+}
