@@ -25,6 +25,7 @@ import inspect
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -111,6 +112,7 @@ ID_MAX = 2**31 - 1  # message ids are 32-bit integers; a larger cursor means "pa
 # before the next commit, so that one commit takes the sends of many sockets.
 COMMIT_BUSY_S = 0.005
 COMMIT_LINGER_S = 0.001
+COMMIT_FAILURE_MEMORY_S = 5  # /healthz says the database fails this long after a commit failed
 # SQLite's log is copied into the database by a thread at most every
 # CHECKPOINT_INTERVAL_S while commits come, and by a commit only past WAL_BACKSTOP_PAGES.
 CHECKPOINT_INTERVAL_S = 0.1
@@ -561,7 +563,8 @@ class Writer:
         self.database = open_database(url, connections=1)
         self.observe = observe  # told each commit's duration
         self.sqlite = self.database.url.dialect == "sqlite"
-        self.healthy = True  # the last commit, or the last attempt to connect, worked
+        self.healthy = True  # connected, as far as the last attempt showed
+        self.failed_at = -math.inf  # when a commit last failed for the database's sake
         self._jobs: asyncio.Queue[Job | None] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -688,7 +691,8 @@ class Writer:
                 else:
                     if not job.future.done():
                         job.future.set_result(result)
-            self.healthy = failed < len(batch) or not isinstance(failure, FAULT_TYPES)
+            if failed == len(batch) and isinstance(failure, FAULT_TYPES):
+                self.failed_at = time.monotonic()
             return
         self.healthy = True
         for job, result in zip(batch, results):
@@ -832,8 +836,10 @@ class Storage:
             logger.warning("vacuuming erased messages failed: %s", exc)
 
     async def healthy(self) -> bool:
-        """Commits work (the writer's last one) and a new connection answers."""
-        if not self.writer.healthy:
+        """Commits work (none failed for the database's sake in the last few
+        seconds: with a full disk some small writes still pass) and a new
+        connection answers."""
+        if not self.writer.healthy or time.monotonic() - self.writer.failed_at < COMMIT_FAILURE_MEMORY_S:
             return False
         try:
             await asyncio.wait_for(self.database.fetch_val("SELECT 1"), 2)

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator
 import asyncpg
 import httpx2 as httpx
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 import chatx
@@ -409,7 +409,7 @@ class Sender(threading.Thread):
         try:
             ws = open_socket(self.person, server)
             first_frame(ws)
-        except (ConnectionClosed, InvalidStatus, OSError, TimeoutError) as exc:
+        except (WebSocketException, OSError, TimeoutError) as exc:  # a process shutting down may answer anything
             self.refusals.append(f"{server.port}: {type(exc).__name__}: {exc}")
             self.server_index += 1
             return False
@@ -847,7 +847,7 @@ def test_an_acked_message_reaches_the_open_socket_elsewhere_while_the_last_local
                     first_frame(ws)
                     time.sleep(0.002 * (churned[bob.username] % 10))
                 churned[bob.username] += 1
-            except (ConnectionClosed, InvalidStatus, OSError, TimeoutError):
+            except (WebSocketException, OSError, TimeoutError):
                 time.sleep(0.05)
 
     churners = [threading.Thread(target=churn, args=(bob,), daemon=True) for bob in bobs]
@@ -936,6 +936,7 @@ def test_a_redis_partition_loses_no_live_delivery(services: Services, seconds: i
     started = time.monotonic()
     with partitioned(redis) as how:
         time.sleep(seconds)
+        healing = time.monotonic()  # the rules go now: a /healthz answered from here on may be ok again
     healed = time.monotonic()
     time.sleep(3)
     sender.finish(timeout=20)
@@ -946,7 +947,7 @@ def test_a_redis_partition_loses_no_live_delivery(services: Services, seconds: i
     # Packets dropped: the keepalive notices a silent Redis after 3 s (a ping
     # after 1 s of silence): from then until the partition heals, /healthz says fail.
     for server in (a, b):
-        samples = health.between(server, started + NOTICED_S, healed)
+        samples = health.between(server, started + NOTICED_S, healing - 0.2)
         lies = [(round(at - started, 2), status, checks) for at, status, checks in samples
                 if status != 503 or checks.get("broadcast") != "fail"]
         assert samples and not lies, (f"{server.base}/healthz during a {seconds} s partition, from "
