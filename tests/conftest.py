@@ -143,6 +143,24 @@ def cheap_hashes(monkeypatch):
     monkeypatch.setattr(chatx, "DUMMY_HASH", "scrypt$1024$8$1$" + "00" * 16 + "$" + "00" * 64)
 
 
+def acked(ws: Any, to: str, body: str, client_id: str,
+          others: tuple[str, ...] = ("message", "read", "edit", "delete")) -> dict[str, Any]:
+    """Send; return the ack's message once the socket's own copy of it came
+    too. Frames of the types in `others` may come between."""
+    ws.send_json({"type": "send", "to": to, "body": body, "client_id": client_id})
+    ack = copy = None
+    while ack is None or copy is None:
+        frame = next_frame(ws)
+        if frame["type"] == "ack":
+            assert frame["client_id"] == client_id, frame
+            ack = frame["message"]
+        else:
+            assert frame["type"] in others, frame
+            if frame["type"] == "message" and frame["message"]["client_id"] == client_id:
+                copy = frame["message"]
+    return ack
+
+
 def next_frame(ws: Any, kind: str | None = None) -> dict[str, Any]:
     """The next frame, skipping presence frames unless asked for by kind."""
     while True:
@@ -233,9 +251,9 @@ def make_client(sqlite_url: str):
     """Build and start in-process apps; settings default to a fresh SQLite file."""
     clients: list[TestClient] = []
 
-    def make(**settings: Any) -> TestClient:
+    def make(client_address: tuple[str, int] = ("testclient", 50000), **settings: Any) -> TestClient:
         settings.setdefault("database_url", sqlite_url)
-        client = TestClient(chatx.create_app(**settings))
+        client = TestClient(chatx.create_app(**settings), client=client_address)
         client.__enter__()
         clients.append(client)
         return client

@@ -26,11 +26,12 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (error_code, PASSWORD, ChatServer, drain, make_partners, next_frame, quiet, receive, remote_sign_up,
+from conftest import (acked, error_code, PASSWORD, ChatServer, drain, make_partners, next_frame, quiet, receive, remote_sign_up,
                       sign_up, wait_until)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
+ANY_STREAM_OR_TYPING = ("message", "read", "edit", "delete", "typing")
 
 
 
@@ -49,20 +50,6 @@ def from_address(database_url: str, host: str, **settings: Any) -> Iterator[Test
         yield client
 
 
-def acked(ws, to: str, body: str, client_id: str) -> dict[str, Any]:
-    """Send; the ack's message, once the socket's own copy came too."""
-    ws.send_json({"type": "send", "to": to, "body": body, "client_id": client_id})
-    ack = copy = None
-    while ack is None or copy is None:
-        frame = next_frame(ws)
-        if frame["type"] == "ack":
-            assert frame["client_id"] == client_id, frame
-            ack = frame["message"]
-        elif frame["type"] == "message" and frame["message"]["client_id"] == client_id:
-            copy = frame["message"]
-        else:
-            assert frame["type"] in ("message", "read", "edit", "delete", "typing"), frame
-    return ack
 
 
 def silent(ws) -> list[dict[str, Any]]:
@@ -100,10 +87,10 @@ def test_the_21st_socket_is_refused_and_the_first_20_keep_working(database_url, 
         for person in (alice, alice_there):  # one more, on either process, is refused
             assert socket_refused(person), f"a 21st socket was accepted on {person.client}"
         # The 20 live on: each gets bob's message, and alice sends from one.
-        assert acked(bob_ws, "alice", "to all twenty", "s-1")["to"] == "alice"
+        assert acked(bob_ws, "alice", "to all twenty", "s-1", others=ANY_STREAM_OR_TYPING)["to"] == "alice"
         for ws in sockets:
             assert next_frame(ws, "message")["message"]["body"] == "to all twenty"
-        assert acked(sockets[-1], "bob", "from the twentieth", "s-2")["body"] == "from the twentieth"
+        assert acked(sockets[-1], "bob", "from the twentieth", "s-2", others=ANY_STREAM_OR_TYPING)["body"] == "from the twentieth"
         for ws in sockets[:-1]:
             assert next_frame(ws, "message")["message"]["body"] == "from the twentieth"
         assert next_frame(bob_ws, "message")["message"]["body"] == "from the twentieth"
@@ -305,7 +292,7 @@ def test_five_failed_passwords_lock_the_username_even_for_the_right_one_until_th
         # Nobody else noticed: bob signs in from the same address, alice's session and socket work.
         assert login(client, "bob").status_code == 200
         assert alice.get("/api/me").status_code == 200
-        assert acked(ws, "bob", "locked out, still chatting", "l-1")["body"] == "locked out, still chatting"
+        assert acked(ws, "bob", "locked out, still chatting", "l-1", others=ANY_STREAM_OR_TYPING)["body"] == "locked out, still chatting"
         assert next_frame(bob_ws, "message")["message"]["body"] == "locked out, still chatting"
         assert client.get("/healthz").status_code == 200
     # Once the 15-minute window has passed, the right password works again.
@@ -330,7 +317,7 @@ def test_twenty_failures_from_one_address_lock_that_address_and_no_other(databas
             assert login(elsewhere, "bob").status_code == 200
             assert login(elsewhere, "alice").status_code == 200
         # The sessions and sockets of the address's users live on.
-        assert acked(bob_ws, "alice", "fine here", "a-1")["body"] == "fine here"
+        assert acked(bob_ws, "alice", "fine here", "a-1", others=ANY_STREAM_OR_TYPING)["body"] == "fine here"
         assert next_frame(ws, "message")["message"]["body"] == "fine here"
         assert alice.get("/api/me").status_code == 200
         assert client.get("/healthz").status_code == 200
@@ -439,7 +426,7 @@ def test_ten_signups_an_hour_per_address_then_429_and_other_addresses_go_on(data
                                   ).status_code == 201
         # The accounts already made work on: sign-in, sockets, sends.
         assert login(client, "user5").status_code == 200
-        assert acked(ws, "user1", "welcome", "w-1")["body"] == "welcome"
+        assert acked(ws, "user1", "welcome", "w-1", others=ANY_STREAM_OR_TYPING)["body"] == "welcome"
         assert client.get("/healthz").status_code == 200
 
 
@@ -470,7 +457,7 @@ def test_closed_registration_refuses_sign_up_and_existing_accounts_go_on(databas
     with alice_here.ws() as ws, bob_here.ws() as bob_ws:
         next_frame(ws, "hello")
         next_frame(bob_ws, "hello")
-        assert acked(ws, "bob", "closed, not for us", "r-1")["body"] == "closed, not for us"
+        assert acked(ws, "bob", "closed, not for us", "r-1", others=ANY_STREAM_OR_TYPING)["body"] == "closed, not for us"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CHATX_REGISTRATION", "closed")
     assert chatx.load_settings().registration == "closed"
@@ -521,7 +508,7 @@ def test_typing_reaches_each_peer_at_most_once_per_2_seconds(make_client):
             ws.send_json({"type": "typing", "to": "bob"})
         assert received() == {"alice": [], "bob": ["alice"], "carol": []}
         # Bob noticed nothing else: his sends are acked and his socket is open.
-        assert acked(bob_ws, "alice", "stop typing", "t-1")["body"] == "stop typing"
+        assert acked(bob_ws, "alice", "stop typing", "t-1", others=ANY_STREAM_OR_TYPING)["body"] == "stop typing"
         assert next_frame(ws, "message")["message"]["body"] == "stop typing"
 
 
@@ -532,7 +519,7 @@ def test_read_edit_and_delete_share_the_send_bucket(make_client):
     with alice.ws() as ws, bob.ws() as bob_ws:
         next_frame(ws, "hello")
         next_frame(bob_ws, "hello")
-        message = acked(ws, "bob", "one", "b-1")  # 1
+        message = acked(ws, "bob", "one", "b-1", others=ANY_STREAM_OR_TYPING)  # 1
         for up_to in (1, 2):  # 2, 3: reads move alice's cursor (bob's message, then hers)
             ws.send_json({"type": "read", "with": "bob", "up_to": up_to})
         ws.send_json({"type": "edit", "id": message["id"], "body": "one, edited"})  # 4
@@ -548,7 +535,7 @@ def test_read_edit_and_delete_share_the_send_bucket(make_client):
                 errors.append(frame)
         assert [e["code"] for e in errors] == ["rate_limited"] * 4, errors
         # Bob's bucket is his own.
-        assert acked(bob_ws, "alice", "mine is full", "b-3")["body"] == "mine is full"
+        assert acked(bob_ws, "alice", "mine is full", "b-3", others=ANY_STREAM_OR_TYPING)["body"] == "mine is full"
 
 
 def test_the_presence_grace_absorbs_a_connect_close_loop(database_url, make_client):
@@ -568,7 +555,7 @@ def test_the_presence_grace_absorbs_a_connect_close_loop(database_url, make_clie
             with alice.ws() as ws:
                 next_frame(ws, "hello")
             if n == 12:  # someone else chats on meanwhile
-                assert acked(dave_ws, "dave", "mid-loop", "g-1")["body"] == "mid-loop"
+                assert acked(dave_ws, "dave", "mid-loop", "g-1", others=ANY_STREAM_OR_TYPING)["body"] == "mid-loop"
         loop_ended = time.monotonic()
         seen = [(f["username"], f["status"]) for f in quiet(bob_ws) if f["type"] == "presence"]
         assert seen == [("alice", "online")], seen

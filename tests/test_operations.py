@@ -4,6 +4,7 @@ uvicorn process (text and JSON, start and stop, passwords masked)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import socket
@@ -58,20 +59,9 @@ def scrape(client: TestClient) -> dict[str, Any]:
 
 
 @pytest.fixture
-def local_app(sqlite_url: str):
+def local_app(make_client):
     """In-process apps whose client address is 127.0.0.1."""
-    clients: list[TestClient] = []
-
-    def make(**settings: Any) -> TestClient:
-        settings.setdefault("database_url", sqlite_url)
-        client = TestClient(chatx.create_app(**settings), client=LOOPBACK)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in reversed(clients):
-        client.__exit__(None, None, None)
+    return functools.partial(make_client, client_address=LOOPBACK)
 
 
 class PasswordRedis(RedisServer):

@@ -19,7 +19,7 @@ from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import error_code, PASSWORD, ROOT, Person, make_partners, next_frame, quiet, run_async, sign_up, wait_until
+from conftest import acked, error_code, PASSWORD, ROOT, Person, make_partners, next_frame, quiet, run_async, sign_up, wait_until
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
@@ -57,20 +57,6 @@ def alive(ws) -> None:
     assert [frame for frame in quiet(ws) if frame["type"] != "presence"] == []
 
 
-def acked(ws, to: str, body: str, client_id: str) -> dict[str, Any]:
-    """Send; return the ack's message once the socket's own copy of it came too."""
-    ws.send_json({"type": "send", "to": to, "body": body, "client_id": client_id})
-    ack = copy = None
-    while ack is None or copy is None:
-        frame = next_frame(ws)
-        if frame["type"] == "ack":
-            assert frame["client_id"] == client_id
-            ack = frame["message"]
-        else:
-            assert frame["type"] in ("message", "read", "edit", "delete"), frame
-            if frame["type"] == "message" and frame["message"]["client_id"] == client_id:
-                copy = frame["message"]
-    return ack
 
 
 def delete_me(person_or_client, password: str | None) -> Any:
