@@ -37,12 +37,12 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from socket import SO_LINGER, SOL_SOCKET
-from typing import Any, AsyncIterator, Awaitable, Callable, Union
+from socket import IPPROTO_TCP, SO_LINGER, SOL_SOCKET
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Union
 from urllib.parse import urlsplit
 
 import aiosqlite
@@ -73,6 +73,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+try:
+    from socket import TCP_CORK  # Linux
+except ImportError:
+    TCP_CORK = None
 
 __version__ = "2.0.0"
 logger = logging.getLogger("chatx")
@@ -112,6 +117,7 @@ ID_MAX = 2**31 - 1  # message ids are 32-bit integers; a larger cursor means "pa
 # before the next commit, so that one commit takes the sends of many sockets.
 COMMIT_BUSY_S = 0.005
 COMMIT_LINGER_S = 0.001
+JOBS_PER_COMMIT = 256
 COMMIT_FAILURE_MEMORY_S = 5  # /healthz says the database fails this long after a commit failed
 # SQLite's log is copied into the database by a thread at most every
 # CHECKPOINT_INTERVAL_S while commits come, and by a commit only past WAL_BACKSTOP_PAGES.
@@ -425,18 +431,15 @@ class Connection:
         cursor = await self.driver.execute(sql, args)
         return cursor.rowcount
 
-    async def execute_many(self, sql: str, rows: list[tuple]) -> None:
+    async def execute_many(self, sql: str, rows: list[tuple]) -> int | None:
+        """Run one statement per row; on SQLite, return how many rows they changed."""
         if not rows:
-            return
+            return 0
         if self.postgres:
             await self.driver.executemany(postgres_marks(sql), rows)
-        else:
-            await self.driver.executemany(sql, rows)
-
-    async def insert_counted(self, sql: str, args: list[Any]) -> tuple[int, int]:
-        """SQLite only: run an INSERT; return its row count and last row id."""
-        cursor = await self.driver.execute(sql, args)
-        return cursor.rowcount, cursor.lastrowid
+            return None
+        cursor = await self.driver.executemany(sql, rows)
+        return cursor.rowcount
 
     async def ddl(self, statement: Any) -> None:
         await self.connection.execute(statement)
@@ -565,7 +568,10 @@ class Writer:
         self.sqlite = self.database.url.dialect == "sqlite"
         self.healthy = True  # connected, as far as the last attempt showed
         self.failed_at = -math.inf  # when a commit last failed for the database's sake
-        self._jobs: asyncio.Queue[Job | None] = asyncio.Queue()
+        # A list and a future rather than an asyncio.Queue, whose put and get
+        # were a few microseconds of every message.
+        self._jobs: list[Job | None] = []  # None: stop() was called
+        self._jobs_waiting: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.checkpointer = Checkpointer(self.database.url.database) if self.sqlite else None
@@ -581,7 +587,7 @@ class Writer:
         leave an asyncpg connection unusable, so that is only a last resort."""
         self._stopping = True
         if self._task:
-            self._jobs.put_nowait(None)
+            self._queue(None)
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), 10)
             except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -605,8 +611,13 @@ class Writer:
         if self._stopping and self._task is None:
             job.future.set_exception(Unavailable("the writer has stopped"))
         else:
-            self._jobs.put_nowait(job)
+            self._queue(job)
         return job.future
+
+    def _queue(self, job: Job | None) -> None:
+        self._jobs.append(job)
+        if self._jobs_waiting is not None and not self._jobs_waiting.done():
+            self._jobs_waiting.set_result(None)
 
     async def _serve(self) -> None:
         backoff = 0.1
@@ -639,12 +650,10 @@ class Writer:
 
     def _fail_queued(self, cause: BaseException) -> None:
         """Jobs waiting while the database is away fail at once rather than hang."""
-        while not self._jobs.empty():
-            job = self._jobs.get_nowait()
-            if job is None:
-                self._jobs.put_nowait(None)
-                return
-            if not job.future.done():
+        end = self._jobs.index(None) if None in self._jobs else len(self._jobs)
+        failed, self._jobs = self._jobs[:end], self._jobs[end:]
+        for job in failed:
+            if job is not None and not job.future.done():
                 job.future.set_exception(Unavailable(str(cause)))
 
     async def _serve_on(self, connection: Connection) -> None:
@@ -652,11 +661,12 @@ class Writer:
         self.healthy = True
         last_commit = 0.0
         while True:
-            batch = [await self._jobs.get()]
+            if not self._jobs:
+                self._jobs_waiting = asyncio.get_running_loop().create_future()
+                await self._jobs_waiting
             if time.monotonic() - last_commit < COMMIT_BUSY_S:
                 await asyncio.sleep(COMMIT_LINGER_S)
-            while not self._jobs.empty() and len(batch) < 256:
-                batch.append(self._jobs.get_nowait())
+            batch, self._jobs = self._jobs[:JOBS_PER_COMMIT], self._jobs[JOBS_PER_COMMIT:]
             jobs = [job for job in batch if job is not None]
             if jobs:
                 started = time.monotonic()
@@ -1114,6 +1124,7 @@ def iso_time(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@functools.lru_cache(maxsize=1024)  # the messages of one commit share their sent_at
 def iso(ms: int | None) -> str | None:
     return None if ms is None else iso_time(datetime.fromtimestamp(ms / 1000, timezone.utc))
 
@@ -1156,6 +1167,11 @@ class Stored:
     message: dict[str, Any] | None = None
     read: dict[str, Any] | None = None  # reader, with, up_to
     new_partners: tuple[int, int] | None = None  # a first message made these two partners
+
+    @functools.cached_property
+    def message_text(self) -> str:
+        """The message as JSON, encoded once for the ack and every frame."""
+        return dumps(self.message)
 
 
 async def append_events(conn: Connection, rows: list[tuple[int, EventKind, int | None, int | None, int | None,
@@ -1264,10 +1280,10 @@ async def number_messages(conn: Connection, stored: list[tuple[NewMessage, int]]
             change = changes.setdefault((me, peer), [0, 0])
             change[0] = max(change[0], message_id)
             change[1] += me == item.recipient.id
-    people = sorted({me for me, _ in changes})
+    pairs = sorted(changes)
     known = {tuple(row) for row in await conn.fetch(
-        f"SELECT user_id, peer_id FROM chatx_conversations WHERE user_id IN ({marks(len(people))})"
-        f" AND peer_id IN ({marks(len(people))})", *people, *people)}
+        "SELECT user_id, peer_id FROM chatx_conversations WHERE "
+        + " OR ".join(["(user_id = ? AND peer_id = ?)"] * len(pairs)), *[v for pair in pairs for v in pair])}
     await conn.execute_many(
         "INSERT INTO chatx_conversations (user_id, peer_id, last_message_id, unread, read_up_to) "
         "VALUES (?, ?, ?, ?, 0) ON CONFLICT (user_id, peer_id) DO UPDATE SET "
@@ -1289,22 +1305,25 @@ async def insert_message_rows_sqlite(conn: Connection, rows: list[tuple]) -> lis
     """Insert rows of (sender_id, recipient_id, body, sent_at, client_id, reply_to);
     return each one's id, or None where that client_id was stored before.
 
-    One statement whose rows get consecutive ids, up to the last one inserted.
-    No RETURNING: the sqlite3 module lets go of the GIL for every row it
-    steps through, and under load each row then waited for the event loop's
-    thread to hand the GIL back."""
+    Under the write lock each new row's id is the largest one yet plus one, so
+    the rows stored get consecutive ids after the newest before them. One
+    prepared statement run per row: a statement of many rows is compiled anew
+    for every count of rows, which cost more than the rows themselves. No
+    RETURNING: the sqlite3 module lets go of the GIL for every row it steps
+    through, and under load each row then waited for the event loop's thread
+    to hand the GIL back."""
     if not rows:
         return []
-    sql = ("INSERT INTO chatx_messages (sender_id, recipient_id, body, sent_at, client_id, reply_to) VALUES "
-           + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(rows)) + " ON CONFLICT (sender_id, client_id) DO NOTHING")
-    stored, last = await conn.insert_counted(sql, [value for row in rows for value in row])
+    newest = await conn.fetch_value("SELECT coalesce(max(id), 0) FROM chatx_messages")
+    stored = await conn.execute_many(
+        "INSERT INTO chatx_messages (sender_id, recipient_id, body, sent_at, client_id, reply_to) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sender_id, client_id) DO NOTHING", rows)
     if stored == len(rows):
-        return list(range(last - stored + 1, last + 1))
+        return list(range(newest + 1, newest + stored + 1))
     if stored == 0:
         return [None] * len(rows)
     # Some client_id was stored before: which rows are new, by their (sender, client_id).
-    new = await conn.fetch("SELECT id, sender_id, client_id FROM chatx_messages WHERE id BETWEEN ? AND ?",
-                           last - stored + 1, last)
+    new = await conn.fetch("SELECT id, sender_id, client_id FROM chatx_messages WHERE id > ?", newest)
     new_keys = {(sender_id, client_id) for _, sender_id, client_id in new}
     ids = iter(sorted(message_id for message_id, _, _ in new))
     return [next(ids) if row[4] is None or (row[0], row[4]) in new_keys else None for row in rows]
@@ -1608,8 +1627,19 @@ async def database_figures(conn: Connection) -> dict[str, int]:
 # processes are encoded as a JSON array whose first element names the type.
 
 
+# json.dumps with options other than its defaults builds a new encoder for
+# every call, and a message is encoded several times on its way: the encoder
+# is built once here, the only place that goes around json's public API.
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_encode_chunks = None if json.encoder.c_make_encoder is None else json.encoder.c_make_encoder(
+    None, _encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON text, non-ASCII characters as they are."""
+    if _encode_chunks is None:
+        return _encoder.encode(value)
+    return "".join(_encode_chunks(value, 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1718,20 +1748,6 @@ def error_frame(code: str, detail: str, client_id: str | None = None) -> Frame:
 
 # ---- broadcast transport ----------------------------------------------------------------
 
-# For each i: PUBLISH KEYS[i] ARGV[2i-1], unless the channel has no subscriber
-# but the ARGV[2i] of the caller. One script, so no process can subscribe between
-# the count and the publish: one that subscribes after it reads the database
-# after this commit.
-PUBLISH_IF_OTHERS = """
-for i, channel in ipairs(KEYS) do
-    if redis.call('PUBSUB', 'NUMSUB', channel)[2] > tonumber(ARGV[2 * i]) then
-        redis.call('PUBLISH', channel, ARGV[2 * i - 1])
-    end
-end
-return 0
-"""
-
-
 def redacted(url: str) -> str:
     """A URL fit for a log: its password masked."""
     parts = urlsplit(url)
@@ -1744,6 +1760,13 @@ def redis_command(*args: str | int) -> bytes:
     """One command in Redis's wire format (RESP)."""
     encoded = [arg.encode() if isinstance(arg, str) else b"%d" % arg for arg in args]
     return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in encoded)
+
+
+# A publish waiting for the next pipeline: (channel, message, future, mine).
+# publish() gives a text and a future; publish_elsewhere() a function that
+# makes the text and, for `mine`, 1 if this process subscribes to the channel;
+# the publish barrier has no channel.
+Outgoing = tuple[Union[str, None], Union[str, Callable[[], str]], Union[asyncio.Future, None], Union[int, None]]
 
 
 class RedisPubSubBackend(BroadcastBackend):
@@ -1774,7 +1797,7 @@ class RedisPubSubBackend(BroadcastBackend):
         # unsubscribe of them on the way: what publish_elsewhere() may count as its own.
         self._subscribed_here: set[str] = set()
         self._unsubscribing: dict[str, int] = {}
-        self._outgoing: list[tuple[str | None, str, asyncio.Future | None, int | None]] = []
+        self._outgoing: list[Outgoing] = []
 
     async def connect(self) -> None:
         # No client retries: failures surface at once and the loops below back off.
@@ -1841,13 +1864,13 @@ class RedisPubSubBackend(BroadcastBackend):
         self._wake_publisher.set()
         await future
 
-    def publish_elsewhere(self, channel: str, message: str) -> None:
-        """Publish to the other processes only, without waiting: it joins the
-        next pipeline, and a failure is logged. Redis itself skips it when no
-        one else subscribes (PUBLISH_IF_OTHERS): with one process, nothing
-        comes back to be parsed and dropped."""
+    def publish_elsewhere(self, channel: str, message: Callable[[], str]) -> None:
+        """Publish `message()` to the other processes only, without waiting: it
+        joins the next pipeline, and a failure is logged. It is made and sent
+        only when Redis counts a subscriber of the channel besides this process:
+        with one process, nothing is encoded, sent, or comes back to be dropped."""
         mine = 1 if channel in self._subscribed_here else 0
-        self._outgoing.append((channel, f"{self.origin} {message}", None, mine))
+        self._outgoing.append((channel, message, None, mine))
         self._wake_publisher.set()
 
     async def next_published(self) -> Event:
@@ -1883,33 +1906,31 @@ class RedisPubSubBackend(BroadcastBackend):
                 if future is not None and not future.done():
                     future.set_result(None)
 
-    async def _send_pipeline(self, batch: list[tuple[str | None, str, asyncio.Future | None, int | None]]) -> None:
+    async def _send_pipeline(self, batch: list[Outgoing]) -> None:
         """The batch in one write, then its replies, on the publisher's own
-        connection. Each run of publish_elsewhere() items is one script call.
-        A redis-py Pipeline per batch, or its command packing, took a tenth of
-        the server's CPU when messages came one at a time."""
-        commands: list[bytes] = []
-        others: list[tuple[str, str, int]] = []
-        for channel, message, _, mine in batch:
-            if mine is not None and channel is not None:
-                others.append((channel, message, mine))
-                continue
-            if others:
-                commands.append(self._publish_if_others(others))
-                others = []
-            commands.append(redis_command("PING") if channel is None else redis_command("PUBLISH", channel, message))
-        if others:
-            commands.append(self._publish_if_others(others))
+        connection; first, when it holds publish_elsewhere() items, one
+        PUBSUB NUMSUB of their channels. A process not counted there subscribed
+        after this batch's commits, and reads the database after subscribing:
+        it misses nothing. A redis-py Pipeline per batch, or its command
+        packing, took a tenth of the server's CPU when messages came one at a time."""
         connection = self._publishing  # reconnects by itself once disconnected
-        await connection.send_packed_command(b"".join(commands), check_health=False)
-        for _ in commands:
-            await connection.read_response()
-
-    @staticmethod
-    def _publish_if_others(items: list[tuple[str, str, int]]) -> bytes:
-        channels = [channel for channel, _, _ in items]
-        values = [value for _, message, mine in items for value in (message, mine)]
-        return redis_command("EVAL", PUBLISH_IF_OTHERS, len(channels), *channels, *values)
+        channels = list(dict.fromkeys(channel for channel, _, _, mine in batch if mine is not None))
+        subscribers: dict[str, int] = {}
+        if channels:
+            await connection.send_packed_command(redis_command("PUBSUB", "NUMSUB", *channels), check_health=False)
+            subscribers = dict(zip(channels, (await connection.read_response())[1::2]))
+        commands: list[bytes] = []
+        for channel, message, _, mine in batch:
+            if channel is None:
+                commands.append(redis_command("PING"))
+            elif mine is None:
+                commands.append(redis_command("PUBLISH", channel, message))
+            elif subscribers[channel] > mine:
+                commands.append(redis_command("PUBLISH", channel, f"{self.origin} {message()}"))
+        if commands:
+            await connection.send_packed_command(b"".join(commands), check_health=False)
+            for _ in commands:
+                await connection.read_response()
 
     async def _listen_forever(self) -> None:
         backoff = 0.1
@@ -2383,7 +2404,7 @@ class Fanout:
         """To every socket of the user, here at once, elsewhere through the broadcast."""
         self.deliver_here(user_id, item)
         if self.backend is not None:
-            self.backend.publish_elsewhere(self.channel(user_id), encode_item(item))
+            self.backend.publish_elsewhere(self.channel(user_id), functools.partial(encode_item, item))
 
     async def close_stalled(self) -> None:
         """A socket whose client took no frame for SEND_STALL_S is closed: its
@@ -2401,7 +2422,7 @@ class Fanout:
         for callback in self.gone_callbacks:
             callback(item)
         if self.backend is not None:
-            self.backend.publish_elsewhere(f"{self.namespace}:process", encode_item(item))
+            self.backend.publish_elsewhere(f"{self.namespace}:process", functools.partial(encode_item, item))
 
     def deliver_here(self, user_id: int, item: OutboxItem) -> None:
         for socket in list(self.local.get(user_id, ())):
@@ -2663,7 +2684,7 @@ class Messenger:
             self.deliver(outcome)
 
     def deliver(self, stored: Stored) -> None:
-        encoded = None if stored.message is None else dumps(stored.message)
+        encoded = None if stored.message is None else stored.message_text
         for user_id, seq in stored.seqs.items():
             self.fanout.deliver(user_id, stream_frame(stored.kind, seq, encoded, stored.read))
         if stored.new_partners:
@@ -2761,20 +2782,42 @@ class FrameError(Exception):
         self.code, self.detail = code, detail
 
 
-def abort_connection(scope: Scope) -> None:
-    """Drop the TCP connection of a websocket whose client stopped reading.
-
-    ASGI has no way to do it, and uvicorn waits for a close frame that cannot
-    be written: the server's own `send` (kept by ChatXApp) belongs to its
-    protocol object, which holds the transport. Elsewhere this does nothing."""
+def transport_of(scope: Scope) -> Any | None:
+    """The transport under a websocket, where the server is uvicorn: the
+    server's own `send` (kept by ChatXApp) belongs to its protocol object,
+    which holds it. ASGI offers no way to it; elsewhere, None."""
     protocol = getattr(scope.get("chatx.server_send"), "__self__", None)
-    transport = getattr(protocol, "transport", None)
+    return getattr(protocol, "transport", None)
+
+
+def abort_connection(scope: Scope) -> None:
+    """Drop the TCP connection of a websocket whose client stopped reading:
+    uvicorn waits for a close frame that cannot be written."""
+    transport = transport_of(scope)
     if transport is None:
         return
     connection = transport.get_extra_info("socket")
     if connection is not None:  # a reset, not a FIN the client would wait behind unread data for
         connection.setsockopt(SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+@contextmanager
+def corked(connection: Any | None) -> Iterator[None]:
+    """Frames written meanwhile leave in as few TCP segments as they fill.
+    uvicorn turns Nagle's algorithm off, so each frame was a segment of its
+    own, and sending a segment cost more than writing the frame."""
+    if connection is None or TCP_CORK is None:
+        yield
+        return
+    connection.setsockopt(IPPROTO_TCP, TCP_CORK, 1)
+    try:
+        yield
+    finally:
+        try:
+            connection.setsockopt(IPPROTO_TCP, TCP_CORK, 0)  # sends what is held
+        except OSError:
+            pass  # the connection is gone
 
 
 class ChatSocket:
@@ -2790,6 +2833,8 @@ class ChatSocket:
     def __init__(self, chat: ChatX, websocket: WebSocket, send: Send, session: Session) -> None:
         self.chat, self.ws, self.session, self.user = chat, websocket, session, session.user
         self.send = send
+        transport = transport_of(websocket.scope)
+        self.connection = None if transport is None else transport.get_extra_info("socket")  # to cork
         # A list and a future rather than an asyncio.Queue: a Queue costs 3 kB per idle socket.
         self.outbox: list[OutboxItem] = []
         self.outbox_ready: asyncio.Future | None = None
@@ -2917,10 +2962,11 @@ class ChatSocket:
                 await self.outbox_ready
             batch, self.outbox = self.outbox, []
             self.backlog_bytes = 0
-            for index, item in enumerate(batch):
-                self.unsent = len(batch) - index
-                if (code := await self.deliver(item)) is not None:
-                    return code
+            with corked(self.connection if len(batch) > 1 else None):
+                for index, item in enumerate(batch):
+                    self.unsent = len(batch) - index
+                    if (code := await self.deliver(item)) is not None:
+                        return code
             self.unsent = 0
 
     async def deliver(self, item: OutboxItem) -> int | None:
@@ -2996,7 +3042,7 @@ class ChatSocket:
             if outcome.seqs:
                 self.chat.metrics.messages_stored.inc()
             self.enqueue(Frame('{"type":"ack","client_id":' + dumps(client_id) + ',"message":'
-                               + dumps(outcome.message) + "}"))
+                               + outcome.message_text + "}"))
 
 
 # -- frame handlers
@@ -3156,9 +3202,9 @@ async def handle_frame(socket: ChatSocket, text: str) -> None:
 
 class WebSocketEndpoint:
     """/ws as an ASGI app rather than a function of a WebSocket: frames go out
-    through the ASGI `send` itself. Starlette's WebSocket.send_text and the
-    route's exception wrapper around `send` are three coroutine layers per
-    frame, which a storm of people connecting multiplies."""
+    through the ASGI `send` that ChatXApp was given. Starlette's
+    WebSocket.send_text, and each middleware's wrapper around `send` (none of
+    which touches a websocket message), are a coroutine layer per frame."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         websocket = WebSocket(scope, receive, send)
@@ -3186,7 +3232,8 @@ class WebSocketEndpoint:
                 await websocket.close(CLOSE_POLICY)
                 return
         since, after = (None if value is None else int(value) for value in cursors.values())
-        await ChatSocket(chat, websocket, send, session).serve(since, None if after is None else min(after, ID_MAX))
+        socket = ChatSocket(chat, websocket, scope.get("chatx.server_send", send), session)
+        await socket.serve(since, None if after is None else min(after, ID_MAX))
 
 
 # ---- HTTP -----------------------------------------------------------------------------
@@ -3793,7 +3840,7 @@ class ChatXApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            scope["chatx.server_send"] = send  # see abort_connection()
+            scope["chatx.server_send"] = send  # see abort_connection() and WebSocketEndpoint
         await super().__call__(scope, receive, send)
 
 

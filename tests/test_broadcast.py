@@ -23,7 +23,7 @@ async def connected(url: str) -> RedisPubSubBackend:
 
 async def sent_by(backend: RedisPubSubBackend, channel: str, message: str) -> None:
     """publish_elsewhere() without waiting, then an awaited publish elsewhere: batches go out in order."""
-    backend.publish_elsewhere(channel, message)
+    backend.publish_elsewhere(channel, lambda: message)
     await backend.publish("marker", "sent")
 
 
@@ -84,3 +84,31 @@ def test_a_frame_for_a_channel_this_process_does_not_subscribe_reaches_the_one_t
             await there.disconnect()
 
     asyncio.run(scenario())
+
+
+def test_a_frame_is_encoded_only_for_channels_another_process_subscribes_to(redis_server):
+    async def scenario() -> list[str]:
+        here, there = await connected(redis_server.url), await connected(redis_server.url)
+        encoded: list[str] = []
+
+        def message(text: str) -> Callable[[], str]:
+            def encode() -> str:
+                encoded.append(text)
+                return text
+            return encode
+
+        try:
+            await here.subscribe("chan:alice")
+            await here.subscribe("chan:bob")
+            await there.subscribe("chan:bob")
+            for channel, text in [("chan:alice", "alone"), ("chan:bob", "shared"), ("chan:carol", "no one")]:
+                here.publish_elsewhere(channel, message(text))
+            await here.publish("marker", "sent")  # after the batch above
+            event = await asyncio.wait_for(there.next_published(), 5)
+            assert (event.channel, event.message) == ("chan:bob", "shared")
+        finally:
+            await here.disconnect()
+            await there.disconnect()
+        return encoded
+
+    assert asyncio.run(scenario()) == ["shared"]

@@ -158,8 +158,9 @@ def on_new_schema(database_url: str, scenario):
 
 
 def test_one_insert_mixing_a_stored_client_id_with_new_rows_gives_each_new_row_its_id(database_url):
-    # SQLite derives the ids from the statement's count and last id (or looks
-    # them up when a client_id was stored before); PostgreSQL takes them first.
+    # SQLite derives the ids from the newest id before the insert and the count
+    # of rows stored (or looks them up when a client_id was stored before);
+    # PostgreSQL takes them first.
     async def scenario(conn, insert):
         alice = await chatx.insert_user(conn, "alice", "hash", 0)
         bob = await chatx.insert_user(conn, "bob", "hash", 0)
@@ -185,10 +186,14 @@ def test_a_message_naming_a_user_id_that_does_not_exist_is_refused_and_stores_no
         alice = await chatx.insert_user(conn, "alice", "hash", 0)
         refused = []
         for row in [(alice.id, alice.id + 99, "to no one", 1, "a"), (alice.id + 99, alice.id, "from no one", 1, "b")]:
+            await conn.begin()  # in a transaction, as the writer runs it, which rolls back on the error
             try:
                 await insert(conn, [(alice.id, alice.id, "fine", 1, None, None), (*row, None)])
             except Exception as exc:
                 refused.append(type(exc).__name__)
+                await conn.rollback()
+            else:
+                await conn.commit()
         return refused, await conn.fetch_value("SELECT count(*) FROM chatx_messages")
 
     refused, stored = on_new_schema(database_url, scenario)
