@@ -1280,10 +1280,7 @@ async def number_messages(conn: Connection, stored: list[tuple[NewMessage, int]]
             change = changes.setdefault((me, peer), [0, 0])
             change[0] = max(change[0], message_id)
             change[1] += me == item.recipient.id
-    pairs = sorted(changes)
-    known = {tuple(row) for row in await conn.fetch(
-        "SELECT user_id, peer_id FROM chatx_conversations WHERE "
-        + " OR ".join(["(user_id = ? AND peer_id = ?)"] * len(pairs)), *[v for pair in pairs for v in pair])}
+    known = await conversations_known(conn, sorted(changes))
     await conn.execute_many(
         "INSERT INTO chatx_conversations (user_id, peer_id, last_message_id, unread, read_up_to) "
         "VALUES (?, ?, ?, ?, 0) ON CONFLICT (user_id, peer_id) DO UPDATE SET "
@@ -1299,6 +1296,14 @@ async def number_messages(conn: Connection, stored: list[tuple[NewMessage, int]]
             introduced.add(pair[::-1])
         numbered[message_id] = (seqs[message_id], pair if new else None)
     return numbered
+
+
+async def conversations_known(conn: Connection, pairs: list[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Which of these (person, partner) pairs have a conversation: a key lookup each."""
+    where = " OR ".join(["(user_id = ? AND peer_id = ?)"] * len(pairs))
+    rows = await conn.fetch(f"SELECT user_id, peer_id FROM chatx_conversations WHERE {where}",
+                            *[value for pair in pairs for value in pair])
+    return {tuple(row) for row in rows}
 
 
 async def insert_message_rows_sqlite(conn: Connection, rows: list[tuple]) -> list[int | None]:

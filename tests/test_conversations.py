@@ -393,6 +393,28 @@ def test_conversations_and_directory_cost_their_page_not_the_number_of_users(mak
     assert conversations(alice, limit=10) == page
 
 
+def test_a_commit_looks_up_each_conversation_it_touches_by_key_not_every_pair_of_its_people(make_client, sqlite_url):
+    # A commit of many senders asks which of its (person, partner) pairs are new
+    # conversations: a key lookup per pair, not one per pair of all its people.
+    client = make_client()
+    path = Path(sqlite_url.removeprefix("sqlite:///"))
+    crowd = add_users(client, [f"user{n:04d}" for n in range(400)])
+    people = [crowd[f"user{n:04d}"] for n in range(400)]
+    store_messages(client, [(people[n], people[n + 1], "hi") for n in range(0, 400, 2)])
+
+    def check(pairs: int) -> tuple[list[str], int, list[tuple]]:
+        asked = [(people[n].id, people[n + 1].id) for n in range(0, 2 * pairs, 2)]
+        sql, args = captured_sql(chatx.conversations_known, asked)
+        steps, rows = vm_steps(path, sql, args)
+        return query_plan(path, sql, args), steps, rows
+
+    plan, few, found_few = check(10)
+    assert_searches_only(plan)
+    plan, many, found_many = check(200)
+    assert many < 20 * few * 1.5, (few, many)  # 20 times the pairs, 400 times the pairs of people
+    assert (len(found_few), len(found_many)) == (10, 200)
+
+
 def test_conversations_page_is_right_with_2000_users_on_both_databases(chat):
     client, alice, bob, carol, dave = chat
     crowd = add_users(client, [f"member{n:04d}" for n in range(2000)])
