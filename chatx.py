@@ -2839,7 +2839,7 @@ class ChatSocket:
         self.chat, self.ws, self.session, self.user = chat, websocket, session, session.user
         self.send = send
         transport = transport_of(websocket.scope)
-        self.connection = None if transport is None else transport.get_extra_info("socket")  # to cork
+        self.tcp = None if transport is None else transport.get_extra_info("socket")  # to cork
         # A list and a future rather than an asyncio.Queue: a Queue costs 3 kB per idle socket.
         self.outbox: list[OutboxItem] = []
         self.outbox_ready: asyncio.Future | None = None
@@ -2967,7 +2967,7 @@ class ChatSocket:
                 await self.outbox_ready
             batch, self.outbox = self.outbox, []
             self.backlog_bytes = 0
-            with corked(self.connection if len(batch) > 1 else None):
+            with corked(self.tcp if len(batch) > 1 else None):
                 for index, item in enumerate(batch):
                     self.unsent = len(batch) - index
                     if (code := await self.deliver(item)) is not None:
