@@ -439,9 +439,10 @@ class Sender(threading.Thread):
                 self.new_message(now)
                 next_new = max(next_new + 1 / self.rate, now - 0.5)
             self.send_due(now)
+            if self.ws is None:  # the socket closed while sending: reconnect first
+                continue
             wake = min([next_new] + [p.due for p in self.pending.values()])
             try:
-                assert self.ws is not None
                 text = self.ws.recv(timeout=min(max(wake - time.monotonic(), 0.005), 0.1))
             except TimeoutError:
                 continue
@@ -451,11 +452,12 @@ class Sender(threading.Thread):
             self.handle(json.loads(text))
 
     def send_due(self, now: float) -> None:
+        if self.ws is None:  # it closed while sending: what is due goes again on the next socket
+            return
         with self.lock:
             due = [(cid, p) for cid, p in self.pending.items() if p.due <= now]
         for client_id, pending in due:
             try:
-                assert self.ws is not None
                 self.ws.send(json.dumps({"type": "send", "to": pending.to, "body": pending.body,
                                          "client_id": client_id}))
             except ConnectionClosed as closed:
