@@ -1169,9 +1169,9 @@ class Stored:
     new_partners: tuple[int, int] | None = None  # a first message made these two partners
 
     @functools.cached_property
-    def message_text(self) -> str:
+    def message_text(self) -> str | None:
         """The message as JSON, encoded once for the ack and every frame."""
-        return dumps(self.message)
+        return None if self.message is None else dumps(self.message)
 
 
 async def append_events(conn: Connection, rows: list[tuple[int, EventKind, int | None, int | None, int | None,
@@ -2689,9 +2689,8 @@ class Messenger:
             self.deliver(outcome)
 
     def deliver(self, stored: Stored) -> None:
-        encoded = None if stored.message is None else stored.message_text
         for user_id, seq in stored.seqs.items():
-            self.fanout.deliver(user_id, stream_frame(stored.kind, seq, encoded, stored.read))
+            self.fanout.deliver(user_id, stream_frame(stored.kind, seq, stored.message_text, stored.read))
         if stored.new_partners:
             self.presence.spawn(self.presence.introduce(*stored.new_partners))
 

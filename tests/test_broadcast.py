@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 
 from chatx import RedisPubSubBackend
+from conftest import run_async
 
 
 async def connected(url: str) -> RedisPubSubBackend:
@@ -68,7 +69,7 @@ def test_a_frame_this_process_delivered_is_published_only_when_another_process_s
             await here.disconnect()
             await there.disconnect()
 
-    asyncio.run(scenario())
+    run_async(scenario)
 
 
 def test_a_frame_for_a_channel_this_process_does_not_subscribe_reaches_the_one_that_does(redis_server):
@@ -83,7 +84,7 @@ def test_a_frame_for_a_channel_this_process_does_not_subscribe_reaches_the_one_t
             await here.disconnect()
             await there.disconnect()
 
-    asyncio.run(scenario())
+    run_async(scenario)
 
 
 def test_a_frame_is_encoded_only_for_channels_another_process_subscribes_to(redis_server):
@@ -111,4 +112,4 @@ def test_a_frame_is_encoded_only_for_channels_another_process_subscribes_to(redi
             await there.disconnect()
         return encoded
 
-    assert asyncio.run(scenario()) == ["shared"]
+    assert run_async(scenario) == ["shared"]

@@ -164,6 +164,19 @@ def bubble(page, text):
             .filter(has_not=page.locator(".quote").get_by_text(text, exact=True)))
 
 
+def chatting(server, new_context, *texts):
+    """alice and bob, new, each on a page of their own: alice finds bob and
+    sends `texts`, then bob opens the conversation. (alice, bob, their pages)."""
+    alice, bob = unique("alice"), unique("bob")
+    alice_page = sign_up(new_context(), server, alice)
+    bob_page = sign_up(new_context(), server, bob)
+    start_chat(alice_page, bob)
+    for text in texts:
+        send(alice_page, text)
+    open_chat(bob_page, alice)
+    return alice, bob, alice_page, bob_page
+
+
 AXE = ROOT / "node_modules" / "axe-core" / "axe.min.js"
 
 
@@ -817,13 +830,7 @@ def test_groups_share_one_time_unread_messages_get_a_divider_and_the_list_shows_
 
 
 def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_reload(chat_server, new_context):
-    alice, bob = unique("alice"), unique("bob")
-    alice_page = sign_up(new_context(), chat_server, alice)
-    bob_page = sign_up(new_context(), chat_server, bob)
-    start_chat(alice_page, bob)
-    send(alice_page, "meet at 5")
-    send(alice_page, "bring snacks")
-    open_chat(bob_page, alice)
+    alice, bob, alice_page, bob_page = chatting(chat_server, new_context, "meet at 5", "bring snacks")
     expect(bubble(bob_page, "bring snacks")).to_be_visible()
 
     # ↑ in the empty box edits my last message.
@@ -880,12 +887,7 @@ def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_rel
 
 
 def test_a_block_is_seen_from_both_sides_and_an_unblock_lifts_it(chat_server, new_context):
-    alice, bob = unique("alice"), unique("bob")
-    alice_page = sign_up(new_context(), chat_server, alice)
-    bob_page = sign_up(new_context(), chat_server, bob)
-    start_chat(alice_page, bob)
-    send(alice_page, "hello bob")
-    open_chat(bob_page, alice)
+    alice, bob, alice_page, bob_page = chatting(chat_server, new_context, "hello bob")
     expect(bubble(bob_page, "hello bob")).to_be_visible()
 
     bob_page.get_by_role("button", name=f"Block {alice}").click()
@@ -918,14 +920,8 @@ BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 def test_right_to_left_text_takes_its_direction_from_its_content_and_links_hold_no_bidi_controls(
         chat_server, new_context):
-    alice, bob = unique("alice"), unique("bob")
-    alice_page = sign_up(new_context(), chat_server, alice)
-    bob_page = sign_up(new_context(), chat_server, bob)
-    start_chat(alice_page, bob)
     hebrew = "שלום, מה שלומך?"
-    send(alice_page, "hello first")
-    send(alice_page, hebrew)
-    open_chat(bob_page, alice)
+    alice, bob, alice_page, bob_page = chatting(chat_server, new_context, "hello first", hebrew)
 
     for page in (alice_page, bob_page):
         body = bubble(page, hebrew).locator(".body")

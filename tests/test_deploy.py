@@ -20,7 +20,6 @@ import signal
 import ssl
 import subprocess
 import textwrap
-import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -32,6 +31,7 @@ from websockets.sync.client import connect
 
 import chatx
 from conftest import PASSWORD, ROOT, ChatServer, RedisServer, free_port, fresh_postgres_database, wait_until
+from test_browser import bubble, expect_presence, open_chat, start_chat, unique
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
@@ -216,10 +216,6 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Nginx, list[ChatServer]]]:
 # ---- what a person does ----------------------------------------------------------------
 
 
-def unique(name: str) -> str:
-    return f"{name}_{uuid.uuid4().hex[:6]}"
-
-
 def sign_up(context, base: str, username: str):
     page = context.new_page()
     page.goto(base + "/register")
@@ -229,42 +225,6 @@ def sign_up(context, base: str, username: str):
     expect(page).to_have_url(base + "/")
     expect(page.get_by_text("Connecting…")).to_be_hidden()
     return page
-
-
-def contact(page, username: str):
-    return (page.get_by_role("list", name="Contacts").get_by_role("listitem")
-            .filter(has=page.get_by_text(username, exact=True)))
-
-
-def expect_presence(page, username: str, status: str) -> None:
-    other = {"online": "offline", "offline": "online"}[status]
-    expect(contact(page, username).get_by_text(status, exact=True)).to_have_count(1)
-    expect(contact(page, username).get_by_text(other, exact=True)).to_have_count(0)
-
-
-def messages(page):
-    return page.get_by_role("log", name="Messages")
-
-
-def bubble(page, text: str):
-    return messages(page).locator(".msg").filter(has=page.get_by_text(text, exact=True))
-
-
-def start_chat(page, username: str) -> None:
-    """Find someone who is not a contact yet through the directory search, and open the conversation."""
-    page.get_by_role("searchbox", name="Search people").fill(username)
-    found = (page.get_by_role("list", name="People").get_by_role("listitem")
-             .filter(has=page.get_by_text(username, exact=True)))
-    expect(found).to_have_count(1)
-    found.get_by_role("button").click()
-    expect(messages(page)).to_be_visible()
-    expect(page.get_by_role("heading", name=username)).to_be_visible()
-
-
-def open_chat(page, username: str) -> None:
-    contact(page, username).get_by_role("button").click()
-    expect(messages(page)).to_be_visible()
-    expect(page.get_by_role("heading", name=username)).to_be_visible()
 
 
 def send(page, text: str) -> None:
