@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-.PHONY: run test bench redis-server chromium nginx iptables clean
+.PHONY: run test bench cluster-bench redis-server chromium nginx iptables clean
 
 $(VENV)/runtime.stamp: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ $(VENV)/bench.stamp: $(VENV)/runtime.stamp bench/requirements.txt
 # `make bench BENCH_ARGS=--quick` for a smoke test of a minute or two; results go to bench/results/.
 bench: $(VENV)/bench.stamp redis-server
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# The multi-host lab (bench/cluster.py): network-namespace hosts, so root is needed;
+# without it, it says so and does nothing. `make cluster-bench CLUSTER_ARGS="--repeat 3"`.
+cluster-bench: $(VENV)/bench.stamp redis-server
+	$(PY) -m bench.cluster $(CLUSTER_ARGS)
 
 # Tests start their own Redis servers, and the browser tests drive Debian's Chromium.
 redis-server:
