@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-.PHONY: run test bench cluster-bench redis-server chromium nginx iptables clean
+.PHONY: run test test-fast bench cluster-bench redis-server chromium nginx iptables clean
 
 $(VENV)/runtime.stamp: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(VENV)/runtime.stamp
 
 test: $(VENV)/dev.stamp redis-server chromium nginx iptables node_modules/axe-core/axe.min.js
 	$(PY) -m pytest
+
+# The developer's loop: everything but the browser, deployment, fault and packaging tests.
+test-fast: $(VENV)/dev.stamp redis-server
+	$(PY) -m pytest -m "not slow" -q
 
 $(VENV)/bench.stamp: $(VENV)/runtime.stamp bench/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt

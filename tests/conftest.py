@@ -34,6 +34,19 @@ PASSWORD = "correct horse battery"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
+# ---- the fast lane -------------------------------------------------------------------
+
+# Areas that start browsers, nginx, faults or package builds: `make test-fast`
+# (pytest -m "not slow") leaves them out; `make test` runs everything.
+SLOW_AREAS = {"test_browser.py", "test_deploy.py", "test_faults.py", "test_packaging.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_AREAS or "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 # ---- in-process apps ------------------------------------------------------------
 
 
