@@ -281,21 +281,29 @@ export class MessageView {
     return node;
   }
 
-  // A touch held still on a message opens its menu, as messengers do.
+  // A touch held still on a message opens its menu, as messengers do; the
+  // touch ending then is no tap (no click, no focus taken from the menu).
   #pressLong(node) {
     let press = null;
+    let opened = false;
     const cancel = () => {
       clearTimeout(press?.timer);
       press = null;
     };
     node.addEventListener("pointerdown", (event) => {
+      opened = false;
       if (event.pointerType !== "touch" || !node.message || node.message.deleted) return;
       cancel();
       press = { x: event.clientX, y: event.clientY,
         timer: setTimeout(() => {
           press = null;
+          opened = true;
           if (this.menu.button !== node.parts.actions) this.#openMenu(node, node);
         }, LONG_PRESS) };
+    });
+    node.addEventListener("touchend", (event) => {
+      if (opened && event.cancelable) event.preventDefault();
+      opened = false;
     });
     node.addEventListener("pointermove", (event) => {
       if (press && Math.hypot(event.clientX - press.x, event.clientY - press.y) > PRESS_SLOP) cancel();
@@ -307,6 +315,10 @@ export class MessageView {
     const { message } = node;
     const mine = this.conversation.isMine(message);
     const choices = [["Reply", () => this.handlers.onReply(message)]];
+    // Text cannot be selected on a touch screen: the menu copies it.
+    if (navigator.clipboard && !message.deleted) {
+      choices.push(["Copy", () => navigator.clipboard.writeText(message.body).catch(() => {})]);
+    }
     if (mine && !message.deleted) {
       choices.push(["Edit", () => this.handlers.onEdit(message)], ["Delete", () => this.handlers.onDelete(message)]);
     }

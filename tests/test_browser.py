@@ -846,7 +846,7 @@ def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_rel
 
     # Delete from the message's menu, after a confirmation.
     menu = open_menu(alice_page, "meet at 5")
-    expect(menu.get_by_role("menuitem")).to_have_text(["Reply", "Edit", "Delete"])
+    expect(menu.get_by_role("menuitem")).to_have_text(["Reply", "Copy", "Edit", "Delete"])
     menu.get_by_role("menuitem", name="Delete").click()
     alice_page.get_by_role("dialog").get_by_role("button", name="Delete").click()
     expect(bubble(bob_page, "message deleted")).to_have_count(1)
@@ -855,7 +855,7 @@ def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_rel
 
     # bob replies to a message: the quote is above the reply, on both sides.
     menu = open_menu(bob_page, "bring drinks")
-    expect(menu.get_by_role("menuitem")).to_have_text(["Reply"])
+    expect(menu.get_by_role("menuitem")).to_have_text(["Reply", "Copy"])
     menu.get_by_role("menuitem", name="Reply").click()
     expect(bob_page.get_by_text(f"Reply to {alice}")).to_be_visible()
     send(bob_page, "on it!")
@@ -1264,7 +1264,7 @@ def test_times_read_in_the_locale_s_own_way_with_today_yesterday_weekdays_and_da
     expected = {
         "en-US": {"list": ["2:07 PM", "9:05 AM", "Yesterday", "Mon", "Jan 20", "12/24/25"],
                   "days": ["Monday", "Yesterday", "Today"], "bubble": "2:07 PM"},
-        "de-DE": {"list": ["14:07", "9:05", "Gestern", "Mo.", "20. Jan.", "24.12.25"],
+        "de-DE": {"list": ["14:07", "9:05", "Gestern", "Mo", "20. Jan.", "24.12.25"],
                   "days": ["Montag", "Gestern", "Heute"], "bubble": "14:07"},
     }
     for locale, want in expected.items():
@@ -1285,7 +1285,7 @@ def test_times_read_in_the_locale_s_own_way_with_today_yesterday_weekdays_and_da
 def test_a_long_press_opens_the_message_menu_on_a_touch_screen_and_keyboard_and_right_click_reach_it(
         chat_server, new_context):
     alice, bob = unique("alice"), unique("bob")
-    alice_page = sign_up(new_context(), chat_server, alice)
+    alice_page = sign_up(new_context(permissions=["clipboard-read", "clipboard-write"]), chat_server, alice)
     phone = new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
     bob_page = sign_up(phone, chat_server, bob)
     start_chat(alice_page, bob)
@@ -1307,7 +1307,7 @@ def test_a_long_press_opens_the_message_menu_on_a_touch_screen_and_keyboard_and_
     touch.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [point]})
     expect(menu).to_be_visible()
     touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
-    expect(menu.get_by_role("menuitem")).to_have_text(["Reply"])
+    expect(menu.get_by_role("menuitem")).to_have_text(["Reply", "Copy"])
     expect(menu.get_by_role("menuitem", name="Reply")).to_be_focused()
     menu.get_by_role("menuitem", name="Reply").tap()
     expect(bob_page.get_by_text(f"Reply to {alice}")).to_be_visible()
@@ -1324,12 +1324,15 @@ def test_a_long_press_opens_the_message_menu_on_a_touch_screen_and_keyboard_and_
     mine = bubble(alice_page, "hold me down")
     mine.click(button="right")
     desktop_menu = alice_page.get_by_role("menu")
-    expect(desktop_menu.get_by_role("menuitem")).to_have_text(["Reply", "Edit", "Delete"])
+    expect(desktop_menu.get_by_role("menuitem")).to_have_text(["Reply", "Copy", "Edit", "Delete"])
     alice_page.keyboard.press("Escape")
     expect(desktop_menu).to_be_hidden()
     mine.focus()
     alice_page.keyboard.press("Shift+F10")
     expect(desktop_menu).to_be_visible()
+    # Copy puts the text on the clipboard (it cannot be selected on a phone).
+    desktop_menu.get_by_role("menuitem", name="Copy").click()
+    assert alice_page.evaluate("() => navigator.clipboard.readText()") == "hold me down"
 
 
 def background_of(page):
