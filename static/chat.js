@@ -31,6 +31,7 @@ const outbox = new Outbox(`chatx.outbox.${meKey}`);
 const roster = new Roster(meKey, outbox);
 const session = new Session(outbox);
 new AccountDialog(session, $("account"));
+fillAvatar($("me-avatar"), document.body.dataset.username);
 
 const app = $("app");
 const contactList = new ContactList($("contacts"), $("contacts-empty"), (key) => router.navigate(key));

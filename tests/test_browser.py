@@ -2,7 +2,10 @@
 
 Each test starts from people signing up or in through the pages, as a person
 would; Playwright's `expect` waits for what should appear, so no test sleeps.
-Set CHATX_SCREENSHOTS=<dir> to save screenshots of the main screens there.
+Set CHATX_SCREENSHOTS=<dir> to save the screenshots of the README and docs
+there (test_the_screenshots_show_people_by_name_in_daytime_with_emoji_in_colour
+makes them): `CHATX_SCREENSHOTS=docs .venv/bin/python -m pytest
+tests/test_browser.py -k screenshots`.
 """
 
 import json
@@ -290,10 +293,6 @@ def test_two_people_see_each_other_online_chat_both_ways_with_typing_read_ticks_
     expect(bob_page.get_by_text(f"{alice} is typing…")).to_be_visible()
     expect(bob_page.get_by_text(f"{alice} is typing…")).to_be_hidden(timeout=9000)
 
-    alice_page.get_by_role("textbox", name="Message").fill("")
-    snap(alice_page, "chat-desktop.png")
-    alice_page.emulate_media(color_scheme="dark")
-    snap(alice_page, "chat-dark.png")
 
 
 def test_closing_one_context_turns_the_other_side_offline(chat_server, new_context):
@@ -344,7 +343,6 @@ def test_a_message_sent_across_a_server_restart_shows_reconnecting_and_arrives_e
             assert box["y"] == 0 and box["height"] == 800, box
         send(alice_page, while_down)
         expect(bubble(alice_page, while_down)).to_have_attribute("data-state", "pending")
-        snap(alice_page, "chat-reconnecting.png")
 
         server.start()
         expect(alice_page.get_by_text("Reconnecting…")).to_be_hidden(timeout=30_000)
@@ -413,11 +411,7 @@ def test_scrolling_up_loads_older_history_in_order_without_jumping(chat_server, 
     alice, bob = unique("alice"), unique("bob")
     seed_conversation(chat_server, bob, alice, 120)
 
-    page = new_context().new_page()
-    page.goto(chat_server.base + "/login")
-    snap(page, "sign-in.png")
-    page.close()
-    page = sign_in(page.context, chat_server, alice)
+    page = sign_in(new_context(), chat_server, alice)
     open_chat(page, bob)
     log = messages(page)
     bodies = log.locator(".msg .body")
@@ -450,7 +444,6 @@ def test_a_phone_shows_one_pane_at_a_time_and_still_sends(chat_server, new_conte
 
     expect(contacts(alice_page)).to_be_visible()
     expect(messages(alice_page)).to_be_hidden()
-    snap(alice_page, "phone-contacts.png")
 
     contact(alice_page, bob).get_by_role("button").click()
     expect(messages(alice_page)).to_be_visible()
@@ -460,7 +453,6 @@ def test_a_phone_shows_one_pane_at_a_time_and_still_sends(chat_server, new_conte
     expect(bubble(bob_page, "Sent from my phone")).to_be_visible()
     send(bob_page, "Got it on my laptop")
     expect(bubble(alice_page, "Got it on my laptop")).to_be_visible()
-    snap(alice_page, "phone-conversation.png")
 
     alice_page.get_by_role("button", name="Back to contacts").click()
     expect(contacts(alice_page)).to_be_visible()
@@ -575,7 +567,6 @@ def test_a_page_load_among_2000_people_makes_one_list_request_and_opens_one_sock
         page.get_by_role("button", name="More people").click()
         expect(found).to_have_count(40)
         expect(found.last).to_contain_text("crowd_1039")
-        snap(page, "search-people.png")
         find_person(page, "crowd_1999")
         assert len(sockets) == 1
     finally:
@@ -669,7 +660,6 @@ def test_an_edit_and_a_delete_by_the_other_person_show_up_live_and_after_a_reloa
     expect(bubble(page, "see you at 6").get_by_text("edited", exact=True)).to_be_visible()
     expect(bubble(page, "message deleted")).to_have_count(1)
     expect(messages(page).get_by_text("bring the slides")).to_have_count(0)
-    snap(page, "chat-edited-and-deleted.png")
 
 
 def test_a_link_opens_a_conversation_with_anyone_and_a_malformed_one_is_ignored(chat_server, new_context):
@@ -825,8 +815,6 @@ def test_groups_share_one_time_unread_messages_get_a_divider_and_the_list_shows_
     box.fill("a" * 4001)
     expect(counter).to_have_text("1 character over the 4000 limit")
     expect(page.get_by_role("button", name="Send")).to_be_disabled()
-    box.fill("")
-    snap(page, "chat-unread.png")
 
 
 def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_reload(chat_server, new_context):
@@ -870,7 +858,6 @@ def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_rel
     assert [(m["body"], m["reply_to"]) for m in history if m["body"] == "on it!"] == [("on it!", original_id)]
 
     check_accessibility(alice_page, "a conversation with an edit, a delete and a reply")
-    snap(alice_page, "chat-reply.png")
 
     # After a reload, each sees the same: edited, deleted, the quote, and a
     # click on the quote brings the original into view.
@@ -977,7 +964,6 @@ def test_right_to_left_text_takes_its_direction_from_its_content_and_links_hold_
         links = messages(page).get_by_role("link").evaluate_all("links => links.map(a => [a.href, a.textContent])")
         assert [href for href, _ in links] == ["https://example.com/", "https://example.org/"], links
         assert not any(BIDI_CONTROLS.search(href + text) for href, text in links), links
-    snap(bob_page, "chat-rtl.png")
 
 
 def test_a_deep_link_survives_signing_in_through_a_safe_next(chat_server, new_context):
@@ -1377,3 +1363,125 @@ def test_the_theme_chosen_in_the_account_dialog_is_remembered_and_system_follows
     page.reload()
     expect(page.get_by_text("Connecting…")).to_be_hidden()
     assert background_of(page) == LIGHT_BACKGROUND
+
+
+# ---- the screenshots of the README and docs -------------------------------------------
+
+
+def say(server, remote, to, body, at, reply_to=None):
+    """A scripted client sends one message; it is then dated `at` in the database."""
+    frame = {"type": "send", "to": to, "body": body, "client_id": uuid.uuid4().hex}
+    if reply_to:
+        frame["reply_to"] = reply_to
+    with remote.ws(server) as ws:
+        ws.send(json.dumps(frame))
+        message = receive(ws, "ack")["message"]
+    set_sent_at(server, {body: at})
+    return message
+
+
+def emoji_in_colour(page, emoji):
+    """Whether Chromium draws `emoji` in colour with the page's font (a missing
+    emoji font draws an empty box in the text's colour)."""
+    return page.evaluate("""emoji => {
+        const canvas = new OffscreenCanvas(64, 64), context = canvas.getContext("2d");
+        context.font = `48px ${getComputedStyle(document.body).fontFamily}`;
+        context.fillStyle = "#000";
+        context.fillText(emoji, 4, 52);
+        const pixels = context.getImageData(0, 0, 64, 64).data;
+        let coloured = 0;
+        for (let i = 0; i < pixels.length; i += 4) {
+            const [r, g, b, a] = pixels.slice(i, i + 4);
+            if (a > 128 && Math.max(r, g, b) - Math.min(r, g, b) > 60) coloured += 1;
+        }
+        return coloured > 100;
+    }""", emoji)
+
+
+def test_the_screenshots_show_people_by_name_in_daytime_with_emoji_in_colour(tmp_path, new_context):
+    """The README's and docs' screenshots: people with names, a morning in
+    Berlin on a fixed clock, colour emoji. Saved where CHATX_SCREENSHOTS says."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", **SEED_LIMITS, **NO_GRACE,
+                         **SIGNUPS}, tmp_path)
+    server.start()
+    try:
+        berlin = ZoneInfo("Europe/Berlin")
+        day = lambda d, h, m: datetime(2026, 3, d, h, m, tzinfo=berlin)  # noqa: E731 (12 March is a Thursday)
+        people = {name: remote_sign_up(server, name) for name in ("maya", "jonas", "priya", "lena", "sam", "omar")}
+        omar = say(server, people["omar"], "maya", "Welcome to the team, Maya!", datetime(2026, 1, 20, 9, 15, tzinfo=berlin))
+        say(server, people["sam"], "maya", "Happy birthday! 🎂", day(2, 8, 30))
+        sam = say(server, people["maya"], "sam", "Thank you! 🥳", day(2, 9, 1))
+        market = say(server, people["lena"], "maya", "See you at the market on Saturday 🍓", day(9, 17, 45))
+        say(server, people["maya"], "priya", "Here are the slides for tomorrow", day(11, 16, 20))
+        say(server, people["priya"], "maya", "Thanks, they look great! One question about slide 4", day(11, 18, 2))
+        say(server, people["jonas"], "maya", "Morning! Are we still on for the climbing gym tonight?", day(12, 10, 2))
+        say(server, people["maya"], "jonas", "Yes! 7 pm works for me 🧗", day(12, 10, 4))
+        say(server, people["maya"], "jonas", "Can you bring the spare chalk bag?", day(12, 10, 5))
+        lena = say(server, people["jonas"], "maya", "Sure. Lena might join too 🙌", day(12, 10, 31))
+        say(server, people["maya"], "jonas", "Great 🙂 I'll book a table for dinner afterwards.", day(12, 10, 38),
+            reply_to=lena["id"])
+        people["maya"].put(server, "/api/blocks/sam").raise_for_status()
+        # maya has read all but priya's question.
+        with people["maya"].ws(server) as ws:
+            read = {"omar": omar["id"], "sam": sam["id"], "lena": market["id"], "jonas": lena["id"]}
+            for peer, up_to in read.items():
+                ws.send(json.dumps({"type": "read", "with": peer, "up_to": up_to}))
+                assert receive(ws, "read")["up_to"] == up_to
+
+        clock = {"locale": "en-US", "timezone_id": "Europe/Berlin", "reduced_motion": "reduce"}
+        now = day(12, 10, 42)
+        jonas_context = new_context(**clock)
+        jonas_context.clock.set_fixed_time(now)
+        jonas_page = sign_in(jonas_context, server, "jonas")
+        open_chat(jonas_page, "maya")  # online, and has read everything
+
+        desktop = new_context(viewport={"width": 1200, "height": 720}, **clock)
+        desktop.clock.set_fixed_time(now)
+        page = desktop.new_page()
+        page.goto(server.base + "/login")
+        page.get_by_label("Username").fill("maya")
+        snap(page, "sign-in.png")
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page).to_have_url(server.base + "/")
+        open_chat(page, "jonas")
+        last = bubble(page, "Great 🙂 I'll book a table for dinner afterwards.")
+        expect(last.locator(".tick")).to_have_text("✓✓")
+        expect(last.locator("time")).to_have_text("10:38 AM")
+        expect(contact(page, "priya").locator(".badge")).to_contain_text("1")
+        expect(contact(page, "priya").locator("time")).to_have_text("Yesterday")
+        jonas_page.get_by_role("textbox", name="Message").press_sequentially("On my")
+        expect(page.get_by_text("jonas is typing…")).to_be_visible()
+        assert emoji_in_colour(page, "🙌"), "no colour emoji font: install fonts-noto-color-emoji (make test does)"
+        page.evaluate("() => document.activeElement.blur()")
+        snap(page, "chat-desktop.png")
+        page.emulate_media(color_scheme="dark")
+        snap(page, "chat-dark.png")
+        page.emulate_media(color_scheme="light")
+
+        open_account(page)
+        snap(page, "account.png")
+        page.keyboard.press("Escape")
+        page.get_by_role("searchbox", name="Search people").fill("")
+        find_person(page, "omar", "o")
+        snap(page, "search-people.png")
+        page.get_by_role("searchbox", name="Search people").press("Escape")
+        open_chat(page, "sam")
+        expect(page.get_by_text("You blocked sam.")).to_be_visible()
+        snap(page, "chat-blocked.png")
+
+        phone = new_context(viewport={"width": 390, "height": 760}, is_mobile=True, has_touch=True,
+                            device_scale_factor=2, **clock)
+        phone.clock.set_fixed_time(now)
+        phone_page = sign_in(phone, server, "maya")
+        expect(contact(phone_page, "jonas")).to_be_visible()
+        snap(phone_page, "phone-contacts.png")
+        open_chat(phone_page, "jonas")
+        expect(bubble(phone_page, "Sure. Lena might join too 🙌")).to_be_visible()
+        phone_page.evaluate("() => document.activeElement.blur()")
+        snap(phone_page, "phone-conversation.png")
+    finally:
+        server.stop()
