@@ -1485,3 +1485,34 @@ def test_the_screenshots_show_people_by_name_in_daytime_with_emoji_in_colour(tmp
         snap(phone_page, "phone-conversation.png")
     finally:
         server.stop()
+
+
+def test_a_message_arriving_in_a_background_tab_beeps_only_once_the_sound_is_turned_on(chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    bob_remote = remote_sign_up(chat_server, bob)
+    context = new_context()
+    # Counts the tones started, and lets the test say whether the tab is in the background.
+    context.add_init_script("""
+        window.tones = 0;
+        const start = OscillatorNode.prototype.start;
+        OscillatorNode.prototype.start = function (...args) { window.tones += 1; return start.apply(this, args); };
+        Object.defineProperty(Document.prototype, "hidden", { get: () => Boolean(window.inBackground) });
+    """)
+    page = sign_up(context, chat_server, alice)
+    remote_send(chat_server, bob_remote, alice, "first, in the foreground")
+    expect(contact(page, bob)).to_be_visible()
+    page.evaluate("() => { window.inBackground = true; }")
+    remote_send(chat_server, bob_remote, alice, "second, sound off")
+    expect(contact(page, bob).locator(".preview")).to_have_text("second, sound off")
+    assert page.evaluate("() => window.tones") == 0
+
+    page.evaluate("() => { window.inBackground = false; }")
+    open_account(page).get_by_role("checkbox", name=re.compile("Play a sound")).check()
+    page.keyboard.press("Escape")
+    remote_send(chat_server, bob_remote, alice, "third, in the foreground")
+    expect(contact(page, bob).locator(".preview")).to_have_text("third, in the foreground")
+    assert page.evaluate("() => window.tones") == 0
+    page.evaluate("() => { window.inBackground = true; }")
+    remote_send(chat_server, bob_remote, alice, "fourth, in the background")
+    expect(contact(page, bob).locator(".preview")).to_have_text("fourth, in the background")
+    assert page.evaluate("() => window.tones") == 1
