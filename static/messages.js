@@ -3,12 +3,12 @@
 // focus and selection survive updates.
 //
 // Consecutive messages of one person within a few minutes form a group that
-// shows one time, under its last message. A message that failed to send keeps
-// its place in time, with Retry and Discard. The menu of a message opens from
-// its "⋯" button (hidden on touch screens until focused), a long press or a
-// right click. Days are separated, and the first
+// shows one time, under its last message. Days are separated, and the first
 // message that was unread when the conversation was opened has an "Unread
-// messages" divider above it.
+// messages" divider above it. A message that failed to send keeps its place in
+// time, with Retry and Discard. The menu of a message opens from its "⋯"
+// button (on touch screens there only for the keyboard), a long press, a right
+// click, or Shift+F10 on the message.
 import { el, hidden } from "./dom.js";
 import { clockTime, dayKey, dayLabel } from "./timefmt.js";
 import { MessageMenu } from "./menu.js";
