@@ -1410,7 +1410,8 @@ def test_the_screenshots_show_people_by_name_in_daytime_with_emoji_in_colour(tmp
     try:
         berlin = ZoneInfo("Europe/Berlin")
         day = lambda d, h, m: datetime(2026, 3, d, h, m, tzinfo=berlin)  # noqa: E731 (12 March is a Thursday)
-        people = {name: remote_sign_up(server, name) for name in ("maya", "jonas", "priya", "lena", "sam", "omar")}
+        people = {name: remote_sign_up(server, name) for name in ("maya", "jonas", "priya", "lena", "sam", "omar",
+                                                         "olivia", "oscar")}
         omar = say(server, people["omar"], "maya", "Welcome to the team, Maya!", datetime(2026, 1, 20, 9, 15, tzinfo=berlin))
         say(server, people["sam"], "maya", "Happy birthday! 🎂", day(2, 8, 30))
         sam = say(server, people["maya"], "sam", "Thank you! 🥳", day(2, 9, 1))
@@ -1466,7 +1467,7 @@ def test_the_screenshots_show_people_by_name_in_daytime_with_emoji_in_colour(tmp
         snap(page, "account.png")
         page.keyboard.press("Escape")
         page.get_by_role("searchbox", name="Search people").fill("")
-        find_person(page, "omar", "o")
+        find_person(page, "olivia", "o")  # and omar and oscar: people found by the start of their name
         snap(page, "search-people.png")
         page.get_by_role("searchbox", name="Search people").press("Escape")
         open_chat(page, "sam")
