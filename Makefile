@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
 
-.PHONY: run test test-fast bench cluster-bench redis-server chromium nginx iptables clean
+.PHONY: run test test-fast bench cluster-bench redis-server chromium emoji-font nginx iptables clean
 
 $(VENV)/runtime.stamp: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ run: $(VENV)/runtime.stamp
 	$(PY) -m uvicorn chatx:app --host 127.0.0.1 --port $(PORT) --ws-max-size 65536 --ws-per-message-deflate false \
 	  --http chatx:HTTPProtocol --timeout-keep-alive 5 --timeout-graceful-shutdown 10
 
-test: $(VENV)/dev.stamp redis-server chromium nginx iptables node_modules/axe-core/axe.min.js
+test: $(VENV)/dev.stamp redis-server chromium emoji-font nginx iptables node_modules/axe-core/axe.min.js
 	$(PY) -m pytest
 
 # The developer's loop: everything but the browser, deployment, fault and packaging tests.
@@ -51,6 +51,12 @@ chromium:
 	@command -v /usr/bin/chromium >/dev/null || { \
 	  [ -n "$(ROOT)" ] || { echo "chromium is missing: install Debian's chromium package (as root: apt-get install chromium)"; exit 1; }; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+# Screenshots of the browser tests show emoji in colour, not as empty boxes.
+emoji-font:
+	@[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || { \
+	  [ -n "$(ROOT)" ] || { echo "the emoji font is missing: install Debian's fonts-noto-color-emoji package (as root: apt-get install fonts-noto-color-emoji)"; exit 1; }; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fonts-noto-color-emoji; }
 
 # tests/test_deploy.py runs Debian's nginx in front of ChatX, as docs/deploy.md shows.
 nginx:

@@ -1,6 +1,7 @@
 // Sign-in and sign-up forms: checked here first, then the server's answer is
 // shown next to the field it is about.
 import { USERNAME_RE, api, goTo, safeNext } from "./api.js";
+import "./theme.js";
 
 const form = document.querySelector(".auth-form");
 const mode = form.dataset.mode;

@@ -1,6 +1,7 @@
 // Blocking, from the conversation header: the people I block (keys, from GET
 // /api/blocks the first time a conversation opens), the Block/Unblock button
-// and the notice saying who blocked whom.
+// (a block asks first, saying what it does) and the banner saying who blocked
+// whom.
 import { api, goToSignIn } from "./api.js";
 import { findUser } from "./people.js";
 import { keyOf } from "./store.js";
@@ -9,12 +10,18 @@ import { stopTyping } from "./roster.js";
 export class Blocks {
   // form: the composer's, hidden while blocked. focusComposer: after an
   // unblock, focus goes back to the message box.
-  constructor(roster, { button, notice, text, unblock, form }, { onChange, focusComposer }) {
-    Object.assign(this, { roster, button, notice, text, unblock, form });
+  // confirm: the dialog that asks before a block.
+  constructor(roster, { button, notice, text, unblock, form, confirm }, { onChange, focusComposer }) {
+    Object.assign(this, { roster, button, notice, text, unblock, form, confirm });
     this.handlers = { onChange, focusComposer };
     this.keys = new Set();
     this.loaded = null; // null, "loading" or true
-    button.addEventListener("click", () => roster.openKey && this.set(roster.openKey, !this.has(roster.openKey)));
+    button.addEventListener("click", () => {
+      const key = roster.openKey;
+      if (!key) return;
+      if (this.has(key)) this.set(key, false);
+      else this.#confirmBlock(key);
+    });
     unblock.addEventListener("click", () => roster.openKey && this.set(roster.openKey, false));
   }
 
@@ -31,10 +38,23 @@ export class Blocks {
       ? `You blocked ${contact.username}. They can't send you messages, and neither of you sees the other online.`
       : contact.blockedMe ? `${contact.username} isn't accepting messages from you.` : "";
     notice.hidden = !says;
+    notice.classList.toggle("banner", blocked);
     if (text.textContent !== says) text.textContent = says;
     unblock.hidden = !blocked;
     unblock.setAttribute("aria-label", `Unblock ${contact.username}`);
     this.form.hidden = blocked || !this.roster.openKey;
+  }
+
+  #confirmBlock(key) {
+    const { confirm } = this;
+    const contact = this.roster.contacts.get(key);
+    confirm.querySelector("h2").textContent = `Block ${contact.username}?`;
+    confirm.returnValue = "";
+    confirm.onclose = () => {
+      if (confirm.returnValue === "block" && this.roster.openKey === key) this.set(key, true);
+      else this.button.focus();
+    };
+    confirm.showModal();
   }
 
   async load() {

@@ -13,6 +13,7 @@ import { Blocks } from "./blocks.js";
 import { Router } from "./routes.js";
 import { ConnectionStatus } from "./connection.js";
 import { Session } from "./session.js";
+import { AccountDialog } from "./account.js";
 import { ContactList } from "./contacts.js";
 import { PeopleSearch } from "./people.js";
 import { MessageView, snippet } from "./messages.js";
@@ -29,6 +30,8 @@ const meKey = keyOf(document.body.dataset.username);
 const outbox = new Outbox(`chatx.outbox.${meKey}`);
 const roster = new Roster(meKey, outbox);
 const session = new Session(outbox);
+new AccountDialog(session, $("account"));
+fillAvatar($("me-avatar"), document.body.dataset.username);
 
 const app = $("app");
 const contactList = new ContactList($("contacts"), $("contacts-empty"), (key) => router.navigate(key));
@@ -42,6 +45,11 @@ const view = new MessageView($("log"), $("jump"), {
   onDiscard: (clientId) => {
     outbox.remove(clientId);
     view.sync();
+  },
+  onRetry: (clientId) => {
+    const entry = outbox.retry(clientId);
+    if (entry) socket.send(sendFrame(entry));
+    view.sync("bottom");
   },
   onReply: (message) => {
     const name = roster.open.isMine(message) ? "yourself" : message.from;
@@ -76,7 +84,8 @@ const loader = new HistoryLoader(roster, view, { onChange: scheduleRender });
 const inbox = new Inbox(roster, contactList, { scroller: $("sidebar-lists"), more: $("contacts-more") },
   { onChange: scheduleRender });
 const blocks = new Blocks(roster,
-  { button: $("block"), notice: $("block-notice"), text: $("block-text"), unblock: $("unblock"), form: $("composer") },
+  { button: $("block"), notice: $("block-notice"), text: $("block-text"), unblock: $("unblock"), form: $("composer"),
+    confirm: $("confirm-block") },
   { onChange: scheduleRender, focusComposer: () => composer.focus() });
 const router = new Router(roster, composer,
   { app, placeholder: $("placeholder"), head: $("conversation-head"), logWrap: $("log-wrap"), form: $("composer"),
@@ -178,7 +187,7 @@ async function start() {
   // a menu, a dialog, an edit or a reply, the search box).
   document.addEventListener("keydown", (event) => {
     if (event.key !== "Escape" || event.defaultPrevented || !roster.openKey || view.menu.isOpen) return;
-    if ($("confirm-delete").open) return;
+    if (document.querySelector("dialog[open]")) return;
     event.preventDefault();
     router.navigate(null);
   });

@@ -1,6 +1,7 @@
 // The menu of a message (Reply, Edit, Delete): one menu for the page, opened
-// under the button that asked for it. Arrow keys move between its items,
-// Escape closes it and gives focus back to the button.
+// under the button that asked for it (or under the message pressed long or
+// right-clicked). Arrow keys move between its items, Escape closes it and
+// gives focus back to the button.
 import { el } from "./dom.js";
 
 export class MessageMenu {
@@ -20,8 +21,8 @@ export class MessageMenu {
     return this.button !== null;
   }
 
-  // choices: [[label, action], …]
-  open(button, choices) {
+  // choices: [[label, action], …]; anchor: what the menu opens under.
+  open(button, choices, anchor = button) {
     if (this.button === button) return this.close(true);
     this.close(false);
     this.button = button;
@@ -37,7 +38,7 @@ export class MessageMenu {
     button.setAttribute("aria-expanded", "true");
     this.node.hidden = false;
     // Under the button, or over it when there is no room below; inside the window.
-    const at = button.getBoundingClientRect();
+    const at = anchor.getBoundingClientRect();
     const { offsetWidth: width, offsetHeight: height } = this.node;
     const below = at.bottom + 4 + height <= window.innerHeight;
     this.node.style.top = `${below ? at.bottom + 4 : Math.max(4, at.top - 4 - height)}px`;

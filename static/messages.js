@@ -5,7 +5,10 @@
 // Consecutive messages of one person within a few minutes form a group that
 // shows one time, under its last message. Days are separated, and the first
 // message that was unread when the conversation was opened has an "Unread
-// messages" divider above it.
+// messages" divider above it. A message that failed to send keeps its place in
+// time, with Retry and Discard. The menu of a message opens from its "⋯"
+// button (on touch screens there only for the keyboard), a long press, a right
+// click, or Shift+F10 on the message.
 import { el, hidden } from "./dom.js";
 import { clockTime, dayKey, dayLabel } from "./timefmt.js";
 import { MessageMenu } from "./menu.js";
@@ -19,6 +22,8 @@ const URL_RE = /\bhttps?:\/\/[^\s<>"\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069
 const TRAILING_PUNCTUATION = /[.,!?;:'")\]]+$/;
 const QUOTE_LENGTH = 90;
 const FLASH_FOR = 1600;
+const LONG_PRESS = 500;
+const PRESS_SLOP = 10;
 
 const TICKS = {
   pending: ["", "Sending…"],
@@ -47,14 +52,14 @@ export function snippet(message) {
 }
 
 export class MessageView {
-  constructor(log, jump, { onNearTop, onScrolled, onDiscard, onReply, onEdit, onDelete, onQuote }) {
+  constructor(log, jump, { onNearTop, onScrolled, onDiscard, onRetry, onReply, onEdit, onDelete, onQuote }) {
     this.log = log;
     this.jump = jump;
     this.nodes = new Map();
     this.theirs = []; // [{id, node}] in id order, for read tracking
     this.conversation = null;
     this.unreadFrom = null; // id of the first message unread when the conversation was opened
-    this.handlers = { onDiscard, onReply, onEdit, onDelete, onQuote };
+    this.handlers = { onDiscard, onRetry, onReply, onEdit, onDelete, onQuote };
     this.menu = new MessageMenu();
     log.addEventListener("scroll", () => {
       if (log.scrollTop < NEAR_TOP) onNearTop();
@@ -166,8 +171,13 @@ export class MessageView {
       entries.push({ key: mine && message.client_id ? `c:${message.client_id}` : `m:${message.id}`,
         message, mine, iso: message.sent_at });
     }
+    // Those being sent go last; a failed one where it was written, among the
+    // messages sent before and after it.
     for (const entry of conversation.pending()) {
-      entries.push({ key: `c:${entry.client_id}`, pending: entry, mine: true, iso: entry.created });
+      const item = { key: `c:${entry.client_id}`, pending: entry, mine: true, iso: entry.created };
+      const later = entry.error ? entries.findIndex((other) => other.iso > entry.created) : -1;
+      if (later === -1) entries.push(item);
+      else entries.splice(later, 0, item);
     }
     let day = null;
     entries.forEach((entry, index) => {
@@ -242,6 +252,7 @@ export class MessageView {
       tick: el("span", { class: "tick", "aria-hidden": "true" }),
       edited: el("span", { class: "edited", text: "edited", hidden: true }),
       tickLabel: hidden(""),
+      retry: el("button", { type: "button", class: "link-button", text: "Retry", hidden: true }),
       discard: el("button", { type: "button", class: "link-button", text: "Discard", hidden: true }),
       actions: el("button", { type: "button", class: "msg-actions", "aria-haspopup": "menu",
         "aria-expanded": "false", "aria-label": "Message actions", hidden: true },
@@ -249,22 +260,69 @@ export class MessageView {
     };
     parts.quote.append(hidden("In reply to "), parts.quoteName, hidden(": "), parts.quoteText);
     const node = el("div", { class: "msg", tabIndex: -1 }, parts.sender, parts.quote, parts.body,
-      el("span", { class: "meta" }, parts.edited, parts.time, parts.tick, parts.tickLabel, parts.discard),
+      el("span", { class: "meta" }, parts.edited, parts.time, parts.tick, parts.tickLabel, parts.retry, parts.discard),
       parts.actions);
     parts.quote.addEventListener("click", () => node.replyTo && this.handlers.onQuote(node.replyTo));
     parts.actions.addEventListener("click", () => node.message && this.#openMenu(node));
+    node.addEventListener("contextmenu", (event) => {
+      if (!node.message || node.message.deleted || event.target.closest("a")) return;
+      event.preventDefault();
+      if (this.menu.button !== parts.actions) this.#openMenu(node, node);
+    });
+    node.addEventListener("keydown", (event) => {
+      if (event.target === node && node.message && !node.message.deleted
+          && (event.key === "ContextMenu" || (event.key === "F10" && event.shiftKey))) {
+        event.preventDefault();
+        this.#openMenu(node, node);
+      }
+    });
+    this.#pressLong(node);
     node.parts = parts;
     return node;
   }
 
-  #openMenu(node) {
+  // A touch held still on a message opens its menu, as messengers do; the
+  // touch ending then is no tap (no click, no focus taken from the menu).
+  #pressLong(node) {
+    let press = null;
+    let opened = false;
+    const cancel = () => {
+      clearTimeout(press?.timer);
+      press = null;
+    };
+    node.addEventListener("pointerdown", (event) => {
+      opened = false;
+      if (event.pointerType !== "touch" || !node.message || node.message.deleted) return;
+      cancel();
+      press = { x: event.clientX, y: event.clientY,
+        timer: setTimeout(() => {
+          press = null;
+          opened = true;
+          if (this.menu.button !== node.parts.actions) this.#openMenu(node, node);
+        }, LONG_PRESS) };
+    });
+    node.addEventListener("touchend", (event) => {
+      if (opened && event.cancelable) event.preventDefault();
+      opened = false;
+    });
+    node.addEventListener("pointermove", (event) => {
+      if (press && Math.hypot(event.clientX - press.x, event.clientY - press.y) > PRESS_SLOP) cancel();
+    });
+    for (const kind of ["pointerup", "pointercancel", "pointerleave"]) node.addEventListener(kind, cancel);
+  }
+
+  #openMenu(node, anchor = node.parts.actions) {
     const { message } = node;
     const mine = this.conversation.isMine(message);
     const choices = [["Reply", () => this.handlers.onReply(message)]];
+    // Text cannot be selected on a touch screen: the menu copies it.
+    if (navigator.clipboard && !message.deleted) {
+      choices.push(["Copy", () => navigator.clipboard.writeText(message.body).catch(() => {})]);
+    }
     if (mine && !message.deleted) {
       choices.push(["Edit", () => this.handlers.onEdit(message)], ["Delete", () => this.handlers.onDelete(message)]);
     }
-    this.menu.open(node.parts.actions, choices);
+    this.menu.open(node.parts.actions, choices, anchor);
   }
 
   #fillMessage(node, entry) {
@@ -285,9 +343,10 @@ export class MessageView {
     const { pending } = entry;
     node.message = null;
     this.#fill(node, entry, { body: pending.body, state: pending.error ? "failed" : "pending" });
-    const { discard, actions } = node.parts;
+    const { retry, discard, actions } = node.parts;
     actions.hidden = true;
-    discard.hidden = !pending.error;
+    retry.hidden = discard.hidden = !pending.error;
+    retry.onclick = () => this.handlers.onRetry(pending.client_id);
     discard.onclick = () => this.handlers.onDiscard(pending.client_id);
     if (pending.error) node.parts.tickLabel.textContent = `Not sent: ${pending.error}`;
     this.#fillQuote(node, pending.reply_to ?? null);
@@ -309,7 +368,7 @@ export class MessageView {
   // selection in it survives ticks and times being updated.
   #fill(node, entry, { body, state, deleted = false }) {
     const { mine, iso } = entry;
-    const { sender, body: paragraph, time, tick, tickLabel, discard } = node.parts;
+    const { sender, body: paragraph, time, tick, tickLabel, retry, discard } = node.parts;
     sender.textContent = mine ? "You: " : `${this.conversation.peer}: `;
     if (node.shown?.body !== body || node.shown?.deleted !== deleted) {
       node.shown = { body, deleted };
@@ -332,6 +391,6 @@ export class MessageView {
     tick.textContent = state ? TICKS[state][0] : "";
     tickLabel.textContent = state ? TICKS[state][1] : "";
     tickLabel.className = state === "pending" || state === "failed" ? "tick-note" : "visually-hidden";
-    discard.hidden = true;
+    retry.hidden = discard.hidden = true;
   }
 }

@@ -93,6 +93,15 @@ export class Outbox {
     return true;
   }
 
+  // A failed entry sent again: pending until the server answers.
+  retry(clientId) {
+    const entry = this.entries.find((candidate) => candidate.client_id === clientId);
+    if (!entry) return null;
+    entry.error = null;
+    this.#save();
+    return entry;
+  }
+
   remove(clientId) {
     const before = this.entries.length;
     this.entries = this.entries.filter((entry) => entry.client_id !== clientId);

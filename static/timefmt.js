@@ -1,12 +1,18 @@
-// How times read in the interface.
+// How times read in the interface, in the reader's own locale: its short
+// clock ("4:02 PM", "16:02"), "Yesterday", weekday names within a week, dates
+// before that, as messengers show them.
 
 const MINUTE = 60 * 1000;
 const HOUR = 60 * MINUTE;
 
-const clock = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+const clock = new Intl.DateTimeFormat(undefined, { hour: "numeric", minute: "2-digit" });
 const dayThisYear = new Intl.DateTimeFormat(undefined, { weekday: "long", day: "numeric", month: "long" });
 const dayOtherYear = new Intl.DateTimeFormat(undefined, { day: "numeric", month: "long", year: "numeric" });
 const shortDay = new Intl.DateTimeFormat(undefined, { day: "numeric", month: "short" });
+const shortDate = new Intl.DateTimeFormat(undefined, { day: "numeric", month: "numeric", year: "2-digit" });
+const weekday = new Intl.DateTimeFormat(undefined, { weekday: "short" });
+const longWeekday = new Intl.DateTimeFormat(undefined, { weekday: "long" });
+const relativeDay = new Intl.RelativeTimeFormat(undefined, { numeric: "auto" });
 
 function startOfDay(date) {
   return new Date(date.getFullYear(), date.getMonth(), date.getDate());
@@ -14,6 +20,12 @@ function startOfDay(date) {
 
 function daysAgo(date, now = new Date()) {
   return Math.round((startOfDay(now) - startOfDay(date)) / (24 * HOUR));
+}
+
+// "Today", "Yesterday" in the locale's words, capitalised as a label.
+function relative(ago) {
+  const words = relativeDay.format(-ago, "day");
+  return words.charAt(0).toLocaleUpperCase() + words.slice(1);
 }
 
 export function clockTime(iso) {
@@ -26,11 +38,13 @@ export function dayKey(iso) {
   return `${date.getFullYear()}-${date.getMonth() + 1}-${date.getDate()}`;
 }
 
+// The divider above a day's messages: "Today", "Yesterday", the weekday within
+// a week, the date before that.
 export function dayLabel(iso) {
   const date = new Date(iso);
   const ago = daysAgo(date);
-  if (ago === 0) return "Today";
-  if (ago === 1) return "Yesterday";
+  if (ago <= 1) return relative(Math.max(ago, 0));
+  if (ago < 7) return longWeekday.format(date);
   const format = date.getFullYear() === new Date().getFullYear() ? dayThisYear : dayOtherYear;
   return format.format(date);
 }
@@ -46,15 +60,13 @@ export function lastSeen(iso) {
   return `last seen ${shortDay.format(date)}`;
 }
 
-const weekday = new Intl.DateTimeFormat(undefined, { weekday: "short" });
-
 // The time of a conversation's last message in the list: the clock today,
 // "Yesterday", the weekday within a week, the date before that.
 export function listTime(iso) {
   const date = new Date(iso);
   const ago = daysAgo(date);
   if (ago <= 0) return clock.format(date);
-  if (ago === 1) return "Yesterday";
+  if (ago === 1) return relative(1);
   if (ago < 7) return weekday.format(date);
-  return date.getFullYear() === new Date().getFullYear() ? shortDay.format(date) : dayOtherYear.format(date);
+  return date.getFullYear() === new Date().getFullYear() ? shortDay.format(date) : shortDate.format(date);
 }

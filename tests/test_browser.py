@@ -2,7 +2,10 @@
 
 Each test starts from people signing up or in through the pages, as a person
 would; Playwright's `expect` waits for what should appear, so no test sleeps.
-Set CHATX_SCREENSHOTS=<dir> to save screenshots of the main screens there.
+Set CHATX_SCREENSHOTS=<dir> to save the screenshots of the README and docs
+there (test_the_screenshots_show_people_by_name_in_daytime_with_emoji_in_colour
+makes them): `CHATX_SCREENSHOTS=docs .venv/bin/python -m pytest
+tests/test_browser.py -k screenshots`.
 """
 
 import json
@@ -290,10 +293,6 @@ def test_two_people_see_each_other_online_chat_both_ways_with_typing_read_ticks_
     expect(bob_page.get_by_text(f"{alice} is typing…")).to_be_visible()
     expect(bob_page.get_by_text(f"{alice} is typing…")).to_be_hidden(timeout=9000)
 
-    alice_page.get_by_role("textbox", name="Message").fill("")
-    snap(alice_page, "chat-desktop.png")
-    alice_page.emulate_media(color_scheme="dark")
-    snap(alice_page, "chat-dark.png")
 
 
 def test_closing_one_context_turns_the_other_side_offline(chat_server, new_context):
@@ -344,7 +343,6 @@ def test_a_message_sent_across_a_server_restart_shows_reconnecting_and_arrives_e
             assert box["y"] == 0 and box["height"] == 800, box
         send(alice_page, while_down)
         expect(bubble(alice_page, while_down)).to_have_attribute("data-state", "pending")
-        snap(alice_page, "chat-reconnecting.png")
 
         server.start()
         expect(alice_page.get_by_text("Reconnecting…")).to_be_hidden(timeout=30_000)
@@ -413,11 +411,7 @@ def test_scrolling_up_loads_older_history_in_order_without_jumping(chat_server, 
     alice, bob = unique("alice"), unique("bob")
     seed_conversation(chat_server, bob, alice, 120)
 
-    page = new_context().new_page()
-    page.goto(chat_server.base + "/login")
-    snap(page, "sign-in.png")
-    page.close()
-    page = sign_in(page.context, chat_server, alice)
+    page = sign_in(new_context(), chat_server, alice)
     open_chat(page, bob)
     log = messages(page)
     bodies = log.locator(".msg .body")
@@ -450,7 +444,6 @@ def test_a_phone_shows_one_pane_at_a_time_and_still_sends(chat_server, new_conte
 
     expect(contacts(alice_page)).to_be_visible()
     expect(messages(alice_page)).to_be_hidden()
-    snap(alice_page, "phone-contacts.png")
 
     contact(alice_page, bob).get_by_role("button").click()
     expect(messages(alice_page)).to_be_visible()
@@ -460,7 +453,6 @@ def test_a_phone_shows_one_pane_at_a_time_and_still_sends(chat_server, new_conte
     expect(bubble(bob_page, "Sent from my phone")).to_be_visible()
     send(bob_page, "Got it on my laptop")
     expect(bubble(alice_page, "Got it on my laptop")).to_be_visible()
-    snap(alice_page, "phone-conversation.png")
 
     alice_page.get_by_role("button", name="Back to contacts").click()
     expect(contacts(alice_page)).to_be_visible()
@@ -575,7 +567,6 @@ def test_a_page_load_among_2000_people_makes_one_list_request_and_opens_one_sock
         page.get_by_role("button", name="More people").click()
         expect(found).to_have_count(40)
         expect(found.last).to_contain_text("crowd_1039")
-        snap(page, "search-people.png")
         find_person(page, "crowd_1999")
         assert len(sockets) == 1
     finally:
@@ -669,7 +660,6 @@ def test_an_edit_and_a_delete_by_the_other_person_show_up_live_and_after_a_reloa
     expect(bubble(page, "see you at 6").get_by_text("edited", exact=True)).to_be_visible()
     expect(bubble(page, "message deleted")).to_have_count(1)
     expect(messages(page).get_by_text("bring the slides")).to_have_count(0)
-    snap(page, "chat-edited-and-deleted.png")
 
 
 def test_a_link_opens_a_conversation_with_anyone_and_a_malformed_one_is_ignored(chat_server, new_context):
@@ -825,8 +815,6 @@ def test_groups_share_one_time_unread_messages_get_a_divider_and_the_list_shows_
     box.fill("a" * 4001)
     expect(counter).to_have_text("1 character over the 4000 limit")
     expect(page.get_by_role("button", name="Send")).to_be_disabled()
-    box.fill("")
-    snap(page, "chat-unread.png")
 
 
 def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_reload(chat_server, new_context):
@@ -846,7 +834,7 @@ def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_rel
 
     # Delete from the message's menu, after a confirmation.
     menu = open_menu(alice_page, "meet at 5")
-    expect(menu.get_by_role("menuitem")).to_have_text(["Reply", "Edit", "Delete"])
+    expect(menu.get_by_role("menuitem")).to_have_text(["Reply", "Copy", "Edit", "Delete"])
     menu.get_by_role("menuitem", name="Delete").click()
     alice_page.get_by_role("dialog").get_by_role("button", name="Delete").click()
     expect(bubble(bob_page, "message deleted")).to_have_count(1)
@@ -855,7 +843,7 @@ def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_rel
 
     # bob replies to a message: the quote is above the reply, on both sides.
     menu = open_menu(bob_page, "bring drinks")
-    expect(menu.get_by_role("menuitem")).to_have_text(["Reply"])
+    expect(menu.get_by_role("menuitem")).to_have_text(["Reply", "Copy"])
     menu.get_by_role("menuitem", name="Reply").click()
     expect(bob_page.get_by_text(f"Reply to {alice}")).to_be_visible()
     send(bob_page, "on it!")
@@ -870,7 +858,6 @@ def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_rel
     assert [(m["body"], m["reply_to"]) for m in history if m["body"] == "on it!"] == [("on it!", original_id)]
 
     check_accessibility(alice_page, "a conversation with an edit, a delete and a reply")
-    snap(alice_page, "chat-reply.png")
 
     # After a reload, each sees the same: edited, deleted, the quote, and a
     # click on the quote brings the original into view.
@@ -886,16 +873,40 @@ def test_edit_delete_and_reply_are_seen_live_by_the_other_person_and_after_a_rel
         expect(bubble(page, "bring drinks")).to_be_in_viewport()
 
 
-def test_a_block_is_seen_from_both_sides_and_an_unblock_lifts_it(chat_server, new_context):
+def block(page, username):
+    """Block from the conversation's header, confirming in the dialog that asks."""
+    page.get_by_role("button", name=f"Block {username}").click()
+    page.get_by_role("dialog", name=f"Block {username}?").get_by_role("button", name="Block").click()
+    expect(page.get_by_text(f"You blocked {username}.")).to_be_visible()
+
+
+def test_a_block_asks_first_shows_a_banner_and_is_seen_from_both_sides_and_an_unblock_lifts_it(
+        chat_server, new_context):
     alice, bob, alice_page, bob_page = chatting(chat_server, new_context, "hello bob")
     expect(bubble(bob_page, "hello bob")).to_be_visible()
 
+    # The block asks first, saying what it does; Cancel leaves things as they were.
     bob_page.get_by_role("button", name=f"Block {alice}").click()
-    expect(bob_page.get_by_text(f"You blocked {alice}.")).to_be_visible()
+    dialog = bob_page.get_by_role("dialog", name=f"Block {alice}?")
+    expect(dialog).to_have_accessible_description(
+        "They won't be able to message you or see when you're online.")
+    for scheme in ("light", "dark"):
+        bob_page.emulate_media(color_scheme=scheme)
+        check_accessibility(bob_page, f"the block confirmation, {scheme}")
+    bob_page.emulate_media(color_scheme="light")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+    expect(bob_page.get_by_role("button", name=f"Block {alice}")).to_be_focused()
+    expect(bob_page.get_by_role("textbox", name="Message")).to_be_visible()
+    assert bob_page.evaluate("() => fetch('/api/blocks').then((r) => r.json())") == {"blocks": []}
+
+    block(bob_page, alice)
+    banner = bob_page.locator("#block-notice")
+    expect(banner).to_have_class(re.compile(r"\bbanner\b"))
+    expect(banner.get_by_role("button", name=f"Unblock {alice}")).to_be_visible()
     expect(bob_page.get_by_role("textbox", name="Message")).to_be_hidden()
     expect(bob_page.locator("#peer-status")).to_have_text("blocked")
     check_accessibility(bob_page, "a blocked conversation")
-    snap(bob_page, "chat-blocked.png")
 
     send(alice_page, "are you there?")
     expect(bubble(alice_page, "are you there?")).to_have_attribute("data-state", "failed")
@@ -905,7 +916,7 @@ def test_a_block_is_seen_from_both_sides_and_an_unblock_lifts_it(chat_server, ne
     # A reload keeps the block (it comes from the server).
     bob_page.reload()
     expect(bob_page.get_by_text(f"You blocked {alice}.")).to_be_visible()
-    bob_page.get_by_role("button", name=f"Unblock {alice}").first.click()
+    banner.get_by_role("button", name=f"Unblock {alice}").click()
     expect(bob_page.get_by_text(f"You blocked {alice}.")).to_be_hidden()
     expect(bob_page.get_by_role("textbox", name="Message")).to_be_visible()
     expect(bob_page.get_by_role("button", name=f"Block {alice}")).to_be_visible()
@@ -953,7 +964,6 @@ def test_right_to_left_text_takes_its_direction_from_its_content_and_links_hold_
         links = messages(page).get_by_role("link").evaluate_all("links => links.map(a => [a.href, a.textContent])")
         assert [href for href, _ in links] == ["https://example.com/", "https://example.org/"], links
         assert not any(BIDI_CONTROLS.search(href + text) for href, text in links), links
-    snap(bob_page, "chat-rtl.png")
 
 
 def test_a_deep_link_survives_signing_in_through_a_safe_next(chat_server, new_context):
@@ -1062,3 +1072,448 @@ def test_every_page_and_state_has_no_serious_accessibility_violation(chat_server
         expect(bubble(phone_page, "Yes! Friday at 8.")).to_be_visible()
         check_accessibility(phone_page, f"phone conversation, {scheme}")
         phone.close()
+
+
+# ---- round 3: account, failed sends, times, long press, theme ----------------------
+
+
+def open_account(page):
+    page.get_by_role("button", name="Account").click()
+    dialog = page.get_by_role("dialog", name="Account")
+    expect(dialog).to_be_visible()
+    return dialog
+
+
+def sign_in_with(page, server, username, password):
+    page.goto(server.base + "/login")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(server.base + "/")
+    expect(page.get_by_text("Connecting…")).to_be_hidden()
+
+
+def test_the_account_dialog_changes_the_password_signs_out_everywhere_and_deletes_the_account(
+        chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    page = sign_up(new_context(reduced_motion="reduce"), chat_server, alice)  # no colour mid-transition for axe
+    other_page = sign_in(new_context(), chat_server, alice)
+    expect(other_page.get_by_text("Connecting…")).to_be_hidden()
+    bob_page = sign_up(new_context(), chat_server, bob)
+    start_chat(page, bob)
+    send(page, "before I go")
+    expect(contact(bob_page, alice)).to_be_visible()
+
+    dialog = open_account(page)
+    for theme in ("Light", "Dark"):
+        dialog.get_by_role("radio", name=theme).check()
+        check_accessibility(page, f"the account dialog, {theme.lower()}")
+    dialog.get_by_role("radio", name="System").check()
+
+    # A wrong current password is said next to it; the right one changes it
+    # and ends every other session: the other tab goes to the sign-in page.
+    new_password = "a brand new passphrase"
+    dialog.get_by_label("Current password").fill("not my password")
+    dialog.get_by_label("New password").fill(new_password)
+    dialog.get_by_role("button", name="Change password").click()
+    expect(dialog.get_by_text("That isn't your current password.")).to_be_visible()
+    expect(dialog.get_by_label("Current password")).to_have_attribute("aria-invalid", "true")
+    dialog.get_by_label("Current password").fill(PASSWORD)
+    dialog.get_by_role("button", name="Change password").click()
+    expect(dialog.get_by_text("Password changed.")).to_be_visible()
+    expect(other_page).to_have_url(re.compile(r"/login"))
+    expect(page).to_have_url(f"{chat_server.base}/#{bob}")
+    dialog.get_by_role("button", name="Close").click()
+    expect(dialog).to_be_hidden()
+    expect(page.get_by_role("button", name="Account")).to_be_focused()
+
+    # Sign out everywhere: this tab and the other, whose socket closes.
+    sign_in_with(other_page, chat_server, alice, new_password)
+    expect(other_page.locator("#app")).not_to_have_class(re.compile("disconnected"))
+    open_account(page).get_by_role("button", name="Sign out everywhere").click()
+    expect(page).to_have_url(re.compile(r"/login$"))
+    expect(other_page).to_have_url(re.compile(r"/login"))
+    assert other_page.evaluate("() => fetch('/api/me').then((r) => r.status)") == 401
+
+    # Delete: a confirmation names what goes and asks for the password.
+    sign_in_with(page, chat_server, alice, new_password)
+    open_account(page).get_by_role("button", name="Delete account").click()
+    confirm = page.get_by_role("dialog", name="Delete your account?")
+    expect(confirm).to_contain_text(alice)
+    expect(confirm).to_contain_text("every message you sent or received")
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        check_accessibility(page, f"the account deletion confirmation, {scheme}")
+    confirm.get_by_label("Password").fill(PASSWORD)  # the old one
+    confirm.get_by_role("button", name="Delete account").click()
+    expect(confirm.get_by_text("That isn't your password.")).to_be_visible()
+    expect(page).to_have_url(re.compile(r"/$"))
+    confirm.get_by_label("Password").fill(new_password)
+    confirm.get_by_role("button", name="Delete account").click()
+    expect(page).to_have_url(re.compile(r"/register$"))
+
+    # Gone from bob's list and from the directory; the name is free again.
+    bob_page.reload()
+    expect(contacts(bob_page)).to_be_attached()
+    expect(bob_page.get_by_text("Loading your conversations…")).to_be_hidden()
+    expect(contact(bob_page, alice)).to_have_count(0)
+    page.get_by_label("Username").fill(alice)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Create account").click()
+    expect(page).to_have_url(chat_server.base + "/")
+    expect(contacts(page).get_by_role("listitem")).to_have_count(0)
+
+
+def test_a_failed_send_keeps_its_place_in_time_and_a_retry_sends_it(chat_server, new_context):
+    alice, bob, alice_page, bob_page = chatting(chat_server, new_context, "hello bob")
+    expect(bubble(bob_page, "hello bob")).to_be_visible()
+    block(bob_page, alice)
+
+    send(alice_page, "are you there?")
+    failed = bubble(alice_page, "are you there?")
+    expect(failed).to_have_attribute("data-state", "failed")
+    expect(failed.get_by_role("button", name="Retry")).to_be_visible()
+    expect(failed.get_by_role("button", name="Discard")).to_be_visible()
+
+    # Unblocked, bob writes: his later message goes below the failed one.
+    bob_page.locator("#block-notice").get_by_role("button", name=f"Unblock {alice}").click()
+    send(bob_page, "sorry, back now")
+    expect(bubble(alice_page, "sorry, back now")).to_be_visible()
+    log = messages(alice_page)
+    expect(log.locator(".msg .body")).to_have_text(["hello bob", "are you there?", "sorry, back now"])
+    expect(failed).to_have_attribute("data-state", "failed")
+
+    # Retried, it is sent now: delivered once, at the bottom of both logs.
+    failed.get_by_role("button", name="Retry").click()
+    expect(bubble(bob_page, "are you there?")).to_have_count(1)
+    expect(messages(bob_page).locator(".msg .body")).to_have_text(
+        ["hello bob", "sorry, back now", "are you there?"])
+    expect(log.locator(".msg .body")).to_have_text(["hello bob", "sorry, back now", "are you there?"])
+    expect(bubble(alice_page, "are you there?").locator(".tick")).to_have_text(re.compile("✓"))
+
+    # Discard drops a failed one for good, reload or not.
+    block(bob_page, alice)
+    send(alice_page, "never mind")
+    expect(bubble(alice_page, "never mind")).to_have_attribute("data-state", "failed")
+    bubble(alice_page, "never mind").get_by_role("button", name="Discard").click()
+    expect(bubble(alice_page, "never mind")).to_have_count(0)
+    alice_page.reload()
+    expect(bubble(alice_page, "are you there?")).to_be_visible()
+    expect(bubble(alice_page, "never mind")).to_have_count(0)
+
+
+def set_sent_at(server, when: dict) -> None:
+    """Moves messages (by body) to other times, straight in the SQLite file."""
+    path = server.env["CHATX_DATABASE_URL"].removeprefix("sqlite:///")
+    with closing(sqlite3.connect(path, timeout=30)) as db, db:
+        for body, at in when.items():
+            changed = db.execute("UPDATE chatx_messages SET sent_at = ? WHERE body = ?",
+                                 (int(at.timestamp() * 1000), body)).rowcount
+            assert changed == 1, body
+
+
+def spaced(text: str) -> str:
+    return re.sub(r"[\u202f\u00a0]", " ", text)
+
+
+def test_times_read_in_the_locale_s_own_way_with_today_yesterday_weekdays_and_dates(chat_server, new_context):
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    berlin = ZoneInfo("Europe/Berlin")
+    now = datetime(2026, 3, 12, 15, 30, tzinfo=berlin)  # a Thursday
+    tag = uuid.uuid4().hex[:6]
+    me = f"reader_{tag}"
+    remote_sign_up(chat_server, me)
+    # One conversation per day to show in the list, and one over three days.
+    when = {
+        f"today {tag}": datetime(2026, 3, 12, 9, 5, tzinfo=berlin),
+        f"yesterday {tag}": datetime(2026, 3, 11, 21, 40, tzinfo=berlin),
+        f"monday {tag}": datetime(2026, 3, 9, 10, 0, tzinfo=berlin),
+        f"january {tag}": datetime(2026, 1, 20, 8, 0, tzinfo=berlin),
+        f"last year {tag}": datetime(2025, 12, 24, 12, 0, tzinfo=berlin),
+    }
+    senders = {}
+    for body in when:
+        sender = f"s{len(senders)}_{tag}"
+        remote = remote_sign_up(chat_server, sender)
+        remote_send(chat_server, remote, me, body)
+        senders[body] = sender
+    days = {f"days 1 {tag}": datetime(2026, 3, 9, 18, 0, tzinfo=berlin),
+            f"days 2 {tag}": datetime(2026, 3, 11, 8, 0, tzinfo=berlin),
+            f"days 3 {tag}": datetime(2026, 3, 12, 14, 7, tzinfo=berlin)}
+    remote = remote_sign_up(chat_server, f"days_{tag}")
+    for body in days:
+        remote_send(chat_server, remote, me, body)
+    set_sent_at(chat_server, {**when, **days})
+
+    expected = {
+        "en-US": {"list": ["2:07 PM", "9:05 AM", "Yesterday", "Mon", "Jan 20", "12/24/25"],
+                  "days": ["Monday", "Yesterday", "Today"], "bubble": "2:07 PM"},
+        "de-DE": {"list": ["14:07", "9:05", "Gestern", "Mo", "20. Jan.", "24.12.25"],
+                  "days": ["Montag", "Gestern", "Heute"], "bubble": "14:07"},
+    }
+    for locale, want in expected.items():
+        context = new_context(locale=locale, timezone_id="Europe/Berlin")
+        context.clock.set_fixed_time(now)
+        page = context.new_page()
+        sign_in_with(page, chat_server, me, PASSWORD)
+        names = [f"days_{tag}", *senders.values()]
+        for name in names:
+            expect(contact(page, name)).to_be_visible()
+        times = [spaced(contact(page, name).locator("time").inner_text()) for name in names]
+        assert times == want["list"], (locale, times)
+        open_chat(page, f"days_{tag}")
+        expect(messages(page).get_by_role("separator").filter(has_not_text="Unread")).to_have_text(want["days"])
+        assert spaced(bubble(page, f"days 3 {tag}").locator("time").inner_text()) == want["bubble"]
+
+
+def test_a_long_press_opens_the_message_menu_on_a_touch_screen_and_keyboard_and_right_click_reach_it(
+        chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    alice_page = sign_up(new_context(permissions=["clipboard-read", "clipboard-write"]), chat_server, alice)
+    phone = new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    bob_page = sign_up(phone, chat_server, bob)
+    start_chat(alice_page, bob)
+    send(alice_page, "hold me down")
+    open_chat(bob_page, alice)
+    target = bubble(bob_page, "hold me down")
+    expect(target).to_be_visible()
+
+    # No "⋯" beside every bubble on a phone.
+    actions = target.locator(".msg-actions")
+    assert actions.evaluate("b => { const r = b.getBoundingClientRect(); return r.width <= 1 && r.height <= 1; }")
+    menu = bob_page.get_by_role("menu")
+    expect(menu).to_be_hidden()
+
+    # A touch held still on the message opens its menu.
+    box = target.bounding_box()
+    touch = phone.new_cdp_session(bob_page)
+    point = {"x": box["x"] + box["width"] / 2, "y": box["y"] + box["height"] / 2}
+    touch.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [point]})
+    expect(menu).to_be_visible()
+    touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    expect(menu.get_by_role("menuitem")).to_have_text(["Reply", "Copy"])
+    expect(menu.get_by_role("menuitem", name="Reply")).to_be_focused()
+    menu.get_by_role("menuitem", name="Reply").tap()
+    expect(bob_page.get_by_text(f"Reply to {alice}")).to_be_visible()
+
+    # The keyboard: the button is there when focused, and Shift+F10 on a message.
+    actions.focus()
+    actions.press("Enter")
+    expect(menu).to_be_visible()
+    bob_page.keyboard.press("Escape")
+    expect(menu).to_be_hidden()
+    expect(actions).to_be_focused()
+
+    # On a desktop, a right click opens it too.
+    mine = bubble(alice_page, "hold me down")
+    mine.click(button="right")
+    desktop_menu = alice_page.get_by_role("menu")
+    expect(desktop_menu.get_by_role("menuitem")).to_have_text(["Reply", "Copy", "Edit", "Delete"])
+    alice_page.keyboard.press("Escape")
+    expect(desktop_menu).to_be_hidden()
+    mine.focus()
+    alice_page.keyboard.press("Shift+F10")
+    expect(desktop_menu).to_be_visible()
+    # Copy puts the text on the clipboard (it cannot be selected on a phone).
+    desktop_menu.get_by_role("menuitem", name="Copy").click()
+    assert alice_page.evaluate("() => navigator.clipboard.readText()") == "hold me down"
+
+
+def background_of(page):
+    return page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+
+
+LIGHT_BACKGROUND, DARK_BACKGROUND = "rgb(238, 241, 245)", "rgb(15, 18, 22)"
+
+
+def test_the_theme_chosen_in_the_account_dialog_is_remembered_and_system_follows_the_system(
+        chat_server, new_context):
+    context = new_context(color_scheme="light")
+    page = sign_up(context, chat_server, unique("alice"))
+    assert background_of(page) == LIGHT_BACKGROUND
+    dialog = open_account(page)
+    expect(dialog.get_by_role("radio", name="System")).to_be_checked()
+    expect(dialog.get_by_role("checkbox", name=re.compile("Play a sound"))).not_to_be_checked()
+    dialog.get_by_role("radio", name="Dark").check()
+    dialog.get_by_role("checkbox", name=re.compile("Play a sound")).check()
+    assert background_of(page) == DARK_BACKGROUND
+
+    # Remembered: after a reload, and on the sign-in page of this browser.
+    page.reload()
+    expect(page.get_by_text("Connecting…")).to_be_hidden()
+    assert background_of(page) == DARK_BACKGROUND
+    dialog = open_account(page)
+    expect(dialog.get_by_role("radio", name="Dark")).to_be_checked()
+    expect(dialog.get_by_role("checkbox", name=re.compile("Play a sound"))).to_be_checked()
+    login = context.new_page()
+    login.goto(chat_server.base + "/login")
+    expect(login.get_by_role("button", name="Sign in")).to_be_visible()
+    assert background_of(login) == DARK_BACKGROUND
+
+    # Light wins over a dark system; System follows the system again.
+    page.emulate_media(color_scheme="dark")
+    dialog.get_by_role("radio", name="Light").check()
+    assert background_of(page) == LIGHT_BACKGROUND
+    dialog.get_by_role("radio", name="System").check()
+    assert background_of(page) == DARK_BACKGROUND
+    page.emulate_media(color_scheme="light")
+    assert background_of(page) == LIGHT_BACKGROUND
+    page.reload()
+    expect(page.get_by_text("Connecting…")).to_be_hidden()
+    assert background_of(page) == LIGHT_BACKGROUND
+
+
+# ---- the screenshots of the README and docs -------------------------------------------
+
+
+def say(server, remote, to, body, at, reply_to=None):
+    """A scripted client sends one message; it is then dated `at` in the database."""
+    frame = {"type": "send", "to": to, "body": body, "client_id": uuid.uuid4().hex}
+    if reply_to:
+        frame["reply_to"] = reply_to
+    with remote.ws(server) as ws:
+        ws.send(json.dumps(frame))
+        message = receive(ws, "ack")["message"]
+    set_sent_at(server, {body: at})
+    return message
+
+
+def emoji_in_colour(page, emoji):
+    """Whether Chromium draws `emoji` in colour with the page's font (a missing
+    emoji font draws an empty box in the text's colour)."""
+    return page.evaluate("""emoji => {
+        const canvas = new OffscreenCanvas(64, 64), context = canvas.getContext("2d");
+        context.font = `48px ${getComputedStyle(document.body).fontFamily}`;
+        context.fillStyle = "#000";
+        context.fillText(emoji, 4, 52);
+        const pixels = context.getImageData(0, 0, 64, 64).data;
+        let coloured = 0;
+        for (let i = 0; i < pixels.length; i += 4) {
+            const [r, g, b, a] = pixels.slice(i, i + 4);
+            if (a > 128 && Math.max(r, g, b) - Math.min(r, g, b) > 60) coloured += 1;
+        }
+        return coloured > 100;
+    }""", emoji)
+
+
+def test_the_screenshots_show_people_by_name_in_daytime_with_emoji_in_colour(tmp_path, new_context):
+    """The README's and docs' screenshots: people with names, a morning in
+    Berlin on a fixed clock, colour emoji. Saved where CHATX_SCREENSHOTS says."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", **SEED_LIMITS, **NO_GRACE,
+                         **SIGNUPS}, tmp_path)
+    server.start()
+    try:
+        berlin = ZoneInfo("Europe/Berlin")
+        day = lambda d, h, m: datetime(2026, 3, d, h, m, tzinfo=berlin)  # noqa: E731 (12 March is a Thursday)
+        people = {name: remote_sign_up(server, name) for name in ("maya", "jonas", "priya", "lena", "sam", "omar",
+                                                         "olivia", "oscar")}
+        omar = say(server, people["omar"], "maya", "Welcome to the team, Maya!", datetime(2026, 1, 20, 9, 15, tzinfo=berlin))
+        say(server, people["sam"], "maya", "Happy birthday! 🎂", day(2, 8, 30))
+        sam = say(server, people["maya"], "sam", "Thank you! 🥳", day(2, 9, 1))
+        market = say(server, people["lena"], "maya", "See you at the market on Saturday 🍓", day(9, 17, 45))
+        say(server, people["maya"], "priya", "Here are the slides for tomorrow", day(11, 16, 20))
+        say(server, people["priya"], "maya", "Thanks, they look great! One question about slide 4", day(11, 18, 2))
+        say(server, people["jonas"], "maya", "Morning! Are we still on for the climbing gym tonight?", day(12, 10, 2))
+        say(server, people["maya"], "jonas", "Yes! 7 pm works for me 🧗", day(12, 10, 4))
+        say(server, people["maya"], "jonas", "Can you bring the spare chalk bag?", day(12, 10, 5))
+        lena = say(server, people["jonas"], "maya", "Sure. Lena might join too 🙌", day(12, 10, 31))
+        say(server, people["maya"], "jonas", "Great 🙂 I'll book a table for dinner afterwards.", day(12, 10, 38),
+            reply_to=lena["id"])
+        people["maya"].put(server, "/api/blocks/sam").raise_for_status()
+        # maya has read all but priya's question.
+        with people["maya"].ws(server) as ws:
+            read = {"omar": omar["id"], "sam": sam["id"], "lena": market["id"], "jonas": lena["id"]}
+            for peer, up_to in read.items():
+                ws.send(json.dumps({"type": "read", "with": peer, "up_to": up_to}))
+                assert receive(ws, "read")["up_to"] == up_to
+
+        clock = {"locale": "en-US", "timezone_id": "Europe/Berlin", "reduced_motion": "reduce"}
+        now = day(12, 10, 42)
+        jonas_context = new_context(**clock)
+        jonas_context.clock.set_fixed_time(now)
+        jonas_page = sign_in(jonas_context, server, "jonas")
+        open_chat(jonas_page, "maya")  # online, and has read everything
+
+        desktop = new_context(viewport={"width": 1200, "height": 720}, **clock)
+        desktop.clock.set_fixed_time(now)
+        page = desktop.new_page()
+        page.goto(server.base + "/login")
+        page.get_by_label("Username").fill("maya")
+        snap(page, "sign-in.png")
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page).to_have_url(server.base + "/")
+        open_chat(page, "jonas")
+        last = bubble(page, "Great 🙂 I'll book a table for dinner afterwards.")
+        expect(last.locator(".tick")).to_have_text("✓✓")
+        expect(last.locator("time")).to_have_text("10:38 AM")
+        expect(contact(page, "priya").locator(".badge")).to_contain_text("1")
+        expect(contact(page, "priya").locator("time")).to_have_text("Yesterday")
+        jonas_page.get_by_role("textbox", name="Message").press_sequentially("On my")
+        expect(page.get_by_text("jonas is typing…")).to_be_visible()
+        assert emoji_in_colour(page, "🙌"), "no colour emoji font: install fonts-noto-color-emoji (make test does)"
+        page.evaluate("() => document.activeElement.blur()")
+        snap(page, "chat-desktop.png")
+        page.emulate_media(color_scheme="dark")
+        snap(page, "chat-dark.png")
+        page.emulate_media(color_scheme="light")
+
+        open_account(page)
+        snap(page, "account.png")
+        page.keyboard.press("Escape")
+        page.get_by_role("searchbox", name="Search people").fill("")
+        find_person(page, "olivia", "o")  # and omar and oscar: people found by the start of their name
+        snap(page, "search-people.png")
+        page.get_by_role("searchbox", name="Search people").press("Escape")
+        open_chat(page, "sam")
+        expect(page.get_by_text("You blocked sam.")).to_be_visible()
+        snap(page, "chat-blocked.png")
+
+        phone = new_context(viewport={"width": 390, "height": 760}, is_mobile=True, has_touch=True,
+                            device_scale_factor=2, **clock)
+        phone.clock.set_fixed_time(now)
+        phone_page = sign_in(phone, server, "maya")
+        expect(contact(phone_page, "jonas")).to_be_visible()
+        snap(phone_page, "phone-contacts.png")
+        open_chat(phone_page, "jonas")
+        expect(bubble(phone_page, "Sure. Lena might join too 🙌")).to_be_visible()
+        phone_page.evaluate("() => document.activeElement.blur()")
+        snap(phone_page, "phone-conversation.png")
+    finally:
+        server.stop()
+
+
+def test_a_message_arriving_in_a_background_tab_beeps_only_once_the_sound_is_turned_on(chat_server, new_context):
+    alice, bob = unique("alice"), unique("bob")
+    bob_remote = remote_sign_up(chat_server, bob)
+    context = new_context()
+    # Counts the tones started, and lets the test say whether the tab is in the background.
+    context.add_init_script("""
+        window.tones = 0;
+        const start = OscillatorNode.prototype.start;
+        OscillatorNode.prototype.start = function (...args) { window.tones += 1; return start.apply(this, args); };
+        Object.defineProperty(Document.prototype, "hidden", { get: () => Boolean(window.inBackground) });
+    """)
+    page = sign_up(context, chat_server, alice)
+    remote_send(chat_server, bob_remote, alice, "first, in the foreground")
+    expect(contact(page, bob)).to_be_visible()
+    page.evaluate("() => { window.inBackground = true; }")
+    remote_send(chat_server, bob_remote, alice, "second, sound off")
+    expect(contact(page, bob).locator(".preview")).to_have_text("second, sound off")
+    assert page.evaluate("() => window.tones") == 0
+
+    page.evaluate("() => { window.inBackground = false; }")
+    open_account(page).get_by_role("checkbox", name=re.compile("Play a sound")).check()
+    page.keyboard.press("Escape")
+    remote_send(chat_server, bob_remote, alice, "third, in the foreground")
+    expect(contact(page, bob).locator(".preview")).to_have_text("third, in the foreground")
+    assert page.evaluate("() => window.tones") == 0
+    page.evaluate("() => { window.inBackground = true; }")
+    remote_send(chat_server, bob_remote, alice, "fourth, in the background")
+    expect(contact(page, bob).locator(".preview")).to_have_text("fourth, in the background")
+    assert page.evaluate("() => window.tones") == 1
