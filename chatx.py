@@ -1692,8 +1692,11 @@ class Revoke:
     session_id: str | None
     keep: str | None = None
 
-    def ends(self, session_id: str) -> bool:
-        return session_id == self.session_id if self.session_id else session_id != self.keep
+    def ends(self, session_id: str | None) -> bool:
+        """A socket of a person the host named (no session) ends with every session."""
+        if self.session_id:
+            return session_id == self.session_id
+        return session_id is None or session_id != self.keep
 
 
 @dataclass(frozen=True, slots=True)
@@ -2748,7 +2751,7 @@ class Messenger:
     def __init__(self, storage: Storage, fanout: Fanout, presence: Presence, settings: Settings) -> None:
         self.storage, self.fanout, self.presence, self.settings = storage, fanout, presence, settings
         self.watcher: asyncio.Task | None = None
-        self.stored_hook = Hook()  # each new message, once, on the process that stored it
+        self.message_hook = Hook()  # each new message, once, on the process that stored it
         self.pending: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -2792,8 +2795,8 @@ class Messenger:
         acknowledge(outcome)
         if isinstance(outcome, Stored):
             self.deliver(outcome)
-            if outcome.seqs and self.stored_hook.callbacks:  # a new message, not a retry's ack
-                task = asyncio.ensure_future(self.stored_hook.send(dict(outcome.message)))
+            if outcome.seqs and self.message_hook.callbacks:  # a new message, not a retry's ack
+                task = asyncio.ensure_future(self.message_hook.send(dict(outcome.message)))
                 self.pending.add(task)
                 task.add_done_callback(self.pending.discard)
 
@@ -3888,7 +3891,7 @@ class ChatX:
     def on_message(self, callback: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
         """Register `callback(message)`, plain or async; it runs once per new
         message, after its commit, on the process that stored it."""
-        return self.messenger.stored_hook.connect(callback)
+        return self.messenger.message_hook.connect(callback)
 
     async def send(self, sender: str, to: str, body: str, client_id: str | None = None,
                    attachment: str | None = None) -> dict[str, Any]:
@@ -3903,8 +3906,11 @@ class ChatX:
             raise ChatError("unknown_attachment", "There is no such upload of the sender's.")
         if not isinstance(sender, str):
             raise ChatError("invalid_username", "The sender's username is a string.")
-        author = await self.accounts.named(sender)
-        recipient = await self.accounts.find_user(to)
+        try:
+            author = await self.accounts.named(sender)
+            recipient = await self.accounts.find_user(to)
+        except Unavailable as exc:
+            raise ChatError("unavailable", "The database is not answering; send it again.") from exc
         if recipient is None:
             raise ChatError("unknown_user", f"There is no user {to!r}.")
         try:
