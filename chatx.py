@@ -63,6 +63,7 @@ from starlette.config import Config
 from starlette.datastructures import CommaSeparatedStrings
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -4031,6 +4032,15 @@ def hide_token(scope: Scope) -> None:
         scope["query_string"] = urlencode([(name, value) for name, value in query if name != "token"]).encode()
 
 
+def cors(settings: Settings) -> list[Middleware]:
+    """With tokens, pages of CHATX_ALLOWED_ORIGINS may read the API's answers
+    to their Bearer requests; never to requests with cookies."""
+    if not (settings.jwt_secret and settings.allowed_origins):
+        return []
+    return [Middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                       allow_methods=["GET", "POST", "PUT", "DELETE"], allow_headers=["Authorization", "Content-Type"])]
+
+
 OWN_ACCOUNTS = (login_page, register_page, register, login, logout, change_password, delete_me)
 
 
@@ -4067,7 +4077,7 @@ def create_app(authenticate: Authenticate | None = None, **settings: Any) -> Sta
         lifespan=chat.lifespan,
         exception_handlers={ApiError: api_error, Busy: api_error, TooManyAttempts: api_error, Unavailable: api_error,
                             HTTPException: http_error, Exception: server_error},
-        middleware=[Middleware(TrustedHosts, allowed_hosts=list(chat.settings.allowed_hosts))],
+        middleware=[Middleware(TrustedHosts, allowed_hosts=list(chat.settings.allowed_hosts)), *cors(chat.settings)],
     )
     app.state.chat = chat
     return app

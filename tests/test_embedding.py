@@ -213,6 +213,9 @@ def test_the_guide_s_page_on_another_origin_chats_through_chatx_with_a_token_fro
             log = alice_page.get_by_role("list", name="Messages")
             expect(log.get_by_text("bob: <b>hi</b> alice", exact=True)).to_be_visible()
             expect(log.get_by_text("alice: hello across origins", exact=True)).to_be_visible()
+        alice_page.reload()  # a fresh page lists the conversations through the API, from another origin
+        expect(log.get_by_text("bob: <b>hi</b> alice", exact=True)).to_be_visible()
+        expect(log.get_by_text("alice: hello across origins", exact=True)).to_have_count(0)
         assert sockets and all(url.startswith(f"{chat.ws_base}/ws?token=") for url in sockets)
         refused = httpx.get(f"{chat.base}/api/me", headers={"authorization": "Bearer " + token + "x"}, timeout=10)
         assert refused.status_code == 401

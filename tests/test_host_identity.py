@@ -368,3 +368,21 @@ def test_chat_send_on_one_process_reaches_a_socket_on_another_and_on_message_run
     finally:
         there.stop()
     assert seen_here == ["across processes"]  # the reply was stored, and its callbacks run, on the other process
+
+
+def test_pages_of_allowed_origins_may_read_answers_to_bearer_requests_and_no_others(make_client, cheap_hashes):
+    client = make_client(jwt_secret=SECRET, allowed_origins="https://app.example")
+    preflight = {"access-control-request-method": "PUT", "access-control-request-headers": "authorization"}
+    allowed = client.options("/api/blocks/bob", headers={"origin": "https://app.example", **preflight})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-credentials" not in allowed.headers  # a cookie's answers stay unreadable
+    refused = client.options("/api/blocks/bob", headers={"origin": "https://evil.example", **preflight})
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    answer = client.get("/api/conversations", headers={"origin": "https://app.example", **bearer(token("alice"))})
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://app.example"
+    without_tokens = make_client(database_url=client.app.state.chat.settings.database_url,
+                                 allowed_origins="https://app.example")
+    assert "access-control-allow-origin" not in without_tokens.options(
+        "/api/blocks/bob", headers={"origin": "https://app.example", **preflight}).headers
