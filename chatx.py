@@ -105,6 +105,7 @@ BACKLOG_FRAMES = 1000  # a socket further behind than this is closed with CLOSE_
 BACKLOG_BYTES = 4 * 1024 * 1024
 SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
 SESSION_COOKIE = "chatx_session"
+JWT_SECRET_MIN = 32  # bytes, the length of HS256's hash (RFC 7518 section 3.2)
 SESSION_DAYS = 30  # a session ends this long after sign-in, or after CHATX_SESSION_IDLE_DAYS unused
 SESSION_TOUCH_MS = 3_600_000  # how stale a session's last use may be recorded
 LOGIN_WINDOW_MS = 15 * 60_000
@@ -207,6 +208,8 @@ def load_settings(**overrides: Any) -> Settings:
         raise ValueError("CHATX_REGISTRATION is 'open' or 'closed'")
     if values["log_format"] not in ("text", "json"):
         raise ValueError("CHATX_LOG_FORMAT is 'text' or 'json'")
+    if values["jwt_secret"] and len(values["jwt_secret"].encode()) < JWT_SECRET_MIN:
+        raise ValueError(f"CHATX_JWT_SECRET is at least {JWT_SECRET_MIN} bytes: a shorter one can be guessed")
     return Settings(**values)
 
 

@@ -193,6 +193,7 @@ def test_a_signed_token_names_its_subject_on_the_api_and_the_socket_and_makes_th
         assert refused.status_code == 401 and error_code(refused) == "bad_credentials"
 
 
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # HS512 with the HS256 secret
 @pytest.mark.parametrize("bad", ["expired", "wrong key", "alg none", "no exp", "no sub", "HS512", "garbage",
                                  "sub not a string"])
 def test_a_bad_token_is_401_on_the_api_and_403_at_the_socket(signed, bad):
@@ -211,6 +212,12 @@ def test_a_bad_token_is_401_on_the_api_and_403_at_the_socket(signed, bad):
     assert refused_handshake(signed, f"/ws?token={value}") == 403
     assert refused_handshake(signed, "/ws", bearer(value)) == 403
     assert signed.get("/api/me", headers=bearer(token("alice"))).status_code == 200  # the good one still works
+
+
+def test_a_secret_too_short_to_resist_guessing_is_refused_at_start():
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        chatx.create_app(jwt_secret="s" * 31)
+    assert chatx.create_app(jwt_secret="s" * 32).state.chat.settings.jwt_secret == "s" * 32
 
 
 def test_tokens_are_refused_where_no_secret_is_set(client):
