@@ -6,7 +6,7 @@ embedding. Each section below uses only the sections above it:
 
     limits and close codes, settings and logging, schema, storage front,
     queries and write jobs, wire frames, broadcast transport, services
-    (Metrics, Limits, Accounts, Fanout, Presence, Messenger), requests and
+    (Metrics, Limits, Accounts, Identity, Fanout, Presence, Messenger), requests and
     sockets alike, the WebSocket, HTTP, the composition root and the app,
     and the command line (`python -m chatx`).
 """
