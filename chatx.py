@@ -6,7 +6,7 @@ embedding. Each section below uses only the sections above it:
 
     limits and close codes, settings and logging, schema, storage front,
     queries and write jobs, wire frames, broadcast transport, services
-    (Metrics, Limits, Accounts, Fanout, Presence, Messenger), requests and
+    (Metrics, Limits, Accounts, Identity, Fanout, Presence, Messenger), requests and
     sockets alike, the WebSocket, HTTP, the composition root and the app,
     and the command line (`python -m chatx`).
 """
@@ -43,10 +43,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from socket import IPPROTO_TCP, SO_LINGER, SOL_SOCKET
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Union
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiosqlite
 import asyncpg
+import jwt
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 import redis.asyncio as aioredis
 import sqlalchemy as sa
@@ -62,6 +63,7 @@ from starlette.config import Config
 from starlette.datastructures import CommaSeparatedStrings
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -103,6 +105,7 @@ BACKLOG_FRAMES = 1000  # a socket further behind than this is closed with CLOSE_
 BACKLOG_BYTES = 4 * 1024 * 1024
 SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
 SESSION_COOKIE = "chatx_session"
+JWT_SECRET_MIN = 32  # bytes, the length of HS256's hash (RFC 7518 section 3.2)
 SESSION_DAYS = 30  # a session ends this long after sign-in, or after CHATX_SESSION_IDLE_DAYS unused
 SESSION_TOUCH_MS = 3_600_000  # how stale a session's last use may be recorded
 LOGIN_WINDOW_MS = 15 * 60_000
@@ -159,6 +162,8 @@ class Settings:
     metrics_allow: tuple[str, ...] = ("127.0.0.1", "::1")
     log_format: str = "text"
     tune_gc: bool = True
+    jwt_secret: str = ""
+    login_url: str = ""
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -191,6 +196,8 @@ def load_settings(**overrides: Any) -> Settings:
         "metrics_allow": config("METRICS_ALLOW", cast=CommaSeparatedStrings, default="127.0.0.1,::1"),
         "log_format": config("LOG_FORMAT", default=Settings.log_format),
         "tune_gc": config("TUNE_GC", cast=bool, default=Settings.tune_gc),
+        "jwt_secret": config("JWT_SECRET", default=Settings.jwt_secret),
+        "login_url": config("LOGIN_URL", default=Settings.login_url),
     }
     values.update(overrides)
     for name in ("allowed_origins", "allowed_hosts", "trusted_proxies", "metrics_allow"):
@@ -201,6 +208,8 @@ def load_settings(**overrides: Any) -> Settings:
         raise ValueError("CHATX_REGISTRATION is 'open' or 'closed'")
     if values["log_format"] not in ("text", "json"):
         raise ValueError("CHATX_LOG_FORMAT is 'text' or 'json'")
+    if values["jwt_secret"] and len(values["jwt_secret"].encode()) < JWT_SECRET_MIN:
+        raise ValueError(f"CHATX_JWT_SECRET is at least {JWT_SECRET_MIN} bytes: a shorter one can be guessed")
     return Settings(**values)
 
 
@@ -965,7 +974,10 @@ class User:
 
 @dataclass(frozen=True)
 class Session:
-    id: str
+    """A ChatX session (`id`), or a person the host named: no session (None)
+    that signing out or a new password could end."""
+
+    id: str | None
     user: User
 
 
@@ -1684,8 +1696,11 @@ class Revoke:
     session_id: str | None
     keep: str | None = None
 
-    def ends(self, session_id: str) -> bool:
-        return session_id == self.session_id if self.session_id else session_id != self.keep
+    def ends(self, session_id: str | None) -> bool:
+        """A socket of a person the host named (no session) ends with every session."""
+        if self.session_id:
+            return session_id == self.session_id
+        return session_id is None or session_id != self.keep
 
 
 @dataclass(frozen=True, slots=True)
@@ -2134,6 +2149,8 @@ def check_password(password: str, stored: str) -> bool:
 
 # Compared against when the username is unknown, so a login takes as long either way.
 DUMMY_HASH = "scrypt$16384$8$5$" + "00" * 16 + "$" + "00" * 64
+# The password of a user the host named: no scrypt digest is empty, so none matches.
+NO_PASSWORD = "scrypt$16384$8$5$" + "00" * 16 + "$"
 
 
 def yield_to_the_event_loop() -> None:
@@ -2174,6 +2191,15 @@ class Busy(Exception):
 class TooManyAttempts(Exception):
     def __init__(self, kind: str, retry_after: int) -> None:
         self.kind, self.retry_after = kind, retry_after
+
+
+class ChatError(Exception):
+    """What the chat refuses, by the code of the contract's error frame: what
+    `chat.send` raises, and the parent of a frame's refusal."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code, self.detail = code, detail
 
 
 class Accounts:
@@ -2290,8 +2316,8 @@ class Accounts:
             await self.storage.write(touch_session, session.id, now)
         return session
 
-    async def session_alive(self, sid: str) -> bool:
-        return await self.storage.read(session_exists, sid)
+    async def session_alive(self, sid: str | None) -> bool:
+        return sid is None or await self.storage.read(session_exists, sid)
 
     async def revoke(self, session: Session) -> None:
         """End the session; its sockets close with CLOSE_REVOKED on every process."""
@@ -2327,6 +2353,23 @@ class Accounts:
     def forget(self, item: UserGone) -> None:
         self.users_by_key.pop(item.username_key, None)
 
+    async def named(self, username: str) -> User:
+        """The user the host names, made on first sight with no password.
+        ChatError for a name that breaks the rules or looks like another's."""
+        if problem := username_problem(username):
+            raise ChatError("invalid_username", problem)
+        user = await self.find_user(username)
+        if user is None:
+            try:
+                user = await self.storage.write(insert_user, username, NO_PASSWORD, now_ms())
+            except Exception as exc:
+                if not is_unique_violation(exc):
+                    raise
+            user = user or await self.find_user(username)  # None: made by another process meanwhile
+        if user is None:
+            raise ChatError("username_taken", f"The username {username!r} looks like another user's.")
+        return user
+
     async def find_user(self, username: str) -> User | None:
         key = username.lower()
         user = self.users_by_key.get(key)
@@ -2354,6 +2397,70 @@ class Accounts:
 
     async def blocks_me(self, me: User, other: User) -> bool:
         return await self.storage.read(blocks_me, me.id, other.id)
+
+
+Authenticate = Callable[[HTTPConnection], Union[str, None, Awaitable[Union[str, None]]]]
+
+
+class Identity:
+    """Who a request or socket handshake comes from: ChatX's session cookie,
+    else the host's `authenticate`, else a token the host signed
+    (CHATX_JWT_SECRET); the first that names someone. A person named by the
+    host or a token has a Session with no id."""
+
+    def __init__(self, accounts: Accounts, settings: Settings, authenticate: Authenticate | None) -> None:
+        self.accounts, self.settings, self.authenticate = accounts, settings, authenticate
+
+    @property
+    def hosted(self) -> bool:
+        """The host names people: ChatX's own sign-up and sign-in are off."""
+        return self.authenticate is not None
+
+    def presents_token(self, conn: HTTPConnection) -> bool:
+        """A browser adds an Authorization header across sites only where CORS
+        lets it, so a request that carries one is no forgery."""
+        return bool(self.settings.jwt_secret) and self.bearer(conn) is not None
+
+    @staticmethod
+    def bearer(conn: HTTPConnection) -> str | None:
+        scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+        return token.strip() or None if scheme.lower() == "bearer" else None
+
+    async def of(self, conn: HTTPConnection) -> Session | None:
+        """The person, or None. ChatError for a name that breaks the rules."""
+        session = await self.accounts.session_from(conn)
+        if session is None and self.authenticate is not None:
+            name = self.authenticate(conn)
+            if inspect.isawaitable(name):
+                name = await name
+            if name is not None:
+                session = Session(None, await self.user_named(name, "authenticate"))
+        if session is None and self.settings.jwt_secret:
+            name = self.token_subject(self.bearer(conn) or conn.scope.get("chatx.token"))
+            if name is not None:
+                session = Session(None, await self.user_named(name, "a token"))
+        return session
+
+    def token_subject(self, token: str | None) -> str | None:
+        """The `sub` of an HS256 token signed with our secret that has not
+        expired; None for any other (`alg: none` and other algorithms too)."""
+        if not token:
+            return None
+        try:
+            claims = jwt.decode(token, self.settings.jwt_secret, algorithms=["HS256"],
+                                options={"require": ["exp", "sub"]})
+        except jwt.PyJWTError:
+            return None
+        return claims["sub"]
+
+    async def user_named(self, name: Any, source: str) -> User:
+        try:
+            if not isinstance(name, str):
+                raise ChatError("invalid_username", "A username is a string.")
+            return await self.accounts.named(name)
+        except ChatError as exc:
+            logger.warning("refused the username %r that %s gave: %s", name, source, exc.detail)
+            raise
 
 
 class Fanout:
@@ -2495,25 +2602,27 @@ class Fanout:
 StatusCallback = Callable[[str, str, datetime], Any]
 
 
-class StatusHook:
-    """Every committed change of a user's status passes through `send`, the way
-    Django's post_save does; publishing the presence frame is one callback."""
+class Hook:
+    """Every committed change of one kind passes through `send`, the way
+    Django's post_save does: each change of a user's status (publishing the
+    presence frame is one callback), each message stored. Callbacks are plain
+    or async; one that raises is logged and harms nothing else."""
 
     def __init__(self) -> None:
-        self.callbacks: list[StatusCallback] = []
+        self.callbacks: list[Callable[..., Any]] = []
 
-    def connect(self, callback: StatusCallback) -> StatusCallback:
+    def connect(self, callback: Callable[..., Any]) -> Callable[..., Any]:
         self.callbacks.append(callback)
         return callback
 
-    async def send(self, username: str, status: str, last_seen: datetime) -> None:
+    async def send(self, *args: Any) -> None:
         for callback in list(self.callbacks):
             try:
-                result = callback(username, status, last_seen)
+                result = callback(*args)
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                logger.exception("status callback %r failed", callback)
+                logger.exception("callback %r failed", callback)
 
 
 class Presence:
@@ -2527,7 +2636,7 @@ class Presence:
 
     def __init__(self, storage: Storage, fanout: Fanout, settings: Settings, process_id: str) -> None:
         self.storage, self.fanout, self.settings, self.process_id = storage, fanout, settings, process_id
-        self.hook = StatusHook()
+        self.hook = Hook()
         self.hook.connect(self.publish)
         self.grace_ms = int(settings.presence_grace * 1000)
         self.pending: set[asyncio.Task] = set()
@@ -2646,14 +2755,17 @@ class Messenger:
     def __init__(self, storage: Storage, fanout: Fanout, presence: Presence, settings: Settings) -> None:
         self.storage, self.fanout, self.presence, self.settings = storage, fanout, presence, settings
         self.watcher: asyncio.Task | None = None
+        self.message_hook = Hook()  # each new message, once, on the process that stored it
+        self.pending: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self.watcher = asyncio.create_task(self.watch())
 
     async def stop(self) -> None:
-        if self.watcher:
-            self.watcher.cancel()
-            await asyncio.gather(self.watcher, return_exceptions=True)
+        for task in [self.watcher, *self.pending]:
+            if task:
+                task.cancel()
+        await asyncio.gather(*[task for task in [self.watcher, *self.pending] if task], return_exceptions=True)
 
     async def watch(self) -> None:
         """Every heartbeat, sockets whose stream has events they were not handed
@@ -2687,6 +2799,10 @@ class Messenger:
         acknowledge(outcome)
         if isinstance(outcome, Stored):
             self.deliver(outcome)
+            if outcome.seqs and self.message_hook.callbacks:  # a new message, not a retry's ack
+                task = asyncio.ensure_future(self.message_hook.send(dict(outcome.message)))
+                self.pending.add(task)
+                task.add_done_callback(self.pending.discard)
 
     def deliver(self, stored: Stored) -> None:
         for user_id, seq in stored.seqs.items():
@@ -2781,9 +2897,8 @@ def storable(text: str) -> bool:
 CURSOR_RE = re.compile(r"[0-9]{1,18}")
 
 
-class FrameError(Exception):
-    def __init__(self, code: str, detail: str) -> None:
-        self.code, self.detail = code, detail
+class FrameError(ChatError):
+    """A frame refused: the socket replies with an error frame of its code."""
 
 
 def transport_of(scope: Scope) -> Any | None:
@@ -3095,13 +3210,18 @@ def take_token(socket: ChatSocket) -> None:
         raise FrameError("rate_limited", "Too many frames; slow down and send again.")
 
 
-async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
-    frame_field(frame, "body", str)
+def client_id_field(frame: dict[str, Any]) -> str | None:
     client_id = frame.get("client_id")
     if client_id is not None and (
         not isinstance(client_id, str) or not 0 < len(client_id) <= CLIENT_ID_MAX or not storable(client_id)
     ):
         raise FrameError("invalid_field", f"'client_id' must be a string of 1 to {CLIENT_ID_MAX} characters.")
+    return client_id
+
+
+async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
+    frame_field(frame, "body", str)
+    client_id = client_id_field(frame)
     reply_to = None if frame.get("reply_to") is None else id_field(frame, "reply_to")
     recipient = await peer_field(socket, frame, "to")
     body = body_field(frame)
@@ -3214,11 +3334,13 @@ class WebSocketEndpoint:
         websocket = WebSocket(scope, receive, send)
         chat = chat_of(websocket)
         try:
-            session = await chat.accounts.session_from(websocket)
+            session = await chat.identity.of(websocket)
         except Unavailable:
             await websocket.accept()
             await websocket.close(CLOSE_TRY_LATER)
             return
+        except ChatError:
+            session = None
         if session is None or not origin_allowed(websocket, chat.settings.allowed_origins):
             await websocket.close()  # before accept(): the handshake is refused with 403
             return
@@ -3282,7 +3404,8 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 def check_origin(request: Request) -> None:
-    if not origin_allowed(request, chat_of(request).settings.allowed_origins):
+    chat = chat_of(request)
+    if not chat.identity.presents_token(request) and not origin_allowed(request, chat.settings.allowed_origins):
         raise ApiError(403, "forbidden", "Requests from other sites are not accepted.")
 
 
@@ -3340,7 +3463,10 @@ def query_limit(request: Request, default: int, most: int) -> int:
 
 
 async def signed_in(request: Request) -> Session:
-    session = await chat_of(request).accounts.session_from(request)
+    try:
+        session = await chat_of(request).identity.of(request)
+    except ChatError as exc:
+        raise ApiError(403, exc.code, exc.detail) from None
     if session is None:
         raise ApiError(401, "not_authenticated", "Sign in first.")
     return session
@@ -3648,10 +3774,23 @@ def page_context(request: Request, **extra: Any) -> dict[str, Any]:
 
 async def chat_page(request: Request) -> Response:
     chat = chat_of(request)
-    session = await chat.accounts.session_from(request)
+    try:
+        session = await chat.identity.of(request)
+    except ChatError as exc:
+        raise ApiError(403, exc.code, exc.detail) from None
+    if session is None and chat.settings.login_url:
+        return RedirectResponse(chat.settings.login_url, status_code=303)
+    if session is None and chat.identity.hosted:
+        raise ApiError(401, "not_authenticated", "Sign in first.")
     if session is None:  # relative to the root path: the Host header does not make the URL
         return RedirectResponse(request.scope.get("root_path", "") + "/login", status_code=303)
-    return chat.templates.TemplateResponse(request, "chat.html", page_context(request, user=session.user.public()))
+    return chat.templates.TemplateResponse(request, "chat.html", page_context(
+        request, user=session.user.public(), hosted=chat.identity.hosted))
+
+
+async def not_found(request: Request) -> Response:
+    """ChatX's own accounts where the host names people (`authenticate`)."""
+    raise ApiError(404, "not_found", "Accounts are the host application's here.")
 
 
 async def login_page(request: Request) -> Response:
@@ -3734,7 +3873,7 @@ class ChatX:
     """One ChatX app: its settings and services, started and stopped together.
     `create_app` makes one per app, so two apps in one process share nothing."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, authenticate: Authenticate | None = None) -> None:
         self.settings = settings
         self.process_id = uuid.uuid4().hex
         self.templates = Jinja2Templates(directory=ASSETS / "templates")
@@ -3743,6 +3882,7 @@ class ChatX:
         self.fanout = Fanout(settings)
         self.limits = Limits(settings)
         self.accounts = Accounts(self.storage, self.fanout, settings)
+        self.identity = Identity(self.accounts, settings, authenticate)
         self.presence = Presence(self.storage, self.fanout, settings, self.process_id)
         self.messenger = Messenger(self.storage, self.fanout, self.presence, settings)
         self.closed_for_restart = 0
@@ -3751,6 +3891,42 @@ class ChatX:
         """Register `callback(username, status, last_seen)`, plain or async; it
         runs once per committed change of status made by this process."""
         return self.presence.hook.connect(callback)
+
+    def on_message(self, callback: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+        """Register `callback(message)`, plain or async; it runs once per new
+        message, after its commit, on the process that stored it."""
+        return self.messenger.message_hook.connect(callback)
+
+    async def send(self, sender: str, to: str, body: str, client_id: str | None = None,
+                   attachment: str | None = None) -> dict[str, Any]:
+        """Store and deliver a message from `sender` (made on first sight, as
+        the host names them) as their `send` frame would, and return it; the
+        frame's refusals raise ChatError. The host's code is not rate-limited."""
+        frame = {"to": to, "body": body, "client_id": client_id}
+        frame_field(frame, "to", str)
+        body = body_field(frame)
+        client_id = client_id_field(frame)
+        if attachment is not None:
+            raise ChatError("unknown_attachment", "There is no such upload of the sender's.")
+        if not isinstance(sender, str):
+            raise ChatError("invalid_username", "The sender's username is a string.")
+        try:
+            author = await self.accounts.named(sender)
+            recipient = await self.accounts.find_user(to)
+        except Unavailable as exc:
+            raise ChatError("unavailable", "The database is not answering; send it again.") from exc
+        if recipient is None:
+            raise ChatError("unknown_user", f"There is no user {to!r}.")
+        try:
+            outcome = await self.messenger.send(NewMessage(author, recipient, body, client_id, None),
+                                                lambda outcome: None)
+        except Exception as exc:
+            raise ChatError("unavailable", "The message could not be stored; send it again.") from exc
+        if isinstance(outcome, Refused):
+            raise ChatError(outcome.code, outcome.detail)
+        if outcome.seqs:
+            self.metrics.messages_stored.inc()
+        return outcome.message
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -3845,12 +4021,36 @@ class ChatXApp(Starlette):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             scope["chatx.server_send"] = send  # see abort_connection() and WebSocketEndpoint
+            hide_token(scope)
         await super().__call__(scope, receive, send)
 
 
-def create_app(**settings: Any) -> Starlette:
-    """A fresh ChatX ASGI app; keyword settings win over CHATX_* variables and `.env`."""
-    chat = ChatX(load_settings(**settings))
+def hide_token(scope: Scope) -> None:
+    """Move `token` from a handshake's query string to scope["chatx.token"]:
+    uvicorn logs the handshake's path and query string from this scope."""
+    query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    tokens = [value for name, value in query if name == "token"]
+    if tokens:
+        scope["chatx.token"] = tokens[-1]
+        scope["query_string"] = urlencode([(name, value) for name, value in query if name != "token"]).encode()
+
+
+def cors(settings: Settings) -> list[Middleware]:
+    """With tokens, pages of CHATX_ALLOWED_ORIGINS may read the API's answers
+    to their Bearer requests; never to requests with cookies."""
+    if not (settings.jwt_secret and settings.allowed_origins):
+        return []
+    return [Middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                       allow_methods=["GET", "POST", "PUT", "DELETE"], allow_headers=["Authorization", "Content-Type"])]
+
+
+OWN_ACCOUNTS = (login_page, register_page, register, login, logout, change_password, delete_me)
+
+
+def create_app(authenticate: Authenticate | None = None, **settings: Any) -> Starlette:
+    """A fresh ChatX ASGI app; keyword settings win over CHATX_* variables and
+    `.env`. With `authenticate(connection)`, the host names who is signed in."""
+    chat = ChatX(load_settings(**settings), authenticate)
     routes = [
         Route("/", chat_page, name="chat_page"),
         Route("/login", login_page, name="login_page"),
@@ -3872,12 +4072,15 @@ def create_app(**settings: Any) -> Starlette:
         WebSocketRoute("/ws", WebSocketEndpoint()),
         Mount("/static", StaticFiles(directory=ASSETS / "static"), name="static"),
     ]
+    if authenticate is not None:
+        routes = [Route(route.path, not_found, methods=route.methods, include_in_schema=False)
+                  if isinstance(route, Route) and route.endpoint in OWN_ACCOUNTS else route for route in routes]
     app = ChatXApp(
         routes=routes,
         lifespan=chat.lifespan,
         exception_handlers={ApiError: api_error, Busy: api_error, TooManyAttempts: api_error, Unavailable: api_error,
                             HTTPException: http_error, Exception: server_error},
-        middleware=[Middleware(TrustedHosts, allowed_hosts=list(chat.settings.allowed_hosts))],
+        middleware=[Middleware(TrustedHosts, allowed_hosts=list(chat.settings.allowed_hosts)), *cors(chat.settings)],
     )
     app.state.chat = chat
     return app

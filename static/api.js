@@ -50,8 +50,10 @@ export function safeNext(raw) {
   return url.hash.length > 1 ? `/${url.hash}` : "/";
 }
 
-// The sign-in page, coming back to the conversation open now (if any).
+// The sign-in page, coming back to the conversation open now (if any). Where
+// the host application signs people in, the chat page sends them to its page.
 export function goToSignIn() {
+  if ("hosted" in document.body.dataset) return goTo("/");
   const next = location.hash.length > 1 ? `?next=${encodeURIComponent(`/${location.hash}`)}` : "";
   goTo(`/login${next}`);
 }

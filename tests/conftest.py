@@ -343,9 +343,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 class ChatServer:
-    """ChatX under a real uvicorn process."""
+    """ChatX under a real uvicorn process; or another ASGI app (`app`, a module
+    in `workdir` or ChatX's), ready when `ready` answers 200."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None) -> None:
+    def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None, app: str = "chatx:app",
+                 ready: str = "/healthz") -> None:
+        self.app, self.ready = app, ready
         self.port = port or free_port()
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
         self.workdir = workdir
@@ -363,7 +366,7 @@ class ChatServer:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "chatx:app", "--host", "127.0.0.1", "--port", str(self.port),
+                [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1", "--port", str(self.port),
                  "--ws-max-size", "65536", "--ws-per-message-deflate", "false"],
                 cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
@@ -374,7 +377,7 @@ class ChatServer:
         if self.process.poll() is not None:
             raise AssertionError(f"server exited: {self.log.read_text()[-3000:]}")
         try:
-            return httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200
+            return httpx.get(f"{self.base}{self.ready}", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -4,16 +4,26 @@ independent apps in one process."""
 from __future__ import annotations
 
 import gc
+import json
 import re
-from contextlib import asynccontextmanager
+import sqlite3
+from contextlib import asynccontextmanager, closing
+from pathlib import Path
 
+import httpx2 as httpx
+import pytest
+from playwright.sync_api import expect
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 import chatx
-from conftest import PASSWORD, next_frame, quiet, sign_up
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from conftest import PASSWORD, ROOT, ChatServer, free_port, next_frame, quiet, receive, sign_up
+from test_browser import bubble, expect_presence, new_context, open_chat, send, start_chat  # noqa: F401
 
 
 def host_app(chat: Starlette) -> Starlette:
@@ -88,3 +98,128 @@ def test_starting_freezes_the_collector_unless_the_host_says_tune_gc_false(make_
     finally:
         gc.unfreeze()
         gc.set_threshold(*default)
+
+
+# ---- docs/embedding.md, run as written ------------------------------------------------
+
+GUIDE = ROOT / "docs" / "embedding.md"
+GUIDE_FILE = re.compile(r"<!-- file: (\S+) -->\n```\w*\n(.*?)\n```", re.S)
+HOST_SECRETS = {"SESSION_SECRET": "the host's session secret", "CHATX_PRESENCE_GRACE": "0"}
+JWT_SECRET = "the secret the host and ChatX share, 32 bytes or more"
+
+
+def write_guide_files(directory: Path) -> list[str]:
+    """The files docs/embedding.md marks with `<!-- file: name -->`, each
+    written whole (the blocks of one name joined in order); their names."""
+    files: dict[str, list[str]] = {}
+    for name, text in GUIDE_FILE.findall(GUIDE.read_text()):
+        files.setdefault(name, []).append(text)
+    for name, blocks in files.items():
+        (directory / name).write_text("\n\n".join(blocks) + "\n")
+    return sorted(files)
+
+
+def host_sign_in(context, base: str, username: str, start: str):
+    """Open `start` signed out; the host's sign-in page comes, then `start` again."""
+    page = context.new_page()
+    page.goto(base + start)
+    expect(page).to_have_url(base + "/login")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(f"{username}'s password")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(base + start)
+    return page
+
+
+def test_the_guide_marks_every_file_of_its_examples():
+    blocks = GUIDE_FILE.findall(GUIDE.read_text())
+    assert sorted({name for name, _ in blocks}) == ["chat_page.html", "host_app.py", "token_host.py"]
+    assert [name for name, _ in blocks].count("host_app.py") == 2  # the app, then its helper bot
+
+
+def test_the_guide_s_fastapi_app_lets_its_users_chat_with_no_chatx_password(tmp_path, new_context):
+    write_guide_files(tmp_path)
+    database = tmp_path / "chat.db"
+    host = ChatServer({**HOST_SECRETS, "CHATX_DATABASE_URL": f"sqlite:///{database}"}, tmp_path,
+                      app="host_app:app", ready="/chat/healthz")
+    host.start()
+    try:
+        chat = host.base + "/chat"
+        assert httpx.get(chat + "/api/me", timeout=10).status_code == 401
+        page = httpx.get(chat + "/", timeout=10)
+        assert page.status_code == 303 and page.headers["location"] == "/login"
+        for method, path in [("GET", "/login"), ("GET", "/register"), ("POST", "/api/register"),
+                             ("POST", "/api/login"), ("POST", "/api/logout"), ("POST", "/api/password"),
+                             ("DELETE", "/api/me")]:
+            response = httpx.request(method, chat + path, json={"username": "mallory", "password": PASSWORD},
+                                     timeout=10)
+            assert response.status_code == 404, (method, path)
+        with pytest.raises(InvalidStatus) as refused:
+            connect(f"{host.ws_base}/chat/ws", open_timeout=10)
+        assert refused.value.response.status_code == 403
+
+        alice_page = host_sign_in(new_context(), host.base, "alice", "/chat/")
+        bob_context = new_context()
+        bob_page = host_sign_in(bob_context, host.base, "bob", "/chat/")
+        expect(alice_page.get_by_role("button", name="Sign out")).to_be_hidden()
+        start_chat(alice_page, "bob")
+        send(alice_page, "hello from the host's alice")
+        expect_presence(alice_page, "bob", "online")
+        open_chat(bob_page, "alice")
+        expect(bubble(bob_page, "hello from the host's alice")).to_be_visible()
+        send(bob_page, "hello back")
+        expect(bubble(alice_page, "hello back")).to_be_visible()
+
+        open_chat(alice_page, "helper")  # it greeted her when she came online
+        expect(bubble(alice_page, "Hi! Ask me anything.")).to_have_count(1)
+        send(alice_page, "is anyone there?")
+        expect(bubble(alice_page, "You asked: is anyone there?")).to_be_visible()
+
+        bob_context.close()
+        expect_presence(alice_page, "bob", "offline")
+    finally:
+        host.stop()
+    with closing(sqlite3.connect(database)) as db:
+        users = dict(db.execute("SELECT username, password_hash FROM chatx_users").fetchall())
+    assert users == {"alice": chatx.NO_PASSWORD, "bob": chatx.NO_PASSWORD, "helper": chatx.NO_PASSWORD}
+
+
+def test_the_guide_s_page_on_another_origin_chats_through_chatx_with_a_token_from_its_host(tmp_path, new_context):
+    write_guide_files(tmp_path)
+    host_port = free_port()
+    chat = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_JWT_SECRET": JWT_SECRET,
+                       "CHATX_ALLOWED_ORIGINS": f"http://127.0.0.1:{host_port}", "CHATX_REGISTRATION": "closed"},
+                      tmp_path)
+    host = ChatServer({**HOST_SECRETS, "CHATX_URL": f"http://127.0.0.1:{chat.port}", "CHATX_JWT_SECRET": JWT_SECRET},
+                      tmp_path, port=host_port, app="token_host:app", ready="/login")
+    chat.start()
+    host.start()
+    try:
+        sockets = []
+        context = new_context()
+        context.on("page", lambda page: page.on("websocket", lambda ws: sockets.append(ws.url)))
+        alice_page = host_sign_in(context, host.base, "alice", "/")
+        with httpx.Client(base_url=host.base, timeout=10) as bob_browser:
+            assert bob_browser.post("/login", data={"username": "bob", "password": "bob's password"}).status_code == 303
+            token = bob_browser.get("/chat-token").json()["token"]
+        with connect(f"{chat.ws_base}/ws?token={token}", open_timeout=10) as bob:
+            assert receive(bob, "hello")["user"]["username"] == "bob"
+            alice_page.get_by_role("textbox", name="To").fill("bob")
+            alice_page.get_by_role("textbox", name="Message").fill("hello across origins")
+            alice_page.get_by_role("button", name="Send").click()
+            message = receive(bob, "message")["message"]
+            assert (message["from"], message["body"]) == ("alice", "hello across origins")
+            bob.send(json.dumps({"type": "send", "to": "alice", "body": "<b>hi</b> alice", "client_id": "b1"}))
+            log = alice_page.get_by_role("list", name="Messages")
+            expect(log.get_by_text("bob: <b>hi</b> alice", exact=True)).to_be_visible()
+            expect(log.get_by_text("alice: hello across origins", exact=True)).to_be_visible()
+        alice_page.reload()  # a fresh page lists the conversations through the API, from another origin
+        expect(log.get_by_text("bob: <b>hi</b> alice", exact=True)).to_be_visible()
+        expect(log.get_by_text("alice: hello across origins", exact=True)).to_have_count(0)
+        assert sockets and all(url.startswith(f"{chat.ws_base}/ws?token=") for url in sockets)
+        refused = httpx.get(f"{chat.base}/api/me", headers={"authorization": "Bearer " + token + "x"}, timeout=10)
+        assert refused.status_code == 401
+    finally:
+        host.stop()
+        chat.stop()
+    assert token not in chat.log.read_text() and "[accepted]" in chat.log.read_text()
