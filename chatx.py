@@ -1817,15 +1817,21 @@ class RedisPubSubBackend(BroadcastBackend):
         self._publisher = asyncio.create_task(self._publish_forever())
 
     async def disconnect(self) -> None:
+        """Within a few seconds whatever Redis does. redis-py may turn the
+        cancellation of a blocked read into its own TimeoutError, which the
+        listener would take for a lost connection: it ends once closing instead."""
         # publish_elsewhere() does not wait: the publisher sends what it left, then ends.
         self._closing = True
         self._wake_publisher.set()
         await asyncio.wait([self._publisher], timeout=2)
         for task in (self._listener, self._publisher):
             task.cancel()
-        await asyncio.gather(self._listener, self._publisher, return_exceptions=True)
-        await self._publishing.disconnect()
-        await self._redis.aclose()
+        await asyncio.wait([self._listener, self._publisher], timeout=1)
+        try:
+            await asyncio.wait_for(self._publishing.disconnect(), 1)
+            await asyncio.wait_for(self._redis.aclose(), 1)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            pass
 
     async def subscribe(self, channel: str) -> None:
         """Return once Redis confirmed the subscription (so a reader of the
@@ -1939,10 +1945,12 @@ class RedisPubSubBackend(BroadcastBackend):
 
     async def _listen_forever(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             try:
                 await self._listen()
             except Exception as exc:  # whatever broke, the listener must come back
+                if self._closing:
+                    return
                 if self._lost_at is None:
                     logger.warning("broadcast connection lost: %s", exc)
                     self._lost_at = now_ms()
@@ -3972,7 +3980,7 @@ def backup_command(settings: Settings, path: str) -> str:
     url = urlsplit(settings.database_url)
     if url.scheme.startswith("postgresql"):
         raise CommandError(f"on PostgreSQL use its own tool: pg_dump --format=custom --file {path} "
-                           f"'{settings.database_url}'")
+                           f"'{redacted(settings.database_url)}' (the password from PGPASSWORD or ~/.pgpass)")
     source_path = Database(settings.database_url).url.database
     if not os.path.isfile(source_path):
         raise CommandError(f"there is no database at {source_path}")
