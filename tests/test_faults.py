@@ -1208,6 +1208,65 @@ def test_a_full_disk_gets_unavailable_then_everything_recovers_with_presence_cor
 # ---- 7. start-up before the database, a silent PostgreSQL, a full disk again (issue 23) ----
 
 
+@pytest.mark.timeout(300)
+def test_a_disk_filled_and_freed_three_times_recovers_every_time_and_chatx_starts_on_a_full_disk(
+        services: Services):
+    disk = services.stack.enter_context(small_tmpfs(services.tmp_path / "disk"))
+    redis = services.redis()
+    url = f"sqlite:///{disk / 'chat.db'}"
+    (a,) = services.chatx(1, url, redis)
+    db = Database(url)
+    alice, bob = people(a, "alice", "bob")
+    make_partners(alice, bob, server=a)
+    receivers = open_receivers(services, [(bob, a, "bob@A")])
+    sender = services.thread(Sender(alice, [a], ["bob"], body_size=1000))
+    time.sleep(2)
+
+    recoveries: list[float] = []
+    logs: list[int] = []
+    for cycle in range(1, 4):
+        filler = fill(disk)
+        full_at = time.monotonic()
+        try:
+            wait_until(lambda: any(at > full_at for at, _ in sender.unavailable), timeout=20,
+                       what=f"a send to get `unavailable` on the full disk (cycle {cycle})")
+            time.sleep(3)
+        finally:
+            filler.unlink()
+        freed = time.monotonic()
+        try:
+            wait_until(lambda: any(at > freed for at, _ in sender.acked.values()), timeout=10, interval=0.02,
+                       what="an ack")
+        except AssertionError:
+            raise AssertionError(f"no ack within 10 s of space returning (cycle {cycle}); "
+                                 f"log:\n{log_tail(a)}") from None
+        recoveries.append(min(at for at, _ in sender.acked.values() if at > freed) - freed)
+        time.sleep(3)  # the load goes on: the log must not take the space back
+        assert any(at > time.monotonic() - 1.5 for at, _ in sender.acked.values()), \
+            f"acks stopped again after space returned (cycle {cycle}); log:\n{log_tail(a)}"
+        wal = disk / "chat.db-wal"
+        logs.append(wal.stat().st_size if wal.exists() else 0)
+    print(f"full disk 3 times: first ack {[round(r, 2) for r in recoveries]} s after space returned; "
+          f"log sizes {logs}; {len(sender.acked)} acked, {len(sender.unavailable)} unavailable")
+    assert max(recoveries) < 2, f"acks came back {recoveries} s after space returned"
+    sender.finish(timeout=30)
+    verify(db, sender, receivers, steady=receivers, heal=freed, bound=10)
+
+    # Restarted on a full disk: it serves 503 meanwhile, then everything once space returns.
+    a.stop()
+    filler = fill(disk)
+    try:
+        (again,) = services.chatx(1, url, redis, healthy=False)
+        time.sleep(3)
+        assert again.process is not None and again.process.poll() is None, f"ChatX exited:\n{log_tail(again)}"
+        refused_while_starting(again, alice)
+    finally:
+        filler.unlink()
+    wait_until(again.healthy, timeout=10, what=f"ChatX to serve once space returned (log: {again.log})")
+    serves_again(db, [again], alice, bob)
+    assert max(logs) <= 1.25 * chatx.WAL_LIMIT_BYTES, f"the write-ahead log grew to {logs} bytes"
+
+
 def refused_while_starting(server: ChatServer, person: Remote | None = None) -> None:
     """/healthz answers 503 quickly; the API answers 503 `unavailable`."""
     started = time.monotonic()
