@@ -521,7 +521,8 @@ class Checkpointer:
     RESERVE_BYTES sits beside the database: when the disk is full it is
     deleted, a truncating checkpoint empties the log, and the reserve is made
     again. Writes go on only while `room` (Writer._submit): the reserve is in
-    place and as much again is free."""
+    place and as much again is free, as seen every RESERVE_RETRY_S; processes
+    sharing the file share the reserve too."""
 
     def __init__(self, path: str, interval: float = CHECKPOINT_INTERVAL_S) -> None:
         self.path, self.interval = path, interval
@@ -574,17 +575,20 @@ class Checkpointer:
         self._connection = sqlite3.connect(self.path, isolation_level=None)
         try:
             while not self._stopping:
-                self._written.wait(None if self.room else RESERVE_RETRY_S)
+                written = self._written.wait(RESERVE_RETRY_S)
                 if self._stopping:
                     break
                 self._written.clear()
                 if self._full or not self.room:
                     self._make_room(release=self._full)
                     continue
-                truncate = self._truncate or self._log_bytes() > WAL_LIMIT_BYTES
-                self._truncate = False
-                self._checkpoint("TRUNCATE" if truncate else "PASSIVE")
-                time.sleep(self.interval)  # let several commits' pages be copied at once
+                if written:
+                    truncate = self._truncate or self._log_bytes() > WAL_LIMIT_BYTES
+                    self._truncate = False
+                    self._checkpoint("TRUNCATE" if truncate else "PASSIVE")
+                self._see_room()
+                if written:
+                    time.sleep(self.interval)  # let several commits' pages be copied at once
         finally:
             self._connection.close()
 
@@ -615,6 +619,9 @@ class Checkpointer:
             self._checkpoint("TRUNCATE")
             self._full = False  # that checkpoint is what the released reserve was for
             self._make_reserve()
+        self._see_room()
+
+    def _see_room(self) -> None:
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
         room = os.path.exists(self.reserve) and free >= RESERVE_BYTES
         if room != self.room and self._thread is not None:
@@ -625,7 +632,7 @@ class Checkpointer:
         self.room = room
 
     def _make_reserve(self) -> None:
-        partial = self.reserve + ".partial"
+        partial = f"{self.reserve}.{os.getpid()}"
         try:
             descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
