@@ -955,7 +955,7 @@ class Storage:
             await close_database(self.database)
             raise
         try:
-            await self.write(migrate)
+            await self.migrate()
             if self._held:  # opened once the writer put the file in WAL mode
                 await self._held.connect()
         except BaseException:
@@ -972,6 +972,28 @@ class Storage:
         if self._held:
             await self._held.disconnect()
         await close_database(self.database)
+
+    async def migrate(self) -> None:
+        """On PostgreSQL, on a connection of its own without STATEMENT_TIMEOUT_S:
+        upgrading a large database may take minutes. Connection.begin
+        serialises it with the writers of other processes all the same."""
+        if not self.postgres:
+            await self.write(migrate)
+            return
+        database = Database(self.url, min_size=1, max_size=1, timeout=CONNECT_TIMEOUT_S, init=watch_silence)
+        await database.connect()
+        try:
+            async with database.connection() as connection:
+                conn = Connection(connection)
+                await conn.begin()
+                try:
+                    await migrate(conn)
+                except BaseException:
+                    await conn.rollback()
+                    raise
+                await conn.commit()
+        finally:
+            await close_database(database)
 
     def write(self, function: Callable[..., Awaitable[Any]], *args: Any) -> asyncio.Future:
         return self.writer.run(function, *args)
