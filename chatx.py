@@ -2741,6 +2741,8 @@ class Presence:
         await asyncio.gather(*[task for task in [self.upkeep, *self.pending] if task], return_exceptions=True)
         try:
             await self.announce(await self.storage.write(unregister_process, self.process_id))
+        except Unavailable as exc:
+            logger.warning("could not unregister this process (%s); the sweep will", exc)
         except Exception:
             logger.exception("could not unregister this process; the sweep will")
 
