@@ -30,6 +30,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import sqlite3
 import struct
 import sys
@@ -37,11 +38,11 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from socket import IPPROTO_TCP, SO_LINGER, SOL_SOCKET
+from socket import AF_INET, AF_INET6, IPPROTO_TCP, SO_KEEPALIVE, SO_LINGER, SOL_SOCKET
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Union
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -77,9 +78,9 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 try:
-    from socket import TCP_CORK  # Linux
+    from socket import TCP_CORK, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT  # Linux
 except ImportError:
-    TCP_CORK = None
+    TCP_CORK = TCP_KEEPCNT = TCP_KEEPIDLE = TCP_KEEPINTVL = TCP_USER_TIMEOUT = None
 
 __version__ = "2.0.0"
 logger = logging.getLogger("chatx")
@@ -126,6 +127,21 @@ COMMIT_FAILURE_MEMORY_S = 5  # /healthz says the database fails this long after 
 # CHECKPOINT_INTERVAL_S while commits come, and by a commit only past WAL_BACKSTOP_PAGES.
 CHECKPOINT_INTERVAL_S = 0.1
 WAL_BACKSTOP_PAGES = 10_000
+# A full disk: the log is kept under WAL_LIMIT_BYTES, and a file of RESERVE_BYTES
+# is kept beside the database, released so that a checkpoint can run once the
+# disk is full, and made again before writes resume.
+WAL_LIMIT_BYTES = 1024 * 1024
+RESERVE_BYTES = 512 * 1024
+RESERVE_RETRY_S = 0.25
+# A database that stops answering without closing the connection fails like
+# one that closed it: every statement, connection and health probe has a deadline,
+# and the kernel resets a PostgreSQL connection silent for TCP_SILENCE_S.
+STATEMENT_TIMEOUT_S = 5
+CONNECT_TIMEOUT_S = 3
+TCP_SILENCE_S = 4
+HEALTH_TIMEOUT_S = 2
+START_RETRY_MAX_S = 2  # the longest wait between attempts to start while the database or broker is away
+SHUTDOWN_S = 4  # the services' share of a shutdown, after uvicorn's --timeout-graceful-shutdown
 
 CLOSE_POLICY = codes.WS_1008_POLICY_VIOLATION  # a bad query string
 CLOSE_TOO_BIG = codes.WS_1009_MESSAGE_TOO_BIG
@@ -406,7 +422,8 @@ class SQLiteWithPragmas(sqlite3.Connection):
         super().__init__(*args, **kwargs)
         # secure_delete: an erased message's text is overwritten, not left in a free page.
         for pragma in ("busy_timeout=5000", "journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
-                       "secure_delete=ON", f"wal_autocheckpoint={WAL_BACKSTOP_PAGES}"):
+                       "secure_delete=ON", f"wal_autocheckpoint={WAL_BACKSTOP_PAGES}",
+                       f"journal_size_limit={WAL_LIMIT_BYTES}"):
             self.execute(f"PRAGMA {pragma}")
 
 
@@ -494,22 +511,52 @@ def as_unavailable(exc: BaseException) -> BaseException:
     return Unavailable(f"{type(exc).__name__}: {exc}") if isinstance(exc, FAULT_TYPES) else exc
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
 class Checkpointer:
     """Copies SQLite's write-ahead log into the database file from a thread
     of its own, on a connection of its own, a moment after each commit.
 
     SQLite's automatic checkpoint runs inside a commit, on the writer's
     thread, and syncs both files, holding up every message meanwhile. A
-    passive checkpoint elsewhere lets commits go on."""
+    passive checkpoint elsewhere lets commits go on.
+
+    It also keeps a full disk from stopping ChatX for good. A checkpoint
+    needs room to grow the database file; without it the log cannot be
+    emptied, and once space returns the log's growth takes it all again. So
+    the log is emptied once it passes WAL_LIMIT_BYTES, and a reserve file of
+    RESERVE_BYTES sits beside the database: when the disk is full it is
+    deleted, a truncating checkpoint empties the log, and the reserve is made
+    again. Writes go on only while `room` (Writer._submit): the reserve is in
+    place and as much again is free, as seen every RESERVE_RETRY_S; processes
+    sharing the file share the reserve too."""
 
     def __init__(self, path: str, interval: float = CHECKPOINT_INTERVAL_S) -> None:
         self.path, self.interval = path, interval
+        self.reserve = path + "-reserve"
+        self.room = False
         self._written = threading.Event()
         self._stopping = False
         self._truncate = False
-        self._thread = threading.Thread(target=self._run, name="chatx-checkpoint", daemon=True)
+        self._full = False
+        self._connection: sqlite3.Connection | None = None
+        self._thread: threading.Thread | None = None
+
+    def prepare(self) -> bool:
+        """Before the writer opens the database: empty the log and make the
+        reserve if it is missing; whether there is room to write."""
+        self._connection = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            self._make_room(release=False)
+        finally:
+            self._connection.close()
+        return self.room
 
     def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="chatx-checkpoint", daemon=True)
         self._thread.start()
 
     def written(self) -> None:
@@ -521,31 +568,126 @@ class Checkpointer:
         self._truncate = True
         self._written.set()
 
+    def disk_full(self) -> None:
+        """A commit found the disk full."""
+        self.room = False
+        self._full = True
+        self._written.set()
+
     def stop(self) -> None:
         self._stopping = True
         self._written.set()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._connection = sqlite3.connect(self.path, isolation_level=None)
         try:
-            while self._written.wait() and not self._stopping:
+            while not self._stopping:
+                written = self._written.wait(RESERVE_RETRY_S)
+                if self._stopping:
+                    break
                 self._written.clear()
-                mode, self._truncate = ("TRUNCATE" if self._truncate else "PASSIVE"), False
-                try:
-                    connection.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
-                except sqlite3.Error:
-                    logger.exception("a background checkpoint failed; the writer's own will do")
-                time.sleep(self.interval)  # let several commits' pages be copied at once
+                if self._full or not self.room:
+                    self._make_room(release=self._full)
+                    continue
+                if written:
+                    truncate = self._truncate or self._log_bytes() > WAL_LIMIT_BYTES
+                    self._truncate = False
+                    self._checkpoint("TRUNCATE" if truncate else "PASSIVE")
+                self._see_room()
+                if written:
+                    time.sleep(self.interval)  # let several commits' pages be copied at once
         finally:
-            connection.close()
+            self._connection.close()
+
+    def _log_bytes(self) -> int:
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
+
+    def _checkpoint(self, mode: str) -> None:
+        assert self._connection is not None
+        try:
+            self._connection.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+        except sqlite3.Error as exc:
+            if is_disk_full(exc):
+                self.disk_full()
+            else:
+                logger.warning("a background checkpoint failed (%s); the writer's own will do", exc)
+
+    def _make_room(self, release: bool) -> None:
+        """Release the reserve if asked, empty the log while the reserve is
+        missing, make it again, and see whether there is room to write."""
+        self._full = False
+        if release:
+            with suppress(FileNotFoundError):
+                os.remove(self.reserve)
+        if not os.path.exists(self.reserve):
+            self._checkpoint("TRUNCATE")
+            self._full = False  # that checkpoint is what the released reserve was for
+            self._make_reserve()
+        self._see_room()
+
+    def _see_room(self) -> None:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
+        room = os.path.exists(self.reserve) and free >= RESERVE_BYTES
+        if room != self.room and self._thread is not None:
+            if room:
+                logger.warning("the disk has room again; writes resume")
+            else:
+                logger.warning("the disk is full (%d bytes free); writes wait for room", free)
+        self.room = room
+
+    def _make_reserve(self) -> None:
+        partial = f"{self.reserve}.{os.getpid()}"
+        try:
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(descriptor, 0, RESERVE_BYTES)
+            finally:
+                os.close(descriptor)
+            os.replace(partial, self.reserve)
+        except OSError:
+            with suppress(OSError):
+                os.remove(partial)
+
+
+async def watch_silence(connection: asyncpg.Connection) -> None:
+    """asyncpg has no keepalive setting. With these, the kernel resets a TCP
+    connection to PostgreSQL once its data or keepalive probes go unanswered
+    for TCP_SILENCE_S (packets dropped, a host gone), and what waited on it
+    fails at once, as when the server closes it."""
+    sock = connection._transport.get_extra_info("socket")  # asyncpg keeps its transport private
+    if sock is None or sock.family not in (AF_INET, AF_INET6) or TCP_USER_TIMEOUT is None:
+        return
+    sock.setsockopt(SOL_SOCKET, SO_KEEPALIVE, 1)
+    sock.setsockopt(IPPROTO_TCP, TCP_KEEPIDLE, 1)
+    sock.setsockopt(IPPROTO_TCP, TCP_KEEPINTVL, 1)
+    sock.setsockopt(IPPROTO_TCP, TCP_KEEPCNT, TCP_SILENCE_S)
+    sock.setsockopt(IPPROTO_TCP, TCP_USER_TIMEOUT, TCP_SILENCE_S * 1000)
 
 
 def open_database(url: str, connections: int = 10) -> Database:
     if url.startswith("sqlite"):
         return Database(url, factory=SQLiteWithPragmas, timeout=5.0)
-    return Database(url, min_size=1, max_size=connections)
+    return Database(url, min_size=1, max_size=connections, timeout=CONNECT_TIMEOUT_S,
+                    command_timeout=STATEMENT_TIMEOUT_S, init=watch_silence)
+
+
+async def close_database(database: Database) -> None:
+    """Close a pool within CONNECT_TIMEOUT_S. asyncpg's graceful close waits on
+    the server, so a silent one would hold it for good: it is then terminated
+    (databases does not expose the pool)."""
+    try:
+        await asyncio.wait_for(database.disconnect(), CONNECT_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        pool = getattr(database._backend, "_pool", None)
+        if pool is not None:
+            pool.terminate()
+            database._backend._pool = None
+        database.is_connected = False
 
 
 @dataclass
@@ -586,6 +728,10 @@ class Writer:
         self.checkpointer = Checkpointer(self.database.url.database) if self.sqlite else None
 
     async def start(self) -> None:
+        self._jobs, self._stopping, self.healthy = [], False, True  # a start may follow a failed one
+        if self.checkpointer and not await asyncio.to_thread(self.checkpointer.prepare):
+            await asyncio.to_thread(self.checkpointer.stop)
+            raise Unavailable("the disk is full")
         await self.database.connect()
         self._task = asyncio.create_task(self._serve(), name="chatx-writer")
         if self.checkpointer:
@@ -593,18 +739,19 @@ class Writer:
 
     async def stop(self) -> None:
         """Finish the queued jobs, then close. Cancelling a job mid-query would
-        leave an asyncpg connection unusable, so that is only a last resort."""
+        leave an asyncpg connection unusable, so that is only a last resort,
+        once a statement's deadline has passed."""
         self._stopping = True
         if self._task:
             self._queue(None)
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), 10)
+                await asyncio.wait_for(asyncio.shield(self._task), STATEMENT_TIMEOUT_S)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+                await asyncio.wait([self._task], timeout=1)
         if self.checkpointer:
             await asyncio.to_thread(self.checkpointer.stop)
-        await self.database.disconnect()
+        await close_database(self.database)
 
     def run(self, function: Callable[..., Awaitable[Any]], *args: Any) -> asyncio.Future:
         """Run `function(connection, *args)` in a write transaction; the future
@@ -617,8 +764,14 @@ class Writer:
         return self._submit(Job(function, (item,), bulk=True))
 
     def _submit(self, job: Job) -> asyncio.Future:
+        """A write while the database is away, or while SQLite has no room
+        (the disk is full), fails at once rather than waiting for a reconnect."""
         if self._stopping and self._task is None:
             job.future.set_exception(Unavailable("the writer has stopped"))
+        elif not self.healthy:
+            job.future.set_exception(Unavailable("the database is not answering"))
+        elif self.checkpointer and not self.checkpointer.room:
+            job.future.set_exception(Unavailable("the disk is full"))
         else:
             self._queue(job)
         return job.future
@@ -649,7 +802,7 @@ class Writer:
     async def _reopen(self) -> None:
         """A new pool: databases keeps a connection bound to this task otherwise."""
         try:
-            await self.database.disconnect()
+            await close_database(self.database)
         except Exception:
             pass
         try:
@@ -712,6 +865,8 @@ class Writer:
                         job.future.set_result(result)
             if failed == len(batch) and isinstance(failure, FAULT_TYPES):
                 self.failed_at = time.monotonic()
+                if self.checkpointer and is_disk_full(failure):
+                    self.checkpointer.disk_full()
             return
         self.healthy = True
         for job, result in zip(batch, results):
@@ -799,26 +954,55 @@ class Storage:
         self.writer = Writer(url, observe_commit)
         self._held = None if self.postgres else HeldConnections(self.database)
         self._vacuum: asyncio.Task | None = None
+        self._probe: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.database.connect()
-        await self.writer.start()
         try:
-            await self.write(migrate)
+            await self.writer.start()
+        except BaseException:
+            await close_database(self.database)
+            raise
+        try:
+            await self.migrate()
             if self._held:  # opened once the writer put the file in WAL mode
                 await self._held.connect()
         except BaseException:
             await self.writer.stop()
-            await self.database.disconnect()
+            await close_database(self.database)
             raise
 
     async def stop(self) -> None:
-        if self._vacuum:
-            await asyncio.gather(self._vacuum, return_exceptions=True)
+        for task in (self._vacuum, self._probe):
+            if task:
+                task.cancel()
+                await asyncio.wait([task], timeout=1)
         await self.writer.stop()
         if self._held:
             await self._held.disconnect()
-        await self.database.disconnect()
+        await close_database(self.database)
+
+    async def migrate(self) -> None:
+        """On PostgreSQL, on a connection of its own without STATEMENT_TIMEOUT_S:
+        upgrading a large database may take minutes. Connection.begin
+        serialises it with the writers of other processes all the same."""
+        if not self.postgres:
+            await self.write(migrate)
+            return
+        database = Database(self.url, min_size=1, max_size=1, timeout=CONNECT_TIMEOUT_S, init=watch_silence)
+        await database.connect()
+        try:
+            async with database.connection() as connection:
+                conn = Connection(connection)
+                await conn.begin()
+                try:
+                    await migrate(conn)
+                except BaseException:
+                    await conn.rollback()
+                    raise
+                await conn.commit()
+        finally:
+            await close_database(database)
 
     def write(self, function: Callable[..., Awaitable[Any]], *args: Any) -> asyncio.Future:
         return self.writer.run(function, *args)
@@ -856,15 +1040,18 @@ class Storage:
 
     async def healthy(self) -> bool:
         """Commits work (none failed for the database's sake in the last few
-        seconds: with a full disk some small writes still pass) and a new
-        connection answers."""
-        if not self.writer.healthy or time.monotonic() - self.writer.failed_at < COMMIT_FAILURE_MEMORY_S:
+        seconds: with a full disk some small writes still pass; SQLite has room)
+        and a connection answers within HEALTH_TIMEOUT_S. A probe that overruns
+        is left to its statement timeout, not awaited: cancelling a query on a
+        silent server waits on that server."""
+        writer = self.writer
+        if (not writer.healthy or time.monotonic() - writer.failed_at < COMMIT_FAILURE_MEMORY_S
+                or (writer.checkpointer and not writer.checkpointer.room)):
             return False
-        try:
-            await asyncio.wait_for(self.database.fetch_val("SELECT 1"), 2)
-        except Exception:
-            return False
-        return True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self.database.fetch_val("SELECT 1"))
+        done, _ = await asyncio.wait([self._probe], timeout=HEALTH_TIMEOUT_S)
+        return bool(done) and not self._probe.cancelled() and self._probe.exception() is None
 
 
 # ---- queries and write jobs ---------------------------------------------------------
@@ -1832,15 +2019,21 @@ class RedisPubSubBackend(BroadcastBackend):
         self._publisher = asyncio.create_task(self._publish_forever())
 
     async def disconnect(self) -> None:
+        """Within a few seconds whatever Redis does. redis-py may turn the
+        cancellation of a blocked read into its own TimeoutError, which the
+        listener would take for a lost connection: it ends once closing instead."""
         # publish_elsewhere() does not wait: the publisher sends what it left, then ends.
         self._closing = True
         self._wake_publisher.set()
         await asyncio.wait([self._publisher], timeout=2)
         for task in (self._listener, self._publisher):
             task.cancel()
-        await asyncio.gather(self._listener, self._publisher, return_exceptions=True)
-        await self._publishing.disconnect()
-        await self._redis.aclose()
+        await asyncio.wait([self._listener, self._publisher], timeout=1)
+        try:
+            await asyncio.wait_for(self._publishing.disconnect(), 1)
+            await asyncio.wait_for(self._redis.aclose(), 1)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            pass
 
     async def subscribe(self, channel: str) -> None:
         """Return once Redis confirmed the subscription (so a reader of the
@@ -1954,10 +2147,12 @@ class RedisPubSubBackend(BroadcastBackend):
 
     async def _listen_forever(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             try:
                 await self._listen()
             except Exception as exc:  # whatever broke, the listener must come back
+                if self._closing:
+                    return
                 if self._lost_at is None:
                     logger.warning("broadcast connection lost: %s", exc)
                     self._lost_at = now_ms()
@@ -2214,11 +2409,11 @@ class Accounts:
         self.hashes_by_address: dict[str, int] = {}
         self.idle_ms = int(settings.session_idle_days * 86_400_000) or 2**62
         self.purger: asyncio.Task | None = None
+        self.fanout.gone_callbacks.append(self.forget)
 
     async def start(self) -> None:
         self.secret = self.settings.secret_key or await self.storage.write(ensure_secret, secrets.token_urlsafe(32))
         self.hashers = ThreadPoolExecutor(2, thread_name_prefix="chatx-hash", initializer=yield_to_the_event_loop)
-        self.fanout.gone_callbacks.append(self.forget)
         self.purger = asyncio.create_task(self.purge())
 
     async def stop(self) -> None:
@@ -2642,10 +2837,10 @@ class Presence:
         self.pending: set[asyncio.Task] = set()
         self.upkeep: asyncio.Task | None = None
         self.unclosed: dict[str, User] = {}  # socket rows a failed write left behind: the heartbeat retries
+        self.fanout.resync_callbacks.append(self.refresh)
 
     async def start(self) -> None:
         await self.storage.write(heartbeat, self.process_id, [])
-        self.fanout.resync_callbacks.append(self.refresh)
         self.upkeep = asyncio.create_task(self.keep())
 
     async def stop(self) -> None:
@@ -2655,6 +2850,8 @@ class Presence:
         await asyncio.gather(*[task for task in [self.upkeep, *self.pending] if task], return_exceptions=True)
         try:
             await self.announce(await self.storage.write(unregister_process, self.process_id))
+        except Unavailable as exc:
+            logger.warning("could not unregister this process (%s); the sweep will", exc)
         except Exception:
             logger.exception("could not unregister this process; the sweep will")
 
@@ -3868,6 +4065,14 @@ class HTTPProtocol(HttpToolsProtocol):
 
 # ---- the composition root and the app -------------------------------------------------
 
+# What keeps ChatX from starting for now: its database or broker cannot be reached.
+START_FAULTS = (Unavailable, RedisError, *FAULT_TYPES)
+
+
+async def cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
 
 class ChatX:
     """One ChatX app: its settings and services, started and stopped together.
@@ -3886,6 +4091,8 @@ class ChatX:
         self.presence = Presence(self.storage, self.fanout, settings, self.process_id)
         self.messenger = Messenger(self.storage, self.fanout, self.presence, settings)
         self.closed_for_restart = 0
+        self.serving = False  # started; until then requests get 503 (Starting)
+        self.shutdown_by: float | None = None
 
     def on_status_change(self, callback: StatusCallback) -> StatusCallback:
         """Register `callback(username, status, last_seen)`, plain or async; it
@@ -3930,26 +4137,66 @@ class ChatX:
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """Start the services in order; stop them in reverse, also when a start fails."""
+        """Start the services; while the database or broker cannot be reached,
+        serve 503 (see Starting) and try again with backoff. Stop them in
+        reverse, all within SHUTDOWN_S whatever the database and broker do."""
         configure_logging(self.settings.log_format)
         async with AsyncExitStack() as started:
             started.callback(logger.info, "ChatX stopped")
-            await self.storage.start()
-            started.push_async_callback(self.storage.stop)
-            await self.accounts.start()
-            started.push_async_callback(self.accounts.stop)
-            await self.fanout.start("chatx:" + hashlib.sha256(self.accounts.secret.encode()).hexdigest()[:16])
-            started.push_async_callback(self.fanout.stop)
-            await self.presence.start()
-            started.push_async_callback(self.presence.stop)
-            await self.messenger.start()
-            started.push_async_callback(self.messenger.stop)
-            started.push_async_callback(self.close_sockets)
-            if self.settings.tune_gc:
-                tune_collector()
-            logger.info("ChatX %s started: database %s, broadcast %s", __version__,
-                        redacted(self.settings.database_url), redacted(self.settings.broadcast_url))
+            try:
+                await self.start(started)
+            except START_FAULTS as exc:
+                logger.warning("ChatX cannot start yet (%s); it answers 503 meanwhile and tries again", exc)
+                starting = asyncio.create_task(self.keep_starting(started))
+                started.push_async_callback(self.stop_within, functools.partial(cancel, starting))
             yield
+            self.shutdown_by = time.monotonic() + SHUTDOWN_S
+
+    async def start(self, started: AsyncExitStack) -> None:
+        """Start the services in order; when one fails, stop those started."""
+        async with AsyncExitStack() as services:
+            for service in (self.storage, self.accounts):
+                await service.start()
+                services.push_async_callback(self.stop_within, service.stop)
+            await self.fanout.start("chatx:" + hashlib.sha256(self.accounts.secret.encode()).hexdigest()[:16])
+            services.push_async_callback(self.stop_within, self.fanout.stop)
+            for service in (self.presence, self.messenger):
+                await service.start()
+                services.push_async_callback(self.stop_within, service.stop)
+            services.push_async_callback(self.stop_within, self.close_sockets)
+            started.push_async_callback(services.pop_all().aclose)
+        if self.settings.tune_gc:
+            tune_collector()
+        self.serving = True
+        logger.info("ChatX %s started: database %s, broadcast %s", __version__,
+                    redacted(self.settings.database_url), redacted(self.settings.broadcast_url))
+
+    async def keep_starting(self, started: AsyncExitStack) -> None:
+        backoff = 0.25
+        while True:
+            await asyncio.sleep(backoff * (1 + random.random()))
+            backoff = min(backoff * 2, START_RETRY_MAX_S / 2)
+            try:
+                await self.start(started)
+                return
+            except START_FAULTS as exc:
+                logger.warning("ChatX cannot start yet: %s", exc)
+            except Exception:
+                logger.exception("ChatX failed to start; trying again")
+
+    async def stop_within(self, stop: Callable[[], Awaitable[None]]) -> None:
+        """One step of stopping, given what is left of the shutdown's
+        SHUTDOWN_S (or SHUTDOWN_S after a failed start); a step that overruns
+        is cancelled and left behind, so that the next ones still run."""
+        deadline = self.shutdown_by or time.monotonic() + SHUTDOWN_S
+        name = getattr(stop, "__qualname__", "stopping")
+        step = asyncio.ensure_future(stop())
+        done, _ = await asyncio.wait([step], timeout=max(deadline - time.monotonic(), 0.1))
+        if not done:
+            step.cancel()
+            logger.warning("%s did not finish within the shutdown's %d s; going on", name, SHUTDOWN_S)
+        elif not step.cancelled() and step.exception() is not None:
+            logger.error("%s failed: %s", name, step.exception())
 
     async def close_sockets(self) -> None:
         """Close sockets with 1012 so clients reconnect elsewhere."""
@@ -3968,8 +4215,9 @@ class ChatX:
         self.metrics.database_up.set(int(self.storage.writer.healthy))
 
     async def health(self) -> dict[str, str]:
-        return {"database": "ok" if await self.storage.healthy() else "fail",
-                "broadcast": "ok" if self.fanout.healthy else "fail"}
+        """Both fail until ChatX has started."""
+        return {"database": "ok" if self.serving and await self.storage.healthy() else "fail",
+                "broadcast": "ok" if self.serving and self.fanout.healthy else "fail"}
 
 
 def tune_collector() -> None:
@@ -4003,6 +4251,30 @@ class TrustedHosts(TrustedHostMiddleware):
                 await send(message)
 
         await super().__call__(scope, receive, answer)
+
+
+class Starting:
+    """Until ChatX has started (its database or broker was away at start-up),
+    every request but /healthz and /static gets 503 `unavailable`, and a
+    socket is closed with CLOSE_TRY_LATER, as during an outage."""
+
+    def __init__(self, app: ASGIApp, chat: ChatX) -> None:
+        self.app, self.chat = app, chat
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.chat.serving or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if path == "/healthz" or path.startswith("/static/"):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            websocket = WebSocket(scope, receive, send)
+            await websocket.accept()
+            await websocket.close(CLOSE_TRY_LATER)
+        else:
+            await error_response(503, "unavailable", "ChatX is starting: its database or broadcast cannot be "
+                                 "reached yet; try again shortly.", 1)(scope, receive, send)
 
 
 class ChatXApp(Starlette):
@@ -4080,7 +4352,8 @@ def create_app(authenticate: Authenticate | None = None, **settings: Any) -> Sta
         lifespan=chat.lifespan,
         exception_handlers={ApiError: api_error, Busy: api_error, TooManyAttempts: api_error, Unavailable: api_error,
                             HTTPException: http_error, Exception: server_error},
-        middleware=[Middleware(TrustedHosts, allowed_hosts=list(chat.settings.allowed_hosts)), *cors(chat.settings)],
+        middleware=[Middleware(TrustedHosts, allowed_hosts=list(chat.settings.allowed_hosts)), *cors(chat.settings),
+                    Middleware(Starting, chat=chat)],
     )
     app.state.chat = chat
     return app
@@ -4175,7 +4448,7 @@ def backup_command(settings: Settings, path: str) -> str:
     url = urlsplit(settings.database_url)
     if url.scheme.startswith("postgresql"):
         raise CommandError(f"on PostgreSQL use its own tool: pg_dump --format=custom --file {path} "
-                           f"'{settings.database_url}'")
+                           f"'{redacted(settings.database_url)}' (the password from PGPASSWORD or ~/.pgpass)")
     source_path = Database(settings.database_url).url.database
     if not os.path.isfile(source_path):
         raise CommandError(f"there is no database at {source_path}")

@@ -84,13 +84,24 @@ class Server(ChatServer):
     """A ChatX process started the way `make run` starts it."""
 
     def start(self) -> None:
+        self.launch()
+        wait_until(self.healthy, timeout=30, what=f"uvicorn on port {self.port} (log: {self.log})")
+
+    def launch(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "chatx:app", "--host", "127.0.0.1", "--port", str(self.port),
                  *make_run_options()],
                 cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
-        wait_until(self.healthy, timeout=30, what=f"uvicorn on port {self.port} (log: {self.log})")
+
+    def answers(self) -> bool:
+        """uvicorn accepts requests (whatever /healthz says)."""
+        try:
+            httpx.get(f"{self.base}/healthz", timeout=3)
+            return True
+        except httpx.HTTPError:
+            return False
 
     def rss_kb(self) -> int:
         assert self.process is not None
@@ -709,7 +720,9 @@ class Services:
         cluster.start()
         return cluster
 
-    def chatx(self, count: int, database_url: str, redis: RedisServer, **env: str) -> list[Server]:
+    def chatx(self, count: int, database_url: str, redis: RedisServer, healthy: bool = True,
+              **env: str) -> list[Server]:
+        """`count` ChatX processes; with `healthy`, each answering /healthz 200 before the next starts."""
         settings = {"CHATX_DATABASE_URL": database_url, "CHATX_BROADCAST_URL": redis.url,
                     "CHATX_SEND_RATE": "100000", "CHATX_SEND_BURST": "100000", "CHATX_PRESENCE_GRACE": "0",
                     "CHATX_PRESENCE_TTL": "4", "CHATX_MAX_SOCKETS_PER_USER": "100", **env}
@@ -717,7 +730,11 @@ class Services:
         for _ in range(count):
             server = Server(settings, self.tmp_path)
             self.stack.callback(server.stop, signal.SIGKILL)
-            server.start()
+            if healthy:
+                server.start()
+            else:
+                server.launch()
+                wait_until(server.answers, timeout=30, what=f"uvicorn on port {server.port} (log: {server.log})")
             started.append(server)
         self.servers += started
         return started
@@ -896,20 +913,27 @@ def iptables_usable() -> bool:
 
 
 @contextmanager
+def dropped(port: int) -> Iterator[None]:
+    """Packets to and from `port` dropped (not refused), with iptables."""
+    rules = [("INPUT", "--dport"), ("OUTPUT", "--sport")]
+    added = []
+    try:
+        for chain, port_option in rules:
+            iptables("-A", chain, "-p", "tcp", port_option, str(port), "-j", "DROP")
+            added.append((chain, port_option))
+        yield
+    finally:
+        for chain, port_option in added:
+            iptables("-D", chain, "-p", "tcp", port_option, str(port), "-j", "DROP")
+
+
+@contextmanager
 def partitioned(redis: RedisServer) -> Iterator[str]:
     """Packets to and from the test's own Redis port dropped (not refused);
     without iptables, the redis-server stopped with SIGSTOP instead."""
     if iptables_usable():
-        rules = [("INPUT", "--dport"), ("OUTPUT", "--sport")]
-        added = []
-        try:
-            for chain, port_option in rules:
-                iptables("-A", chain, "-p", "tcp", port_option, str(redis.port), "-j", "DROP")
-                added.append((chain, port_option))
+        with dropped(redis.port):
             yield "iptables"
-        finally:
-            for chain, port_option in added:
-                iptables("-D", chain, "-p", "tcp", port_option, str(redis.port), "-j", "DROP")
     else:
         assert redis.process is not None
         redis.process.send_signal(signal.SIGSTOP)
@@ -1179,3 +1203,167 @@ def test_a_full_disk_gets_unavailable_then_everything_recovers_with_presence_cor
             found = next(u for u in response.json()["users"] if u["username"] == name)
             assert found["status"] == status, (server.base, found)
     serves_again(db, [a, b], alice, bob, steady=receivers[1:])
+
+
+# ---- 7. start-up before the database, a silent PostgreSQL, a full disk again (issue 23) ----
+
+
+@pytest.mark.timeout(300)
+def test_a_disk_filled_and_freed_three_times_recovers_every_time_and_chatx_starts_on_a_full_disk(
+        services: Services):
+    disk = services.stack.enter_context(small_tmpfs(services.tmp_path / "disk"))
+    redis = services.redis()
+    url = f"sqlite:///{disk / 'chat.db'}"
+    (a,) = services.chatx(1, url, redis)
+    db = Database(url)
+    alice, bob = people(a, "alice", "bob")
+    make_partners(alice, bob, server=a)
+    receivers = open_receivers(services, [(bob, a, "bob@A")])
+    sender = services.thread(Sender(alice, [a], ["bob"], body_size=1000))
+    time.sleep(2)
+
+    recoveries: list[float] = []
+    logs: list[int] = []
+    for cycle in range(1, 4):
+        filler = fill(disk)
+        full_at = time.monotonic()
+        try:
+            wait_until(lambda: any(at > full_at for at, _ in sender.unavailable), timeout=20,
+                       what=f"a send to get `unavailable` on the full disk (cycle {cycle})")
+            time.sleep(3)
+        finally:
+            filler.unlink()
+        freed = time.monotonic()
+        try:
+            wait_until(lambda: any(at > freed for at, _ in sender.acked.values()), timeout=10, interval=0.02,
+                       what="an ack")
+        except AssertionError:
+            raise AssertionError(f"no ack within 10 s of space returning (cycle {cycle}); "
+                                 f"log:\n{log_tail(a)}") from None
+        recoveries.append(min(at for at, _ in sender.acked.values() if at > freed) - freed)
+        time.sleep(3)  # the load goes on: the log must not take the space back
+        assert any(at > time.monotonic() - 1.5 for at, _ in sender.acked.values()), \
+            f"acks stopped again after space returned (cycle {cycle}); log:\n{log_tail(a)}"
+        wal = disk / "chat.db-wal"
+        logs.append(wal.stat().st_size if wal.exists() else 0)
+    print(f"full disk 3 times: first ack {[round(r, 2) for r in recoveries]} s after space returned; "
+          f"log sizes {logs}; {len(sender.acked)} acked, {len(sender.unavailable)} unavailable")
+    assert max(recoveries) < 2, f"acks came back {recoveries} s after space returned"
+    sender.finish(timeout=30)
+    verify(db, sender, receivers, steady=receivers, heal=freed, bound=10)
+
+    # Restarted on a full disk: it serves 503 meanwhile, then everything once space returns.
+    a.stop()
+    filler = fill(disk)
+    try:
+        (again,) = services.chatx(1, url, redis, healthy=False)
+        time.sleep(3)
+        assert again.process is not None and again.process.poll() is None, f"ChatX exited:\n{log_tail(again)}"
+        refused_while_starting(again, alice)
+    finally:
+        filler.unlink()
+    wait_until(again.healthy, timeout=10, what=f"ChatX to serve once space returned (log: {again.log})")
+    serves_again(db, [again], alice, bob)
+    assert max(logs) <= 1.25 * chatx.WAL_LIMIT_BYTES, f"the write-ahead log grew to {logs} bytes"
+
+
+def refused_while_starting(server: ChatServer, person: Remote | None = None) -> None:
+    """/healthz answers 503 quickly; the API answers 503 `unavailable`."""
+    started = time.monotonic()
+    response = httpx.get(f"{server.base}/healthz", timeout=3)
+    assert response.status_code == 503 and response.json()["checks"]["database"] == "fail", response.text
+    assert time.monotonic() - started < 3
+    response = httpx.post(f"{server.base}/api/register", json={"username": "early", "password": "long enough 1"},
+                          timeout=10)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable", response.text
+    if person is not None:
+        response = person.get(server, "/api/me")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable", response.text
+
+
+@pytest.mark.timeout(150)
+def test_chatx_started_while_postgresql_is_down_answers_503_and_serves_once_it_is_up(services: Services):
+    cluster = services.postgres()
+    redis = services.redis()
+    cluster.stop("fast")
+    (a,) = services.chatx(1, cluster.url, redis, healthy=False)
+    time.sleep(6)  # ChatX gave up with status 3 within this, before it retried
+    assert a.process is not None and a.process.poll() is None, f"ChatX exited:\n{log_tail(a)}"
+    refused_while_starting(a)
+    cluster.start()
+    up = time.monotonic()
+    wait_until(a.healthy, timeout=15, what=f"ChatX to serve once PostgreSQL is up (log: {a.log})")
+    print(f"ChatX served {time.monotonic() - up:.1f} s after PostgreSQL came up")
+    db = Database(cluster.url)
+    alice, bob = people(a, "alice", "bob")
+    make_partners(alice, bob, server=a)
+    serves_again(db, [a], alice, bob)
+
+
+def answered_within(server: ChatServer, bound: float) -> tuple[int | None, float]:
+    """/healthz's status (None: no answer within `bound` s) and how long it took."""
+    started = time.monotonic()
+    try:
+        status = httpx.get(f"{server.base}/healthz", timeout=bound).status_code
+    except httpx.HTTPError:
+        status = None
+    return status, time.monotonic() - started
+
+
+@pytest.mark.timeout(180)
+def test_a_silent_postgresql_is_noticed_within_seconds_recovered_from_and_does_not_hold_up_sigterm(
+        services: Services):
+    if not iptables_usable():
+        pytest.fail("the silent-database test drops packets with iptables (run as root, with NET_ADMIN)")
+    cluster = services.postgres()
+    redis = services.redis()
+    (a,) = services.chatx(1, cluster.url, redis)
+    db = Database(cluster.url)
+    alice, bob = people(a, "alice", "bob")
+    make_partners(alice, bob, server=a)
+    receivers = open_receivers(services, [(bob, a, "bob@A")])
+    sender = services.thread(Sender(alice, [a], ["bob"]))
+    time.sleep(2)
+
+    probes: list[tuple[float, int | None, float]] = []
+    with dropped(cluster.port):
+        silent_at = time.monotonic()
+        while time.monotonic() - silent_at < 12:
+            status, took = answered_within(a, 3.5)
+            probes.append((time.monotonic() - silent_at, status, took))
+            time.sleep(0.3)
+    healed = time.monotonic()
+    unavailable = [round(at - silent_at, 2) for at, _ in sender.unavailable if at > silent_at]
+    print(f"silent PostgreSQL: first `unavailable` {unavailable[:1]} s in; /healthz (s in, status, took) "
+          f"{[(round(at, 1), status, round(took, 1)) for at, status, took in probes]}")
+    assert unavailable and unavailable[0] < 8, f"no send got `unavailable` within 8 s: {unavailable[:5]}"
+    slow = [(round(at, 1), status, round(took, 1)) for at, status, took in probes if took >= 3]
+    assert not slow, f"/healthz took 3 s or more during the silence (s in, status, took): {slow}"
+    wrong = [(round(at, 1), status) for at, status, _ in probes if at > 3 and status != 503]
+    assert not wrong, f"/healthz did not say 503 from 3 s into the silence: {wrong}"
+
+    try:
+        sender.finish(timeout=40)
+    except AssertionError:
+        raise AssertionError(f"sends are not acknowledged again after the silence; log:\n{log_tail(a)}") from None
+    verify(db, sender, receivers, steady=[], heal=healed, bound=15)
+    serves_again(db, [a], alice, bob)
+
+    # SIGTERM during a silence ends the process within --timeout-graceful-shutdown + 5 s.
+    options = make_run_options()
+    graceful = float(options[options.index("--timeout-graceful-shutdown") + 1])
+    with open_socket(alice, a) as ws:
+        first_frame(ws)
+        with dropped(cluster.port):
+            ws.send(json.dumps({"type": "send", "to": "bob", "body": "into the silence", "client_id": "last"}))
+            time.sleep(2)
+            assert a.process is not None
+            a.process.send_signal(signal.SIGTERM)
+            term = time.monotonic()
+            try:
+                a.process.wait(timeout=graceful + 20)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"ChatX had not exited {graceful + 20} s after SIGTERM during a silence:\n{log_tail(a)}")
+            took = time.monotonic() - term
+    print(f"SIGTERM during the silence: exit after {took:.1f} s")
+    assert took < graceful + 5, f"ChatX took {took:.1f} s to exit after SIGTERM during a silence:\n{log_tail(a)}"

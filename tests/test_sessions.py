@@ -413,6 +413,21 @@ def test_the_command_line_backs_up_sqlite_and_names_pg_dump_for_postgresql(datab
     failed(cli(f"sqlite:///{tmp_path / 'missing.db'}", tmp_path, "backup", str(tmp_path / "other.db")), "no database")
 
 
+def test_deleting_an_unknown_user_with_a_redis_broadcast_fails_at_once(sqlite_url, redis_server, tmp_path):
+    """Issue 23, item 6: the Redis listener ends when the command does, rather than hanging it."""
+    ok(cli(sqlite_url, tmp_path, "create-user", "erin", password=PASSWORD))
+    started = time.monotonic()
+    failed(cli(sqlite_url, tmp_path, "delete-user", "nobody", broadcast_url=redis_server.url), "nobody")
+    assert time.monotonic() - started < 20
+
+
+def test_the_backup_command_never_prints_the_postgresql_password(tmp_path):
+    """Issue 23, item 10: the pg_dump hint names the database with its password masked, as the logs do."""
+    result = cli("postgresql://postgres:s3cret-pw@127.0.0.1:5432/test", tmp_path, "backup", str(tmp_path / "b.dump"))
+    failed(result, "pg_dump", "postgres:***@127.0.0.1:5432/test")
+    assert "s3cret-pw" not in result.stdout + result.stderr
+
+
 def test_a_password_set_from_the_command_line_closes_open_sockets_on_the_default_broadcast(make_client, sqlite_url,
                                                                                           tmp_path):
     """The default deployment: one process, memory:// broadcast. The command
