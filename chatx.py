@@ -2161,7 +2161,7 @@ class TokenBucket:
 
     def wait(self) -> float:
         """Seconds until the next token (0 with one at hand)."""
-        return max(0.0, (1 - self.tokens) / self.rate) if self.rate > 0 else 3600.0
+        return max(0.0, (1 - self.tokens) / self.rate)
 
 
 class Limits:
@@ -2194,16 +2194,18 @@ class Limits:
             bucket = self.buckets[user_id] = TokenBucket(self.settings.send_rate, burst, burst)
         return bucket.take()
 
-    def frame_bucket(self, user_id: int) -> TokenBucket:
+    def allow_frame(self, user_id: int) -> bool:
         """Every frame a user's sockets send, whatever it is, costs a token: a
         ping or a typing frame to an unknown name is work too. Never tighter
         than the send bucket, so that it is not the one sends run into."""
+        if not self.settings.frame_rate:
+            return True
         bucket = self.frame_buckets.get(user_id)
         if bucket is None:
             rate = max(self.settings.frame_rate, self.settings.send_rate)
             burst = max(self.settings.frame_burst, self.settings.send_burst)
             bucket = self.frame_buckets[user_id] = TokenBucket(rate, burst, burst)
-        return bucket
+        return bucket.take()
 
     def directory_wait(self, user_id: int) -> float:
         """0 if the user may search the directory now, else the seconds until they may."""
@@ -2998,6 +3000,7 @@ class ChatSocket:
         self.backlog_bytes = 0
         self.unsent = 0  # of the batch send_outbox is writing
         self.sends_in_flight = 0
+        self.throttled = False  # the last frame was over the frame bucket
         self.socket_id = uuid.uuid4().hex
         self.seq = 0  # the newest event of the stream this socket has sent or skipped
         self.disconnect_code: int | None = None  # as the server reported the connection's end
@@ -3191,14 +3194,15 @@ class ChatSocket:
                 size = len(text) if 4 * len(text) <= FRAME_MAX_BYTES else len(text.encode())
             if size > FRAME_MAX_BYTES:
                 return CLOSE_TOO_BIG
-            bucket = self.chat.limits.frame_bucket(self.user.id)
-            if not bucket.take():
-                # Dropped, and this socket reads nothing more until the bucket
-                # has a token: a flood waits in its own TCP buffers.
+            if not self.chat.limits.allow_frame(self.user.id):
+                # Dropped unread; one error per run of dropped frames, so that
+                # a flood costs no more than reading it.
                 self.chat.metrics.refusals.labels("frame_rate").inc()
-                self.reply_error("rate_limited", "Too many frames; slow down.")
-                await asyncio.sleep(bucket.wait())
+                if not self.throttled:
+                    self.reply_error("rate_limited", "Too many frames; slow down and send again.")
+                self.throttled = True
                 continue
+            self.throttled = False
             if text is None:
                 self.reply_error("bad_json", "Frames are JSON text, not binary.")
                 continue
