@@ -2151,13 +2151,16 @@ class TokenBucket:
     stamp: float = field(default_factory=time.monotonic)
 
     def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
+        if not self.has_one():
             return False
         self.tokens -= 1
         return True
+
+    def has_one(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.tokens >= 1
 
     def wait(self) -> float:
         """Seconds until the next token (0 with one at hand)."""
@@ -2219,17 +2222,20 @@ class Limits:
 
     def allow_first_contact(self, sender: int, recipient: int) -> bool:
         """A message to someone who never answered the sender takes from the
-        sender's budget and the recipient's, each so many a minute."""
+        sender's budget and the recipient's, each so many a minute; a message
+        refused by one takes nothing from the other."""
+        budgets = []
         for buckets, user_id, per_minute in (
                 (self.first_contacts_sent, sender, self.settings.first_contacts_per_sender),
                 (self.first_contacts_received, recipient, self.settings.first_contacts_per_recipient)):
-            if not per_minute:
-                continue
-            bucket = buckets.get(user_id)
-            if bucket is None:
-                bucket = buckets[user_id] = TokenBucket(per_minute / 60, per_minute, per_minute)
-            if not bucket.take():
-                return False
+            if per_minute:
+                if user_id not in buckets:
+                    buckets[user_id] = TokenBucket(per_minute / 60, per_minute, per_minute)
+                budgets.append(buckets[user_id])
+        if not all(bucket.has_one() for bucket in budgets):
+            return False
+        for bucket in budgets:
+            bucket.take()
         return True
 
 
@@ -2363,8 +2369,9 @@ class Accounts:
         """None if the name, or one like it, is taken: found before hashing, so a
         taken name costs no hash (the answer says it is taken anyway). Every
         attempt counts against the address's limit."""
-        await self.check_attempts("signup", address, self.settings.signups_per_address, SIGNUP_WINDOW_MS)
-        await self.storage.write(add_attempt, "signup", address, now_ms())
+        if self.settings.signups_per_address:
+            await self.check_attempts("signup", address, self.settings.signups_per_address, SIGNUP_WINDOW_MS)
+            await self.storage.write(add_attempt, "signup", address, now_ms())
         if await self.storage.read(username_taken, username):
             return None
         password_hash = await self.hash(address, hash_password, password, lane="sign-up")
