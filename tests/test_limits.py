@@ -700,7 +700,7 @@ def test_a_socket_that_stops_answering_pings_is_closed_by_chatx_with_1013_before
                 assert close_code_of(raw, timeout=12) == chatx.CLOSE_TRY_LATER
             finally:
                 raw.close()
-            assert closed_with(server, chatx.CLOSE_TRY_LATER) == 1
+            wait_until(lambda: closed_with(server, chatx.CLOSE_TRY_LATER) == 1, what="the close to be counted")
             # Bob's and carol's sockets, which answer, live on past several pings.
             assert remote_acked(bob_ws, "carol", "still here", "k-1")["body"] == "still here"
             assert receive(carol_ws, "message")["message"]["body"] == "still here"
