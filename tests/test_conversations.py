@@ -645,7 +645,8 @@ def test_a_blocked_person_s_read_receipt_does_not_reach_the_blocker(chat):
         settle(a, b, c)
         to_bob = sent(a, "bob", "hi bob")
         to_carol = sent(a, "carol", "hi carol")
-        received(b, 1), received(c, 1)
+        received(b, 1)
+        received(c, 1)
         assert put(alice, "/api/blocks/bob").status_code == 204
 
         b.send_json({"type": "read", "with": "alice", "up_to": to_bob["id"]})
