@@ -36,6 +36,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
@@ -111,7 +112,8 @@ SESSION_DAYS = 30  # a session ends this long after sign-in, or after CHATX_SESS
 SESSION_TOUCH_MS = 3_600_000  # how stale a session's last use may be recorded
 LOGIN_WINDOW_MS = 15 * 60_000
 SIGNUP_WINDOW_MS = 3_600_000
-HASHES_WAITING_MAX = 16  # password hashes queued in this process; beyond, 503 busy
+HASHES_WAITING_MAX = 16  # password hashes of existing users queued in this process; beyond, 503 busy
+SIGNUP_HASHES_WAITING_MAX = 4  # those of sign-ups, in threads of their own
 HASHES_PER_ADDRESS_MAX = 2  # password hashes in flight for one client address
 DEPTH_MAX = 32  # nesting of a JSON frame
 HEAD_TIMEOUT_S = 10  # for a request's line and headers to arrive (HTTPProtocol)
@@ -167,6 +169,12 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     send_rate: float = 5.0
     send_burst: float = 30.0
+    frame_rate: float = 20.0
+    frame_burst: float = 100.0
+    directory_rate: float = 1.0
+    directory_burst: float = 30.0
+    first_contacts_per_sender: int = 20
+    first_contacts_per_recipient: int = 60
     typing_interval: float = 2.0
     max_sockets_per_user: int = 20
     login_failures_per_user: int = 5
@@ -199,6 +207,14 @@ def load_settings(**overrides: Any) -> Settings:
         "trusted_proxies": config("TRUSTED_PROXIES", cast=CommaSeparatedStrings, default=""),
         "send_rate": config("SEND_RATE", cast=float, default=Settings.send_rate),
         "send_burst": config("SEND_BURST", cast=float, default=Settings.send_burst),
+        "frame_rate": config("FRAME_RATE", cast=float, default=Settings.frame_rate),
+        "frame_burst": config("FRAME_BURST", cast=float, default=Settings.frame_burst),
+        "directory_rate": config("DIRECTORY_RATE", cast=float, default=Settings.directory_rate),
+        "directory_burst": config("DIRECTORY_BURST", cast=float, default=Settings.directory_burst),
+        "first_contacts_per_sender": config("FIRST_CONTACTS_PER_SENDER", cast=int,
+                                            default=Settings.first_contacts_per_sender),
+        "first_contacts_per_recipient": config("FIRST_CONTACTS_PER_RECIPIENT", cast=int,
+                                               default=Settings.first_contacts_per_recipient),
         "typing_interval": config("TYPING_INTERVAL", cast=float, default=Settings.typing_interval),
         "max_sockets_per_user": config("MAX_SOCKETS_PER_USER", cast=int, default=Settings.max_sockets_per_user),
         "login_failures_per_user": config("LOGIN_FAILURES_PER_USER", cast=int,
@@ -257,7 +273,7 @@ def configure_logging(log_format: str) -> None:
 # up to it on start. Version 1 is every database made before the version was
 # recorded.
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -278,6 +294,7 @@ users = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=False, server_default="0"),  # the newest seq of the stream
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Index("chatx_users_last_seen", "last_seen"),
+    sqlite_autoincrement=True,  # ids grow: a deleted user's id is never given again
 )
 
 sessions = sa.Table(
@@ -319,6 +336,7 @@ messages = sa.Table(
     # Every index is another page written per message. This one finds a
     # conversation in both directions and counts the unread.
     sa.Index("chatx_messages_recipient", "recipient_id", "sender_id", "id"),
+    sqlite_autoincrement=True,  # ids grow: a client resuming `after` an erased id misses nothing
 )
 
 
@@ -1089,6 +1107,8 @@ async def migrate(conn: Connection) -> None:
             await conn.ddl(CreateIndex(index, if_not_exists=True))
     if version == 1:
         await fill_version_2_tables(conn)
+    if 0 < version < 3:
+        await autoincrement_ids(conn)
     if conn.postgres:
         await conn.execute(INSERT_MESSAGES_POSTGRES)
     await conn.execute("DELETE FROM chatx_settings WHERE name = 'schema_version'")
@@ -1147,6 +1167,26 @@ async def fill_version_2_tables(conn: Connection) -> None:
         "AND m.id > chatx_conversations.read_up_to)")
 
 
+async def autoincrement_ids(conn: Connection) -> None:
+    """Version 3: on SQLite, user and message ids are never given again once
+    deleted (AUTOINCREMENT, which needs the table made anew; its sequence
+    starts from the ids already stored). Skeletons fold more look-alikes."""
+    if not conn.postgres:
+        await conn.execute("PRAGMA defer_foreign_keys = ON")  # chatx_users is gone for a moment
+        for table in (users, messages):
+            columns = ", ".join(column.name for column in table.columns)
+            await conn.execute(f"CREATE TABLE {table.name}_v2 AS SELECT {columns} FROM {table.name}")
+            await conn.execute(f"DROP TABLE {table.name}")
+            await conn.ddl(CreateTable(table))
+            for index in table.indexes:
+                await conn.ddl(CreateIndex(index))
+            await conn.execute(f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM {table.name}_v2")
+            await conn.execute(f"DROP TABLE {table.name}_v2")
+    await conn.execute_many("UPDATE chatx_users SET skeleton = ? WHERE id = ?",
+                            [(skeleton(name), user_id) for user_id, name in
+                             await conn.fetch("SELECT id, username FROM chatx_users")])
+
+
 # -- accounts and sessions
 
 
@@ -1171,17 +1211,29 @@ class Session:
 # Characters that look alike in common fonts, folded together. Usernames are
 # ASCII; widening them would add Unicode's confusables (UTS #39) here.
 LOOK_ALIKES = str.maketrans({"i": "l", "1": "l", "0": "o"})
+LOOK_ALIKE_PAIRS = (("rn", "m"), ("vv", "w"))
 
 
 def skeleton(username: str) -> str:
-    """What a username looks like: `aIice`, `alice` and `a1ice` share one."""
-    return username.lower().translate(LOOK_ALIKES)
+    """What a username looks like: `aIice`, `alice` and `a1ice` share one, as
+    do `rnallory` and `mallory`, `vvendy` and `wendy`, `bobby_` and `bobby`."""
+    folded = username.lower().translate(LOOK_ALIKES)
+    for pair, single in LOOK_ALIKE_PAIRS:
+        folded = folded.replace(pair, single)
+    return folded.strip("_.-")
+
+
+async def username_taken(conn: Connection, username: str) -> bool:
+    """The name, or one that looks like it, belongs to someone."""
+    key = username.lower()
+    return bool(await conn.fetch("SELECT 1 FROM chatx_users WHERE username_key = ? OR skeleton = ?",
+                                 key, skeleton(key)))
 
 
 async def insert_user(conn: Connection, username: str, password_hash: str, now: int) -> User | None:
     """None if the name, or one that looks like it, is taken."""
     key = username.lower()
-    if await conn.fetch("SELECT 1 FROM chatx_users WHERE username_key = ? OR skeleton = ?", key, skeleton(key)):
+    if await username_taken(conn, username):
         return None
     await conn.execute("INSERT INTO chatx_users (username, username_key, skeleton, password_hash, status, seq, "
                        "created_at) VALUES (?, ?, ?, ?, 'offline', 0, ?)",
@@ -1314,6 +1366,16 @@ async def blocked_users(conn: Connection, me: int) -> list[User]:
 
 async def blocks_me(conn: Connection, me: int, other: int) -> bool:
     return bool(await conn.fetch("SELECT 1 FROM chatx_blocks WHERE user_id = ? AND blocked_id = ?", other, me))
+
+
+async def has_answered(conn: Connection, sender: int, recipient: int) -> bool:
+    """Whether `recipient` ever sent `sender` a message: a key lookup in chatx_messages_recipient."""
+    return bool(await conn.fetch("SELECT 1 FROM chatx_messages WHERE recipient_id = ? AND sender_id = ? LIMIT 1",
+                                 sender, recipient))
+
+
+async def blocked_either_way(conn: Connection, me: int, other: int) -> bool:
+    return bool(await conn.fetch("SELECT 1 WHERE " + BLOCKED_EITHER_WAY.format(a="?", b="?"), me, other, other, me))
 
 
 # -- messages, streams and conversations
@@ -1509,8 +1571,9 @@ async def insert_message_rows_sqlite(conn: Connection, rows: list[tuple]) -> lis
     """Insert rows of (sender_id, recipient_id, body, sent_at, client_id, reply_to);
     return each one's id, or None where that client_id was stored before.
 
-    Under the write lock each new row's id is the largest one yet plus one, so
-    the rows stored get consecutive ids after the newest before them. One
+    Under the write lock each new row's id is the AUTOINCREMENT high-water
+    mark plus one (never an id given before, even one since erased), so the
+    rows stored get consecutive ids after it. One
     prepared statement run per row: a statement of many rows is compiled anew
     for every count of rows, which cost more than the rows themselves. No
     RETURNING: the sqlite3 module lets go of the GIL for every row it steps
@@ -1518,7 +1581,8 @@ async def insert_message_rows_sqlite(conn: Connection, rows: list[tuple]) -> lis
     to hand the GIL back."""
     if not rows:
         return []
-    newest = await conn.fetch_value("SELECT coalesce(max(id), 0) FROM chatx_messages")
+    newest = await conn.fetch_value(
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'chatx_messages'), 0)")
     stored = await conn.execute_many(
         "INSERT INTO chatx_messages (sender_id, recipient_id, body, sent_at, client_id, reply_to) "
         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sender_id, client_id) DO NOTHING", rows)
@@ -1595,6 +1659,8 @@ async def change_message(conn: Connection, me: int, message_id: int, body: str |
                                message_id)
     if row is None or row[0] != me:
         return Refused("unknown_message", "You have no such message.")
+    if row[1] != me and await blocks_me(conn, me, row[1]):
+        return Refused("blocked", "The recipient blocks you: the message stays as they have it.")
     if body is None:
         await conn.execute("UPDATE chatx_messages SET body = '', deleted = ? WHERE id = ?", True, message_id)
         kind = EventKind.DELETE
@@ -1618,7 +1684,9 @@ async def advance_read_cursor(conn: Connection, me: User, peer: User, up_to: int
                                         "AND sender_id = ? AND id > ? AND id <= ?", me.id, peer.id, row[1], target)
     await conn.execute("UPDATE chatx_conversations SET read_up_to = ?, unread = unread - ? "
                        "WHERE user_id = ? AND peer_id = ?", target, newly_read, me.id, peer.id)
-    people = list(dict.fromkeys((me.id, peer.id)))
+    # While a block stands either way, my read receipt reaches only my own stream.
+    hidden = peer.id != me.id and await blocked_either_way(conn, me.id, peer.id)
+    people = [me.id] if hidden else list(dict.fromkeys((me.id, peer.id)))
     seqs = await append_events(conn, [(user_id, EventKind.READ, None, me.id, peer.id, target) for user_id in people])
     return Stored(EventKind.READ, dict(zip(people, seqs)),
                   read={"reader": me.username, "with": peer.username, "up_to": target})
@@ -1656,7 +1724,8 @@ async def seq_before_message(conn: Connection, user_id: int, after_id: int) -> i
 
 async def history_page(conn: Connection, me: int, peer: int, before: int | None, after: int | None,
                        limit: int) -> tuple[list[dict[str, Any]], bool, int, int]:
-    """Messages between two people, ascending; whether there are more; both read cursors."""
+    """Messages between two people, ascending; whether there are more; both
+    read cursors (theirs 0 while a block stands either way)."""
     mine = "((m.sender_id = ? AND m.recipient_id = ?) OR (m.sender_id = ? AND m.recipient_id = ?))"
     args: list[Any] = [me, peer, peer, me]
     if after is not None:
@@ -1675,7 +1744,8 @@ async def history_page(conn: Connection, me: int, peer: int, before: int | None,
     cursors = dict(await conn.fetch("SELECT user_id, read_up_to FROM chatx_conversations WHERE "
                                     "(user_id = ? AND peer_id = ?) OR (user_id = ? AND peer_id = ?)",
                                     me, peer, peer, me))
-    return page, len(rows) > limit, cursors.get(me, 0), cursors.get(peer, 0)
+    theirs = 0 if peer != me and await blocked_either_way(conn, me, peer) else cursors.get(peer, 0)
+    return page, len(rows) > limit, cursors.get(me, 0), theirs
 
 
 async def conversation_rows(conn: Connection, me: int, before: int | None, limit: int) -> list[tuple]:
@@ -2291,13 +2361,20 @@ class TokenBucket:
     stamp: float = field(default_factory=time.monotonic)
 
     def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
+        if not self.has_one():
             return False
         self.tokens -= 1
         return True
+
+    def has_one(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.tokens >= 1
+
+    def wait(self) -> float:
+        """Seconds until the next token (0 with one at hand)."""
+        return max(0.0, (1 - self.tokens) / self.rate)
 
 
 class Limits:
@@ -2306,6 +2383,10 @@ class Limits:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.buckets: dict[int, TokenBucket] = {}
+        self.frame_buckets: dict[int, TokenBucket] = {}
+        self.directory_buckets: dict[int, TokenBucket] = {}
+        self.first_contacts_sent: dict[int, TokenBucket] = {}
+        self.first_contacts_received: dict[int, TokenBucket] = {}
         self.typed: dict[tuple[int, int], float] = {}  # (sender, peer) -> when a typing frame last went
 
     def allow_typing(self, sender: int, peer: int) -> bool:
@@ -2325,6 +2406,47 @@ class Limits:
             burst = self.settings.send_burst
             bucket = self.buckets[user_id] = TokenBucket(self.settings.send_rate, burst, burst)
         return bucket.take()
+
+    def allow_frame(self, user_id: int) -> bool:
+        """Every frame a user's sockets send, whatever it is, costs a token: a
+        ping or a typing frame to an unknown name is work too. Never tighter
+        than the send bucket, so that it is not the one sends run into."""
+        if not self.settings.frame_rate:
+            return True
+        bucket = self.frame_buckets.get(user_id)
+        if bucket is None:
+            rate = max(self.settings.frame_rate, self.settings.send_rate)
+            burst = max(self.settings.frame_burst, self.settings.send_burst)
+            bucket = self.frame_buckets[user_id] = TokenBucket(rate, burst, burst)
+        return bucket.take()
+
+    def directory_wait(self, user_id: int) -> float:
+        """0 if the user may search the directory now, else the seconds until they may."""
+        rate, burst = self.settings.directory_rate, self.settings.directory_burst
+        if not rate:
+            return 0.0
+        bucket = self.directory_buckets.get(user_id)
+        if bucket is None:
+            bucket = self.directory_buckets[user_id] = TokenBucket(rate, burst, burst)
+        return 0.0 if bucket.take() else bucket.wait()
+
+    def allow_first_contact(self, sender: int, recipient: int) -> bool:
+        """A message to someone who never answered the sender takes from the
+        sender's budget and the recipient's, each so many a minute; a message
+        refused by one takes nothing from the other."""
+        budgets = []
+        for buckets, user_id, per_minute in (
+                (self.first_contacts_sent, sender, self.settings.first_contacts_per_sender),
+                (self.first_contacts_received, recipient, self.settings.first_contacts_per_recipient)):
+            if per_minute:
+                if user_id not in buckets:
+                    buckets[user_id] = TokenBucket(per_minute / 60, per_minute, per_minute)
+                budgets.append(buckets[user_id])
+        if not all(bucket.has_one() for bucket in budgets):
+            return False
+        for bucket in budgets:
+            bucket.take()
+        return True
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -2404,8 +2526,10 @@ class Accounts:
         self.storage, self.fanout, self.settings = storage, fanout, settings
         self.users_by_key: dict[str, User] = {}
         self.secret = ""
-        self.hashers: ThreadPoolExecutor | None = None
-        self.hashes_waiting = 0
+        # Existing users' hashes and sign-ups' in pools and queues of their own:
+        # however many sign-ups come, a sign-in finds a place.
+        self.hashers: dict[str, ThreadPoolExecutor] = {}
+        self.hashes_waiting = {"sign-in": 0, "sign-up": 0}
         self.hashes_by_address: dict[str, int] = {}
         self.idle_ms = int(settings.session_idle_days * 86_400_000) or 2**62
         self.purger: asyncio.Task | None = None
@@ -2413,15 +2537,17 @@ class Accounts:
 
     async def start(self) -> None:
         self.secret = self.settings.secret_key or await self.storage.write(ensure_secret, secrets.token_urlsafe(32))
-        self.hashers = ThreadPoolExecutor(2, thread_name_prefix="chatx-hash", initializer=yield_to_the_event_loop)
+        self.hashers = {lane: ThreadPoolExecutor(threads, thread_name_prefix=f"chatx-{lane}",
+                                                 initializer=yield_to_the_event_loop)
+                        for lane, threads in (("sign-in", 2), ("sign-up", 1))}
         self.purger = asyncio.create_task(self.purge())
 
     async def stop(self) -> None:
         if self.purger:
             self.purger.cancel()
             await asyncio.gather(self.purger, return_exceptions=True)
-        if self.hashers:
-            self.hashers.shutdown(wait=False)
+        for hashers in self.hashers.values():
+            hashers.shutdown(wait=False)
 
     async def purge(self) -> None:
         """Expired and idle sessions, and attempts past their window, go."""
@@ -2432,18 +2558,20 @@ class Accounts:
                 logger.warning("purging expired sessions failed: %s", exc)
             await asyncio.sleep(600)
 
-    async def hash(self, address: str, function: Callable[..., Any], *args: Any) -> Any:
-        """Run a slow hash in the hashing threads, never on the event loop. A
-        bounded queue, and a bound per client address: one client's flood of
-        guesses is refused (Busy) rather than delay everyone's sign-in."""
-        if self.hashes_waiting >= HASHES_WAITING_MAX or self.hashes_by_address.get(address, 0) >= HASHES_PER_ADDRESS_MAX:
+    async def hash(self, address: str, function: Callable[..., Any], *args: Any, lane: str = "sign-in") -> Any:
+        """Run a slow hash in the hashing threads of its lane, never on the
+        event loop. A bounded queue per lane, and a bound per client address:
+        one client's flood of guesses is refused (Busy) rather than delay
+        everyone's sign-in."""
+        most = SIGNUP_HASHES_WAITING_MAX if lane == "sign-up" else HASHES_WAITING_MAX
+        if self.hashes_waiting[lane] >= most or self.hashes_by_address.get(address, 0) >= HASHES_PER_ADDRESS_MAX:
             raise Busy()
-        self.hashes_waiting += 1
+        self.hashes_waiting[lane] += 1
         self.hashes_by_address[address] = self.hashes_by_address.get(address, 0) + 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.hashers, function, *args)
+            return await asyncio.get_running_loop().run_in_executor(self.hashers[lane], function, *args)
         finally:
-            self.hashes_waiting -= 1
+            self.hashes_waiting[lane] -= 1
             if self.hashes_by_address[address] == 1:
                 del self.hashes_by_address[address]
             else:
@@ -2459,34 +2587,44 @@ class Accounts:
             raise TooManyAttempts(kind, max(1, -(-(oldest + window_ms - now) // 1000)))
 
     async def register(self, username: str, password: str, address: str) -> User | None:
-        await self.check_attempts("signup", address, self.settings.signups_per_address, SIGNUP_WINDOW_MS)
-        password_hash = await self.hash(address, hash_password, password)
+        """None if the name, or one like it, is taken: found before hashing, so a
+        taken name costs no hash (the answer says it is taken anyway). Every
+        attempt counts against the address's limit."""
+        if self.settings.signups_per_address:
+            await self.check_attempts("signup", address, self.settings.signups_per_address, SIGNUP_WINDOW_MS)
+            await self.storage.write(add_attempt, "signup", address, now_ms())
+        if await self.storage.read(username_taken, username):
+            return None
+        password_hash = await self.hash(address, hash_password, password, lane="sign-up")
         try:
-            user = await self.storage.write(insert_user, username, password_hash, now_ms())
+            return await self.storage.write(insert_user, username, password_hash, now_ms())
         except Exception as exc:
             if is_unique_violation(exc):
                 return None
             raise
-        if user is not None:
-            await self.storage.write(add_attempt, "signup", address, now_ms())
-        return user
 
     async def authenticate(self, username: str, password: str, address: str) -> User | None:
         """The user, if the password is theirs. Past the failure limits, even
         the right password is refused (TooManyAttempts) until the window passes."""
         key = username.lower()
-        await self.check_attempts("login-user", key, self.settings.login_failures_per_user, LOGIN_WINDOW_MS)
-        await self.check_attempts("login-address", address, self.settings.login_failures_per_address, LOGIN_WINDOW_MS)
+        await self.check_login_attempts(key, address)
         found = await self.storage.read(password_of, key)
         if found and await self.hash(address, check_password, password, found[1]):
             await self.storage.write(clear_attempts, "login-user", key)
             return found[0]
         if not found:
             await self.hash(address, check_password, password, DUMMY_HASH)  # as slow as a wrong password
+        await self.add_login_failure(key, address)
+        return None
+
+    async def check_login_attempts(self, key: str, address: str) -> None:
+        await self.check_attempts("login-user", key, self.settings.login_failures_per_user, LOGIN_WINDOW_MS)
+        await self.check_attempts("login-address", address, self.settings.login_failures_per_address, LOGIN_WINDOW_MS)
+
+    async def add_login_failure(self, key: str, address: str) -> None:
         now = now_ms()
         await self.storage.write(add_attempt, "login-user", key, now)
         await self.storage.write(add_attempt, "login-address", address, now)
-        return None
 
     async def create_session(self, user: User, replaces: Session | None = None) -> str:
         """A new session (a new token at every sign-in); the one it `replaces` ends."""
@@ -2524,8 +2662,16 @@ class Accounts:
         self.fanout.deliver(user.id, Revoke(None))
 
     async def password_matches(self, user: User, password: str, address: str) -> bool:
-        found = await self.storage.read(password_of, user.username.lower())
-        return found is not None and await self.hash(address, check_password, password, found[1])
+        """A wrong password here (a password change, an account deletion) is
+        a failed sign-in: it counts, and past the limits even the right one
+        is refused (TooManyAttempts)."""
+        key = user.username.lower()
+        await self.check_login_attempts(key, address)
+        found = await self.storage.read(password_of, key)
+        if found is not None and await self.hash(address, check_password, password, found[1]):
+            return True
+        await self.add_login_failure(key, address)
+        return False
 
     async def change_password(self, session: Session, new_password: str, address: str) -> None:
         """The new password, and every other session of the user ends."""
@@ -2716,12 +2862,14 @@ class Fanout:
     async def close_stalled(self) -> None:
         """A socket whose client took no frame for SEND_STALL_S is closed: its
         replay or backlog must not hold the server's memory, and its client
-        reconnects with `since=` and loses nothing."""
+        reconnects with `since=` and loses nothing. So is one whose client
+        left the server's keepalive ping unanswered for half its timeout:
+        closed by ChatX with CLOSE_TRY_LATER, before the server fails it with 1011."""
         while True:
             await asyncio.sleep(1)
             now = time.monotonic()
             for socket in self.sockets():
-                if socket.sending_since and now - socket.sending_since > SEND_STALL_S:
+                if (socket.sending_since and now - socket.sending_since > SEND_STALL_S) or socket.pong_overdue():
                     socket.end(CLOSE_TRY_LATER)
 
     def deliver_everywhere(self, item: UserGone) -> None:
@@ -2954,6 +3102,7 @@ class Messenger:
         self.watcher: asyncio.Task | None = None
         self.message_hook = Hook()  # each new message, once, on the process that stored it
         self.pending: set[asyncio.Task] = set()
+        self.answered: set[tuple[int, int]] = set()  # (sender, recipient): the recipient wrote to the sender
 
     async def start(self) -> None:
         self.watcher = asyncio.create_task(self.watch())
@@ -3020,6 +3169,19 @@ class Messenger:
         if moved is not None:
             self.deliver(moved)
 
+    async def first_contact(self, sender: User, recipient: User) -> bool:
+        """Whether the recipient never wrote to the sender. An answer stays
+        (ids are never given again), so once seen it is kept in memory."""
+        pair = (sender.id, recipient.id)
+        if sender.id == recipient.id or pair in self.answered:
+            return False
+        if not await self.storage.read(has_answered, sender.id, recipient.id):
+            return True
+        if len(self.answered) > 100_000:
+            self.answered.clear()
+        self.answered.add(pair)
+        return False
+
     async def typing(self, me: User, peer: User) -> None:
         if not await self.storage.read(blocks_me, me.id, peer.id):
             self.fanout.deliver(peer.id, Frame(dumps({"type": "typing", "from": me.username})))
@@ -3049,7 +3211,7 @@ class Messenger:
                 "last_seen": None if blocked else iso(last_seen),
                 "unread": unread,
                 "last_message": message_object(*row[8:17]),
-                "read_up_to": {me.username: mine, peer: theirs or 0},
+                "read_up_to": {me.username: mine, peer: 0 if blocked else theirs or 0},
             })
         return {"conversations": listed, "has_more": len(rows) > limit}
 
@@ -3157,6 +3319,7 @@ class ChatSocket:
         self.backlog_bytes = 0
         self.unsent = 0  # of the batch send_outbox is writing
         self.sends_in_flight = 0
+        self.throttled = False  # the last frame was over the frame bucket
         self.socket_id = uuid.uuid4().hex
         self.seq = 0  # the newest event of the stream this socket has sent or skipped
         self.disconnect_code: int | None = None  # as the server reported the connection's end
@@ -3224,6 +3387,15 @@ class ChatSocket:
             await asyncio.wait_for(self.ws.close(code), 5)
         except Exception:
             abort_connection(self.ws.scope)
+
+    def pong_overdue(self) -> bool:
+        """The server's keepalive ping (uvicorn's websockets-sansio protocol)
+        has waited for its pong longer than half the server's timeout."""
+        protocol = getattr(self.ws.scope.get("chatx.server_send"), "__self__", None)
+        timeout = getattr(protocol, "ping_timeout", None)
+        if not timeout or getattr(protocol, "pending_ping_payload", None) is None:
+            return False
+        return protocol.loop.time() - protocol.ping_sent_at > timeout / 2
 
     def end(self, outcome: asyncio.Task | int) -> None:
         if not self.ended.done():
@@ -3341,6 +3513,15 @@ class ChatSocket:
                 size = len(text) if 4 * len(text) <= FRAME_MAX_BYTES else len(text.encode())
             if size > FRAME_MAX_BYTES:
                 return CLOSE_TOO_BIG
+            if not self.chat.limits.allow_frame(self.user.id):
+                # Dropped unread; one error per run of dropped frames, so that
+                # a flood costs no more than reading it.
+                self.chat.metrics.refusals.labels("frame_rate").inc()
+                if not self.throttled:
+                    self.reply_error("rate_limited", "Too many frames; slow down and send again.")
+                self.throttled = True
+                continue
+            self.throttled = False
             if text is None:
                 self.reply_error("bad_json", "Frames are JSON text, not binary.")
                 continue
@@ -3372,15 +3553,25 @@ def frame_field(frame: dict[str, Any], name: str, kind: type) -> Any:
 
 
 # Characters that show nothing: white space, format and control characters,
-# variation selectors, and the blank letters of Hangul and Braille.
+# variation selectors, the default-ignorable ranges, and the blank letters of
+# Hangul and Braille. What this leaves is checked by its category (visible()).
 VISIBLE_RE = re.compile("[^\\s\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5"
                         "\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u2800\u3164\ufe00-\ufe0f"
-                        "\ufeff\uffa0\U000e0000-\U000e0fff]")
+                        "\ufeff\uffa0\ufff0-\ufff8\U000e0000-\U000e0fff]")
+# Format characters anywhere in Unicode (U+1D173, U+13430, ...), separators,
+# and combining marks, which show nothing without a letter to sit on.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Mc", "Me"})
+
+
+def visible(text: str) -> bool:
+    """Some character of the text shows: in ordinary text the first one looked at."""
+    return any(unicodedata.category(found.group()) not in INVISIBLE_CATEGORIES
+               for found in VISIBLE_RE.finditer(text))
 
 
 def body_field(frame: dict[str, Any]) -> str:
     body = frame_field(frame, "body", str)
-    if not VISIBLE_RE.search(body):
+    if not visible(body):
         raise FrameError("empty_body", "The message is empty.")
     if len(body) > BODY_MAX:
         raise FrameError("body_too_long", f"Messages are at most {BODY_MAX} characters.")
@@ -3407,6 +3598,19 @@ def take_token(socket: ChatSocket) -> None:
         raise FrameError("rate_limited", "Too many frames; slow down and send again.")
 
 
+async def check_first_contact(socket: ChatSocket, recipient: User) -> None:
+    """Messages to someone who never answered have a small budget of their own."""
+    chat = socket.chat
+    if not (chat.settings.first_contacts_per_sender or chat.settings.first_contacts_per_recipient):
+        return
+    if await chat.messenger.first_contact(socket.user, recipient) and not chat.limits.allow_first_contact(
+            socket.user.id, recipient.id):
+        chat.metrics.refusals.labels("first_contact").inc()
+        raise FrameError("rate_limited", f"Too many messages to people who have not answered; "
+                                         f"wait for {recipient.username} to answer, or try later.")
+
+
+
 def client_id_field(frame: dict[str, Any]) -> str | None:
     client_id = frame.get("client_id")
     if client_id is not None and (
@@ -3423,6 +3627,7 @@ async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
     recipient = await peer_field(socket, frame, "to")
     body = body_field(frame)
     take_token(socket)
+    await check_first_contact(socket, recipient)
     # Not awaited: the next frames are read meanwhile, so one commit takes many
     # sends of a socket; the writer's queue keeps their order.
     socket.sends_in_flight += 1
@@ -3775,6 +3980,7 @@ async def change_password(request: Request) -> Response:
       "204": {description: "changed"}
       "400": {description: "bad_request, weak_password"}
       "401": {description: "bad_credentials"}
+      "429": {description: "rate_limited"}
     """
     data = await json_object(request)
     session = await signed_in(request)
@@ -3799,6 +4005,7 @@ async def delete_me(request: Request) -> Response:
       "204": {description: "deleted"}
       "400": {description: "bad_request"}
       "401": {description: "bad_credentials"}
+      "429": {description: "rate_limited"}
     """
     data = await json_object(request)
     session = await signed_in(request)
@@ -3850,13 +4057,18 @@ async def directory(request: Request) -> Response:
       "200": {description: "{users, has_more}"}
       "400": {description: "bad_request"}
       "401": {description: "not_authenticated"}
+      "429": {description: "rate_limited"}
     """
     session = await signed_in(request)
     prefix, after = request.query_params.get("q", ""), request.query_params.get("after", "")
     if not 1 <= len(prefix) <= QUERY_MAX or not storable(prefix) or len(after) > QUERY_MAX or not storable(after):
         raise ApiError(400, "bad_request", f"'q' is required: 1 to {QUERY_MAX} characters.")
     limit = query_limit(request, DIRECTORY_DEFAULT, DIRECTORY_MAX)
-    return JSONResponse(await chat_of(request).accounts.directory(session.user, prefix, after, limit))
+    chat = chat_of(request)
+    if wait := chat.limits.directory_wait(session.user.id):
+        chat.metrics.refusals.labels("directory").inc()
+        raise ApiError(429, "rate_limited", "Too many searches; try again in a moment.", math.ceil(wait))
+    return JSONResponse(await chat.accounts.directory(session.user, prefix, after, limit))
 
 
 async def conversation_messages(request: Request) -> Response:

@@ -33,6 +33,12 @@ import chatx  # noqa: E402
 PASSWORD = "correct horse battery"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
+# Tests send one way far more than a person would to someone who never
+# answered: the first-contact budget is off unless a test sets it (in-process
+# apps and uvicorn processes alike read it from the environment).
+os.environ.setdefault("CHATX_FIRST_CONTACTS_PER_SENDER", "0")
+os.environ.setdefault("CHATX_FIRST_CONTACTS_PER_RECIPIENT", "0")
+
 
 # ---- the fast lane -------------------------------------------------------------------
 
@@ -92,6 +98,14 @@ def sign_up(client: TestClient, username: str, prefix: str = "") -> Person:
     cookie = response.cookies[chatx.SESSION_COOKIE]
     client.cookies.clear()
     return Person(client, username, cookie, response.json()["user"]["id"])
+
+
+def delete_me(person_or_client, password: str | None) -> Any:
+    """DELETE /api/me with a JSON body (httpx's delete() takes none)."""
+    client = getattr(person_or_client, "client", person_or_client)
+    headers = getattr(person_or_client, "headers", {})
+    return client.request("DELETE", "/api/me", headers=headers,
+                          **({} if password is None else {"json": {"password": password}}))
 
 
 def run_job(client: TestClient, job: Any, *args: Any) -> Any:

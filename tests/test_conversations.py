@@ -21,8 +21,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 from starlette.testclient import TestClient
 
-from conftest import (PASSWORD, Person, fresh_postgres_database, next_frame, quiet, run_async, settle, sign_up,
-                      wait_until)
+from conftest import (PASSWORD, Person, delete_me, fresh_postgres_database, make_partners, next_frame, quiet,
+                      run_async, settle, sign_up, wait_until)
 
 PASSWORD_HASH = chatx.hash_password(PASSWORD)  # one slow hash, shared by every user inserted in bulk
 EVIL_ORIGIN = "https://evil.example"
@@ -603,6 +603,69 @@ def test_b_blocked_by_a_has_typing_to_a_dropped(chat):
         assert next_frame(a, "typing") == {"type": "typing", "from": "bob"}  # the control: it does reach her
 
 
+def test_a_blocked_person_s_edit_and_delete_do_not_reach_the_blocker(chat):
+    client, alice, bob, carol, dave = chat
+    with alice.ws() as a, bob.ws() as b, carol.ws() as c:
+        settle(a, b, c)
+        mine = sent(b, "alice", "before the block")
+        theirs = sent(c, "alice", "carol's, never blocked")
+        assert [m["id"] for m in received(a, 2)] == [mine["id"], theirs["id"]]
+        assert put(alice, "/api/blocks/bob").status_code == 204
+        history_before = history(alice, "bob")
+
+        b.send_json({"type": "edit", "id": mine["id"], "body": "something worse", "client_id": "e-1"})
+        b.send_json({"type": "delete", "id": mine["id"], "client_id": "d-1"})
+        errors = not_presence(quiet(b))
+        assert [(e["type"], e["code"], e["client_id"]) for e in errors] == [("error", "blocked", "e-1"),
+                                                                            ("error", "blocked", "d-1")]
+        assert not_presence(quiet(a)) == []  # alice gets nothing live...
+        assert history(alice, "bob") == history_before  # ...nor in her history
+        with alice.ws(since=0) as again:  # ...nor in her stream's replay
+            next_frame(again, "hello")
+            assert [f["type"] for f in not_presence(quiet(again))] == ["message", "message"]
+
+        # The well-behaved: carol's edit reaches alice, and alice's own edits reach bob.
+        c.send_json({"type": "edit", "id": theirs["id"], "body": "carol's, edited"})
+        assert next_frame(a, "edit")["message"]["body"] == "carol's, edited"
+        to_bob = sent(a, "bob", "I blocked you")
+        assert next_frame(b, "message")["message"] == to_bob
+        a.send_json({"type": "edit", "id": to_bob["id"], "body": "I blocked you, sorry"})
+        assert next_frame(b, "edit")["message"]["body"] == "I blocked you, sorry"
+        assert next_frame(a, "edit")["message"]["body"] == "I blocked you, sorry"
+
+        # Once the block ends, bob's edits reach alice again.
+        assert delete(alice, "/api/blocks/bob").status_code == 204
+        b.send_json({"type": "edit", "id": mine["id"], "body": "after the block"})
+        assert next_frame(a, "edit")["message"]["body"] == "after the block"
+
+
+def test_a_blocked_person_s_read_receipt_does_not_reach_the_blocker(chat):
+    client, alice, bob, carol, dave = chat
+    with alice.ws() as a, bob.ws() as b, carol.ws() as c:
+        settle(a, b, c)
+        to_bob = sent(a, "bob", "hi bob")
+        to_carol = sent(a, "carol", "hi carol")
+        received(b, 1)
+        received(c, 1)
+        assert put(alice, "/api/blocks/bob").status_code == 204
+
+        b.send_json({"type": "read", "with": "alice", "up_to": to_bob["id"]})
+        assert next_frame(b, "read")["up_to"] == to_bob["id"]  # bob's own view changes
+        assert not_presence(quiet(a)) == []  # alice's does not: no frame...
+        assert history(alice, "bob")["read_up_to"] == {"alice": 0, "bob": 0}  # ...no cursor
+        (row,) = [r for r in conversations(alice)["conversations"] if r["user"]["username"] == "bob"]
+        assert row["read_up_to"] == {"alice": 0, "bob": 0}
+        assert history(bob, "alice")["read_up_to"]["bob"] == to_bob["id"]
+        with alice.ws(since=0) as again:
+            next_frame(again, "hello")
+            assert [f["type"] for f in not_presence(quiet(again))] == ["message", "message"]
+
+        # The well-behaved: carol's read reaches alice.
+        c.send_json({"type": "read", "with": "alice", "up_to": to_carol["id"]})
+        assert next_frame(a, "read") == {"type": "read", "seq": 3, "reader": "carol", "with": "alice",
+                                         "up_to": to_carol["id"]}
+
+
 def test_a_blocked_pair_sees_each_other_offline_with_no_last_seen_in_conversations_and_directory(chat):
     client, alice, bob, carol, dave = chat
     with alice.ws() as a, bob.ws() as b, carol.ws() as c:
@@ -1152,7 +1215,7 @@ def check_upgrade(url: str) -> None:
             settle(a, b)
         assert conversations(bob)["conversations"][0]["unread"] == 0
 
-    assert raw.query("SELECT value FROM chatx_settings WHERE name = 'schema_version'") == [("2",)]
+    assert raw.query("SELECT value FROM chatx_settings WHERE name = 'schema_version'") == [(str(chatx.SCHEMA_VERSION),)]
     assert raw.query("SELECT value FROM chatx_settings WHERE name = 'secret_key'") == [("v1-secret-" + "k" * 20,)]
     first = stored_state(raw)
     with TestClient(chatx.create_app(database_url=url)) as client:
@@ -1162,6 +1225,90 @@ def check_upgrade(url: str) -> None:
         alice = log_in(client, "alice")
         assert history(alice, "bob")["messages"][:-1] == between("alice", "bob")
         assert [r["user"]["username"] for r in conversations(alice)["conversations"]] == ["bob", "alice", "carol"]
+
+
+def test_sqlite_never_gives_a_deleted_account_s_user_or_message_ids_again(make_client, cheap_hashes):
+    client = make_client()
+    alice, bob, carol = (sign_up(client, name) for name in ("alice", "bob", "carol"))
+    with alice.ws() as a, bob.ws() as b:
+        settle(a, b)
+        first = sent(a, "bob", "first")
+        next_frame(b, "message")
+        newest = make_partners(carol, alice, "carol's newest")  # the newest ids are carol's
+        bob_seen = first["id"]
+        assert delete_me(carol, PASSWORD).status_code == 204
+        dave = sign_up(client, "dave")
+        assert dave.id > carol.id
+        later = sent(a, "bob", "after carol left")
+        assert later["id"] > newest["id"]
+        # bob, resuming after the newest id he could know of, misses nothing
+        assert [m["body"] for m in history(bob, "alice", after=bob_seen)["messages"]] == ["after carol left"]
+        assert next_frame(b, "message")["message"] == later
+
+
+def downgrade_to_version_2(path: Path) -> None:
+    """Make a database file as version 2 left it: user and message ids without
+    AUTOINCREMENT (and no high-water mark), the old skeletons."""
+    raw = sqlite3.connect(path)
+    try:
+        for table in ("chatx_users", "chatx_messages"):
+            made = raw.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()[0]
+            indexes = [row[0] for row in raw.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL", (table,))]
+            raw.execute(f"CREATE TABLE old AS SELECT * FROM {table}")
+            raw.execute(f"DROP TABLE {table}")
+            raw.execute(made.replace(" AUTOINCREMENT", ""))
+            raw.execute(f"INSERT INTO {table} SELECT * FROM old")
+            raw.execute("DROP TABLE old")
+            for index in indexes:
+                raw.execute(index)
+        raw.execute("DELETE FROM sqlite_sequence")
+        for username, old_skeleton in (("bobby_", "bobby_"), ("vvendy", "vvendy")):
+            raw.execute("UPDATE chatx_users SET skeleton = ? WHERE username = ?", (old_skeleton, username))
+        raw.execute("UPDATE chatx_settings SET value = '2' WHERE name = 'schema_version'")
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def test_a_version_2_sqlite_database_gets_ids_never_given_again_and_the_new_look_alikes(tmp_path, cheap_hashes):
+    path = tmp_path / "v2.db"
+    url = f"sqlite:///{path}"
+    with TestClient(chatx.create_app(database_url=url, signups_per_address=0)) as client:
+        alice, bobby, carol = (sign_up(client, name) for name in ("alice", "bobby_", "carol"))
+        sign_up(client, "vvendy")
+        first = make_partners(alice, bobby, "one")
+        make_partners(carol, alice, "two")
+        newest = make_partners(carol, alice, "three")
+    downgrade_to_version_2(path)
+    raw = sqlite3.connect(path)
+    assert "AUTOINCREMENT" not in raw.execute("SELECT sql FROM sqlite_master WHERE name = 'chatx_users'").fetchone()[0]
+
+    with TestClient(chatx.create_app(database_url=url, signups_per_address=0)) as client:
+        for table in ("chatx_users", "chatx_messages"):
+            made = raw.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+            assert "AUTOINCREMENT" in made, made
+        assert raw.execute("SELECT value FROM chatx_settings WHERE name = 'schema_version'").fetchone() == ("3",)
+        assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+        alice, bobby, carol = (Person(client, p.username, p.cookie, p.id) for p in (alice, bobby, carol))
+        # everything kept: sessions, messages, indexes
+        assert alice.get("/api/me").json()["user"] == {"id": alice.id, "username": "alice"}
+        assert [m["body"] for m in history(alice, "bobby_")["messages"]] == ["one"]
+        assert [m["body"] for m in history(alice, "carol")["messages"]] == ["two", "three"]
+        # skeletons recomputed: the new look-alikes of existing names are taken
+        for look_alike in ("bobby", "wendy"):
+            client.cookies.clear()
+            taken = client.post("/api/register", json={"username": look_alike, "password": PASSWORD})
+            assert taken.status_code == 409 and error_code(taken) == "username_taken", look_alike
+        # carol, who has the newest ids, goes; her ids are not given again
+        assert delete_me(carol, PASSWORD).status_code == 204
+        assert sign_up(client, "dave").id > carol.id
+        with alice.ws() as a:
+            next_frame(a, "hello")
+            later = sent(a, "bobby_", "after the upgrade")
+        assert later["id"] > newest["id"]
+        assert [m["body"] for m in history(bobby, "alice", after=first["id"])["messages"]] == ["after the upgrade"]
+    raw.close()
 
 
 def test_a_version_1_sqlite_database_is_upgraded_in_place_losing_nothing(tmp_path):

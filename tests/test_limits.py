@@ -26,7 +26,7 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (acked, error_code, PASSWORD, ChatServer, drain, make_partners, next_frame, quiet, receive, remote_sign_up,
+from conftest import (acked, delete_me, error_code, PASSWORD, ChatServer, drain, make_partners, next_frame, quiet, receive, remote_sign_up,
                       sign_up, wait_until)
 
 
@@ -430,6 +430,93 @@ def test_ten_signups_an_hour_per_address_then_429_and_other_addresses_go_on(data
         assert client.get("/healthz").status_code == 200
 
 
+def test_every_sign_up_attempt_counts_against_the_address_taken_names_too(database_url, make_client):
+    assert chatx.load_settings().signups_per_address == 10
+    client = make_client(database_url=database_url)
+    alice = sign_up(client, "alice")
+    for name in ("alice", "ALICE", "a1ice") * 3:  # nine more attempts, every one refused as taken
+        client.cookies.clear()
+        taken = client.post("/api/register", json={"username": name, "password": PASSWORD})
+        assert taken.status_code == 409 and error_code(taken) == "username_taken"
+    client.cookies.clear()
+    refused = client.post("/api/register", json={"username": "fresh", "password": PASSWORD})
+    assert refused.status_code == 429 and error_code(refused) == "rate_limited", refused.text
+    assert 0 < retry_after(refused) <= 3600
+    # Nobody else noticed: another address signs up, alice signs in.
+    with from_address(database_url, "10.0.0.4") as elsewhere:
+        assert elsewhere.post("/api/register", json={"username": "fresh", "password": PASSWORD}).status_code == 201
+    assert login(client, "alice").status_code == 200 and alice.get("/api/me").status_code == 200
+
+
+# Ten addresses, each keeping two sign-ups in flight: one with a taken name,
+# one with a fresh name (a real hash, in the sign-up threads).
+SIGNUP_FLOOD = """
+import asyncio, json, sys
+import httpx2 as httpx
+
+async def main(base):
+    answers, stop = [], asyncio.Event()
+
+    async def until_stdin_closes():
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        stop.set()
+
+    async def flooder(client, address, fresh):
+        n = 0
+        while not stop.is_set():
+            n += 1
+            name = f"new{address}x{n}" if fresh else "alice"
+            r = await client.post(base + "/api/register", json={"username": name, "password": "a password, long"},
+                                  headers={"x-forwarded-for": f"6.6.6.{address}"})
+            answers.append([name == "alice", r.status_code, r.json().get("error", {}).get("code")])
+
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+        watcher = asyncio.create_task(until_stdin_closes())
+        tasks = [asyncio.create_task(flooder(client, address, fresh)) for address in range(10)
+                 for fresh in (False, True)]
+        print("started", flush=True)
+        await asyncio.gather(*tasks)
+    print(json.dumps(answers))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_real_sign_in_gets_a_hash_while_ten_addresses_flood_sign_up(tmp_path):
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}",
+                         "CHATX_TRUSTED_PROXIES": "127.0.0.1",  # so that each flooder has its own address
+                         "CHATX_SIGNUPS_PER_ADDRESS": "0"}, tmp_path)  # the flood is not cut short
+    server.start()
+    flood = None
+    try:
+        remote_sign_up(server, "alice")
+        bob, carol = remote_sign_up(server, "bob"), remote_sign_up(server, "carol")
+        with bob.ws(server) as bob_ws, carol.ws(server) as carol_ws:
+            receive(bob_ws, "hello")
+            receive(carol_ws, "hello")
+            flood = subprocess.Popen([sys.executable, "-c", SIGNUP_FLOOD, server.base], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+            assert flood.stdout.readline().strip() == "started"
+            time.sleep(1.5)  # the flood is in flight
+            sign_ins = [httpx.post(f"{server.base}/api/login", json={"username": "alice", "password": PASSWORD},
+                                   headers={"x-forwarded-for": "10.1.1.1"}, timeout=60) for _ in range(5)]
+            # The others noticed nothing either.
+            assert remote_acked(bob_ws, "carol", "during the flood", "f-1")["body"] == "during the flood"
+            assert server.health()[0] == 200
+            answers = json.loads(flood.communicate("", timeout=120)[0])
+        assert [r.status_code for r in sign_ins] == [200] * 5, [r.text for r in sign_ins]
+        taken = [(status, code) for is_taken, status, code in answers if is_taken]
+        fresh = [(status, code) for is_taken, status, code in answers if not is_taken]
+        print(f"{len(taken)} taken-name and {len(fresh)} fresh sign-ups answered during the flood")
+        assert taken and set(taken) == {(409, "username_taken")}  # never hashed, so never busy
+        assert fresh and set(fresh) <= {(201, None), (503, "busy")}
+    finally:
+        if flood is not None and flood.poll() is None:
+            flood.kill()
+            flood.wait()
+        server.stop()
+
+
 @pytest.mark.parametrize("look_alike", ["aIice", "ALICE", "a1ice", "al1ce", "AL1CE"])
 def test_usernames_that_look_alike_are_taken(database_url, make_client, look_alike):
     client = make_client(database_url=database_url)
@@ -440,6 +527,186 @@ def test_usernames_that_look_alike_are_taken(database_url, make_client, look_ali
     client.cookies.clear()
     assert client.post("/api/register", json={"username": "bob", "password": PASSWORD}).status_code == 409
     assert client.post("/api/register", json={"username": "alicia", "password": PASSWORD}).status_code == 201
+
+
+@pytest.mark.parametrize("look_alike", ["rnallory1", "RNallory1", "vvendy", "VVendy", "bobby_", ".bobby", "-wendy-",
+                                        "rnalIory1"])
+def test_rn_vv_and_punctuation_at_the_ends_are_look_alikes_too(make_client, look_alike):
+    client = make_client()
+    for name in ("mallory1", "wendy", "bobby"):
+        sign_up(client, name)
+    response = client.post("/api/register", json={"username": look_alike, "password": PASSWORD})
+    assert response.status_code == 409 and error_code(response) == "username_taken", look_alike
+    client.cookies.clear()
+    assert client.post("/api/register", json={"username": "bob_by", "password": PASSWORD}).status_code == 201
+
+
+def test_wrong_passwords_to_change_the_password_or_delete_the_account_count_as_failed_sign_ins(
+        database_url, make_client):
+    assert chatx.load_settings().login_failures_per_user == 5
+    client = make_client(database_url=database_url)
+    alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
+    change = {"password": "a guess", "new_password": "stolen cookie, new password"}
+    with bob.ws() as bob_ws:
+        next_frame(bob_ws, "hello")
+        for _ in range(3):
+            wrong = alice.post("/api/password", json=change)
+            assert wrong.status_code == 401 and error_code(wrong) == "bad_credentials"
+        for _ in range(2):
+            wrong = delete_me(alice, "another guess")
+            assert wrong.status_code == 401 and error_code(wrong) == "bad_credentials"
+        # Five failures: now even the right password is refused, here and at sign-in.
+        for refused in (alice.post("/api/password", json={**change, "password": PASSWORD}),
+                        delete_me(alice, PASSWORD), login(client, "alice")):
+            assert refused.status_code == 429 and error_code(refused) == "rate_limited", refused.text
+            assert retry_after(refused) <= 15 * 60
+        assert login(client, "alice", "stolen cookie, new password").status_code == 429  # nothing changed
+        assert alice.get("/api/me").status_code == 200  # nothing was deleted
+        # Bob noticed nothing: he signs in, changes his password, chats.
+        assert login(client, "bob").status_code == 200
+        assert bob.post("/api/password", json={"password": PASSWORD, "new_password": "bob's new one"}
+                        ).status_code == 204
+        assert acked(bob_ws, "alice", "still here", "p-1", others=ANY_STREAM_OR_TYPING)["body"] == "still here"
+
+
+def test_the_directory_is_throttled_per_user_but_not_for_a_person_typing(make_client):
+    settings = chatx.load_settings()
+    assert (settings.directory_rate, settings.directory_burst) == (1, 30)
+    client = make_client(signups_per_address=0)
+    alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
+    for n in range(30):
+        sign_up(client, f"user{n:02}")
+    # alice types a name, deletes it and types another: every search answered.
+    for text in ("alexander", "user1"):
+        for end in range(1, len(text) + 1):
+            assert alice.get("/api/users", params={"q": text[:end]}).status_code == 200
+    for _ in range(len("alexander") - 1):
+        assert alice.get("/api/users", params={"q": "a"}).status_code == 200
+    # A script paging through the directory, one name a page, is stopped.
+    answers, after = [], ""
+    for _ in range(30):
+        response = alice.get("/api/users", params={"q": "user", "after": after, "limit": 1})
+        answers.append(response.status_code)
+        if response.status_code != 200:
+            break
+        after = response.json()["users"][0]["username"]
+    assert answers[-1] == 429 and error_code(response) == "rate_limited", answers
+    assert 0 < retry_after(response) <= 2
+    assert len(answers) < 30
+    # Bob, searching meanwhile, noticed nothing; alice may search again a second later.
+    assert [u["username"] for u in bob.get("/api/users", params={"q": "user0"}).json()["users"]][:2] == [
+        "user00", "user01"]
+    time.sleep(retry_after(response))
+    assert alice.get("/api/users", params={"q": "user"}).status_code == 200
+
+
+def test_a_socket_flooding_frames_of_every_kind_is_throttled_and_others_send_on(make_client):
+    settings = chatx.load_settings()
+    assert (settings.frame_rate, settings.frame_burst) == (20, 100)
+    client = make_client()
+    alice, bob, carol = sign_up(client, "alice"), sign_up(client, "bob"), sign_up(client, "carol")
+    junk = [{"type": "ping"}, {"type": "typing", "to": "nobody"}, {"type": "whatever"}, "not json", [1]]
+    with alice.ws() as ws, bob.ws() as bob_ws, carol.ws() as carol_ws:
+        for socket_ in (ws, bob_ws, carol_ws):
+            next_frame(socket_, "hello")
+        started = time.monotonic()
+        for n in range(1000):
+            frame = junk[n % len(junk)]
+            ws.send_text(frame if isinstance(frame, str) else json.dumps(frame))
+        sent_in = time.monotonic() - started
+        # Bob's send to carol is acked meanwhile.
+        assert acked(bob_ws, "carol", "hello carol", "b-1", others=ANY_STREAM_OR_TYPING)["body"] == "hello carol"
+        assert next_frame(carol_ws, "message")["message"]["body"] == "hello carol"
+        time.sleep(settings.frame_burst / settings.frame_rate + 0.5)  # the bucket fills again
+        ws.send_json({"type": "typing", "to": "nobody", "client_id": "the end"})  # answered last
+        answers = []
+        while (frame := ws.receive_json()).get("client_id") != "the end":
+            answers.append(frame)
+        limited = [f for f in answers if f.get("code") == "rate_limited"]
+        handled = [f for f in answers if f.get("code") != "rate_limited"]
+        print(f"{len(handled)} of 1000 frames handled, {len(limited)} rate_limited, sent in {sent_in:.2f} s")
+        assert limited, answers[-5:]
+        assert len(handled) <= settings.frame_burst + settings.frame_rate * (time.monotonic() - started) + 1
+        assert len(handled) < 500
+        # The flooder's own socket stays open and works once it slows down.
+        assert acked(ws, "bob", "sorry", "a-1", others=ANY_STREAM_OR_TYPING)["body"] == "sorry"
+        assert next_frame(bob_ws, "message")["message"]["body"] == "sorry"
+
+
+def test_first_contacts_have_a_small_budget_and_answered_conversations_do_not(make_client):
+    assert (chatx.Settings.first_contacts_per_sender, chatx.Settings.first_contacts_per_recipient) == (20, 60)
+    client = make_client(signups_per_address=0, first_contacts_per_sender=20, first_contacts_per_recipient=60)
+    victim, carol, dave = sign_up(client, "victim"), sign_up(client, "carol"), sign_up(client, "dave")
+    spammers = [sign_up(client, f"fresh{n}") for n in range(10)]  # ten fresh accounts from one address
+    make_partners(dave, carol)  # carol and dave talk: each has answered the other
+    make_partners(carol, dave)
+    with ExitStack() as stack:
+        victim_ws = stack.enter_context(victim.ws())
+        carol_ws, dave_ws = stack.enter_context(carol.ws()), stack.enter_context(dave.ws())
+        sockets = [stack.enter_context(spammer.ws()) for spammer in spammers]
+        for ws in (victim_ws, carol_ws, dave_ws, *sockets):
+            next_frame(ws, "hello")
+        started = time.monotonic()
+        for n in range(30):  # 300 unsolicited messages, each spammer's send bucket allows all 30
+            for k, ws in enumerate(sockets):
+                ws.send_json({"type": "send", "to": "victim", "body": f"buy now {k}.{n}", "client_id": f"s-{n}"})
+        # The well-behaved conversation meanwhile: 25 messages each way, every one acked.
+        for n in range(25):
+            assert acked(carol_ws, "dave", f"c{n}", f"c-{n}")["body"] == f"c{n}"
+            assert acked(dave_ws, "carol", f"d{n}", f"d-{n}", others=("message",))["body"] == f"d{n}"
+        outcomes = {"ack": 0, "rate_limited": 0}
+        for ws in sockets:
+            for _ in range(30):
+                frame = next_frame(ws)
+                while frame["type"] == "message":  # the spammer's own copy of a message stored
+                    frame = next_frame(ws)
+                outcomes["ack" if frame["type"] == "ack" else frame["code"]] += 1
+        elapsed = time.monotonic() - started
+        delivered = [f for f in quiet(victim_ws) if f["type"] == "message"]
+        print(f"{len(delivered)} unsolicited messages delivered of 300 in {elapsed:.2f} s; {outcomes}")
+        assert len(delivered) == outcomes["ack"] <= 60 + 1 * elapsed + 1
+        assert outcomes["rate_limited"] >= 300 - 61 - elapsed
+        # One sender to many who never answered runs out after 20.
+        strangers = [sign_up(client, f"stranger{n}") for n in range(25)]
+        eager_ws = stack.enter_context(sign_up(client, "eager").ws())
+        next_frame(eager_ws, "hello")
+        answers = []
+        for n, stranger in enumerate(strangers):
+            eager_ws.send_json({"type": "send", "to": stranger.username, "body": "hi", "client_id": f"t-{n}"})
+            frame = next_frame(eager_ws)
+            while frame["type"] == "message":
+                frame = next_frame(eager_ws)
+            answers.append(frame["type"] if frame["type"] == "ack" else frame["code"])
+        assert answers[:20] == ["ack"] * 20 and answers[20:].count("rate_limited") >= 4, answers
+        # An answer ends the first contact: victim writes back to fresh1, whose messages then go through.
+        assert acked(victim_ws, "fresh1", "who are you?", "v-1", others=ANY_STREAM_OR_TYPING)["to"] == "fresh1"
+        assert acked(sockets[1], "victim", "an answer", "s-answer", others=ANY_STREAM_OR_TYPING)["to"] == "victim"
+
+
+# ---- keepalive -------------------------------------------------------------------------------------------
+
+
+def test_a_socket_that_stops_answering_pings_is_closed_by_chatx_with_1013_before_the_server_s_1011(tmp_path):
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_METRICS": "true",
+                         "UVICORN_WS_PING_INTERVAL": "1", "UVICORN_WS_PING_TIMEOUT": "4"}, tmp_path)
+    server.start()
+    try:
+        alice, bob, carol = (remote_sign_up(server, name) for name in ("alice", "bob", "carol"))
+        with bob.ws(server) as bob_ws, carol.ws(server) as carol_ws:  # their clients answer pings
+            receive(bob_ws, "hello")
+            receive(carol_ws, "hello")
+            raw = stalled_socket(server, alice.cookie, "")  # answers nothing
+            try:
+                assert close_code_of(raw, timeout=12) == chatx.CLOSE_TRY_LATER
+            finally:
+                raw.close()
+            wait_until(lambda: closed_with(server, chatx.CLOSE_TRY_LATER) == 1, what="the close to be counted")
+            # Bob's and carol's sockets, which answer, live on past several pings.
+            assert remote_acked(bob_ws, "carol", "still here", "k-1")["body"] == "still here"
+            assert receive(carol_ws, "message")["message"]["body"] == "still here"
+        assert closed_with(server, chatx.CLOSE_ERROR) == 0
+    finally:
+        server.stop()
 
 
 def test_closed_registration_refuses_sign_up_and_existing_accounts_go_on(database_url, make_client, tmp_path,
@@ -475,7 +742,7 @@ def typings(ws) -> list[dict[str, Any]]:
 
 def test_typing_reaches_each_peer_at_most_once_per_2_seconds(make_client):
     assert chatx.load_settings().typing_interval == 2
-    client = make_client()
+    client = make_client(frame_burst=1000)  # the flood of typing frames stays within the frame bucket
     alice, bob, carol = sign_up(client, "alice"), sign_up(client, "bob"), sign_up(client, "carol")
     with alice.ws() as ws, bob.ws() as bob_ws, carol.ws() as carol_ws:
         sockets = {"alice": ws, "bob": bob_ws, "carol": carol_ws}

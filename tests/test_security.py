@@ -219,7 +219,9 @@ def test_a_reused_client_id_with_another_recipient_or_body_is_invalid_and_delive
 
 
 @pytest.mark.parametrize("body", ["\u200b", "\u200b\u200c\u200d\ufeff", " \u2060\n\t\u200b ", "\u202e",
-                                  "\u3164\u115f", "\ufe0f\u00ad"])
+                                  "\u3164\u115f", "\ufe0f\u00ad",
+                                  # format characters outside the usual ranges, and combining marks with no base
+                                  "\U0001D173", "\U0001BCA0", "\U00013430", "\u0301", " \u0301\u20dd\u0903 "])
 def test_a_body_with_nothing_visible_is_empty_body_and_stores_nothing(client, body):
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
     with alice.ws() as ws, bob.ws() as bob_ws:
@@ -230,7 +232,7 @@ def test_a_body_with_nothing_visible_is_empty_body_and_stores_nothing(client, bo
         assert error["type"] == "error" and error["code"] == "empty_body" and error["client_id"] == "zw"
         assert silent(bob_ws) == []
         # The socket goes on: a visible body is stored, bidirectional controls and all.
-        kept = "abc\u202edef\u200b"
+        kept = "abc\u202edef\u200b e\u0301"
         assert acked(ws, "bob", kept, "visible")["body"] == kept
         assert next_frame(bob_ws, "message")["message"]["body"] == kept
     assert [m["body"] for m in bob.get("/api/conversations/alice/messages").json()["messages"]] == [kept]

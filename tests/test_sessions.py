@@ -19,7 +19,7 @@ from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import acked, error_code, PASSWORD, ROOT, Person, make_partners, next_frame, quiet, run_async, sign_up, wait_until
+from conftest import acked, delete_me, error_code, PASSWORD, ROOT, Person, make_partners, next_frame, quiet, run_async, sign_up, wait_until
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
@@ -57,14 +57,6 @@ def alive(ws) -> None:
     assert [frame for frame in quiet(ws) if frame["type"] != "presence"] == []
 
 
-
-
-def delete_me(person_or_client, password: str | None) -> Any:
-    """DELETE /api/me with a JSON body (httpx's delete() takes none)."""
-    client = getattr(person_or_client, "client", person_or_client)
-    headers = getattr(person_or_client, "headers", {})
-    return client.request("DELETE", "/api/me", headers=headers,
-                          **({} if password is None else {"json": {"password": password}}))
 
 
 def refused(person: Person) -> None:
