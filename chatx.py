@@ -6,7 +6,7 @@ embedding. Each section below uses only the sections above it:
 
     limits and close codes, settings and logging, schema, storage front,
     queries and write jobs, wire frames, broadcast transport, services
-    (Metrics, Limits, Accounts, Fanout, Presence, Messenger), requests and
+    (Metrics, Limits, Accounts, Fanout, Presence, Messenger, Attachments), requests and
     sockets alike, the WebSocket, HTTP, the composition root and the app,
     and the command line (`python -m chatx`).
 """
@@ -22,6 +22,7 @@ import getpass
 import hashlib
 import hmac
 import inspect
+import io
 import ipaddress
 import json
 import logging
@@ -34,6 +35,8 @@ import sqlite3
 import struct
 import sys
 import threading
+import unicodedata
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from socket import IPPROTO_TCP, SO_LINGER, SOL_SOCKET
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Union
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiosqlite
 import asyncpg
@@ -52,6 +55,7 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from broadcaster import Broadcast, BroadcastBackend, Event
 from databases import Database
+from PIL import Image
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -64,7 +68,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.schemas import SchemaGenerator
 from starlette.staticfiles import StaticFiles
@@ -123,6 +127,16 @@ COMMIT_FAILURE_MEMORY_S = 5  # /healthz says the database fails this long after 
 # CHECKPOINT_INTERVAL_S while commits come, and by a commit only past WAL_BACKSTOP_PAGES.
 CHECKPOINT_INTERVAL_S = 0.1
 WAL_BACKSTOP_PAGES = 10_000
+ATTACHMENT_CHUNK_BYTES = 256 * 1024  # an attachment is stored, and read back, this much at a time
+ATTACHMENT_NAME_MAX = 255
+UPLOAD_SPOOL_BYTES = 1024 * 1024  # an upload larger than this waits in a temporary file, not in memory
+UNSENT_UPLOAD_MS = 3_600_000  # an upload no message used for this long is erased
+UPLOAD_SWEEP_S = 60
+THUMBNAIL_MAX = 320  # pixels on the long side
+IMAGE_PIXELS_MAX = 50_000_000  # a larger image is a file: decoding it would cost too much memory
+IMAGES_DECODED_AT_ONCE = 2  # uploads whose image is checked and thumbnailed at once, off the event loop
+# Only these are shown in the page; everything else is downloaded (an HTML or SVG file never runs in ChatX's origin).
+INLINE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 
 CLOSE_POLICY = codes.WS_1008_POLICY_VIOLATION  # a bad query string
 CLOSE_TOO_BIG = codes.WS_1009_MESSAGE_TOO_BIG
@@ -159,6 +173,8 @@ class Settings:
     metrics_allow: tuple[str, ...] = ("127.0.0.1", "::1")
     log_format: str = "text"
     tune_gc: bool = True
+    max_attachment_bytes: int = 10 * 1024 * 1024
+    attachment_bytes_per_day: int = 200 * 1024 * 1024
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -191,6 +207,9 @@ def load_settings(**overrides: Any) -> Settings:
         "metrics_allow": config("METRICS_ALLOW", cast=CommaSeparatedStrings, default="127.0.0.1,::1"),
         "log_format": config("LOG_FORMAT", default=Settings.log_format),
         "tune_gc": config("TUNE_GC", cast=bool, default=Settings.tune_gc),
+        "max_attachment_bytes": config("MAX_ATTACHMENT_BYTES", cast=int, default=Settings.max_attachment_bytes),
+        "attachment_bytes_per_day": config("ATTACHMENT_BYTES_PER_DAY", cast=int,
+                                           default=Settings.attachment_bytes_per_day),
     }
     values.update(overrides)
     for name in ("allowed_origins", "allowed_hosts", "trusted_proxies", "metrics_allow"):
@@ -232,7 +251,7 @@ def configure_logging(log_format: str) -> None:
 # up to it on start. Version 1 is every database made before the version was
 # recorded.
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -286,6 +305,7 @@ messages = sa.Table(
     sa.Column("edited_at", sa.BigInteger, nullable=True),
     sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("reply_to", sa.Integer, nullable=True),
+    sa.Column("attachment_id", sa.String(32), nullable=True),
     sa.UniqueConstraint("sender_id", "client_id", name="chatx_messages_client_id"),
     # On PostgreSQL a foreign key locks the user's row for every message:
     # chatx_insert_messages() checks the ids once per commit instead.
@@ -357,6 +377,43 @@ sockets = sa.Table(
     sa.Column("process_id", sa.String(32), nullable=False, index=True),
     sa.Column("user_id", sa.Integer, nullable=False, index=True),
     sa.Column("session_id", sa.String(64), nullable=True),  # a socket of an ended session is closed
+)
+
+# A file or image uploaded by `uploader_id`; `message_id` is the message that
+# carries it, NULL until sent. Its bytes are in chatx_attachment_chunks
+# (DatabaseAttachmentStore), its thumbnail here.
+attachments = sa.Table(
+    "chatx_attachments",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),  # random: an id says nothing and cannot be guessed
+    sa.Column("uploader_id", sa.Integer, nullable=False, index=True),
+    sa.Column("message_id", sa.Integer, nullable=True, index=True),
+    sa.Column("name", sa.String(ATTACHMENT_NAME_MAX), nullable=False),
+    sa.Column("type", sa.String(128), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("width", sa.Integer, nullable=True),
+    sa.Column("height", sa.Integer, nullable=True),
+    sa.Column("thumbnail", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False, index=True),
+)
+
+attachment_chunks = sa.Table(
+    "chatx_attachment_chunks",
+    metadata,
+    sa.Column("attachment_id", sa.String(32), nullable=False),
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.PrimaryKeyConstraint("attachment_id", "n"),
+)
+
+# Bytes each user uploaded each day (days since the epoch, UTC), for CHATX_ATTACHMENT_BYTES_PER_DAY.
+upload_days = sa.Table(
+    "chatx_upload_days",
+    metadata,
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("day", sa.Integer, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("user_id", "day"),
 )
 
 settings_table = sa.Table(
@@ -841,7 +898,8 @@ class Storage:
         await asyncio.sleep(1)  # one vacuum for the erasures of a second
         try:
             async with self.database.connection() as connection:
-                await Connection(connection).execute("VACUUM (INDEX_CLEANUP OFF) chatx_messages")
+                await Connection(connection).execute(
+                    "VACUUM (INDEX_CLEANUP OFF) chatx_messages, chatx_attachments, chatx_attachment_chunks")
         except Exception as exc:
             logger.warning("vacuuming erased messages failed: %s", exc)
 
@@ -887,6 +945,8 @@ async def migrate(conn: Connection) -> None:
         raise RuntimeError(f"the database has schema version {version}; this ChatX knows {SCHEMA_VERSION}")
     if version == 1:
         await add_version_2_columns(conn)
+    if 0 < version < 3:
+        await add_attachment_column(conn)
     for table in metadata.sorted_tables:
         await conn.ddl(CreateTable(table, if_not_exists=True))
         for index in table.indexes:
@@ -918,6 +978,10 @@ async def add_version_2_columns(conn: Connection) -> None:
             "SELECT conname FROM pg_constraint WHERE conrelid = 'chatx_messages'::regclass AND contype = 'f'")
         for (name,) in names:
             await conn.execute(f'ALTER TABLE chatx_messages DROP CONSTRAINT "{name}"')
+
+
+async def add_attachment_column(conn: Connection) -> None:
+    await conn.execute("ALTER TABLE chatx_messages ADD COLUMN attachment_id VARCHAR(32)")
 
 
 async def fill_version_2_tables(conn: Connection) -> None:
@@ -1005,6 +1069,9 @@ async def delete_account(conn: Connection, user_id: int) -> None:
     """The user and everything of theirs: messages sent or received (and their
     places in both streams), conversations, blocks, sessions, sockets."""
     mine = "SELECT id FROM chatx_messages WHERE sender_id = ? OR recipient_id = ?"
+    await erase_attachments(conn, [row[0] for row in await conn.fetch(
+        f"SELECT id FROM chatx_attachments WHERE uploader_id = ? OR message_id IN ({mine})", user_id, user_id, user_id)])
+    await conn.execute("DELETE FROM chatx_upload_days WHERE user_id = ?", user_id)
     await conn.execute(f"DELETE FROM chatx_events WHERE message_id IN ({mine})", user_id, user_id)
     await conn.execute("DELETE FROM chatx_events WHERE user_id = ? OR reader_id = ? OR with_id = ?",
                        user_id, user_id, user_id)
@@ -1129,15 +1196,28 @@ def iso(ms: int | None) -> str | None:
     return None if ms is None else iso_time(datetime.fromtimestamp(ms / 1000, timezone.utc))
 
 
+def attachment_object(attachment_id: str | None, name: str | None = None, kind: str | None = None,
+                      size: int | None = None, width: int | None = None, height: int | None = None
+                      ) -> dict[str, Any] | None:
+    if attachment_id is None:
+        return None
+    return {"id": attachment_id, "name": name, "type": kind, "size": size, "width": width, "height": height}
+
+
 def message_object(message_id: int, sender: str, recipient: str, body: str, sent_at: int, client_id: str | None,
-                   edited_at: int | None, deleted: Any, reply_to: int | None) -> dict[str, Any]:
+                   edited_at: int | None, deleted: Any, reply_to: int | None, *attachment: Any) -> dict[str, Any]:
+    """`attachment`: the columns of attachment_object(), all None (or none) without one."""
     return {"id": message_id, "from": sender, "to": recipient, "body": body, "sent_at": iso(sent_at),
-            "client_id": client_id, "edited_at": iso(edited_at), "deleted": bool(deleted), "reply_to": reply_to}
+            "client_id": client_id, "edited_at": iso(edited_at), "deleted": bool(deleted), "reply_to": reply_to,
+            "attachment": attachment_object(*attachment) if attachment else None}
 
 
 MESSAGE_COLUMNS = ("m.id, s.username, r.username, m.body, m.sent_at, m.client_id, m.edited_at, m.deleted, "
-                   "m.reply_to")
-MESSAGE_JOINS = "JOIN chatx_users s ON s.id = m.sender_id JOIN chatx_users r ON r.id = m.recipient_id"
+                   "m.reply_to, a.id, a.name, a.type, a.size, a.width, a.height")
+MESSAGE_WIDTH = 15  # columns in MESSAGE_COLUMNS
+ATTACHMENT_COLUMNS = "a.id, a.name, a.type, a.size, a.width, a.height"
+MESSAGE_JOINS = ("JOIN chatx_users s ON s.id = m.sender_id JOIN chatx_users r ON r.id = m.recipient_id "
+                 "LEFT JOIN chatx_attachments a ON a.id = m.attachment_id")
 
 
 @dataclass(frozen=True)
@@ -1147,6 +1227,7 @@ class NewMessage:
     body: str
     client_id: str | None
     reply_to: int | None
+    attachment: str | None = None  # the id of an upload of the sender's
 
 
 @dataclass(frozen=True)
@@ -1200,6 +1281,8 @@ async def insert_messages(conn: Connection, items: list[NewMessage]) -> list[Sto
     conversation rows up to date. A (sender, client_id) stored before, or
     earlier in the same list, stores nothing and gets the original."""
     refusals = await send_refusals(conn, items)
+    attached = await attachments_to_send(conn, items)
+    refusals.update(attachment_refusals(items, attached, refusals))
     keys = [(item.sender.id, item.client_id) for item in items]
     first: dict[tuple[int, str | None], int] = {}
     owners = [index if index in refusals or key[1] is None else first.setdefault(key, index)
@@ -1207,11 +1290,13 @@ async def insert_messages(conn: Connection, items: list[NewMessage]) -> list[Sto
     fresh = sorted(set(owners) - set(refusals))
     sent_at = now_ms()
     rows = [(items[i].sender.id, items[i].recipient.id, items[i].body, sent_at, items[i].client_id,
-             items[i].reply_to) for i in fresh]
+             items[i].reply_to, items[i].attachment) for i in fresh]
     inserted = await (insert_message_rows_postgres if conn.postgres else insert_message_rows_sqlite)(conn, rows)
     ids = dict(zip(fresh, inserted))
     stored = {index: message_id for index, message_id in ids.items() if message_id is not None}
     originals = await messages_by_client_id(conn, {keys[index] for index in fresh if ids[index] is None})
+    await conn.execute_many("UPDATE chatx_attachments SET message_id = ? WHERE id = ?",
+                            [(stored[i], items[i].attachment) for i in sorted(stored) if items[i].attachment])
     numbered = await number_messages(conn, [(items[i], stored[i]) for i in sorted(stored)])
     results: list[Stored | Refused] = []
     for index, owner in enumerate(owners):
@@ -1223,11 +1308,13 @@ async def insert_messages(conn: Connection, items: list[NewMessage]) -> list[Sto
             seqs, partners = numbered[stored[owner]]
             first = items[owner]
             original = message_object(stored[owner], first.sender.username, first.recipient.username, first.body,
-                                      sent_at, first.client_id, None, False, first.reply_to)
+                                      sent_at, first.client_id, None, False, first.reply_to,
+                                      *attached.get(first.attachment, ())[3:])
         else:
             seqs, partners, original = {}, None, originals[keys[owner]]
         retry = owner != index or owner not in stored  # the original's ack, nothing delivered again
-        if retry and (original["to"], original["body"]) != (item.recipient.username, item.body):
+        if retry and (original["to"], original["body"], (original["attachment"] or {}).get("id")) != (
+                item.recipient.username, item.body, item.attachment):
             results.append(Refused("invalid_field", "This client_id belongs to another message."))
         elif retry:
             results.append(Stored(EventKind.MESSAGE, {}, original))
@@ -1256,6 +1343,34 @@ async def send_refusals(conn: Connection, items: list[NewMessage]) -> dict[int, 
         elif item.reply_to is not None and sorted(targets.get(item.reply_to, ())) != sorted(
                 (item.sender.id, item.recipient.id)):
             refusals[index] = Refused("invalid_field", "'reply_to' must name a message of this conversation.")
+    return refusals
+
+
+async def attachments_to_send(conn: Connection, items: list[NewMessage]) -> dict[str, tuple]:
+    """The attachments the items name: id -> (uploader_id, message_id, that
+    message's client_id, *the columns of attachment_object())."""
+    ids = sorted({item.attachment for item in items if item.attachment})
+    if not ids:
+        return {}
+    rows = await conn.fetch(f"SELECT a.uploader_id, a.message_id, m.client_id, {ATTACHMENT_COLUMNS} "
+                            "FROM chatx_attachments a LEFT JOIN chatx_messages m ON m.id = a.message_id "
+                            f"WHERE a.id IN ({marks(len(ids))})", *ids)
+    return {row[3]: tuple(row) for row in rows}
+
+
+def attachment_refusals(items: list[NewMessage], attached: dict[str, tuple],
+                        refused: dict[int, Refused]) -> dict[int, Refused]:
+    """An attachment must be an upload of the sender's that no message carries,
+    or the one its own retry (same client_id) carries; one message per upload."""
+    refusals, claimed = {}, {}
+    for index, item in enumerate(items):
+        if not item.attachment or index in refused:
+            continue
+        uploader, message_id, client_id = attached.get(item.attachment, (None, None, None))[:3]
+        retry = message_id is not None and item.client_id is not None and client_id == item.client_id
+        earlier = claimed.setdefault(item.attachment, item.client_id or index)
+        if uploader != item.sender.id or (message_id is not None and not retry) or earlier != (item.client_id or index):
+            refusals[index] = Refused("unknown_attachment", "There is no such upload of yours to send.")
     return refusals
 
 
@@ -1307,7 +1422,7 @@ async def conversations_known(conn: Connection, pairs: list[tuple[int, int]]) ->
 
 
 async def insert_message_rows_sqlite(conn: Connection, rows: list[tuple]) -> list[int | None]:
-    """Insert rows of (sender_id, recipient_id, body, sent_at, client_id, reply_to);
+    """Insert rows of (sender_id, recipient_id, body, sent_at, client_id, reply_to, attachment_id);
     return each one's id, or None where that client_id was stored before.
 
     Under the write lock each new row's id is the largest one yet plus one, so
@@ -1321,8 +1436,8 @@ async def insert_message_rows_sqlite(conn: Connection, rows: list[tuple]) -> lis
         return []
     newest = await conn.fetch_value("SELECT coalesce(max(id), 0) FROM chatx_messages")
     stored = await conn.execute_many(
-        "INSERT INTO chatx_messages (sender_id, recipient_id, body, sent_at, client_id, reply_to) "
-        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sender_id, client_id) DO NOTHING", rows)
+        "INSERT INTO chatx_messages (sender_id, recipient_id, body, sent_at, client_id, reply_to, attachment_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sender_id, client_id) DO NOTHING", rows)
     if stored == len(rows):
         return list(range(newest + 1, newest + stored + 1))
     if stored == 0:
@@ -1370,8 +1485,9 @@ async def insert_message_rows_postgres(conn: Connection, rows: list[tuple]) -> l
                                   *map(list, zip(*[row[:5] for row in rows])))
     inserted = set(record[1] or ())
     ids = [message_id if message_id in inserted else None for message_id in record[0]]
-    replies = [(row[5], message_id) for row, message_id in zip(rows, ids) if message_id and row[5] is not None]
-    await conn.execute_many("UPDATE chatx_messages SET reply_to = ? WHERE id = ?", replies)
+    replies = [(row[5], row[6], message_id) for row, message_id in zip(rows, ids)
+               if message_id and (row[5] is not None or row[6] is not None)]
+    await conn.execute_many("UPDATE chatx_messages SET reply_to = ?, attachment_id = ? WHERE id = ?", replies)
     return ids
 
 
@@ -1381,7 +1497,7 @@ async def messages_by_client_id(conn: Connection, keys: set[tuple[int, str | Non
     where = " OR ".join(["(m.sender_id = ? AND m.client_id = ?)"] * len(keys))
     rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS}, m.sender_id FROM chatx_messages m {MESSAGE_JOINS} "
                             f"WHERE {where}", *[value for key in sorted(keys) for value in key])
-    return {(row[9], row[5]): message_object(*row[:9]) for row in rows}
+    return {(row[MESSAGE_WIDTH], row[5]): message_object(*row[:MESSAGE_WIDTH]) for row in rows}
 
 
 async def message_by_id(conn: Connection, message_id: int) -> dict[str, Any] | None:
@@ -1392,18 +1508,20 @@ async def message_by_id(conn: Connection, message_id: int) -> dict[str, Any] | N
 
 async def change_message(conn: Connection, me: int, message_id: int, body: str | None) -> Stored | Refused:
     """Edit (a body) or delete (None) a message of mine that is not deleted."""
-    row = await conn.fetch_one("SELECT sender_id, recipient_id FROM chatx_messages WHERE id = ? AND NOT deleted",
-                               message_id)
+    row = await conn.fetch_one("SELECT sender_id, recipient_id, attachment_id FROM chatx_messages "
+                               "WHERE id = ? AND NOT deleted", message_id)
     if row is None or row[0] != me:
         return Refused("unknown_message", "You have no such message.")
     if body is None:
-        await conn.execute("UPDATE chatx_messages SET body = '', deleted = ? WHERE id = ?", True, message_id)
+        await conn.execute("UPDATE chatx_messages SET body = '', deleted = ?, attachment_id = NULL WHERE id = ?",
+                           True, message_id)
+        await erase_attachments(conn, [row[2]] if row[2] else [])
         kind = EventKind.DELETE
     else:
         await conn.execute("UPDATE chatx_messages SET body = ?, edited_at = ? WHERE id = ?", body, now_ms(),
                            message_id)
         kind = EventKind.EDIT
-    people = list(dict.fromkeys(row))
+    people = list(dict.fromkeys(row[:2]))
     seqs = await append_events(conn, [(user_id, kind, message_id, None, None, None) for user_id in people])
     return Stored(kind, dict(zip(people, seqs)), await message_by_id(conn, message_id))
 
@@ -1429,6 +1547,7 @@ EVENT_QUERY = (
     f"SELECT e.seq, e.kind, {MESSAGE_COLUMNS}, rd.username, w.username, e.up_to FROM chatx_events e "
     "LEFT JOIN chatx_messages m ON m.id = e.message_id "
     "LEFT JOIN chatx_users s ON s.id = m.sender_id LEFT JOIN chatx_users r ON r.id = m.recipient_id "
+    "LEFT JOIN chatx_attachments a ON a.id = m.attachment_id "
     "LEFT JOIN chatx_users rd ON rd.id = e.reader_id LEFT JOIN chatx_users w ON w.id = e.with_id "
     "WHERE e.user_id = ? AND e.seq > ? ORDER BY e.seq LIMIT ?")
 
@@ -1490,6 +1609,71 @@ async def conversation_rows(conn: Connection, me: int, before: int | None, limit
         f"JOIN chatx_messages m ON m.id = c.last_message_id {MESSAGE_JOINS} "
         f"WHERE c.user_id = ?{older} ORDER BY c.last_message_id DESC LIMIT ?",
         me, *([] if before is None else [before]), limit)
+
+
+# -- attachments
+
+
+async def erase_attachments(conn: Connection, ids: list[str]) -> None:
+    """Attachments and their bytes, in the transaction that made them unwanted."""
+    if ids:
+        await conn.execute(f"DELETE FROM chatx_attachment_chunks WHERE attachment_id IN ({marks(len(ids))})", *ids)
+        await conn.execute(f"DELETE FROM chatx_attachments WHERE id IN ({marks(len(ids))})", *ids)
+
+
+async def uploaded_on(conn: Connection, user_id: int, day: int) -> int:
+    return await conn.fetch_value("SELECT bytes FROM chatx_upload_days WHERE user_id = ? AND day = ?",
+                                  user_id, day) or 0
+
+
+async def insert_attachment(conn: Connection, uploader_id: int, columns: tuple, thumbnail: bytes | None,
+                            day: int, quota: int) -> bool:
+    """Record an upload whose bytes are stored, counting them against the day's
+    quota; False (nothing recorded) if they would go over it (0: no quota)."""
+    attachment_id, name, kind, size, width, height = columns
+    used = await uploaded_on(conn, uploader_id, day)
+    if quota and used + size > quota:
+        return False
+    await conn.execute("INSERT INTO chatx_upload_days (user_id, day, bytes) VALUES (?, ?, ?) ON CONFLICT "
+                       "(user_id, day) DO UPDATE SET bytes = chatx_upload_days.bytes + excluded.bytes",
+                       uploader_id, day, size)
+    await conn.execute("INSERT INTO chatx_attachments (id, uploader_id, message_id, name, type, size, width, "
+                       "height, thumbnail, created_at) VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?)",
+                       attachment_id, uploader_id, name, kind, size, width, height, thumbnail, now_ms())
+    return True
+
+
+async def insert_attachment_chunk(conn: Connection, attachment_id: str, n: int, data: bytes) -> None:
+    await conn.execute("INSERT INTO chatx_attachment_chunks (attachment_id, n, data) VALUES (?, ?, ?)",
+                       attachment_id, n, data)
+
+
+async def attachment_chunk(conn: Connection, attachment_id: str, n: int) -> bytes | None:
+    return await conn.fetch_value("SELECT data FROM chatx_attachment_chunks WHERE attachment_id = ? AND n = ?",
+                                  attachment_id, n)
+
+
+async def readable_attachment(conn: Connection, attachment_id: str, me: int) -> tuple | None:
+    """The columns of attachment_object() and whether there is a thumbnail, if
+    I uploaded it or am the other person of the message that carries it."""
+    return await conn.fetch_one(
+        f"SELECT {ATTACHMENT_COLUMNS}, a.thumbnail IS NOT NULL FROM chatx_attachments a "
+        "LEFT JOIN chatx_messages m ON m.id = a.message_id "
+        "WHERE a.id = ? AND (a.uploader_id = ? OR m.recipient_id = ?)", attachment_id, me, me)
+
+
+async def attachment_thumbnail(conn: Connection, attachment_id: str) -> bytes | None:
+    return await conn.fetch_value("SELECT thumbnail FROM chatx_attachments WHERE id = ?", attachment_id)
+
+
+async def expire_uploads(conn: Connection, made_before: int, day_before: int) -> int:
+    """Erase uploads no message used that were made before `made_before`, and
+    forget the quotas of days gone; return how many uploads were erased."""
+    ids = [row[0] for row in await conn.fetch(
+        "SELECT id FROM chatx_attachments WHERE message_id IS NULL AND created_at < ?", made_before)]
+    await erase_attachments(conn, ids)
+    await conn.execute("DELETE FROM chatx_upload_days WHERE day < ?", day_before)
+    return len(ids)
 
 
 # -- presence
@@ -1734,8 +1918,9 @@ def replayed_frame(row: tuple) -> StreamFrame:
     """A row of events_after() as the frame it was sent as, with the message as it is now."""
     seq, kind = row[0], EventKind(row[1])
     if kind is EventKind.READ:
-        return stream_frame(kind, seq, None, {"reader": row[11], "with": row[12], "up_to": row[13]})
-    return stream_frame(kind, seq, dumps(message_object(*row[2:11])), None)
+        reader, with_, up_to = row[2 + MESSAGE_WIDTH:]
+        return stream_frame(kind, seq, None, {"reader": reader, "with": with_, "up_to": up_to})
+    return stream_frame(kind, seq, dumps(message_object(*row[2:2 + MESSAGE_WIDTH])), None)
 
 
 def hello_frame(user: User, seq: int, presence: list[tuple[str, str, int | None]]) -> str:
@@ -2735,10 +2920,151 @@ class Messenger:
                 "status": "offline" if blocked else status,
                 "last_seen": None if blocked else iso(last_seen),
                 "unread": unread,
-                "last_message": message_object(*row[8:17]),
+                "last_message": message_object(*row[8:8 + MESSAGE_WIDTH]),
                 "read_up_to": {me.username: mine, peer: theirs or 0},
             })
         return {"conversations": listed, "has_more": len(rows) > limit}
+
+
+class AttachmentStore:
+    """Where attachments' bytes are kept, by attachment id. The database is the
+    one store today; an S3-compatible one would implement these three."""
+
+    async def put(self, attachment_id: str, source: Any) -> None:
+        """Store everything `source` (a binary file) holds from where it stands."""
+        raise NotImplementedError
+
+    def read(self, attachment_id: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes start..end-1, a piece at a time."""
+        raise NotImplementedError
+
+    async def delete(self, attachment_ids: list[str]) -> None:
+        raise NotImplementedError
+
+
+class DatabaseAttachmentStore(AttachmentStore):
+    """Bytes in chatx_attachment_chunks, ATTACHMENT_CHUNK_BYTES a row, so that
+    every process and host sees them, a backup holds them, and no file is ever
+    in memory whole. Deleting a message or an account erases its attachments'
+    chunks in the same transaction (erase_attachments)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    async def put(self, attachment_id: str, source: Any) -> None:
+        n = 0
+        while chunk := source.read(ATTACHMENT_CHUNK_BYTES):
+            await self.storage.write(insert_attachment_chunk, attachment_id, n, chunk)
+            n += 1
+
+    async def read(self, attachment_id: str, start: int, end: int) -> AsyncIterator[bytes]:
+        for n in range(start // ATTACHMENT_CHUNK_BYTES, (end - 1) // ATTACHMENT_CHUNK_BYTES + 1):
+            data = await self.storage.read(attachment_chunk, attachment_id, n)
+            if data is None:  # erased meanwhile
+                return
+            offset = n * ATTACHMENT_CHUNK_BYTES
+            yield bytes(data[max(start - offset, 0):end - offset])
+
+    async def delete(self, attachment_ids: list[str]) -> None:
+        await self.storage.write(erase_attachments, attachment_ids)
+
+
+MIME_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
+
+
+def inspect_upload(source: Any, declared: str) -> tuple[str, int | None, int | None, bytes | None]:
+    """The type the bytes really have, an image's width and height, and its
+    thumbnail. Only PNG, JPEG, GIF and WebP that decode are images; something
+    else that claims to be an image is application/octet-stream."""
+    source.seek(0)
+    try:
+        with Image.open(source) as image:
+            kind = INLINE_TYPES.get(image.format or "")
+            if kind and image.width * image.height <= IMAGE_PIXELS_MAX:
+                width, height = image.size
+                image.draft("RGB", (THUMBNAIL_MAX, THUMBNAIL_MAX))  # JPEG: decode at a fraction of the size
+                image.thumbnail((THUMBNAIL_MAX, THUMBNAIL_MAX))
+                return kind, width, height, thumbnail_bytes(image)
+    except Exception:  # any failure to decode untrusted bytes: not an image
+        pass
+    finally:
+        source.seek(0)
+    if declared.startswith("image/") or not MIME_RE.fullmatch(declared):
+        return "application/octet-stream", None, None, None
+    return declared, None, None, None
+
+
+def thumbnail_bytes(image: Image.Image) -> bytes:
+    """PNG where the image has transparency, JPEG otherwise."""
+    out = io.BytesIO()
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image.convert("RGBA").save(out, "PNG", optimize=True)
+    else:
+        image.convert("RGB").save(out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+def today() -> int:
+    """Days since the epoch, UTC: the unit of the upload quota."""
+    return now_ms() // 86_400_000
+
+
+class Attachments:
+    """Uploads: checked and stored, read back, and erased when no message used them within the hour."""
+
+    def __init__(self, storage: Storage, settings: Settings) -> None:
+        self.storage, self.settings = storage, settings
+        self.store: AttachmentStore = DatabaseAttachmentStore(storage)
+        self.decoding = asyncio.Semaphore(IMAGES_DECODED_AT_ONCE)
+        self.sweeper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.sweeper = asyncio.create_task(self.sweep())
+
+    async def stop(self) -> None:
+        if self.sweeper:
+            self.sweeper.cancel()
+            await asyncio.gather(self.sweeper, return_exceptions=True)
+
+    async def sweep(self) -> None:
+        while True:
+            await asyncio.sleep(UPLOAD_SWEEP_S)
+            try:
+                await self.expire(now_ms())
+            except Exception as exc:
+                logger.warning("erasing unsent uploads failed: %s", exc)
+
+    async def expire(self, now: int) -> None:
+        if await self.storage.write(expire_uploads, now - UNSENT_UPLOAD_MS, now // 86_400_000 - 1):
+            self.storage.erase_soon()
+
+    async def allowance(self, user: User) -> int | None:
+        """Bytes I may still upload today; None without a quota."""
+        quota = self.settings.attachment_bytes_per_day
+        return quota - await self.storage.read(uploaded_on, user.id, today()) if quota else None
+
+    async def add(self, user: User, name: str, declared: str, source: Any, size: int) -> dict[str, Any] | None:
+        """Store an upload received into `source`; None if it is over the day's quota."""
+        async with self.decoding:
+            kind, width, height, thumbnail = await asyncio.to_thread(inspect_upload, source, declared)
+        columns = (secrets.token_urlsafe(18), name, kind, size, width, height)
+        try:
+            await self.store.put(columns[0], source)
+            recorded = await self.storage.write(insert_attachment, user.id, columns, thumbnail, today(),
+                                                self.settings.attachment_bytes_per_day)
+        except BaseException:
+            await asyncio.shield(self.store.delete([columns[0]]))
+            raise
+        if not recorded:
+            await self.store.delete([columns[0]])
+            return None
+        return attachment_object(*columns)
+
+    async def readable(self, attachment_id: str, me: User) -> tuple | None:
+        return await self.storage.read(readable_attachment, attachment_id, me.id)
+
+    async def thumbnail(self, attachment_id: str) -> bytes | None:
+        return await self.storage.read(attachment_thumbnail, attachment_id)
 
 
 # ---- requests and sockets alike -----------------------------------------------------
@@ -3096,7 +3422,9 @@ def take_token(socket: ChatSocket) -> None:
 
 
 async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
-    frame_field(frame, "body", str)
+    attachment = None if frame.get("attachment") is None else frame_field(frame, "attachment", str)
+    if attachment is None or "body" in frame:
+        frame_field(frame, "body", str)
     client_id = frame.get("client_id")
     if client_id is not None and (
         not isinstance(client_id, str) or not 0 < len(client_id) <= CLIENT_ID_MAX or not storable(client_id)
@@ -3104,12 +3432,12 @@ async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
         raise FrameError("invalid_field", f"'client_id' must be a string of 1 to {CLIENT_ID_MAX} characters.")
     reply_to = None if frame.get("reply_to") is None else id_field(frame, "reply_to")
     recipient = await peer_field(socket, frame, "to")
-    body = body_field(frame)
+    body = body_field(frame) if attachment is None or VISIBLE_RE.search(frame.get("body", "")) else ""
     take_token(socket)
     # Not awaited: the next frames are read meanwhile, so one commit takes many
     # sends of a socket; the writer's queue keeps their order.
     socket.sends_in_flight += 1
-    stored = socket.chat.messenger.send(NewMessage(socket.user, recipient, body, client_id, reply_to),
+    stored = socket.chat.messenger.send(NewMessage(socket.user, recipient, body, client_id, reply_to, attachment),
                                         functools.partial(socket.message_stored, client_id))
     if socket.sends_in_flight > SENDS_IN_FLIGHT_MAX:
         await asyncio.wait([stored])
@@ -3244,7 +3572,7 @@ class WebSocketEndpoint:
 
 ERROR_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "too_large"}
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
        "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
 
@@ -3595,6 +3923,156 @@ async def block(request: Request) -> Response:
     return Response(status_code=204)
 
 
+def file_name(request: Request) -> str:
+    """The `name` query parameter as a plain file name: no directories, no
+    control or format characters, at most ATTACHMENT_NAME_MAX characters."""
+    name = re.split(r"[/\\]", request.query_params.get("name", ""))[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C").strip().lstrip(".")
+    if not name:
+        raise ApiError(400, "bad_request", "'name' is required: the file's name.")
+    if len(name) > ATTACHMENT_NAME_MAX:
+        stem, dot, extension = name.rpartition(".")
+        keep = extension[:16] if dot else ""
+        name = (name[:ATTACHMENT_NAME_MAX - len(keep) - 1] + "." + keep) if keep else name[:ATTACHMENT_NAME_MAX]
+    return name
+
+
+async def upload_attachment(request: Request) -> Response:
+    """Upload a file or image for a message; the body is its bytes.
+    ---
+    summary: Upload an attachment
+    parameters: [{name: name, in: query, required: true, schema: {type: string}}]
+    responses:
+      "201": {description: "{attachment}: an upload a send may use within an hour"}
+      "400": {description: "bad_request"}
+      "401": {description: "not_authenticated"}
+      "413": {description: "too_large"}
+      "429": {description: "rate_limited: over the day's upload bytes"}
+    """
+    check_origin(request)
+    session = await signed_in(request)
+    name = file_name(request)
+    chat = chat_of(request)
+    limit = chat.settings.max_attachment_bytes
+    too_large = ApiError(413, "too_large", f"Attachments are at most {limit} bytes.")
+    over_quota = ApiError(429, "rate_limited", "You uploaded as much as a day allows; try again tomorrow.")
+    length = request.headers.get("content-length", "")
+    declared_size = int(length) if length.isdigit() else None
+    if limit and declared_size is not None and declared_size > limit:
+        raise too_large
+    allowance = await chat.attachments.allowance(session.user)
+    if allowance is not None and declared_size is not None and declared_size > allowance:
+        raise over_quota
+    declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    with tempfile.SpooledTemporaryFile(UPLOAD_SPOOL_BYTES) as spool:
+        size = 0
+        chunks = request.stream().__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(BODY_TIMEOUT_S):  # for each piece: a large file may take minutes
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise ApiError(408, "timeout", f"The body stalled for {BODY_TIMEOUT_S} s.") from None
+            size += len(chunk)
+            if limit and size > limit:  # refused as it comes, whatever Content-Length said
+                raise too_large
+            if allowance is not None and size > allowance:
+                raise over_quota
+            spool.write(chunk)
+        if size == 0:
+            raise ApiError(400, "bad_request", "The file is empty.")
+        attachment = await chat.attachments.add(session.user, name, declared, spool, size)
+    if attachment is None:
+        raise over_quota
+    return JSONResponse({"attachment": attachment}, status_code=201)
+
+
+ATTACHMENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+RANGE_RE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
+
+
+async def readable(request: Request) -> tuple[tuple, Session]:
+    """The attachment the path names, if I may read it: the same 404 for an id
+    that never existed and for one of others, after the same one query."""
+    session = await signed_in(request)
+    attachment_id = request.path_params["id"]
+    found = None
+    if ATTACHMENT_ID_RE.fullmatch(attachment_id):
+        found = await chat_of(request).attachments.readable(attachment_id, session.user)
+    if found is None:
+        raise ApiError(404, "unknown_attachment", "There is no such attachment for you.")
+    return tuple(found), session
+
+
+def content_disposition(kind: str, name: str) -> str:
+    """Inline for the images a page may show, a download for everything else;
+    the name as RFC 6266 / 5987 have it, with an ASCII fallback."""
+    fallback = re.sub(r'[^A-Za-z0-9._ -]', "_", name)
+    disposition = "inline" if kind in INLINE_TYPES.values() else "attachment"
+    return f"{disposition}; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def attachment_headers(etag: str, kind: str) -> dict[str, str]:
+    return {"ETag": etag, "Cache-Control": "private, max-age=86400", "Content-Security-Policy": "sandbox",
+            "X-Content-Type-Options": "nosniff", "Content-Type": kind}
+
+
+async def attachment_bytes(request: Request) -> Response:
+    """An attachment's bytes, to the uploader and the other person of its message.
+    ---
+    summary: Download an attachment (Range requests too)
+    responses:
+      "200": {description: "the bytes"}
+      "206": {description: "the range asked"}
+      "401": {description: "not_authenticated"}
+      "404": {description: "unknown_attachment"}
+    """
+    (attachment_id, name, kind, size, *_), _ = await readable(request)
+    headers = {**attachment_headers(f'"{attachment_id}"', kind), "Accept-Ranges": "bytes",
+               "Content-Disposition": content_disposition(kind, name)}
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    start, end, status = 0, size, 200
+    asked = request.headers.get("range")
+    if asked and request.headers.get("if-range", headers["ETag"]) == headers["ETag"]:
+        match = RANGE_RE.fullmatch(asked.strip())
+        first, last = match.groups() if match else ("", "")
+        if match and (first or last):
+            if not first:  # the last N bytes
+                start = max(size - int(last), 0)
+            else:
+                start, end = int(first), min(int(last) + 1, size) if last else size
+            if start >= end or start >= size:
+                return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    return StreamingResponse(chat_of(request).attachments.store.read(attachment_id, start, end), status_code=status,
+                             headers=headers)
+
+
+async def attachment_thumbnail_bytes(request: Request) -> Response:
+    """An image attachment's thumbnail, at most 320 px on the long side.
+    ---
+    summary: An image's thumbnail
+    responses:
+      "200": {description: "JPEG or PNG"}
+      "401": {description: "not_authenticated"}
+      "404": {description: "unknown_attachment"}
+    """
+    (attachment_id, *_, has_thumbnail), _ = await readable(request)
+    thumbnail = await chat_of(request).attachments.thumbnail(attachment_id) if has_thumbnail else None
+    if thumbnail is None:
+        raise ApiError(404, "unknown_attachment", "There is no such attachment for you.")
+    kind = "image/png" if thumbnail.startswith(b"\x89PNG") else "image/jpeg"
+    headers = attachment_headers(f'"{attachment_id}-thumbnail"', kind)
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    return Response(bytes(thumbnail), headers={**headers, "Content-Disposition": "inline"})
+
+
 def address_allowed(address: str, allowed: tuple[str, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
@@ -3685,8 +4163,10 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
-                if api:
+                headers = list(message.get("headers", []))
+                given = {name.lower() for name, _ in headers}  # an attachment's own CSP and caching stand
+                message["headers"] = headers + [header for header in SECURITY_HEADERS if header[0] not in given]
+                if api and b"cache-control" not in given:
                     message["headers"].append((b"cache-control", b"no-store"))
             await send(message)
 
@@ -3745,6 +4225,7 @@ class ChatX:
         self.accounts = Accounts(self.storage, self.fanout, settings)
         self.presence = Presence(self.storage, self.fanout, settings, self.process_id)
         self.messenger = Messenger(self.storage, self.fanout, self.presence, settings)
+        self.attachments = Attachments(self.storage, settings)
         self.closed_for_restart = 0
 
     def on_status_change(self, callback: StatusCallback) -> StatusCallback:
@@ -3768,6 +4249,8 @@ class ChatX:
             started.push_async_callback(self.presence.stop)
             await self.messenger.start()
             started.push_async_callback(self.messenger.stop)
+            await self.attachments.start()
+            started.push_async_callback(self.attachments.stop)
             started.push_async_callback(self.close_sockets)
             if self.settings.tune_gc:
                 tune_collector()
@@ -3866,6 +4349,9 @@ def create_app(**settings: Any) -> Starlette:
         Route("/api/conversations/{username}/messages", conversation_messages),
         Route("/api/blocks", block_list),
         Route("/api/blocks/{username}", block, methods=["PUT", "DELETE"]),
+        Route("/api/attachments", upload_attachment, methods=["POST"]),
+        Route("/api/attachments/{id}", attachment_bytes),
+        Route("/api/attachments/{id}/thumbnail", attachment_thumbnail_bytes),
         Route("/healthz", healthz),
         Route("/metrics", metrics),
         Route("/api/openapi.json", openapi, include_in_schema=False),

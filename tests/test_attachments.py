@@ -1,0 +1,293 @@
+"""Attachments: upload, the attachment in messages everywhere, who may read
+them, how they are served, their limits, and their erasure."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx2 as httpx
+import pytest
+from PIL import Image
+
+import chatx
+from conftest import (ChatServer, error_code, next_frame, quiet, remote_sign_up, receive, run_async, run_job,
+                      settle, sign_up, wait_until)
+
+pytestmark = pytest.mark.usefixtures("cheap_hashes")
+
+PDF = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj 2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\n"
+       b"trailer<</Root 1 0 R>>\n%%EOF\n" + secrets.token_bytes(300_000))
+HTML = b"<!doctype html><title>x</title><script>document.title='RAN'; window.ran = true;</script><p>hello"
+SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
+       b"<script>document.title='RAN'; window.ran = true;</script><rect width='10' height='10'/></svg>")
+
+
+def image_bytes(width: int = 800, height: int = 600, kind: str = "PNG") -> bytes:
+    """A real image with noise in it, so that it does not compress to nothing."""
+    image = Image.frombytes("RGB", (width, height), secrets.token_bytes(width * height * 3))
+    out = io.BytesIO()
+    image.save(out, kind)
+    return out.getvalue()
+
+
+def upload(person, data: bytes, name: str, kind: str, prefix: str = "") -> httpx.Response:
+    return person.post(f"{prefix}/api/attachments", params={"name": name}, content=data,
+                       headers={"content-type": kind})
+
+
+def uploaded(person, data: bytes, name: str, kind: str) -> dict[str, Any]:
+    response = upload(person, data, name, kind)
+    assert response.status_code == 201, response.text
+    return response.json()["attachment"]
+
+
+def send_attachment(ws, to: str, attachment_id: str, body: str | None = None, client_id: str | None = None) -> None:
+    frame = {"type": "send", "to": to, "attachment": attachment_id, "client_id": client_id or uuid.uuid4().hex}
+    if body is not None:
+        frame["body"] = body
+    ws.send_json(frame)
+
+
+def sent_attachment(ws, to: str, attachment_id: str, body: str | None = None) -> dict[str, Any]:
+    send_attachment(ws, to, attachment_id, body)
+    message = next_frame(ws, "ack")["message"]
+    assert next_frame(ws, "message")["message"] == message
+    return message
+
+
+@pytest.fixture
+def chat(database_url, make_client):
+    client = make_client(database_url=database_url, send_rate=1000.0, send_burst=1000.0)
+    return client, sign_up(client, "alice"), sign_up(client, "bob"), sign_up(client, "carol")
+
+
+# ---- upload, send and receive ----------------------------------------------------------
+
+
+def test_an_image_and_a_pdf_reach_the_partner_in_frames_history_replay_and_the_conversation_list(chat):
+    client, alice, bob, carol = chat
+    png = image_bytes(800, 600)
+    photo = uploaded(alice, png, "holiday.png", "image/png")
+    assert {k: v for k, v in photo.items() if k != "id"} == {
+        "name": "holiday.png", "type": "image/png", "size": len(png), "width": 800, "height": 600}
+    report = uploaded(alice, PDF, "report.pdf", "application/pdf")
+    assert (report["type"], report["width"], report["height"], report["size"]) == ("application/pdf", None, None,
+                                                                                    len(PDF))
+    with alice.ws() as a, bob.ws() as b:
+        settle(a, b)
+        with_photo = sent_attachment(a, "bob", photo["id"])  # no body at all
+        with_report = sent_attachment(a, "bob", report["id"], body="the figures")
+        assert with_photo["body"] == "" and with_photo["attachment"] == photo
+        assert with_report["body"] == "the figures" and with_report["attachment"] == report
+        assert next_frame(b, "message")["message"] == with_photo
+        assert next_frame(b, "message")["message"] == with_report
+    got = bob.get(f"/api/attachments/{photo['id']}")
+    assert got.status_code == 200 and got.content == png
+    assert got.headers["content-type"] == "image/png"
+    assert got.headers["content-disposition"].startswith("inline")
+    thumbnail = bob.get(f"/api/attachments/{photo['id']}/thumbnail")
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumbnail.content)).size == (320, 240)
+    got = bob.get(f"/api/attachments/{report['id']}")
+    assert got.status_code == 200 and got.content == PDF
+    assert got.headers["content-disposition"].startswith("attachment;")
+    assert error_code(bob.get(f"/api/attachments/{report['id']}/thumbnail")) == "unknown_attachment"
+    messages = bob.get("/api/conversations/alice/messages").json()["messages"]
+    assert [m["attachment"] for m in messages] == [photo, report]
+    listed = bob.get("/api/conversations").json()["conversations"][0]["last_message"]
+    assert listed["attachment"] == report
+    with bob.ws(since=0) as replay:
+        next_frame(replay, "hello")
+        replayed = [next_frame(replay, "message")["message"] for _ in range(2)]
+    assert [m["attachment"] for m in replayed] == [photo, report]
+
+
+def test_an_attachment_must_be_an_unsent_upload_of_the_sender(chat):
+    client, alice, bob, carol = chat
+    mine = uploaded(alice, image_bytes(40, 30), "a.png", "image/png")
+    carols = uploaded(carol, image_bytes(40, 30), "c.png", "image/png")
+    with alice.ws() as a:
+        next_frame(a, "hello")
+        for attachment_id in (carols["id"], "no-such-upload", "x" * 40):
+            send_attachment(a, "bob", attachment_id, client_id="c-1")
+            frame = next_frame(a, "error")
+            assert (frame["code"], frame["client_id"]) == ("unknown_attachment", "c-1"), frame
+        first = sent_attachment(a, "bob", mine["id"])
+        send_attachment(a, "bob", mine["id"])  # once sent, an upload is not an upload to send again
+        assert next_frame(a, "error")["code"] == "unknown_attachment"
+        # A retry of the same send (same client_id) gets its original ack and stores nothing new.
+        send_attachment(a, "bob", mine["id"], client_id=first["client_id"])
+        assert next_frame(a, "ack")["message"] == first
+        a.send_json({"type": "send", "to": "bob", "body": " ", "client_id": "c-2"})
+        assert next_frame(a, "error")["code"] == "empty_body"  # without an attachment a body is still needed
+        a.send_json({"type": "send", "to": "bob", "attachment": 5, "client_id": "c-3"})
+        assert next_frame(a, "error")["code"] == "invalid_field"
+        assert quiet(a) == []
+    assert len(bob.get("/api/conversations/alice/messages").json()["messages"]) == 1
+
+
+# ---- who may read ------------------------------------------------------------------------
+
+
+def test_only_the_uploader_and_the_other_person_read_an_attachment_everyone_else_gets_the_404_of_no_such_id(chat):
+    client, alice, bob, carol = chat
+    photo = uploaded(alice, image_bytes(400, 400), "p.png", "image/png")
+    report = uploaded(alice, PDF, "r.pdf", "application/pdf")
+    never = "A" * 24
+    assert error_code(bob.get(f"/api/attachments/{photo['id']}")) == "unknown_attachment"  # not sent yet
+    assert alice.get(f"/api/attachments/{photo['id']}").content  # but its uploader sees it
+    with alice.ws() as a:
+        next_frame(a, "hello")
+        sent_attachment(a, "bob", photo["id"])
+        sent_attachment(a, "bob", report["id"])
+    for path in (f"/api/attachments/{photo['id']}", f"/api/attachments/{photo['id']}/thumbnail",
+                 f"/api/attachments/{report['id']}"):
+        assert bob.get(path).status_code == 200
+        theirs, none = carol.get(path), carol.get(path.replace(path.split("/")[3], never))
+        assert (theirs.status_code, theirs.json()) == (404, none.json()) == (404, {"error": {
+            "code": "unknown_attachment", "detail": "There is no such attachment for you."}})
+        assert set(theirs.headers) == set(none.headers) and "etag" not in theirs.headers
+    client.cookies.clear()
+    assert client.get(f"/api/attachments/{photo['id']}").status_code == 401
+
+
+# ---- how they are served ----------------------------------------------------------------------
+
+
+def test_html_svg_and_a_png_that_is_html_are_sandboxed_downloads_and_images_are_cached_privately(chat):
+    client, alice, bob, carol = chat
+    html = uploaded(alice, HTML, "page.html", "text/html")
+    svg = uploaded(alice, SVG, "logo.svg", "image/svg+xml")
+    fake = uploaded(alice, HTML, "cat.png", "image/png")
+    photo = uploaded(alice, image_bytes(100, 50, "JPEG"), 'we"ird\u202e name\n.jpg', "image/jpeg")
+    assert (html["type"], svg["type"], fake["type"]) == ("text/html", "application/octet-stream",
+                                                         "application/octet-stream")
+    assert (photo["type"], photo["name"], photo["width"]) == ("image/jpeg", 'we"ird name.jpg', 100)
+    for attachment in (html, svg, fake):
+        response = alice.get(f"/api/attachments/{attachment['id']}")
+        assert response.headers["content-security-policy"] == "sandbox"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["content-disposition"].startswith("attachment;")
+        assert attachment["name"].encode() in response.headers["content-disposition"].encode()
+    response = alice.get(f"/api/attachments/{photo['id']}")
+    assert response.headers["content-disposition"] == (
+        "inline; filename=\"we_ird name.jpg\"; filename*=UTF-8''we%22ird%20name.jpg")
+    assert response.headers["content-security-policy"] == "sandbox"
+    assert response.headers["cache-control"] == "private, max-age=86400"
+    again = alice.get(f"/api/attachments/{photo['id']}", headers={"if-none-match": response.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+
+
+def test_a_range_request_gets_206_with_exactly_those_bytes(chat):
+    client, alice, bob, carol = chat
+    data = secrets.token_bytes(700_000)  # three chunks of the store
+    attachment = uploaded(alice, data, "big.bin", "application/octet-stream")
+    path = f"/api/attachments/{attachment['id']}"
+    for asked, start, end in (("bytes=0-9", 0, 10), ("bytes=262140-524300", 262140, 524301),
+                              ("bytes=699990-", 699990, 700000), ("bytes=-5", 699995, 700000),
+                              ("bytes=600000-999999999", 600000, 700000)):
+        response = alice.get(path, headers={"range": asked})
+        assert response.status_code == 206, asked
+        assert response.content == data[start:end], asked
+        assert response.headers["content-range"] == f"bytes {start}-{end - 1}/700000"
+    assert alice.get(path, headers={"range": "bytes=800000-"}).status_code == 416
+    whole = alice.get(path)
+    assert whole.status_code == 200 and whole.content == data and whole.headers["accept-ranges"] == "bytes"
+
+
+def test_an_upload_needs_a_name_a_session_and_our_origin(chat):
+    client, alice, bob, carol = chat
+    assert error_code(alice.post("/api/attachments", content=b"x")) == "bad_request"
+    assert error_code(upload(alice, b"", "empty.txt", "text/plain")) == "bad_request"
+    assert upload(alice, b"x", "../../etc/passwd", "text/plain").json()["attachment"]["name"] == "passwd"
+    foreign = alice.post("/api/attachments?name=a.txt", content=b"x", headers={"origin": "https://evil.example"})
+    assert (foreign.status_code, error_code(foreign)) == (403, "forbidden")
+    client.cookies.clear()
+    assert client.post("/api/attachments?name=a.txt", content=b"x").status_code == 401
+
+
+# ---- limits ---------------------------------------------------------------------------------
+
+
+def test_the_day_s_upload_bytes_are_limited_per_user(make_client):
+    client = make_client(attachment_bytes_per_day=250_000)
+    alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
+    assert upload(alice, secrets.token_bytes(200_000), "a.bin", "application/octet-stream").status_code == 201
+    over = upload(alice, secrets.token_bytes(60_000), "b.bin", "application/octet-stream")
+    assert (over.status_code, error_code(over)) == (429, "rate_limited")
+    assert upload(alice, secrets.token_bytes(50_000), "c.bin", "application/octet-stream").status_code == 201
+    assert upload(bob, secrets.token_bytes(200_000), "d.bin", "application/octet-stream").status_code == 201
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def raw_upload(server: ChatServer, cookie: str, head: str, body_pieces) -> tuple[int, int]:
+    """Send a request by hand; return its status and how many body bytes went
+    out before the server answered (or stopped reading)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall((head + f"Host: 127.0.0.1:{server.port}\r\nCookie: {chatx.SESSION_COOKIE}={cookie}\r\n"
+                      "Content-Type: application/octet-stream\r\n\r\n").encode())
+        conn.settimeout(0.001)
+        answer = b""
+        for piece in body_pieces:
+            try:
+                conn.sendall(piece)
+                sent += len(piece)
+            except (BlockingIOError, TimeoutError, socket.timeout, BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                answer += conn.recv(65536)
+            except (BlockingIOError, TimeoutError, socket.timeout):
+                continue
+            except ConnectionResetError:
+                break
+            if answer:
+                break
+        conn.settimeout(10)
+        while b"\r\n" not in answer:
+            answer += conn.recv(65536)
+    return int(answer.split()[1]), sent
+
+
+def test_an_oversized_upload_is_refused_while_it_arrives_whatever_its_content_length_says(tmp_path):
+    limit = 1024 * 1024
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}",
+                         "CHATX_MAX_ATTACHMENT_BYTES": str(limit)}, tmp_path)
+    server.start()
+    try:
+        alice = remote_sign_up(server, "alice")
+        piece = secrets.token_bytes(64 * 1024)
+        warm = httpx.post(f"{server.base}/api/attachments?name=w.bin", headers=alice.headers(), content=piece)
+        assert warm.status_code == 201
+        before = rss_kib(server.process.pid)
+        gigabyte = (piece for _ in range(16 * 1024))  # 1 GiB, if it were all sent
+        declared = httpx.post(f"{server.base}/api/attachments?name=big.bin", headers=alice.headers(),
+                              content=secrets.token_bytes(limit + 1))
+        assert (declared.status_code, error_code(declared)) == (413, "too_large")
+        status, sent = raw_upload(server, alice.cookie, "POST /api/attachments?name=lie.bin HTTP/1.1\r\n"
+                                  f"Content-Length: {1024 ** 3}\r\n", gigabyte)
+        assert status == 413 and sent < 64 * limit, sent
+        chunked = (b"%x\r\n%s\r\n" % (len(piece), piece) for _ in range(16 * 1024))
+        status, sent = raw_upload(server, alice.cookie, "POST /api/attachments?name=chunked.bin HTTP/1.1\r\n"
+                                  "Transfer-Encoding: chunked\r\n", chunked)
+        assert status == 413 and sent < 64 * limit, sent
+        grown = rss_kib(server.process.pid) - before
+        assert grown < 20 * 1024, f"the server grew by {grown} KiB"
+        assert httpx.get(f"{server.base}/healthz").status_code == 200
+    finally:
+        server.stop()
