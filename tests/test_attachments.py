@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import chatx
-from conftest import (ChatServer, error_code, next_frame, quiet, remote_sign_up, receive, run_async, run_job,
+from conftest import (PASSWORD, ChatServer, error_code, next_frame, quiet, remote_sign_up, receive, run_async, run_job,
                       settle, sign_up, wait_until)
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
@@ -291,3 +291,104 @@ def test_an_oversized_upload_is_refused_while_it_arrives_whatever_its_content_le
         assert httpx.get(f"{server.base}/healthz").status_code == 200
     finally:
         server.stop()
+
+
+# ---- erasure ----------------------------------------------------------------------------------
+
+
+def marked_bytes(marker: bytes, size: int = 600_000) -> bytes:
+    """Random bytes with a marker every 4 KiB, so that any page left behind shows it."""
+    data = bytearray(secrets.token_bytes(size))
+    for offset in range(0, size - len(marker), 4096):
+        data[offset:offset + len(marker)] = marker
+    return bytes(data)
+
+
+def database_bytes(url: str) -> bytes:
+    """Where the database keeps attachments: on SQLite its file and log as on
+    disk; on PostgreSQL the rows of the attachment tables. (PostgreSQL leaves
+    a deleted row's bytes in its table file until the page is reused or a
+    VACUUM FULL rewrites it: docs/protocol.md says so.)"""
+    if url.startswith("sqlite"):
+        path = Path(url.removeprefix("sqlite:///"))
+        return b"".join(p.read_bytes() for p in (path, Path(f"{path}-wal")) if p.exists())
+
+    async def rows() -> bytes:
+        connection = await asyncpg.connect(url)
+        try:
+            chunks = await connection.fetch("SELECT data FROM chatx_attachment_chunks")
+            thumbnails = await connection.fetch("SELECT thumbnail FROM chatx_attachments WHERE thumbnail IS NOT NULL")
+            return b"".join(row[0] for row in [*chunks, *thumbnails])
+        finally:
+            await connection.close()
+
+    return run_async(rows)
+
+
+def gone_from_the_database(url: str, markers: list[bytes]) -> None:
+    def gone() -> bool:
+        data = database_bytes(url)
+        return not any(marker in data for marker in markers)
+
+    wait_until(gone, timeout=10, interval=0.5, what="the bytes to be erased from the database")
+
+
+def test_deleting_the_message_its_sender_s_account_or_leaving_an_upload_unsent_erases_the_bytes(database_url,
+                                                                                                 make_client):
+    client = make_client(database_url=database_url, send_rate=1000.0, send_burst=1000.0)
+    alice, bob, carol = sign_up(client, "alice"), sign_up(client, "bob"), sign_up(client, "carol")
+    markers = {name: f"MARK-{name}-{uuid.uuid4().hex}".encode() for name in
+               ("deleted", "kept", "unsent", "carol", "to carol")}
+    ids = {name: uploaded(carol if name == "carol" else alice, marked_bytes(marker), f"{name}.bin",
+                          "application/octet-stream")["id"] for name, marker in markers.items()}
+    with alice.ws() as a, carol.ws() as c:
+        settle(a, c)
+        doomed = sent_attachment(a, "bob", ids["deleted"])
+        sent_attachment(a, "bob", ids["kept"])
+        sent_attachment(a, "carol", ids["to carol"])
+        next_frame(c, "message")
+        sent_attachment(c, "alice", ids["carol"])
+        next_frame(a, "message")
+        assert all(marker in database_bytes(database_url) for marker in markers.values())  # the check can see
+        a.send_json({"type": "delete", "id": doomed["id"]})
+        deleted = next_frame(a, "delete")["message"]
+        assert (deleted["attachment"], deleted["deleted"]) == (None, True)
+    gone_from_the_database(database_url, [markers["deleted"]])
+    assert error_code(bob.get(f"/api/attachments/{ids['deleted']}")) == "unknown_attachment"
+    assert bob.get("/api/conversations/alice/messages").json()["messages"][0]["attachment"] is None
+
+    # An hour unsent: the sweep erases it, and leaves what was sent.
+    run_job(client, chatx.expire_uploads, chatx.now_ms() - chatx.UNSENT_UPLOAD_MS + 60_000, 0)
+    assert alice.get(f"/api/attachments/{ids['unsent']}").status_code == 200  # not an hour old yet
+    client.portal.call(client.app.state.chat.attachments.expire, chatx.now_ms() + chatx.UNSENT_UPLOAD_MS + 1)
+    gone_from_the_database(database_url, [markers["unsent"]])
+    assert alice.get(f"/api/attachments/{ids['kept']}").status_code == 200
+
+    # Carol deletes her account: what she sent and what she received go with her messages.
+    deleted = client.request("DELETE", "/api/me", headers=carol.headers, json={"password": PASSWORD})
+    assert deleted.status_code == 204, deleted.text
+    gone_from_the_database(database_url, [markers["carol"], markers["to carol"]])
+    assert markers["kept"] in database_bytes(database_url)
+    assert bob.get(f"/api/attachments/{ids['kept']}").status_code == 200
+
+
+# ---- several processes ----------------------------------------------------------------------------
+
+
+def test_an_attachment_sent_through_one_process_reaches_and_is_read_through_another_on_redis(cluster):
+    one, two = cluster(2)
+    alice, bob = remote_sign_up(one, "alice"), remote_sign_up(two, "bob")
+    png = image_bytes(200, 100)
+    response = httpx.post(f"{one.base}/api/attachments?name=photo.png", headers=alice.headers(), content=png)
+    assert response.status_code == 201, response.text
+    photo = response.json()["attachment"]
+    with alice.ws(one) as a, bob.ws(two) as b:
+        receive(a, "hello"), receive(b, "hello")
+        a.send(json.dumps({"type": "send", "to": "bob", "attachment": photo["id"], "client_id": "p-1"}))
+        assert receive(a, "ack")["message"]["attachment"] == photo
+        assert receive(b, "message")["message"]["attachment"] == photo
+    assert bob.get(two, f"/api/attachments/{photo['id']}").content == png
+    assert bob.get(two, f"/api/attachments/{photo['id']}/thumbnail").status_code == 200
+    with bob.ws(two, since=0) as replay:
+        receive(replay, "hello")
+        assert receive(replay, "message")["message"]["attachment"] == photo
