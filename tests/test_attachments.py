@@ -3,9 +3,10 @@ them, how they are served, their limits, and their erasure."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
-import os
+import re
 import secrets
 import socket
 import time
@@ -392,3 +393,125 @@ def test_an_attachment_sent_through_one_process_reaches_and_is_read_through_anot
     with bob.ws(two, since=0) as replay:
         receive(replay, "hello")
         assert receive(replay, "message")["message"]["attachment"] == photo
+
+
+# ---- the browser ---------------------------------------------------------------------------------
+
+from playwright.sync_api import expect  # noqa: E402
+
+from test_browser import (bubble, chat_server, chatting, check_accessibility, contact, messages,  # noqa: E402,F401
+                          new_context, open_chat, sign_in)
+
+
+def drop_file(page, name: str, kind: str, data: bytes) -> None:
+    """Drop a file on the conversation, as dragging it from the desktop does."""
+    transfer = page.evaluate_handle("""([name, kind, b64]) => {
+        const transfer = new DataTransfer();
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        transfer.items.add(new File([bytes], name, { type: kind }));
+        return transfer;
+    }""", [name, kind, base64.b64encode(data).decode()])
+    zone = page.locator("#conversation")
+    zone.dispatch_event("dragover", {"dataTransfer": transfer})
+    zone.dispatch_event("drop", {"dataTransfer": transfer})
+
+
+def paste_image(page, name: str, data: bytes) -> None:
+    page.get_by_role("textbox", name="Message").evaluate("""(box, [name, b64]) => {
+        const transfer = new DataTransfer();
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        transfer.items.add(new File([bytes], name, { type: "image/png" }));
+        box.dispatchEvent(new ClipboardEvent("paste", { clipboardData: transfer, bubbles: true, cancelable: true }));
+    }""", [name, base64.b64encode(data).decode()])
+
+
+def test_a_photo_and_a_pdf_sent_in_chromium_reach_the_partner_who_sees_the_photo_and_downloads_the_same_bytes(
+        chat_server, new_context, tmp_path):
+    alice, bob, alice_page, bob_page = chatting(chat_server, new_context, "I have the photos")
+    png = image_bytes(800, 600)
+    (tmp_path / "holiday.png").write_bytes(png)
+
+    # Pasting an image offers it too; removing it leaves nothing behind.
+    paste_image(alice_page, "pasted.png", image_bytes(30, 30))
+    tray = alice_page.locator("#attach-tray")
+    expect(tray.get_by_role("img", name="pasted.png")).to_be_visible()
+    alice_page.get_by_role("button", name="Remove attachment").click()
+    expect(tray).to_be_hidden()
+
+    # The Attach button: a preview, a caption, then the upload.
+    with alice_page.expect_file_chooser() as chooser:
+        alice_page.get_by_role("button", name="Attach").click()
+    chooser.value.set_files(str(tmp_path / "holiday.png"))
+    expect(tray.get_by_role("img", name="holiday.png")).to_be_visible()
+    alice_page.get_by_role("textbox", name="Caption").fill("the beach")
+    alice_page.get_by_role("button", name="Send attachment").click()
+    expect(tray).to_be_hidden()
+    expect(bubble(alice_page, "the beach").get_by_role("button", name="holiday.png")).to_be_visible()
+
+    # Dropping a file on the conversation: a card, no caption.
+    drop_file(alice_page, "report.pdf", "application/pdf", PDF)
+    alice_page.get_by_role("button", name="Send attachment").click()
+    expect(messages(alice_page).get_by_role("link", name=re.compile("report.pdf"))).to_be_visible()
+
+    photo = messages(bob_page).get_by_role("img", name="holiday.png")
+    expect(photo).to_be_visible()
+    # Its place is kept before it loads: the thumbnail's size, in the photo's proportions.
+    assert (photo.get_attribute("width"), photo.get_attribute("height")) == ("320", "240")
+    wait_until(lambda: photo.evaluate("(image) => image.complete && image.naturalWidth") == 320,
+               what="the thumbnail to load")
+    box = photo.bounding_box()
+    assert abs(box["width"] / box["height"] - 4 / 3) < 0.02, box
+    expect(contact(bob_page, alice)).to_contain_text("📎 report.pdf")
+
+    # Full size in a lightbox; Escape closes it and focus goes back to the photo.
+    messages(bob_page).get_by_role("button", name="holiday.png").click()
+    dialog = bob_page.get_by_role("dialog", name="holiday.png")
+    expect(dialog).to_be_visible()
+    full = dialog.get_by_role("img", name="holiday.png")
+    wait_until(lambda: full.evaluate("(image) => image.complete && image.naturalWidth") == 800,
+               what="the full photo to load")
+    check_accessibility(bob_page, "the lightbox")
+    bob_page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+    expect(messages(bob_page).get_by_role("button", name="holiday.png")).to_be_focused()
+    expect(bob_page.get_by_role("heading", name=alice)).to_be_visible()  # the conversation stayed open
+
+    with bob_page.expect_download() as download:
+        messages(bob_page).get_by_role("link", name=re.compile("report.pdf")).click()
+    assert download.value.suggested_filename == "report.pdf"
+    assert Path(download.value.path()).read_bytes() == PDF
+    image_url = bob_page.evaluate("() => new URL(document.querySelector('.msg .photo img').src).pathname")
+    full_bytes = bob_page.request.get(chat_server.base + image_url.removesuffix("/thumbnail"))
+    assert full_bytes.body() == png
+
+    # After a reload (history), the same; and no serious accessibility problem, light or dark.
+    bob_page.reload()
+    expect(messages(bob_page).get_by_role("img", name="holiday.png")).to_be_visible()
+    expect(messages(bob_page).get_by_role("link", name=re.compile("report.pdf"))).to_be_visible()
+    check_accessibility(bob_page, "a photo and a file in the log")
+    dark = sign_in(new_context(color_scheme="dark", reduced_motion="reduce"), chat_server, bob)
+    open_chat(dark, alice)
+    wait_until(lambda: messages(dark).get_by_role("img", name="holiday.png").evaluate(
+        "(image) => image.complete && image.naturalWidth") == 320, what="the thumbnail to load")
+    check_accessibility(dark, "a photo and a file in the log, dark")
+
+
+def test_opening_an_html_or_svg_attachment_or_a_png_that_is_html_runs_no_script(chat_server, new_context):
+    alice, bob, alice_page, bob_page = chatting(chat_server, new_context, "files")
+    urls = []
+    for name, kind, data in (("page.html", "text/html", HTML), ("logo.svg", "image/svg+xml", SVG),
+                             ("cat.png", "image/png", HTML)):
+        response = alice_page.request.post(f"{chat_server.base}/api/attachments?name={name}", data=data,
+                                           headers={"content-type": kind})
+        assert response.status == 201, response.text()
+        urls.append(f"{chat_server.base}/api/attachments/{response.json()['attachment']['id']}")
+    page = alice_page.context.new_page()
+    page.goto(chat_server.base + "/static/favicon.svg")
+    for url in urls:
+        with page.expect_download() as download:
+            page.evaluate("(url) => { location.href = url; }", url)
+        assert Path(download.value.path()).read_bytes() in (HTML, SVG)
+        # Neither this page nor any other ran the file's script.
+        assert page.evaluate("() => [document.title, window.ran === true]") == ["", False]
+        for other in page.context.pages:
+            assert other.title() != "RAN"
