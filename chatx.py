@@ -67,7 +67,7 @@ from starlette.datastructures import CommaSeparatedStrings
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.schemas import SchemaGenerator
@@ -3975,6 +3975,8 @@ async def upload_attachment(request: Request) -> Response:
                 break
             except TimeoutError:
                 raise ApiError(408, "timeout", f"The body stalled for {BODY_TIMEOUT_S} s.") from None
+            except ClientDisconnect:
+                raise ApiError(400, "bad_request", "The upload was cut off.") from None
             size += len(chunk)
             if limit and size > limit:  # refused as it comes, whatever Content-Length said
                 raise too_large

@@ -515,3 +515,38 @@ def test_opening_an_html_or_svg_attachment_or_a_png_that_is_html_runs_no_script(
         assert page.evaluate("() => [document.title, window.ran === true]") == ["", False]
         for other in page.context.pages:
             assert other.title() != "RAN"
+
+
+def test_a_version_2_database_gets_the_attachment_column_and_keeps_its_messages(database_url, make_client):
+    client = make_client(database_url=database_url)
+    alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
+    with alice.ws() as a:
+        next_frame(a, "hello")
+        a.send_json({"type": "send", "to": "bob", "body": "from version 2", "client_id": "v2"})
+        next_frame(a, "ack")
+    client.__exit__(None, None, None)
+
+    async def downgrade() -> None:
+        database = chatx.open_database(database_url)
+        await database.connect()
+        try:
+            async with database.connection() as connection:
+                conn = chatx.Connection(connection)
+                await conn.execute("ALTER TABLE chatx_messages DROP COLUMN attachment_id")
+                for table in ("chatx_attachment_chunks", "chatx_attachments", "chatx_upload_days"):
+                    await conn.execute(f"DROP TABLE {table}")
+                await conn.execute("UPDATE chatx_settings SET value = '2' WHERE name = 'schema_version'")
+        finally:
+            await database.disconnect()
+
+    run_async(downgrade)
+    client = make_client(database_url=database_url)
+    assert [m["body"] for m in bob.__class__(client, "bob", bob.cookie, bob.id).get(
+        "/api/conversations/alice/messages").json()["messages"]] == ["from version 2"]
+    alice = alice.__class__(client, "alice", alice.cookie, alice.id)
+    photo = uploaded(alice, image_bytes(20, 10), "p.png", "image/png")
+    with alice.ws() as a:
+        next_frame(a, "hello")
+        assert sent_attachment(a, "bob", photo["id"])["attachment"] == photo
+    version = run_job(client, chatx.schema_version)
+    assert version == chatx.SCHEMA_VERSION == 3
