@@ -135,6 +135,7 @@ UPLOAD_SWEEP_S = 60
 THUMBNAIL_MAX = 320  # pixels on the long side
 IMAGE_PIXELS_MAX = 50_000_000  # a larger image is a file: decoding it would cost too much memory
 IMAGES_DECODED_AT_ONCE = 2  # uploads whose image is checked and thumbnailed at once, off the event loop
+CHUNKS_QUEUED_MAX = 2  # attachment chunks being written at once: on SQLite a commit of messages carries no more
 # Only these are shown in the page; everything else is downloaded (an HTML or SVG file never runs in ChatX's origin).
 INLINE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 
@@ -873,6 +874,15 @@ class Storage:
 
     def write_bulk(self, function: Callable[..., Awaitable[list]], item: Any) -> asyncio.Future:
         return self.writer.run_bulk(function, item)
+
+    async def write_apart(self, function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """A write of one statement that needs no order with any other (an
+        attachment's bytes). On PostgreSQL it commits on its own connection,
+        beside the writer and its lock; SQLite takes one writer at a time, so
+        there it queues for the writer."""
+        if self.postgres:
+            return await self.read(function, *args)  # asyncpg commits a statement outside a transaction
+        return await self.write(function, *args)
 
     async def read(self, query: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Run `query(connection, *args)` on a reading connection; a database
@@ -2950,11 +2960,14 @@ class DatabaseAttachmentStore(AttachmentStore):
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        # A few at a time: on SQLite they share the writer with messages, whose commits must stay quick.
+        self.queued = asyncio.Semaphore(CHUNKS_QUEUED_MAX)
 
     async def put(self, attachment_id: str, source: Any) -> None:
         n = 0
         while chunk := source.read(ATTACHMENT_CHUNK_BYTES):
-            await self.storage.write(insert_attachment_chunk, attachment_id, n, chunk)
+            async with self.queued:
+                await self.storage.write_apart(insert_attachment_chunk, attachment_id, n, chunk)
             n += 1
 
     async def read(self, attachment_id: str, start: int, end: int) -> AsyncIterator[bytes]:
