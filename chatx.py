@@ -2332,8 +2332,9 @@ DUMMY_HASH = "scrypt$16384$8$5$" + "00" * 16 + "$" + "00" * 64
 
 
 def yield_to_the_event_loop() -> None:
-    """A lower CPU priority for a hashing thread (Linux gives threads their own
-    nice value): where the server has one core, sign-ins must not slow chat.
+    """A lower CPU priority for a hashing or image thread (Linux gives threads
+    their own nice value): where the server has one core, sign-ins and uploads
+    must not slow chat.
     Not the lowest: at 19 a busy machine left a sign-in waiting for seconds."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
@@ -3028,16 +3029,20 @@ class Attachments:
     def __init__(self, storage: Storage, settings: Settings) -> None:
         self.storage, self.settings = storage, settings
         self.store: AttachmentStore = DatabaseAttachmentStore(storage)
-        self.decoding = asyncio.Semaphore(IMAGES_DECODED_AT_ONCE)
+        self.decoders: ThreadPoolExecutor | None = None
         self.sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
+        self.decoders = ThreadPoolExecutor(IMAGES_DECODED_AT_ONCE, thread_name_prefix="chatx-image",
+                                           initializer=yield_to_the_event_loop)
         self.sweeper = asyncio.create_task(self.sweep())
 
     async def stop(self) -> None:
         if self.sweeper:
             self.sweeper.cancel()
             await asyncio.gather(self.sweeper, return_exceptions=True)
+        if self.decoders:
+            self.decoders.shutdown(wait=False)
 
     async def sweep(self) -> None:
         while True:
@@ -3058,8 +3063,8 @@ class Attachments:
 
     async def add(self, user: User, name: str, declared: str, source: Any, size: int) -> dict[str, Any] | None:
         """Store an upload received into `source`; None if it is over the day's quota."""
-        async with self.decoding:
-            kind, width, height, thumbnail = await asyncio.to_thread(inspect_upload, source, declared)
+        kind, width, height, thumbnail = await asyncio.get_running_loop().run_in_executor(
+            self.decoders, inspect_upload, source, declared)
         columns = (secrets.token_urlsafe(18), name, kind, size, width, height)
         try:
             await self.store.put(columns[0], source)

@@ -550,3 +550,33 @@ def test_a_version_2_database_gets_the_attachment_column_and_keeps_its_messages(
         assert sent_attachment(a, "bob", photo["id"])["attachment"] == photo
     version = run_job(client, chatx.schema_version)
     assert version == chatx.SCHEMA_VERSION == 3
+
+
+def test_an_upload_under_way_can_be_cancelled_and_a_failed_one_retried(chat_server, new_context, tmp_path):
+    alice, bob, alice_page, bob_page = chatting(chat_server, new_context, "sending the report")
+    (tmp_path / "report.pdf").write_bytes(PDF)
+    tray = alice_page.locator("#attach-tray")
+
+    def choose() -> None:
+        with alice_page.expect_file_chooser() as chooser:
+            alice_page.get_by_role("button", name="Attach").click()
+        chooser.value.set_files(str(tmp_path / "report.pdf"))
+
+    held = []
+    alice_page.route("**/api/attachments?*", lambda route: held.append(route))  # never answered
+    choose()
+    alice_page.get_by_role("button", name="Send attachment").click()
+    expect(tray.get_by_role("progressbar", name="Uploading report.pdf")).to_be_visible()
+    alice_page.get_by_role("button", name="Cancel upload").click()
+    expect(tray).to_be_hidden()
+    alice_page.unroute("**/api/attachments?*")
+
+    alice_page.route("**/api/attachments?*", lambda route: route.abort())
+    choose()
+    alice_page.get_by_role("button", name="Send attachment").click()
+    expect(tray.get_by_role("status")).to_contain_text("Upload failed")
+    alice_page.unroute("**/api/attachments?*")
+    alice_page.get_by_role("button", name="Retry").click()
+    expect(tray).to_be_hidden()
+    expect(messages(bob_page).get_by_role("link", name=re.compile("report.pdf"))).to_have_count(1)
+    expect(messages(alice_page).get_by_role("link", name=re.compile("report.pdf"))).to_have_count(1)
