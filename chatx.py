@@ -1300,13 +1300,16 @@ async def insert_messages(conn: Connection, items: list[NewMessage]) -> list[Sto
     fresh = sorted(set(owners) - set(refusals))
     sent_at = now_ms()
     rows = [(items[i].sender.id, items[i].recipient.id, items[i].body, sent_at, items[i].client_id,
-             items[i].reply_to, items[i].attachment) for i in fresh]
+             items[i].reply_to) for i in fresh]
     inserted = await (insert_message_rows_postgres if conn.postgres else insert_message_rows_sqlite)(conn, rows)
     ids = dict(zip(fresh, inserted))
     stored = {index: message_id for index, message_id in ids.items() if message_id is not None}
     originals = await messages_by_client_id(conn, {keys[index] for index in fresh if ids[index] is None})
+    # Attachments are few: linked by an update each, which leaves the inserts of messages as they are.
+    attaching = [(items[i].attachment, stored[i]) for i in sorted(stored) if items[i].attachment]
+    await conn.execute_many("UPDATE chatx_messages SET attachment_id = ? WHERE id = ?", attaching)
     await conn.execute_many("UPDATE chatx_attachments SET message_id = ? WHERE id = ?",
-                            [(stored[i], items[i].attachment) for i in sorted(stored) if items[i].attachment])
+                            [(message_id, attachment_id) for attachment_id, message_id in attaching])
     numbered = await number_messages(conn, [(items[i], stored[i]) for i in sorted(stored)])
     results: list[Stored | Refused] = []
     for index, owner in enumerate(owners):
@@ -1432,7 +1435,7 @@ async def conversations_known(conn: Connection, pairs: list[tuple[int, int]]) ->
 
 
 async def insert_message_rows_sqlite(conn: Connection, rows: list[tuple]) -> list[int | None]:
-    """Insert rows of (sender_id, recipient_id, body, sent_at, client_id, reply_to, attachment_id);
+    """Insert rows of (sender_id, recipient_id, body, sent_at, client_id, reply_to);
     return each one's id, or None where that client_id was stored before.
 
     Under the write lock each new row's id is the largest one yet plus one, so
@@ -1446,8 +1449,8 @@ async def insert_message_rows_sqlite(conn: Connection, rows: list[tuple]) -> lis
         return []
     newest = await conn.fetch_value("SELECT coalesce(max(id), 0) FROM chatx_messages")
     stored = await conn.execute_many(
-        "INSERT INTO chatx_messages (sender_id, recipient_id, body, sent_at, client_id, reply_to, attachment_id) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sender_id, client_id) DO NOTHING", rows)
+        "INSERT INTO chatx_messages (sender_id, recipient_id, body, sent_at, client_id, reply_to) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sender_id, client_id) DO NOTHING", rows)
     if stored == len(rows):
         return list(range(newest + 1, newest + stored + 1))
     if stored == 0:
@@ -1495,9 +1498,8 @@ async def insert_message_rows_postgres(conn: Connection, rows: list[tuple]) -> l
                                   *map(list, zip(*[row[:5] for row in rows])))
     inserted = set(record[1] or ())
     ids = [message_id if message_id in inserted else None for message_id in record[0]]
-    replies = [(row[5], row[6], message_id) for row, message_id in zip(rows, ids)
-               if message_id and (row[5] is not None or row[6] is not None)]
-    await conn.execute_many("UPDATE chatx_messages SET reply_to = ?, attachment_id = ? WHERE id = ?", replies)
+    replies = [(row[5], message_id) for row, message_id in zip(rows, ids) if message_id and row[5] is not None]
+    await conn.execute_many("UPDATE chatx_messages SET reply_to = ? WHERE id = ?", replies)
     return ids
 
 
