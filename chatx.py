@@ -2968,7 +2968,7 @@ class DatabaseAttachmentStore(AttachmentStore):
 
     async def put(self, attachment_id: str, source: Any) -> None:
         n = 0
-        while chunk := source.read(ATTACHMENT_CHUNK_BYTES):
+        while chunk := await asyncio.to_thread(source.read, ATTACHMENT_CHUNK_BYTES):  # a file on disk, maybe
             async with self.queued:
                 await self.storage.write_apart(insert_attachment_chunk, attachment_id, n, chunk)
             n += 1
@@ -4002,7 +4002,7 @@ async def upload_attachment(request: Request) -> Response:
                 raise too_large
             if allowance is not None and size > allowance:
                 raise over_quota
-            spool.write(chunk)
+            await asyncio.to_thread(spool.write, chunk)  # past UPLOAD_SPOOL_BYTES, a write to disk
         if size == 0:
             raise ApiError(400, "bad_request", "The file is empty.")
         attachment = await chat.attachments.add(session.user, name, declared, spool, size)
