@@ -55,7 +55,7 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from broadcaster import Broadcast, BroadcastBackend, Event
 from databases import Database
-from PIL import Image
+from PIL import Image, ImageOps
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -2985,6 +2985,7 @@ class DatabaseAttachmentStore(AttachmentStore):
         await self.storage.write(erase_attachments, attachment_ids)
 
 
+EXIF_ORIENTATION = 0x0112
 MIME_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
 
 
@@ -2998,9 +2999,11 @@ def inspect_upload(source: Any, declared: str) -> tuple[str, int | None, int | N
             kind = INLINE_TYPES.get(image.format or "")
             if kind and image.width * image.height <= IMAGE_PIXELS_MAX:
                 width, height = image.size
+                if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # a browser shows it turned
+                    width, height = height, width
                 image.draft("RGB", (THUMBNAIL_MAX, THUMBNAIL_MAX))  # JPEG: decode at a fraction of the size
                 image.thumbnail((THUMBNAIL_MAX, THUMBNAIL_MAX))
-                return kind, width, height, thumbnail_bytes(image)
+                return kind, width, height, thumbnail_bytes(ImageOps.exif_transpose(image))
     except Exception:  # any failure to decode untrusted bytes: not an image
         pass
     finally:

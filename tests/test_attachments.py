@@ -188,6 +188,19 @@ def test_html_svg_and_a_png_that_is_html_are_sandboxed_downloads_and_images_are_
     assert again.status_code == 304 and again.content == b""
 
 
+def test_a_photo_taken_sideways_has_the_size_and_thumbnail_a_browser_shows(chat):
+    client, alice, bob, carol = chat
+    image = Image.new("RGB", (400, 200), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6  # the camera was turned: shown rotated by 90 degrees
+    out = io.BytesIO()
+    image.save(out, "JPEG", exif=exif)
+    photo = uploaded(alice, out.getvalue(), "portrait.jpg", "image/jpeg")
+    assert (photo["width"], photo["height"]) == (200, 400)
+    thumbnail = alice.get(f"/api/attachments/{photo['id']}/thumbnail").content
+    assert Image.open(io.BytesIO(thumbnail)).size == (160, 320)
+
+
 def test_a_range_request_gets_206_with_exactly_those_bytes(chat):
     client, alice, bob, carol = chat
     data = secrets.token_bytes(700_000)  # three chunks of the store
