@@ -1079,8 +1079,9 @@ async def delete_account(conn: Connection, user_id: int) -> None:
     """The user and everything of theirs: messages sent or received (and their
     places in both streams), conversations, blocks, sessions, sockets."""
     mine = "SELECT id FROM chatx_messages WHERE sender_id = ? OR recipient_id = ?"
-    await erase_attachments(conn, [row[0] for row in await conn.fetch(
-        f"SELECT id FROM chatx_attachments WHERE uploader_id = ? OR message_id IN ({mine})", user_id, user_id, user_id)])
+    theirs = await conn.fetch(f"SELECT id FROM chatx_attachments WHERE uploader_id = ? OR message_id IN ({mine})",
+                              user_id, user_id, user_id)
+    await erase_attachments(conn, [row[0] for row in theirs])
     await conn.execute("DELETE FROM chatx_upload_days WHERE user_id = ?", user_id)
     await conn.execute(f"DELETE FROM chatx_events WHERE message_id IN ({mine})", user_id, user_id)
     await conn.execute("DELETE FROM chatx_events WHERE user_id = ? OR reader_id = ? OR with_id = ?",
@@ -1381,8 +1382,9 @@ def attachment_refusals(items: list[NewMessage], attached: dict[str, tuple],
             continue
         uploader, message_id, client_id = attached.get(item.attachment, (None, None, None))[:3]
         retry = message_id is not None and item.client_id is not None and client_id == item.client_id
-        earlier = claimed.setdefault(item.attachment, item.client_id or index)
-        if uploader != item.sender.id or (message_id is not None and not retry) or earlier != (item.client_id or index):
+        owner = item.client_id or index  # the send that claims the upload first in this commit
+        if (uploader != item.sender.id or (message_id is not None and not retry)
+                or claimed.setdefault(item.attachment, owner) != owner):
             refusals[index] = Refused("unknown_attachment", "There is no such upload of yours to send.")
     return refusals
 

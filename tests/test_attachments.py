@@ -3,6 +3,7 @@ them, how they are served, their limits, and their erasure."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -134,6 +135,23 @@ def test_an_attachment_must_be_an_unsent_upload_of_the_sender(chat):
         assert next_frame(a, "error")["code"] == "invalid_field"
         assert quiet(a) == []
     assert len(bob.get("/api/conversations/alice/messages").json()["messages"]) == 1
+
+
+def test_two_sends_of_one_upload_in_one_commit_store_it_once(chat):
+    client, alice, bob, carol = chat
+    photo = uploaded(alice, image_bytes(40, 30), "once.png", "image/png")
+    sender, recipient = chatx.User(alice.id, "alice"), chatx.User(bob.id, "bob")
+    storage = client.app.state.chat.storage
+
+    async def both() -> list:
+        futures = [storage.write_bulk(chatx.insert_messages,
+                                      chatx.NewMessage(sender, recipient, "", f"c-{n}", None, photo["id"]))
+                   for n in range(2)]
+        return list(await asyncio.gather(*futures))
+
+    first, second = client.portal.call(both)
+    assert isinstance(first, chatx.Stored) and first.message["attachment"] == photo
+    assert second == chatx.Refused("unknown_attachment", "There is no such upload of yours to send.")
 
 
 # ---- who may read ------------------------------------------------------------------------
