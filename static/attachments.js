@@ -82,7 +82,7 @@ export function fillAttachment(box, attachment) {
 export class AttachmentPicker {
   // canAttach(): the peer a file would go to now, or null; onSend(peer, caption, attachment) sends the message.
   constructor({ button, input, tray, dropZone, pasteTarget }, { canAttach, onSend }) {
-    Object.assign(this, { input, tray, dropZone });
+    Object.assign(this, { input, tray, dropZone, box: pasteTarget });
     this.handlers = { canAttach, onSend };
     this.file = null;
     this.peer = null;
@@ -198,8 +198,9 @@ export class AttachmentPicker {
     request.send(file);
   }
 
-  // Cancels an upload under way, and forgets the file.
+  // Cancels an upload under way, and forgets the file; focus goes back to the message box.
   clear() {
+    const hadFocus = this.tray.contains(document.activeElement);
     const uploading = this.request;
     this.request = null;
     uploading?.abort();
@@ -209,6 +210,7 @@ export class AttachmentPicker {
     this.preview.replaceChildren();
     this.caption.value = "";
     this.status.textContent = "";
+    if (hadFocus) this.box.focus();
   }
 
   #state(state, text) {
