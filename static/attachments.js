@@ -183,18 +183,20 @@ export class AttachmentPicker {
         this.handlers.onSend(this.peer, this.caption.value, data.attachment);
         this.clear();
       } else {
-        this.#state("failed", data?.error?.detail ?? `The server answered ${request.status}.`);
+        this.#failed(data?.error?.detail ?? `The server answered ${request.status}.`);
       }
     });
     request.addEventListener("error", () => {
       this.request = null;
-      this.#state("failed", "Can't reach ChatX. Check your connection and try again.");
+      this.#failed("Can't reach ChatX. Check your connection and try again.");
     });
     request.addEventListener("abort", () => {
       this.request = null;
     });
     this.progress.value = 0;
+    const focused = this.tray.contains(document.activeElement);
     this.#state("uploading", `Uploading ${name}…`);
+    if (focused) this.cancelButton.focus(); // the button pressed is hidden while the upload runs
     request.send(file);
   }
 
@@ -211,6 +213,12 @@ export class AttachmentPicker {
     this.caption.value = "";
     this.status.textContent = "";
     if (hadFocus) this.box.focus();
+  }
+
+  #failed(text) {
+    const focused = this.tray.contains(document.activeElement);
+    this.#state("failed", text);
+    if (focused) this.retryButton.focus();
   }
 
   #state(state, text) {
