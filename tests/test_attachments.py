@@ -477,6 +477,7 @@ def test_a_photo_and_a_pdf_sent_in_chromium_reach_the_partner_who_sees_the_photo
     alice_page.get_by_role("textbox", name="Caption").fill("the beach")
     alice_page.get_by_role("button", name="Send attachment").click()
     expect(tray).to_be_hidden()
+    expect(alice_page.get_by_role("textbox", name="Message")).to_be_focused()
     expect(bubble(alice_page, "the beach").get_by_role("button", name="holiday.png")).to_be_visible()
 
     # Dropping a file on the conversation: a card, no caption.
