@@ -4020,7 +4020,7 @@ ATTACHMENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 RANGE_RE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
 
 
-async def readable(request: Request) -> tuple[tuple, Session]:
+async def attachment_for(request: Request) -> tuple:
     """The attachment the path names, if I may read it: the same 404 for an id
     that never existed and for one of others, after the same one query."""
     session = await signed_in(request)
@@ -4030,7 +4030,7 @@ async def readable(request: Request) -> tuple[tuple, Session]:
         found = await chat_of(request).attachments.readable(attachment_id, session.user)
     if found is None:
         raise ApiError(404, "unknown_attachment", "There is no such attachment for you.")
-    return tuple(found), session
+    return tuple(found)
 
 
 def content_disposition(kind: str, name: str) -> str:
@@ -4056,7 +4056,7 @@ async def attachment_bytes(request: Request) -> Response:
       "401": {description: "not_authenticated"}
       "404": {description: "unknown_attachment"}
     """
-    (attachment_id, name, kind, size, *_), _ = await readable(request)
+    attachment_id, name, kind, size, *_ = await attachment_for(request)
     headers = {**attachment_headers(f'"{attachment_id}"', kind), "Accept-Ranges": "bytes",
                "Content-Disposition": content_disposition(kind, name)}
     if request.headers.get("if-none-match") == headers["ETag"]:
@@ -4089,7 +4089,7 @@ async def attachment_thumbnail_bytes(request: Request) -> Response:
       "401": {description: "not_authenticated"}
       "404": {description: "unknown_attachment"}
     """
-    (attachment_id, *_, has_thumbnail), _ = await readable(request)
+    attachment_id, *_, has_thumbnail = await attachment_for(request)
     thumbnail = await chat_of(request).attachments.thumbnail(attachment_id) if has_thumbnail else None
     if thumbnail is None:
         raise ApiError(404, "unknown_attachment", "There is no such attachment for you.")
