@@ -127,7 +127,7 @@ COMMIT_FAILURE_MEMORY_S = 5  # /healthz says the database fails this long after 
 # CHECKPOINT_INTERVAL_S while commits come, and by a commit only past WAL_BACKSTOP_PAGES.
 CHECKPOINT_INTERVAL_S = 0.1
 WAL_BACKSTOP_PAGES = 10_000
-ATTACHMENT_CHUNK_BYTES = 256 * 1024  # an attachment is stored, and read back, this much at a time
+ATTACHMENT_CHUNK_BYTES = 128 * 1024  # an attachment is stored, and read back, this much at a time
 ATTACHMENT_NAME_MAX = 255
 UPLOAD_SPOOL_BYTES = 256 * 1024  # an upload larger than this waits in a temporary file, not in memory
 UNSENT_UPLOAD_MS = 3_600_000  # an upload no message used for this long is erased
@@ -135,7 +135,7 @@ UPLOAD_SWEEP_S = 60
 THUMBNAIL_MAX = 320  # pixels on the long side
 IMAGE_PIXELS_MAX = 50_000_000  # a larger image is a file: decoding it would cost too much memory
 IMAGES_DECODED_AT_ONCE = 2  # uploads whose image is checked and thumbnailed at once, off the event loop
-CHUNKS_QUEUED_MAX = 2  # attachment chunks being written at once: on SQLite a commit of messages carries no more
+CHUNKS_QUEUED_MAX = 1  # attachment chunks being written at once: on SQLite a commit of messages carries no more
 # Only these are shown in the page; everything else is downloaded (an HTML or SVG file never runs in ChatX's origin).
 INLINE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 
@@ -2965,7 +2965,7 @@ class DatabaseAttachmentStore(AttachmentStore):
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        # A few at a time: on SQLite they share the writer with messages, whose commits must stay quick.
+        # One at a time: on SQLite chunks share the writer with messages, whose commits must stay quick.
         self.queued = asyncio.Semaphore(CHUNKS_QUEUED_MAX)
 
     async def put(self, attachment_id: str, source: Any) -> None:

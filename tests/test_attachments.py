@@ -221,7 +221,7 @@ def test_a_photo_taken_sideways_has_the_size_and_thumbnail_a_browser_shows(chat)
 
 def test_a_range_request_gets_206_with_exactly_those_bytes(chat):
     client, alice, bob, carol = chat
-    data = secrets.token_bytes(700_000)  # three chunks of the store
+    data = secrets.token_bytes(700_000)  # several chunks of the store
     attachment = uploaded(alice, data, "big.bin", "application/octet-stream")
     path = f"/api/attachments/{attachment['id']}"
     for asked, start, end in (("bytes=0-9", 0, 10), ("bytes=262140-524300", 262140, 524301),
