@@ -6,9 +6,9 @@ embedding. Each section below uses only the sections above it:
 
     limits and close codes, settings and logging, schema, storage front,
     queries and write jobs, wire frames, broadcast transport, services
-    (Metrics, Limits, Accounts, Identity, Fanout, Presence, Messenger), requests and
-    sockets alike, the WebSocket, HTTP, the composition root and the app,
-    and the command line (`python -m chatx`).
+    (Metrics, Limits, Accounts, Identity, Fanout, Presence, Messenger,
+    Attachments), requests and sockets alike, the WebSocket, HTTP, the
+    composition root and the app, and the command line (`python -m chatx`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import getpass
 import hashlib
 import hmac
 import inspect
+import io
 import ipaddress
 import json
 import logging
@@ -35,6 +36,8 @@ import sqlite3
 import struct
 import sys
 import threading
+import unicodedata
+import tempfile
 import time
 import unicodedata
 import uuid
@@ -45,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, SO_KEEPALIVE, SO_LINGER, SOL_SOCKET
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Union
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiosqlite
 import asyncpg
@@ -55,6 +58,7 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 from broadcaster import Broadcast, BroadcastBackend, Event
 from databases import Database
+from PIL import Image, ImageOps
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -67,8 +71,8 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.schemas import SchemaGenerator
 from starlette.staticfiles import StaticFiles
@@ -144,6 +148,17 @@ TCP_SILENCE_S = 4
 HEALTH_TIMEOUT_S = 2
 START_RETRY_MAX_S = 2  # the longest wait between attempts to start while the database or broker is away
 SHUTDOWN_S = 4  # the services' share of a shutdown, after uvicorn's --timeout-graceful-shutdown
+ATTACHMENT_CHUNK_BYTES = 128 * 1024  # an attachment is stored, and read back, this much at a time
+ATTACHMENT_NAME_MAX = 255
+UPLOAD_SPOOL_BYTES = 256 * 1024  # an upload larger than this waits in a temporary file, not in memory
+UNSENT_UPLOAD_MS = 3_600_000  # an upload no message used for this long is erased
+UPLOAD_SWEEP_S = 60
+THUMBNAIL_MAX = 320  # pixels on the long side
+IMAGE_PIXELS_MAX = 50_000_000  # a larger image is a file: decoding it would cost too much memory
+IMAGES_DECODED_AT_ONCE = 2  # uploads whose image is checked and thumbnailed at once, off the event loop
+CHUNKS_QUEUED_MAX = 1  # attachment chunks being written at once: on SQLite a commit of messages carries no more
+# Only these are shown in the page; everything else is downloaded (an HTML or SVG file never runs in ChatX's origin).
+INLINE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 
 CLOSE_POLICY = codes.WS_1008_POLICY_VIOLATION  # a bad query string
 CLOSE_TOO_BIG = codes.WS_1009_MESSAGE_TOO_BIG
@@ -188,6 +203,8 @@ class Settings:
     tune_gc: bool = True
     jwt_secret: str = ""
     login_url: str = ""
+    max_attachment_bytes: int = 10 * 1024 * 1024
+    attachment_bytes_per_day: int = 200 * 1024 * 1024
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -230,6 +247,9 @@ def load_settings(**overrides: Any) -> Settings:
         "tune_gc": config("TUNE_GC", cast=bool, default=Settings.tune_gc),
         "jwt_secret": config("JWT_SECRET", default=Settings.jwt_secret),
         "login_url": config("LOGIN_URL", default=Settings.login_url),
+        "max_attachment_bytes": config("MAX_ATTACHMENT_BYTES", cast=int, default=Settings.max_attachment_bytes),
+        "attachment_bytes_per_day": config("ATTACHMENT_BYTES_PER_DAY", cast=int,
+                                           default=Settings.attachment_bytes_per_day),
     }
     values.update(overrides)
     for name in ("allowed_origins", "allowed_hosts", "trusted_proxies", "metrics_allow"):
@@ -328,6 +348,7 @@ messages = sa.Table(
     sa.Column("edited_at", sa.BigInteger, nullable=True),
     sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("reply_to", sa.Integer, nullable=True),
+    sa.Column("attachment_id", sa.String(32), nullable=True),
     sa.UniqueConstraint("sender_id", "client_id", name="chatx_messages_client_id"),
     # On PostgreSQL a foreign key locks the user's row for every message:
     # chatx_insert_messages() checks the ids once per commit instead.
@@ -400,6 +421,43 @@ sockets = sa.Table(
     sa.Column("process_id", sa.String(32), nullable=False, index=True),
     sa.Column("user_id", sa.Integer, nullable=False, index=True),
     sa.Column("session_id", sa.String(64), nullable=True),  # a socket of an ended session is closed
+)
+
+# A file or image uploaded by `uploader_id`; `message_id` is the message that
+# carries it, NULL until sent. Its bytes are in chatx_attachment_chunks
+# (DatabaseAttachmentStore), its thumbnail here.
+attachments = sa.Table(
+    "chatx_attachments",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),  # random: an id says nothing and cannot be guessed
+    sa.Column("uploader_id", sa.Integer, nullable=False, index=True),
+    sa.Column("message_id", sa.Integer, nullable=True, index=True),
+    sa.Column("name", sa.String(ATTACHMENT_NAME_MAX), nullable=False),
+    sa.Column("type", sa.String(128), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("width", sa.Integer, nullable=True),
+    sa.Column("height", sa.Integer, nullable=True),
+    sa.Column("thumbnail", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False, index=True),
+)
+
+attachment_chunks = sa.Table(
+    "chatx_attachment_chunks",
+    metadata,
+    sa.Column("attachment_id", sa.String(32), nullable=False),
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.PrimaryKeyConstraint("attachment_id", "n"),
+)
+
+# Bytes each user uploaded each day (days since the epoch, UTC), for CHATX_ATTACHMENT_BYTES_PER_DAY.
+upload_days = sa.Table(
+    "chatx_upload_days",
+    metadata,
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("day", sa.Integer, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("user_id", "day"),
 )
 
 settings_table = sa.Table(
@@ -1028,6 +1086,15 @@ class Storage:
     def write_bulk(self, function: Callable[..., Awaitable[list]], item: Any) -> asyncio.Future:
         return self.writer.run_bulk(function, item)
 
+    async def write_apart(self, function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """A write of one statement that needs no order with any other (an
+        attachment's bytes). On PostgreSQL it commits on its own connection,
+        beside the writer and its lock; SQLite takes one writer at a time, so
+        there it queues for the writer."""
+        if self.postgres:
+            return await self.read(function, *args)  # asyncpg commits a statement outside a transaction
+        return await self.write(function, *args)
+
     async def read(self, query: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Run `query(connection, *args)` on a reading connection; a database
         that cannot answer raises Unavailable."""
@@ -1052,7 +1119,8 @@ class Storage:
         await asyncio.sleep(1)  # one vacuum for the erasures of a second
         try:
             async with self.database.connection() as connection:
-                await Connection(connection).execute("VACUUM (INDEX_CLEANUP OFF) chatx_messages")
+                await Connection(connection).execute(
+                    "VACUUM (INDEX_CLEANUP OFF) chatx_messages, chatx_attachments, chatx_attachment_chunks")
         except Exception as exc:
             logger.warning("vacuuming erased messages failed: %s", exc)
 
@@ -1101,6 +1169,8 @@ async def migrate(conn: Connection) -> None:
         raise RuntimeError(f"the database has schema version {version}; this ChatX knows {SCHEMA_VERSION}")
     if version == 1:
         await add_version_2_columns(conn)
+    if 0 < version < 3:
+        await add_attachment_column(conn)
     for table in metadata.sorted_tables:
         await conn.ddl(CreateTable(table, if_not_exists=True))
         for index in table.indexes:
@@ -1134,6 +1204,10 @@ async def add_version_2_columns(conn: Connection) -> None:
             "SELECT conname FROM pg_constraint WHERE conrelid = 'chatx_messages'::regclass AND contype = 'f'")
         for (name,) in names:
             await conn.execute(f'ALTER TABLE chatx_messages DROP CONSTRAINT "{name}"')
+
+
+async def add_attachment_column(conn: Connection) -> None:
+    await conn.execute("ALTER TABLE chatx_messages ADD COLUMN attachment_id VARCHAR(32)")
 
 
 async def fill_version_2_tables(conn: Connection) -> None:
@@ -1256,6 +1330,10 @@ async def delete_account(conn: Connection, user_id: int) -> None:
     """The user and everything of theirs: messages sent or received (and their
     places in both streams), conversations, blocks, sessions, sockets."""
     mine = "SELECT id FROM chatx_messages WHERE sender_id = ? OR recipient_id = ?"
+    theirs = await conn.fetch(f"SELECT id FROM chatx_attachments WHERE uploader_id = ? OR message_id IN ({mine})",
+                              user_id, user_id, user_id)
+    await erase_attachments(conn, [row[0] for row in theirs])
+    await conn.execute("DELETE FROM chatx_upload_days WHERE user_id = ?", user_id)
     await conn.execute(f"DELETE FROM chatx_events WHERE message_id IN ({mine})", user_id, user_id)
     await conn.execute("DELETE FROM chatx_events WHERE user_id = ? OR reader_id = ? OR with_id = ?",
                        user_id, user_id, user_id)
@@ -1390,15 +1468,28 @@ def iso(ms: int | None) -> str | None:
     return None if ms is None else iso_time(datetime.fromtimestamp(ms / 1000, timezone.utc))
 
 
+def attachment_object(attachment_id: str | None, name: str | None = None, kind: str | None = None,
+                      size: int | None = None, width: int | None = None, height: int | None = None
+                      ) -> dict[str, Any] | None:
+    if attachment_id is None:
+        return None
+    return {"id": attachment_id, "name": name, "type": kind, "size": size, "width": width, "height": height}
+
+
 def message_object(message_id: int, sender: str, recipient: str, body: str, sent_at: int, client_id: str | None,
-                   edited_at: int | None, deleted: Any, reply_to: int | None) -> dict[str, Any]:
+                   edited_at: int | None, deleted: Any, reply_to: int | None, *attachment: Any) -> dict[str, Any]:
+    """`attachment`: the columns of attachment_object(), all None (or none) without one."""
     return {"id": message_id, "from": sender, "to": recipient, "body": body, "sent_at": iso(sent_at),
-            "client_id": client_id, "edited_at": iso(edited_at), "deleted": bool(deleted), "reply_to": reply_to}
+            "client_id": client_id, "edited_at": iso(edited_at), "deleted": bool(deleted), "reply_to": reply_to,
+            "attachment": attachment_object(*attachment) if attachment else None}
 
 
 MESSAGE_COLUMNS = ("m.id, s.username, r.username, m.body, m.sent_at, m.client_id, m.edited_at, m.deleted, "
-                   "m.reply_to")
-MESSAGE_JOINS = "JOIN chatx_users s ON s.id = m.sender_id JOIN chatx_users r ON r.id = m.recipient_id"
+                   "m.reply_to, a.id, a.name, a.type, a.size, a.width, a.height")
+MESSAGE_WIDTH = 15  # columns in MESSAGE_COLUMNS
+ATTACHMENT_COLUMNS = "a.id, a.name, a.type, a.size, a.width, a.height"
+MESSAGE_JOINS = ("JOIN chatx_users s ON s.id = m.sender_id JOIN chatx_users r ON r.id = m.recipient_id "
+                 "LEFT JOIN chatx_attachments a ON a.id = m.attachment_id")
 
 
 @dataclass(frozen=True)
@@ -1408,6 +1499,7 @@ class NewMessage:
     body: str
     client_id: str | None
     reply_to: int | None
+    attachment: str | None = None  # the id of an upload of the sender's
 
 
 @dataclass(frozen=True)
@@ -1461,6 +1553,8 @@ async def insert_messages(conn: Connection, items: list[NewMessage]) -> list[Sto
     conversation rows up to date. A (sender, client_id) stored before, or
     earlier in the same list, stores nothing and gets the original."""
     refusals = await send_refusals(conn, items)
+    attached = await attachments_to_send(conn, items)
+    refusals.update(attachment_refusals(items, attached, refusals))
     keys = [(item.sender.id, item.client_id) for item in items]
     first: dict[tuple[int, str | None], int] = {}
     owners = [index if index in refusals or key[1] is None else first.setdefault(key, index)
@@ -1473,6 +1567,11 @@ async def insert_messages(conn: Connection, items: list[NewMessage]) -> list[Sto
     ids = dict(zip(fresh, inserted))
     stored = {index: message_id for index, message_id in ids.items() if message_id is not None}
     originals = await messages_by_client_id(conn, {keys[index] for index in fresh if ids[index] is None})
+    # Attachments are few: linked by an update each, which leaves the inserts of messages as they are.
+    attaching = [(items[i].attachment, stored[i]) for i in sorted(stored) if items[i].attachment]
+    await conn.execute_many("UPDATE chatx_messages SET attachment_id = ? WHERE id = ?", attaching)
+    await conn.execute_many("UPDATE chatx_attachments SET message_id = ? WHERE id = ?",
+                            [(message_id, attachment_id) for attachment_id, message_id in attaching])
     numbered = await number_messages(conn, [(items[i], stored[i]) for i in sorted(stored)])
     results: list[Stored | Refused] = []
     for index, owner in enumerate(owners):
@@ -1484,11 +1583,13 @@ async def insert_messages(conn: Connection, items: list[NewMessage]) -> list[Sto
             seqs, partners = numbered[stored[owner]]
             first = items[owner]
             original = message_object(stored[owner], first.sender.username, first.recipient.username, first.body,
-                                      sent_at, first.client_id, None, False, first.reply_to)
+                                      sent_at, first.client_id, None, False, first.reply_to,
+                                      *attached.get(first.attachment, ())[3:])
         else:
             seqs, partners, original = {}, None, originals[keys[owner]]
         retry = owner != index or owner not in stored  # the original's ack, nothing delivered again
-        if retry and (original["to"], original["body"]) != (item.recipient.username, item.body):
+        if retry and (original["to"], original["body"], (original["attachment"] or {}).get("id")) != (
+                item.recipient.username, item.body, item.attachment):
             results.append(Refused("invalid_field", "This client_id belongs to another message."))
         elif retry:
             results.append(Stored(EventKind.MESSAGE, {}, original))
@@ -1517,6 +1618,35 @@ async def send_refusals(conn: Connection, items: list[NewMessage]) -> dict[int, 
         elif item.reply_to is not None and sorted(targets.get(item.reply_to, ())) != sorted(
                 (item.sender.id, item.recipient.id)):
             refusals[index] = Refused("invalid_field", "'reply_to' must name a message of this conversation.")
+    return refusals
+
+
+async def attachments_to_send(conn: Connection, items: list[NewMessage]) -> dict[str, tuple]:
+    """The attachments the items name: id -> (uploader_id, message_id, that
+    message's client_id, *the columns of attachment_object())."""
+    ids = sorted({item.attachment for item in items if item.attachment})
+    if not ids:
+        return {}
+    rows = await conn.fetch(f"SELECT a.uploader_id, a.message_id, m.client_id, {ATTACHMENT_COLUMNS} "
+                            "FROM chatx_attachments a LEFT JOIN chatx_messages m ON m.id = a.message_id "
+                            f"WHERE a.id IN ({marks(len(ids))})", *ids)
+    return {row[3]: tuple(row) for row in rows}
+
+
+def attachment_refusals(items: list[NewMessage], attached: dict[str, tuple],
+                        refused: dict[int, Refused]) -> dict[int, Refused]:
+    """An attachment must be an upload of the sender's that no message carries,
+    or the one its own retry (same client_id) carries; one message per upload."""
+    refusals, claimed = {}, {}
+    for index, item in enumerate(items):
+        if not item.attachment or index in refused:
+            continue
+        uploader, message_id, client_id = attached.get(item.attachment, (None, None, None))[:3]
+        retry = message_id is not None and item.client_id is not None and client_id == item.client_id
+        owner = item.client_id or index  # the send that claims the upload first in this commit
+        if (uploader != item.sender.id or (message_id is not None and not retry)
+                or claimed.setdefault(item.attachment, owner) != owner):
+            refusals[index] = Refused("unknown_attachment", "There is no such upload of yours to send.")
     return refusals
 
 
@@ -1644,7 +1774,7 @@ async def messages_by_client_id(conn: Connection, keys: set[tuple[int, str | Non
     where = " OR ".join(["(m.sender_id = ? AND m.client_id = ?)"] * len(keys))
     rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS}, m.sender_id FROM chatx_messages m {MESSAGE_JOINS} "
                             f"WHERE {where}", *[value for key in sorted(keys) for value in key])
-    return {(row[9], row[5]): message_object(*row[:9]) for row in rows}
+    return {(row[MESSAGE_WIDTH], row[5]): message_object(*row[:MESSAGE_WIDTH]) for row in rows}
 
 
 async def message_by_id(conn: Connection, message_id: int) -> dict[str, Any] | None:
@@ -1655,20 +1785,22 @@ async def message_by_id(conn: Connection, message_id: int) -> dict[str, Any] | N
 
 async def change_message(conn: Connection, me: int, message_id: int, body: str | None) -> Stored | Refused:
     """Edit (a body) or delete (None) a message of mine that is not deleted."""
-    row = await conn.fetch_one("SELECT sender_id, recipient_id FROM chatx_messages WHERE id = ? AND NOT deleted",
-                               message_id)
+    row = await conn.fetch_one("SELECT sender_id, recipient_id, attachment_id FROM chatx_messages "
+                               "WHERE id = ? AND NOT deleted", message_id)
     if row is None or row[0] != me:
         return Refused("unknown_message", "You have no such message.")
     if row[1] != me and await blocks_me(conn, me, row[1]):
         return Refused("blocked", "The recipient blocks you: the message stays as they have it.")
     if body is None:
-        await conn.execute("UPDATE chatx_messages SET body = '', deleted = ? WHERE id = ?", True, message_id)
+        await conn.execute("UPDATE chatx_messages SET body = '', deleted = ?, attachment_id = NULL WHERE id = ?",
+                           True, message_id)
+        await erase_attachments(conn, [row[2]] if row[2] else [])
         kind = EventKind.DELETE
     else:
         await conn.execute("UPDATE chatx_messages SET body = ?, edited_at = ? WHERE id = ?", body, now_ms(),
                            message_id)
         kind = EventKind.EDIT
-    people = list(dict.fromkeys(row))
+    people = list(dict.fromkeys(row[:2]))
     seqs = await append_events(conn, [(user_id, kind, message_id, None, None, None) for user_id in people])
     return Stored(kind, dict(zip(people, seqs)), await message_by_id(conn, message_id))
 
@@ -1696,6 +1828,7 @@ EVENT_QUERY = (
     f"SELECT e.seq, e.kind, {MESSAGE_COLUMNS}, rd.username, w.username, e.up_to FROM chatx_events e "
     "LEFT JOIN chatx_messages m ON m.id = e.message_id "
     "LEFT JOIN chatx_users s ON s.id = m.sender_id LEFT JOIN chatx_users r ON r.id = m.recipient_id "
+    "LEFT JOIN chatx_attachments a ON a.id = m.attachment_id "
     "LEFT JOIN chatx_users rd ON rd.id = e.reader_id LEFT JOIN chatx_users w ON w.id = e.with_id "
     "WHERE e.user_id = ? AND e.seq > ? ORDER BY e.seq LIMIT ?")
 
@@ -1759,6 +1892,71 @@ async def conversation_rows(conn: Connection, me: int, before: int | None, limit
         f"JOIN chatx_messages m ON m.id = c.last_message_id {MESSAGE_JOINS} "
         f"WHERE c.user_id = ?{older} ORDER BY c.last_message_id DESC LIMIT ?",
         me, *([] if before is None else [before]), limit)
+
+
+# -- attachments
+
+
+async def erase_attachments(conn: Connection, ids: list[str]) -> None:
+    """Attachments and their bytes, in the transaction that made them unwanted."""
+    if ids:
+        await conn.execute(f"DELETE FROM chatx_attachment_chunks WHERE attachment_id IN ({marks(len(ids))})", *ids)
+        await conn.execute(f"DELETE FROM chatx_attachments WHERE id IN ({marks(len(ids))})", *ids)
+
+
+async def uploaded_on(conn: Connection, user_id: int, day: int) -> int:
+    return await conn.fetch_value("SELECT bytes FROM chatx_upload_days WHERE user_id = ? AND day = ?",
+                                  user_id, day) or 0
+
+
+async def insert_attachment(conn: Connection, uploader_id: int, columns: tuple, thumbnail: bytes | None,
+                            day: int, quota: int) -> bool:
+    """Record an upload whose bytes are stored, counting them against the day's
+    quota; False (nothing recorded) if they would go over it (0: no quota)."""
+    attachment_id, name, kind, size, width, height = columns
+    used = await uploaded_on(conn, uploader_id, day)
+    if quota and used + size > quota:
+        return False
+    await conn.execute("INSERT INTO chatx_upload_days (user_id, day, bytes) VALUES (?, ?, ?) ON CONFLICT "
+                       "(user_id, day) DO UPDATE SET bytes = chatx_upload_days.bytes + excluded.bytes",
+                       uploader_id, day, size)
+    await conn.execute("INSERT INTO chatx_attachments (id, uploader_id, message_id, name, type, size, width, "
+                       "height, thumbnail, created_at) VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?)",
+                       attachment_id, uploader_id, name, kind, size, width, height, thumbnail, now_ms())
+    return True
+
+
+async def insert_attachment_chunk(conn: Connection, attachment_id: str, n: int, data: bytes) -> None:
+    await conn.execute("INSERT INTO chatx_attachment_chunks (attachment_id, n, data) VALUES (?, ?, ?)",
+                       attachment_id, n, data)
+
+
+async def attachment_chunk(conn: Connection, attachment_id: str, n: int) -> bytes | None:
+    return await conn.fetch_value("SELECT data FROM chatx_attachment_chunks WHERE attachment_id = ? AND n = ?",
+                                  attachment_id, n)
+
+
+async def readable_attachment(conn: Connection, attachment_id: str, me: int) -> tuple | None:
+    """The columns of attachment_object() and whether there is a thumbnail, if
+    I uploaded it or am the other person of the message that carries it."""
+    return await conn.fetch_one(
+        f"SELECT {ATTACHMENT_COLUMNS}, a.thumbnail IS NOT NULL FROM chatx_attachments a "
+        "LEFT JOIN chatx_messages m ON m.id = a.message_id "
+        "WHERE a.id = ? AND (a.uploader_id = ? OR m.recipient_id = ?)", attachment_id, me, me)
+
+
+async def attachment_thumbnail(conn: Connection, attachment_id: str) -> bytes | None:
+    return await conn.fetch_value("SELECT thumbnail FROM chatx_attachments WHERE id = ?", attachment_id)
+
+
+async def expire_uploads(conn: Connection, made_before: int, day_before: int) -> int:
+    """Erase uploads no message used that were made before `made_before`, and
+    forget the quotas of days gone; return how many uploads were erased."""
+    ids = [row[0] for row in await conn.fetch(
+        "SELECT id FROM chatx_attachments WHERE message_id IS NULL AND created_at < ?", made_before)]
+    await erase_attachments(conn, ids)
+    await conn.execute("DELETE FROM chatx_upload_days WHERE day < ?", day_before)
+    return len(ids)
 
 
 # -- presence
@@ -2006,8 +2204,9 @@ def replayed_frame(row: tuple) -> StreamFrame:
     """A row of events_after() as the frame it was sent as, with the message as it is now."""
     seq, kind = row[0], EventKind(row[1])
     if kind is EventKind.READ:
-        return stream_frame(kind, seq, None, {"reader": row[11], "with": row[12], "up_to": row[13]})
-    return stream_frame(kind, seq, dumps(message_object(*row[2:11])), None)
+        reader, with_, up_to = row[2 + MESSAGE_WIDTH:]
+        return stream_frame(kind, seq, None, {"reader": reader, "with": with_, "up_to": up_to})
+    return stream_frame(kind, seq, dumps(message_object(*row[2:2 + MESSAGE_WIDTH])), None)
 
 
 def hello_frame(user: User, seq: int, presence: list[tuple[str, str, int | None]]) -> str:
@@ -2471,8 +2670,9 @@ NO_PASSWORD = "scrypt$16384$8$5$" + "00" * 16 + "$"
 
 
 def yield_to_the_event_loop() -> None:
-    """A lower CPU priority for a hashing thread (Linux gives threads their own
-    nice value): where the server has one core, sign-ins must not slow chat.
+    """A lower CPU priority for a hashing or image thread (Linux gives threads
+    their own nice value): where the server has one core, sign-ins and uploads
+    must not slow chat.
     Not the lowest: at 19 a busy machine left a sign-in waiting for seconds."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
@@ -3210,10 +3410,161 @@ class Messenger:
                 "status": "offline" if blocked else status,
                 "last_seen": None if blocked else iso(last_seen),
                 "unread": unread,
-                "last_message": message_object(*row[8:17]),
+                "last_message": message_object(*row[8:8 + MESSAGE_WIDTH]),
                 "read_up_to": {me.username: mine, peer: 0 if blocked else theirs or 0},
             })
         return {"conversations": listed, "has_more": len(rows) > limit}
+
+
+class AttachmentStore:
+    """Where attachments' bytes are kept, by attachment id. The database is the
+    one store today; an S3-compatible one would implement these three."""
+
+    async def put(self, attachment_id: str, source: Any) -> None:
+        """Store everything `source` (a binary file) holds from where it stands."""
+        raise NotImplementedError
+
+    def read(self, attachment_id: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes start..end-1, a piece at a time."""
+        raise NotImplementedError
+
+    async def delete(self, attachment_ids: list[str]) -> None:
+        raise NotImplementedError
+
+
+class DatabaseAttachmentStore(AttachmentStore):
+    """Bytes in chatx_attachment_chunks, ATTACHMENT_CHUNK_BYTES a row, so that
+    every process and host sees them, a backup holds them, and no file is ever
+    in memory whole. Deleting a message or an account erases its attachments'
+    chunks in the same transaction (erase_attachments)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        # One at a time: on SQLite chunks share the writer with messages, whose commits must stay quick.
+        self.queued = asyncio.Semaphore(CHUNKS_QUEUED_MAX)
+
+    async def put(self, attachment_id: str, source: Any) -> None:
+        n = 0
+        while chunk := await asyncio.to_thread(source.read, ATTACHMENT_CHUNK_BYTES):  # a file on disk, maybe
+            async with self.queued:
+                await self.storage.write_apart(insert_attachment_chunk, attachment_id, n, chunk)
+            n += 1
+
+    async def read(self, attachment_id: str, start: int, end: int) -> AsyncIterator[bytes]:
+        for n in range(start // ATTACHMENT_CHUNK_BYTES, (end - 1) // ATTACHMENT_CHUNK_BYTES + 1):
+            data = await self.storage.read(attachment_chunk, attachment_id, n)
+            if data is None:  # erased meanwhile
+                return
+            offset = n * ATTACHMENT_CHUNK_BYTES
+            yield bytes(data[max(start - offset, 0):end - offset])
+
+    async def delete(self, attachment_ids: list[str]) -> None:
+        await self.storage.write(erase_attachments, attachment_ids)
+
+
+EXIF_ORIENTATION = 0x0112
+MIME_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
+
+
+def inspect_upload(source: Any, declared: str) -> tuple[str, int | None, int | None, bytes | None]:
+    """The type the bytes really have, an image's width and height, and its
+    thumbnail. Only PNG, JPEG, GIF and WebP that decode are images; something
+    else that claims to be an image is application/octet-stream."""
+    source.seek(0)
+    try:
+        with Image.open(source) as image:
+            kind = INLINE_TYPES.get(image.format or "")
+            if kind and image.width * image.height <= IMAGE_PIXELS_MAX:
+                width, height = image.size
+                if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # a browser shows it turned
+                    width, height = height, width
+                image.draft("RGB", (THUMBNAIL_MAX, THUMBNAIL_MAX))  # JPEG: decode at a fraction of the size
+                image.thumbnail((THUMBNAIL_MAX, THUMBNAIL_MAX))
+                return kind, width, height, thumbnail_bytes(ImageOps.exif_transpose(image))
+    except Exception:  # any failure to decode untrusted bytes: not an image
+        pass
+    finally:
+        source.seek(0)
+    if declared.startswith("image/") or not MIME_RE.fullmatch(declared):
+        return "application/octet-stream", None, None, None
+    return declared, None, None, None
+
+
+def thumbnail_bytes(image: Image.Image) -> bytes:
+    """PNG where the image has transparency, JPEG otherwise."""
+    out = io.BytesIO()
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image.convert("RGBA").save(out, "PNG", optimize=True)
+    else:
+        image.convert("RGB").save(out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+def today() -> int:
+    """Days since the epoch, UTC: the unit of the upload quota."""
+    return now_ms() // 86_400_000
+
+
+class Attachments:
+    """Uploads: checked and stored, read back, and erased when no message used them within the hour."""
+
+    def __init__(self, storage: Storage, settings: Settings) -> None:
+        self.storage, self.settings = storage, settings
+        self.store: AttachmentStore = DatabaseAttachmentStore(storage)
+        self.decoders: ThreadPoolExecutor | None = None
+        self.sweeper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.decoders = ThreadPoolExecutor(IMAGES_DECODED_AT_ONCE, thread_name_prefix="chatx-image",
+                                           initializer=yield_to_the_event_loop)
+        self.sweeper = asyncio.create_task(self.sweep())
+
+    async def stop(self) -> None:
+        if self.sweeper:
+            self.sweeper.cancel()
+            await asyncio.gather(self.sweeper, return_exceptions=True)
+        if self.decoders:
+            self.decoders.shutdown(wait=False)
+
+    async def sweep(self) -> None:
+        while True:
+            await asyncio.sleep(UPLOAD_SWEEP_S)
+            try:
+                await self.expire(now_ms())
+            except Exception as exc:
+                logger.warning("erasing unsent uploads failed: %s", exc)
+
+    async def expire(self, now: int) -> None:
+        if await self.storage.write(expire_uploads, now - UNSENT_UPLOAD_MS, now // 86_400_000 - 1):
+            self.storage.erase_soon()
+
+    async def allowance(self, user: User) -> int | None:
+        """Bytes I may still upload today; None without a quota."""
+        quota = self.settings.attachment_bytes_per_day
+        return quota - await self.storage.read(uploaded_on, user.id, today()) if quota else None
+
+    async def add(self, user: User, name: str, declared: str, source: Any, size: int) -> dict[str, Any] | None:
+        """Store an upload received into `source`; None if it is over the day's quota."""
+        kind, width, height, thumbnail = await asyncio.get_running_loop().run_in_executor(
+            self.decoders, inspect_upload, source, declared)
+        columns = (secrets.token_urlsafe(18), name, kind, size, width, height)
+        try:
+            await self.store.put(columns[0], source)
+            recorded = await self.storage.write(insert_attachment, user.id, columns, thumbnail, today(),
+                                                self.settings.attachment_bytes_per_day)
+        except BaseException:
+            await asyncio.shield(self.store.delete([columns[0]]))
+            raise
+        if not recorded:
+            await self.store.delete([columns[0]])
+            return None
+        return attachment_object(*columns)
+
+    async def readable(self, attachment_id: str, me: User) -> tuple | None:
+        return await self.storage.read(readable_attachment, attachment_id, me.id)
+
+    async def thumbnail(self, attachment_id: str) -> bytes | None:
+        return await self.storage.read(attachment_thumbnail, attachment_id)
 
 
 # ---- requests and sockets alike -----------------------------------------------------
@@ -3621,17 +3972,19 @@ def client_id_field(frame: dict[str, Any]) -> str | None:
 
 
 async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
-    frame_field(frame, "body", str)
+    attachment = None if frame.get("attachment") is None else frame_field(frame, "attachment", str)
+    if attachment is None or "body" in frame:
+        frame_field(frame, "body", str)
     client_id = client_id_field(frame)
     reply_to = None if frame.get("reply_to") is None else id_field(frame, "reply_to")
     recipient = await peer_field(socket, frame, "to")
-    body = body_field(frame)
+    body = body_field(frame) if attachment is None or VISIBLE_RE.search(frame.get("body", "")) else ""
     take_token(socket)
     await check_first_contact(socket, recipient)
     # Not awaited: the next frames are read meanwhile, so one commit takes many
     # sends of a socket; the writer's queue keeps their order.
     socket.sends_in_flight += 1
-    stored = socket.chat.messenger.send(NewMessage(socket.user, recipient, body, client_id, reply_to),
+    stored = socket.chat.messenger.send(NewMessage(socket.user, recipient, body, client_id, reply_to, attachment),
                                         functools.partial(socket.message_stored, client_id))
     if socket.sends_in_flight > SENDS_IN_FLIGHT_MAX:
         await asyncio.wait([stored])
@@ -3768,7 +4121,7 @@ class WebSocketEndpoint:
 
 ERROR_CODES = {400: "bad_request", 401: "not_authenticated", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "too_large"}
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
        "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
 
@@ -4130,6 +4483,158 @@ async def block(request: Request) -> Response:
     return Response(status_code=204)
 
 
+def file_name(request: Request) -> str:
+    """The `name` query parameter as a plain file name: no directories, no
+    control or format characters, at most ATTACHMENT_NAME_MAX characters."""
+    name = re.split(r"[/\\]", request.query_params.get("name", ""))[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C").strip().lstrip(".")
+    if not name:
+        raise ApiError(400, "bad_request", "'name' is required: the file's name.")
+    if len(name) > ATTACHMENT_NAME_MAX:
+        stem, dot, extension = name.rpartition(".")
+        keep = extension[:16] if dot else ""
+        name = (name[:ATTACHMENT_NAME_MAX - len(keep) - 1] + "." + keep) if keep else name[:ATTACHMENT_NAME_MAX]
+    return name
+
+
+async def upload_attachment(request: Request) -> Response:
+    """Upload a file or image for a message; the body is its bytes.
+    ---
+    summary: Upload an attachment
+    parameters: [{name: name, in: query, required: true, schema: {type: string}}]
+    responses:
+      "201": {description: "{attachment}: an upload a send may use within an hour"}
+      "400": {description: "bad_request"}
+      "401": {description: "not_authenticated"}
+      "413": {description: "too_large"}
+      "429": {description: "rate_limited: over the day's upload bytes"}
+    """
+    check_origin(request)
+    session = await signed_in(request)
+    name = file_name(request)
+    chat = chat_of(request)
+    limit = chat.settings.max_attachment_bytes
+    too_large = ApiError(413, "too_large", f"Attachments are at most {limit} bytes.")
+    over_quota = ApiError(429, "rate_limited", "You uploaded as much as a day allows; try again tomorrow.")
+    length = request.headers.get("content-length", "")
+    declared_size = int(length) if length.isdigit() else None
+    if limit and declared_size is not None and declared_size > limit:
+        raise too_large
+    allowance = await chat.attachments.allowance(session.user)
+    if allowance is not None and declared_size is not None and declared_size > allowance:
+        raise over_quota
+    declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    with tempfile.SpooledTemporaryFile(UPLOAD_SPOOL_BYTES) as spool:
+        size = 0
+        chunks = request.stream().__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(BODY_TIMEOUT_S):  # for each piece: a large file may take minutes
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise ApiError(408, "timeout", f"The body stalled for {BODY_TIMEOUT_S} s.") from None
+            except ClientDisconnect:
+                raise ApiError(400, "bad_request", "The upload was cut off.") from None
+            size += len(chunk)
+            if limit and size > limit:  # refused as it comes, whatever Content-Length said
+                raise too_large
+            if allowance is not None and size > allowance:
+                raise over_quota
+            await asyncio.to_thread(spool.write, chunk)  # past UPLOAD_SPOOL_BYTES, a write to disk
+        if size == 0:
+            raise ApiError(400, "bad_request", "The file is empty.")
+        attachment = await chat.attachments.add(session.user, name, declared, spool, size)
+    if attachment is None:
+        raise over_quota
+    return JSONResponse({"attachment": attachment}, status_code=201)
+
+
+ATTACHMENT_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+RANGE_RE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
+
+
+async def attachment_for(request: Request) -> tuple:
+    """The attachment the path names, if I may read it: the same 404 for an id
+    that never existed and for one of others, after the same one query."""
+    session = await signed_in(request)
+    attachment_id = request.path_params["id"]
+    found = None
+    if ATTACHMENT_ID_RE.fullmatch(attachment_id):
+        found = await chat_of(request).attachments.readable(attachment_id, session.user)
+    if found is None:
+        raise ApiError(404, "unknown_attachment", "There is no such attachment for you.")
+    return tuple(found)
+
+
+def content_disposition(kind: str, name: str) -> str:
+    """Inline for the images a page may show, a download for everything else;
+    the name as RFC 6266 / 5987 have it, with an ASCII fallback."""
+    fallback = re.sub(r'[^A-Za-z0-9._ -]', "_", name)
+    disposition = "inline" if kind in INLINE_TYPES.values() else "attachment"
+    return f"{disposition}; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def attachment_headers(etag: str, kind: str) -> dict[str, str]:
+    return {"ETag": etag, "Cache-Control": "private, max-age=86400", "Content-Security-Policy": "sandbox",
+            "X-Content-Type-Options": "nosniff", "Content-Type": kind}
+
+
+async def attachment_bytes(request: Request) -> Response:
+    """An attachment's bytes, to the uploader and the other person of its message.
+    ---
+    summary: Download an attachment (Range requests too)
+    responses:
+      "200": {description: "the bytes"}
+      "206": {description: "the range asked"}
+      "401": {description: "not_authenticated"}
+      "404": {description: "unknown_attachment"}
+    """
+    attachment_id, name, kind, size, *_ = await attachment_for(request)
+    headers = {**attachment_headers(f'"{attachment_id}"', kind), "Accept-Ranges": "bytes",
+               "Content-Disposition": content_disposition(kind, name)}
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    start, end, status = 0, size, 200
+    asked = request.headers.get("range")
+    if asked and request.headers.get("if-range", headers["ETag"]) == headers["ETag"]:
+        match = RANGE_RE.fullmatch(asked.strip())
+        first, last = match.groups() if match else ("", "")
+        if match and (first or last):
+            if not first:  # the last N bytes
+                start = max(size - int(last), 0)
+            else:
+                start, end = int(first), min(int(last) + 1, size) if last else size
+            if start >= end or start >= size:
+                return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    return StreamingResponse(chat_of(request).attachments.store.read(attachment_id, start, end), status_code=status,
+                             headers=headers)
+
+
+async def attachment_thumbnail_bytes(request: Request) -> Response:
+    """An image attachment's thumbnail, at most 320 px on the long side.
+    ---
+    summary: An image's thumbnail
+    responses:
+      "200": {description: "JPEG or PNG"}
+      "401": {description: "not_authenticated"}
+      "404": {description: "unknown_attachment"}
+    """
+    attachment_id, *_, has_thumbnail = await attachment_for(request)
+    thumbnail = await chat_of(request).attachments.thumbnail(attachment_id) if has_thumbnail else None
+    if thumbnail is None:
+        raise ApiError(404, "unknown_attachment", "There is no such attachment for you.")
+    kind = "image/png" if thumbnail.startswith(b"\x89PNG") else "image/jpeg"
+    headers = attachment_headers(f'"{attachment_id}-thumbnail"', kind)
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    return Response(bytes(thumbnail), headers={**headers, "Content-Disposition": "inline"})
+
+
 def address_allowed(address: str, allowed: tuple[str, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
@@ -4233,8 +4738,10 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
-                if api:
+                headers = list(message.get("headers", []))
+                given = {name.lower() for name, _ in headers}  # an attachment's own CSP and caching stand
+                message["headers"] = headers + [header for header in SECURITY_HEADERS if header[0] not in given]
+                if api and b"cache-control" not in given:
                     message["headers"].append((b"cache-control", b"no-store"))
             await send(message)
 
@@ -4302,6 +4809,7 @@ class ChatX:
         self.identity = Identity(self.accounts, settings, authenticate)
         self.presence = Presence(self.storage, self.fanout, settings, self.process_id)
         self.messenger = Messenger(self.storage, self.fanout, self.presence, settings)
+        self.attachments = Attachments(self.storage, settings)
         self.closed_for_restart = 0
         self.serving = False  # started; until then requests get 503 (Starting)
         self.shutdown_by: float | None = None
@@ -4372,7 +4880,7 @@ class ChatX:
                 services.push_async_callback(self.stop_within, service.stop)
             await self.fanout.start("chatx:" + hashlib.sha256(self.accounts.secret.encode()).hexdigest()[:16])
             services.push_async_callback(self.stop_within, self.fanout.stop)
-            for service in (self.presence, self.messenger):
+            for service in (self.presence, self.messenger, self.attachments):
                 await service.start()
                 services.push_async_callback(self.stop_within, service.stop)
             services.push_async_callback(self.stop_within, self.close_sockets)
@@ -4550,6 +5058,9 @@ def create_app(authenticate: Authenticate | None = None, **settings: Any) -> Sta
         Route("/api/conversations/{username}/messages", conversation_messages),
         Route("/api/blocks", block_list),
         Route("/api/blocks/{username}", block, methods=["PUT", "DELETE"]),
+        Route("/api/attachments", upload_attachment, methods=["POST"]),
+        Route("/api/attachments/{id}", attachment_bytes),
+        Route("/api/attachments/{id}/thumbnail", attachment_thumbnail_bytes),
         Route("/healthz", healthz),
         Route("/metrics", metrics),
         Route("/api/openapi.json", openapi, include_in_schema=False),

@@ -421,6 +421,63 @@ async def sign_in_under_load(target: Target, http: httpx.AsyncClient,
             **traffic.counts()}
 
 
+async def uploads_under_load(target: Target, pairs: Sequence[tuple[User, User]], uploaders: Sequence[User],
+                             image: bytes, rate: float, baseline_s: float, upload_s: float, body_size: int) -> dict:
+    """Message latency before and while `uploaders` each upload `image` again
+    and again (POST /api/attachments, v3), with the server's memory meanwhile.
+
+    An upload is streamed to storage a piece at a time and an image decoded off
+    the event loop: if either were not, messages would wait behind the uploads
+    and the server would hold whole files in memory.
+    """
+    traffic = Traffic(body_size)
+    sockets = await connect_pairs(target, pairs, traffic)
+    stop = asyncio.Event()
+    start = time.perf_counter()
+    chatting = asyncio.create_task(send_paced(sockets, traffic, rate, stop, limit_s=300, tag="u"))
+    await timed_progress("uploads: chat only", baseline_s)
+    rss_before = rss_peak = target.probe.rss_bytes()
+    statuses: Counter[int] = Counter()
+    upload_start = time.perf_counter()
+    end = upload_start + upload_s
+    progress = Progress("uploads: uploading while chatting", upload_s, " s")
+
+    async def keep_uploading(http: httpx.AsyncClient, user: User) -> None:
+        while time.perf_counter() < end:
+            response = await http.post("/api/attachments", params={"name": "photo.png"}, content=image,
+                                       headers={"Cookie": user.cookie, "Content-Type": "image/png"})
+            statuses[response.status_code] += 1
+
+    async def watch_memory() -> None:
+        nonlocal rss_peak
+        while (now := time.perf_counter()) < end:
+            rss_peak = max(rss_peak, target.probe.rss_bytes())
+            progress.show(now - upload_start)
+            await asyncio.sleep(0.2)
+        progress.finish()
+
+    async with httpx.AsyncClient(base_url=target.url, trust_env=False, timeout=120,
+                                 limits=httpx.Limits(max_connections=len(uploaders))) as http:
+        await asyncio.gather(watch_memory(), *(keep_uploading(http, user) for user in uploaders))
+    upload_end = time.perf_counter()
+    await asyncio.sleep(0.5)
+    stop.set()
+    await chatting
+    await traffic.drain()
+    await close_sockets([s for pair in sockets for s in pair])
+    before = latency_summary(traffic.latencies(since=start + 0.5, until=upload_start))
+    during = latency_summary(traffic.latencies(since=upload_start, until=upload_end))
+    return {"uploaders": len(uploaders), "image_bytes": len(image), "chat_rate_per_s": rate,
+            "uploads": statuses[201], "failed_count": sum(statuses.values()) - statuses[201],
+            "upload_failures": {str(k): v for k, v in statuses.items() if k != 201},
+            "upload_mb_per_s": statuses[201] * len(image) / 2**20 / (upload_end - upload_start),
+            "rss_before_mb": rss_before / 2**20, "rss_peak_mb": rss_peak / 2**20,
+            "rss_growth_mb": (rss_peak - rss_before) / 2**20,
+            "before": before, "during": during,
+            "p99_ratio": during["p99_ms"] / before["p99_ms"] if before["p99_ms"] and during["p99_ms"] else None,
+            **traffic.counts()}
+
+
 async def idle_connections(target: Target, users: Sequence[User], count: int,
                            hold_s: float = 2.0) -> dict:
     """Open `count` signed-in sockets spread over `users` and keep them idle.

@@ -77,6 +77,11 @@ ROWS = [
     Row("  all logins took (s)", "sign_in.logins_s", "{:.2f}"),
     Row("  p50 before / during (ms)", "sign_in.before.p50_ms", "{:.1f}"),
     Row("  p99 before / during (ms)", "sign_in.before.p99_ms", "{:.1f}"),
+    Row("uploads: MB/s of 1 MiB images", "uploads.upload_mb_per_s", "{:.1f}"),
+    Row("  uploads / failed", "uploads.uploads"),
+    Row("  RSS before / peak (MB)", "uploads.rss_before_mb", "{:.0f}"),
+    Row("  chat p99 before / during (ms)", "uploads.before.p99_ms", "{:.1f}"),
+    Row("  p99 during / before", "uploads.p99_ratio", "x{:.2f}"),
     Row("directory: users", "directory.users_small", "{:,.0f}"),
     *[row for key, label in DIRECTORY_QUERIES.items() for row in (
         Row(label[:29], f"directory.small.{key}.median_ms", "{:.2f}"),
@@ -99,7 +104,10 @@ PAIRED = {"connections.failed": "connections.dropped_while_idle",
           "directory.users_small": "directory.users_large",
           **{f"directory.small.{key}.median_ms": f"directory.large.{key}.median_ms" for key in DIRECTORY_QUERIES},
           "sign_in.before.p50_ms": "sign_in.during.p50_ms",
-          "sign_in.before.p99_ms": "sign_in.during.p99_ms"}
+          "sign_in.before.p99_ms": "sign_in.during.p99_ms",
+          "uploads.uploads": "uploads.failed_count",
+          "uploads.rss_before_mb": "uploads.rss_peak_mb",
+          "uploads.before.p99_ms": "uploads.during.p99_ms"}
 
 
 def cell(row: Row, result: dict, relay: dict) -> str:
@@ -183,7 +191,8 @@ def checks(data: dict) -> list[dict]:
     relay = servers.get("relay", {})
     found = []
     for rule in (ran_everything, throughput_share, idle_memory, ten_thousand_sockets,
-                 dense_storm, partner_storm, directory_conversations, directory_search, sign_in_latency):
+                 dense_storm, partner_storm, directory_conversations, directory_search, sign_in_latency,
+                 upload_latency):
         for name in CHATX:
             if name in servers:
                 found.append(rule(name, servers[name], relay, data["sizes"]))
@@ -293,6 +302,20 @@ def sign_in_latency(name: str, result: dict, relay: dict, sizes: dict) -> dict:
     failed = get(result, "sign_in.logins_failed") or 0
     return check(title, during <= before + 50 and failed == 0,
                  f"{before:.1f} ms before, {during:.1f} ms during, {failed} logins failed")
+
+
+def upload_latency(name: str, result: dict, relay: dict, sizes: dict) -> dict:
+    """Uploads are streamed and images decoded off the event loop: messages
+    must not wait behind them."""
+    before, during = get(result, "uploads.before.p99_ms"), get(result, "uploads.during.p99_ms")
+    title = f"{name}: chat p99 during uploads <= 2x p99 without"
+    if not measured(before, during):
+        return check(title, None, "not measured")
+    growth, failed = get(result, "uploads.rss_growth_mb"), get(result, "uploads.failed_count") or 0
+    return check(title, during <= 2 * before and failed == 0,
+                 f"{before:.1f} ms without, {during:.1f} ms during (x{during / before:.2f}); "
+                 f"{get(result, 'uploads.upload_mb_per_s'):.1f} MB/s uploaded, RSS +{growth:.0f} MB, "
+                 f"{failed} uploads failed")
 
 
 def postgres_vs_sqlite(sqlite: dict, postgres: dict) -> dict:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import io
 import os
 import platform
 import secrets
@@ -27,12 +28,13 @@ from pathlib import Path
 import asyncpg
 import httpx
 import uvloop
+from PIL import Image
 
 from bench import report
 from bench.client import User, http_client
 from bench.loadgen import (CpuMeter, Seeder, Target, collector_paused, directory, everyone_partners, fixed_rate,
                            idle_connections, make_partners, presence_storm, register_users, ring_partners,
-                           short_error, sign_in_under_load, throughput, wait_all_offline)
+                           short_error, sign_in_under_load, throughput, uploads_under_load, wait_all_offline)
 from bench.server import REPO, Server, ServerDied, ServerSpec, raise_fd_limit
 
 SERVERS = ("relay", "sqlite", "postgres")
@@ -45,10 +47,11 @@ CHATX_ENV = {"CHATX_BROADCAST_URL": REDIS_URL, "CHATX_SEND_RATE": "100000",
              "CHATX_MAX_SOCKETS_PER_USER": "0", "CHATX_SIGNUPS_PER_ADDRESS": "0",
              "CHATX_LOGIN_FAILURES_PER_ADDRESS": "0", "CHATX_LOGIN_FAILURES_PER_USER": "0",
              "CHATX_FIRST_CONTACTS_PER_SENDER": "0", "CHATX_FIRST_CONTACTS_PER_RECIPIENT": "0",
-             "CHATX_DIRECTORY_RATE": "0"}
+             "CHATX_DIRECTORY_RATE": "0",
+             "CHATX_ATTACHMENT_BYTES_PER_DAY": "0"}
 IDLE_SOCKET_USERS = 100  # idle sockets are spread over this many users
 WORKLOADS = ("connections", "presence_storm", "partner_storm", "throughput", "fixed_rate", "sign_in",
-             "directory")
+             "uploads", "directory")
 
 
 @dataclass
@@ -67,6 +70,11 @@ class Sizes:
     signin_rate: float = 200.0
     signin_baseline: float = 3.0
     body_size: int = 64
+    upload_clients: int = 20
+    upload_pairs: int = 20
+    upload_rate: float = 200.0
+    upload_baseline: float = 4.0
+    upload_duration: float = 8.0
     directory_users: int = 100_000
     directory_small: int = 100
     directory_conversations: int = 20
@@ -74,13 +82,15 @@ class Sizes:
 
     def users_needed(self) -> int:
         """The first ones for every workload but the partner storm, which has the last ones."""
-        return (max(2 * self.pairs, self.storm_users, 2 * self.signin_pairs + self.signin_people)
+        return (max(2 * self.pairs, self.storm_users, 2 * self.signin_pairs + self.signin_people,
+                    2 * self.upload_pairs + self.upload_clients)
                 + self.partner_storm_users)
 
 
 QUICK = Sizes(pairs=4, window=4, duration=2.0, fixed_duration=2.0, sockets=100, storm_users=20,
               partner_storm_users=40, signin_people=10, signin_pairs=2, signin_rate=100.0,
-              signin_baseline=1.0, directory_requests=30)
+              signin_baseline=1.0, directory_requests=30, upload_clients=4, upload_pairs=4, upload_rate=50.0,
+              upload_baseline=1.5, upload_duration=3.0)
 
 
 SIZE_HELP = {
@@ -98,6 +108,11 @@ SIZE_HELP = {
     "signin_rate": "msgs/s those pairs send in all",
     "signin_baseline": "seconds of chat measured before the sign-ins",
     "body_size": "characters per message body",
+    "upload_clients": "clients each uploading 1 MiB images one after another (ChatX only)",
+    "upload_pairs": "pairs chatting meanwhile",
+    "upload_rate": "msgs/s those pairs send in all",
+    "upload_baseline": "seconds of chat measured before the uploads",
+    "upload_duration": "seconds of uploads",
     "directory_users": "users in all in the directory workload's second half; the target is 100000",
     "directory_small": "users in all in its first half; the target is 100",
     "directory_conversations": "conversations of the user whose requests are timed",
@@ -192,6 +207,14 @@ async def postgres_admin(statement: str) -> None:
 def pair_up(users: list[User], count: int) -> list[tuple[User, User]]:
     """(sender, receiver) pairs from the first 2 * count users."""
     return [(users[2 * i], users[2 * i + 1]) for i in range(count)]
+
+
+def one_mib_image() -> bytes:
+    """A PNG of noise, about 1 MiB: it does not compress, so every byte travels."""
+    side = 592  # 592 * 592 * 3 bytes of noise is just over 1 MiB as a PNG
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(out, "PNG")
+    return out.getvalue()
 
 
 # ---------------------------------------------------------------- seeding the directory
@@ -317,6 +340,11 @@ async def measure(server: Server, sizes: Sizes, workloads: list[str]) -> dict:
             await step("sign_in", sign_in_under_load(
                 target, http, pair_up(first, sizes.signin_pairs), first[chatters:chatters + sizes.signin_people],
                 sizes.signin_rate, sizes.signin_baseline, sizes.body_size))
+        if "uploads" in workloads and server.spec.name != "relay":  # the relay has no attachments
+            chatters = 2 * sizes.upload_pairs
+            await step("uploads", uploads_under_load(
+                target, pair_up(first, sizes.upload_pairs), first[chatters:chatters + sizes.upload_clients],
+                one_mib_image(), sizes.upload_rate, sizes.upload_baseline, sizes.upload_duration, sizes.body_size))
     return results
 
 

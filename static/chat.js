@@ -18,6 +18,7 @@ import { ContactList } from "./contacts.js";
 import { PeopleSearch } from "./people.js";
 import { MessageView, snippet } from "./messages.js";
 import { Composer } from "./composer.js";
+import { AttachmentPicker } from "./attachments.js";
 import { fillAvatar } from "./dom.js";
 import { lastSeen } from "./timefmt.js";
 import { setupNotificationButton, showUnreadInTitle } from "./notify.js";
@@ -65,6 +66,11 @@ const composer = new Composer($("composer"), {
   onEdit: (id, body) => socket.send({ type: "edit", id, body }),
   lastEditable,
 });
+new AttachmentPicker(
+  { button: $("attach"), input: $("attach-file"), tray: $("attach-tray"), dropZone: $("conversation"),
+    pasteTarget: $("message") },
+  { canAttach: () => roster.open?.peer ?? null, onSend: sendAttachment },
+);
 const stream = new Stream((frame) => frames.apply(frame));
 const connection = new ConnectionStatus($("connection"), app, { onChange: scheduleRender });
 const socket = new ReconnectingSocket(() => socketUrl(stream.seq), {
@@ -136,6 +142,11 @@ function send(body, replyTo) {
   view.sync("bottom");
 }
 
+function sendAttachment(peer, caption, attachment) {
+  socket.send(sendFrame(outbox.add(peer, caption, null, attachment)));
+  view.sync("bottom");
+}
+
 function sendTyping() {
   if (roster.openKey) socket.send({ type: "typing", to: roster.openContact.username });
 }
@@ -187,7 +198,7 @@ async function start() {
   // a menu, a dialog, an edit or a reply, the search box).
   document.addEventListener("keydown", (event) => {
     if (event.key !== "Escape" || event.defaultPrevented || !roster.openKey || view.menu.isOpen) return;
-    if (document.querySelector("dialog[open]")) return;
+    if (document.querySelector("dialog[open]")) return; // the dialog closes, not the conversation
     event.preventDefault();
     router.navigate(null);
   });

@@ -3,6 +3,7 @@
 // searching the directory.
 import { el, hidden, fillAvatar } from "./dom.js";
 import { lastSeen, listTime } from "./timefmt.js";
+import { attachmentLabel } from "./attachments.js";
 
 function byRecency(a, b) {
   return b.lastId - a.lastId || a.key.localeCompare(b.key);
@@ -12,7 +13,7 @@ function byRecency(a, b) {
 export function previewOf(message, mine) {
   if (!message) return { who: "", text: "", deleted: false };
   if (message.deleted) return { who: mine ? "You: " : "", text: "message deleted", deleted: true };
-  const text = message.body.replace(/\s+/g, " ").trim();
+  const text = message.body.replace(/\s+/g, " ").trim() || (message.attachment ? attachmentLabel(message.attachment) : "");
   return { who: mine ? "You: " : "", text: [...text].slice(0, 120).join(""), deleted: false };
 }
 

@@ -12,6 +12,7 @@ const RATE_LIMITED_RETRY = 2000;
 export function sendFrame(entry) {
   const frame = { type: "send", to: entry.to, body: entry.body, client_id: entry.client_id };
   if (entry.reply_to) frame.reply_to = entry.reply_to;
+  if (entry.attachment) frame.attachment = entry.attachment.id;
   return frame;
 }
 

@@ -12,6 +12,7 @@
 import { el, hidden } from "./dom.js";
 import { clockTime, dayKey, dayLabel } from "./timefmt.js";
 import { MessageMenu } from "./menu.js";
+import { attachmentLabel, fillAttachment } from "./attachments.js";
 
 const NEAR_TOP = 300;
 const NEAR_BOTTOM = 48;
@@ -46,7 +47,7 @@ function fillBody(paragraph, text) {
 export function snippet(message) {
   if (!message) return "Earlier message";
   if (message.deleted) return "message deleted";
-  const text = message.body.replace(/\s+/g, " ").trim();
+  const text = message.body.replace(/\s+/g, " ").trim() || (message.attachment ? attachmentLabel(message.attachment) : "");
   const chars = [...text];
   return chars.length > QUOTE_LENGTH ? `${chars.slice(0, QUOTE_LENGTH).join("")}…` : text;
 }
@@ -247,6 +248,7 @@ export class MessageView {
       quote: el("button", { type: "button", class: "quote", hidden: true }),
       quoteName: el("span", { class: "quote-name" }),
       quoteText: el("span", { class: "quote-text", dir: "auto" }),
+      media: el("div", { class: "media", hidden: true }),
       body: el("p", { class: "body", dir: "auto" }),
       time: el("time"),
       tick: el("span", { class: "tick", "aria-hidden": "true" }),
@@ -259,7 +261,7 @@ export class MessageView {
       el("span", { "aria-hidden": "true", text: "⋯" })),
     };
     parts.quote.append(hidden("In reply to "), parts.quoteName, hidden(": "), parts.quoteText);
-    const node = el("div", { class: "msg", tabIndex: -1 }, parts.sender, parts.quote, parts.body,
+    const node = el("div", { class: "msg", tabIndex: -1 }, parts.sender, parts.quote, parts.media, parts.body,
       el("span", { class: "meta" }, parts.edited, parts.time, parts.tick, parts.tickLabel, parts.retry, parts.discard),
       parts.actions);
     parts.quote.addEventListener("click", () => node.replyTo && this.handlers.onQuote(node.replyTo));
@@ -330,6 +332,7 @@ export class MessageView {
     const state = !mine ? null : message.id <= this.conversation.peerRead ? "read" : "sent";
     node.message = message;
     this.#fill(node, entry, { body: message.body, state, deleted: message.deleted });
+    fillAttachment(node.parts.media, message.deleted ? null : message.attachment);
     node.dataset.id = message.id;
     const { edited, actions } = node.parts;
     edited.hidden = !message.edited_at || Boolean(message.deleted);
@@ -343,6 +346,7 @@ export class MessageView {
     const { pending } = entry;
     node.message = null;
     this.#fill(node, entry, { body: pending.body, state: pending.error ? "failed" : "pending" });
+    fillAttachment(node.parts.media, pending.attachment ?? null);
     const { retry, discard, actions } = node.parts;
     actions.hidden = true;
     retry.hidden = discard.hidden = !pending.error;
@@ -376,6 +380,7 @@ export class MessageView {
       paragraph.classList.toggle("deleted", deleted);
       if (deleted) paragraph.textContent = "message deleted";
       else fillBody(paragraph, body);
+      paragraph.hidden = !body && !deleted; // a photo or file alone
     }
     node.className = `msg ${mine ? "mine" : "theirs"}`;
     if (state) node.classList.add(state);

@@ -77,9 +77,9 @@ export class Outbox {
     this.entries = this.#load();
   }
 
-  add(to, body, replyTo = null) {
+  add(to, body, replyTo = null, attachment = null) {
     const entry = { client_id: crypto.randomUUID(), to, body, reply_to: replyTo, created: new Date().toISOString(),
-      error: null };
+      error: null, attachment };
     this.entries.push(entry);
     this.#save();
     return entry;

@@ -67,7 +67,7 @@ class Person:
         return {"cookie": f"{chatx.SESSION_COOKIE}={self.cookie}"}
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return self.client.get(path, headers=self.headers, **kwargs)
+        return self.client.get(path, headers={**self.headers, **kwargs.pop("headers", {})}, **kwargs)
 
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.client.post(path, headers={**self.headers, **kwargs.pop("headers", {})}, **kwargs)

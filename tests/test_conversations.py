@@ -1117,7 +1117,7 @@ def v1_message(row: tuple, names: dict[int, str]) -> dict[str, Any]:
     message_id, sender, recipient, body, sent_at, client_id = row
     return {"id": message_id, "from": names[sender], "to": names[recipient], "body": body,
             "sent_at": chatx.iso(sent_at), "client_id": client_id, "edited_at": None, "deleted": False,
-            "reply_to": None}
+            "reply_to": None, "attachment": None}
 
 
 def log_in(client: TestClient, username: str) -> Person:

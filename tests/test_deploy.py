@@ -283,6 +283,14 @@ def test_two_people_chat_through_nginx_over_https_with_secure_cookies_and_foreig
         send(alice_page, "Both ways, then")
         expect(bubble(bob_page, "Both ways, then")).to_be_visible()
 
+        # A file over nginx's default 1 MiB body limit goes through (client_max_body_size), byte for byte.
+        data = os.urandom(3 * 2**20)
+        uploaded = alice_page.request.post(f"{proxy.base}/api/attachments?name=big.bin", data=data,
+                                           headers={"content-type": "application/octet-stream"})
+        assert uploaded.status == 201, uploaded.text()
+        attachment = uploaded.json()["attachment"]
+        assert alice_page.request.get(f"{proxy.base}/api/attachments/{attachment['id']}").body() == data
+
         # Presence through the proxy: bob leaves (no grace), alice sees it; he comes back, online again.
         bob_page.close()
         expect_presence(alice_page, bob, "offline")
