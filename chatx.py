@@ -3971,6 +3971,11 @@ def client_id_field(frame: dict[str, Any]) -> str | None:
     return client_id
 
 
+def caption_field(frame: dict[str, Any], attachment: str | None) -> str:
+    """The body of a send: with an attachment it may be empty."""
+    return body_field(frame) if attachment is None or VISIBLE_RE.search(frame.get("body", "")) else ""
+
+
 async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
     attachment = None if frame.get("attachment") is None else frame_field(frame, "attachment", str)
     if attachment is None or "body" in frame:
@@ -3978,7 +3983,7 @@ async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
     client_id = client_id_field(frame)
     reply_to = None if frame.get("reply_to") is None else id_field(frame, "reply_to")
     recipient = await peer_field(socket, frame, "to")
-    body = body_field(frame) if attachment is None or VISIBLE_RE.search(frame.get("body", "")) else ""
+    body = caption_field(frame, attachment)
     take_token(socket)
     await check_first_contact(socket, recipient)
     # Not awaited: the next frames are read meanwhile, so one commit takes many
@@ -4829,12 +4834,13 @@ class ChatX:
         """Store and deliver a message from `sender` (made on first sight, as
         the host names them) as their `send` frame would, and return it; the
         frame's refusals raise ChatError. The host's code is not rate-limited."""
-        frame = {"to": to, "body": body, "client_id": client_id}
+        frame = {"to": to, "body": body, "client_id": client_id, "attachment": attachment}
         frame_field(frame, "to", str)
-        body = body_field(frame)
-        client_id = client_id_field(frame)
+        frame_field(frame, "body", str)
         if attachment is not None:
-            raise ChatError("unknown_attachment", "There is no such upload of the sender's.")
+            frame_field(frame, "attachment", str)
+        body = caption_field(frame, attachment)
+        client_id = client_id_field(frame)
         if not isinstance(sender, str):
             raise ChatError("invalid_username", "The sender's username is a string.")
         try:
@@ -4845,7 +4851,7 @@ class ChatX:
         if recipient is None:
             raise ChatError("unknown_user", f"There is no user {to!r}.")
         try:
-            outcome = await self.messenger.send(NewMessage(author, recipient, body, client_id, None),
+            outcome = await self.messenger.send(NewMessage(author, recipient, body, client_id, None, attachment),
                                                 lambda outcome: None)
         except Exception as exc:
             raise ChatError("unavailable", "The message could not be stored; send it again.") from exc

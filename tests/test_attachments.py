@@ -137,6 +137,29 @@ def test_an_attachment_must_be_an_unsent_upload_of_the_sender(chat):
     assert len(bob.get("/api/conversations/alice/messages").json()["messages"]) == 1
 
 
+def test_chat_send_carries_an_upload_of_the_sender_as_a_send_frame_would(chat):
+    client, alice, bob, carol = chat
+    chat_x = client.app.state.chat
+    mine = uploaded(alice, image_bytes(40, 30), "a.png", "image/png")
+    carols = uploaded(carol, image_bytes(40, 30), "c.png", "image/png")
+
+    def refused(*args, **kwargs) -> str:
+        with pytest.raises(chatx.ChatError) as caught:
+            client.portal.call(lambda: chat_x.send(*args, **kwargs))
+        return caught.value.code
+
+    with bob.ws() as b:
+        next_frame(b, "hello")
+        assert refused("alice", "bob", "", attachment=carols["id"]) == "unknown_attachment"
+        assert refused("alice", "bob", "", attachment=5) == "invalid_field"
+        assert refused("alice", "bob", " ") == "empty_body"  # without an attachment a body is still needed
+        sent = client.portal.call(lambda: chat_x.send("alice", "bob", "", attachment=mine["id"]))
+        assert sent["body"] == "" and sent["attachment"] == mine
+        assert next_frame(b, "message")["message"] == sent
+        assert refused("alice", "bob", "", attachment=mine["id"]) == "unknown_attachment"  # sent once already
+    assert bob.get(f"/api/attachments/{mine['id']}").status_code == 200
+
+
 def test_two_sends_of_one_upload_in_one_commit_store_it_once(chat):
     client, alice, bob, carol = chat
     photo = uploaded(alice, image_bytes(40, 30), "once.png", "image/png")
