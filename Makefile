@@ -18,8 +18,7 @@ $(VENV)/dev.stamp: $(VENV)/runtime.stamp requirements-dev.txt
 	touch $@
 
 run: $(VENV)/runtime.stamp
-	$(PY) -m uvicorn chatx:app --host 127.0.0.1 --port $(PORT) --ws-max-size 65536 --ws-per-message-deflate false \
-	  --http chatx:HTTPProtocol --timeout-keep-alive 5 --timeout-graceful-shutdown 10
+	$(PY) -m chatx serve --port $(PORT)
 
 test: $(VENV)/dev.stamp redis-server chromium emoji-font nginx iptables node_modules/axe-core/axe.min.js
 	$(PY) -m pytest

@@ -3988,12 +3988,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("backup", help="copy the SQLite database while it is in use").add_argument("path")
     commands.add_parser("stats", help="count users, messages, sessions and sockets")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
+    if args.command == "serve":  # ChatX's lifespan sets up its own log lines (configure_logging)
         import uvicorn
 
         uvicorn.run("chatx:app", host=args.host, port=args.port, workers=args.workers, **SERVE_OPTIONS)
         return 0
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(**({"database_url": args.database_url} if args.database_url else {}))
     try:
         if args.command == "backup":

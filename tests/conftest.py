@@ -343,7 +343,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 class ChatServer:
-    """ChatX under a real uvicorn process."""
+    """ChatX under a real uvicorn process, started as `make run` starts it
+    (`python -m chatx serve`: chatx.SERVE_OPTIONS are its uvicorn options)."""
 
     def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -363,11 +364,10 @@ class ChatServer:
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "chatx:app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--ws-max-size", "65536", "--ws-per-message-deflate", "false"],
+                [sys.executable, "-m", "chatx", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
                 cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
-        wait_until(self.healthy, timeout=20, what=f"uvicorn on port {self.port} (log: {self.log})")
+        wait_until(self.healthy, timeout=30, what=f"uvicorn on port {self.port} (log: {self.log})")
 
     def healthy(self) -> bool:
         assert self.process is not None

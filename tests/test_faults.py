@@ -33,7 +33,6 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -49,7 +48,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.sync.client import ClientConnection, connect
 
 import chatx
-from conftest import ROOT, ChatServer, RedisServer, Remote, free_port, make_partners, remote_sign_up, run_async, \
+from conftest import ChatServer, RedisServer, Remote, free_port, make_partners, remote_sign_up, run_async, \
     wait_until
 
 Frame = dict[str, Any]
@@ -60,37 +59,8 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 # ---- processes ------------------------------------------------------------------------
 
 
-def make_run_options() -> list[str]:
-    """uvicorn's options as `make run` passes them, but host and port: the
-    stuck-reader test relies on --timeout-graceful-shutdown being among them."""
-    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
-    recipe = re.search(r"^run:.*\n\t(.*)$", text, re.M)
-    assert recipe, "the Makefile has no `run` target"
-    words = recipe.group(1).split()
-    options = words[words.index("chatx:app") + 1:]
-    kept: list[str] = []
-    skip = False
-    for word in options:
-        if skip:
-            skip = False
-        elif word in ("--host", "--port"):
-            skip = True
-        else:
-            kept.append(word)
-    return kept
-
-
 class Server(ChatServer):
-    """A ChatX process started the way `make run` starts it."""
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "chatx:app", "--host", "127.0.0.1", "--port", str(self.port),
-                 *make_run_options()],
-                cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )
-        wait_until(self.healthy, timeout=30, what=f"uvicorn on port {self.port} (log: {self.log})")
+    """A ChatX process started the way `make run` starts it (conftest's), with what these tests read of it."""
 
     def rss_kb(self) -> int:
         assert self.process is not None
@@ -1015,8 +985,7 @@ def test_a_stuck_reader_is_cut_off_memory_stays_bounded_and_sigterm_finishes(ser
     redis = services.redis()
     url = f"sqlite:///{services.tmp_path / 'chat.db'}"
     a, b = services.chatx(2, url, redis, CHATX_METRICS="1")
-    options = make_run_options()
-    assert "--timeout-graceful-shutdown" in options, f"`make run` sets no graceful shutdown timeout: {options}"
+    assert chatx.SERVE_OPTIONS.get("timeout_graceful_shutdown"), "`make run` sets no graceful shutdown timeout"
     db = Database(url)
     bob, carol, dave = people(a, "bob", "carol", "dave")
     make_partners(bob, carol, server=a)

@@ -570,20 +570,6 @@ def test_the_presence_grace_absorbs_a_connect_close_loop(database_url, make_clie
 # ---- connections that never finish a request ---------------------------------------------------------------
 
 
-class ProtectedServer(ChatServer):
-    """uvicorn as `make run` starts it: with chatx's HTTP protocol and a keep-alive timeout."""
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "chatx:app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--http", "chatx:HTTPProtocol",
-                 "--timeout-keep-alive", "5"],
-                cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )
-        wait_until(self.healthy, timeout=20, what=f"uvicorn on port {self.port} (log: {self.log})")
-
-
 HEAD_LIMIT = chatx.HEAD_TIMEOUT_S + 2.5  # "closed within ~12 s"
 BODY_LIMIT = chatx.BODY_TIMEOUT_S + 2.5
 
@@ -611,7 +597,7 @@ def seconds_until_closed(connection: socket.socket, trickle: bytes = b"", limit:
 
 def test_slow_headers_idle_connections_and_slow_bodies_are_cut_off(tmp_path):
     assert (chatx.HEAD_TIMEOUT_S, chatx.BODY_TIMEOUT_S) == (10, 10)
-    server = ProtectedServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}"}, tmp_path)
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}"}, tmp_path)
     server.start()
     try:
         alice, bob = remote_sign_up(server, "alice"), remote_sign_up(server, "bob")
