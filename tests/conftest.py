@@ -47,6 +47,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest reads the parametrize marks
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked `validation` proves what bad input gets, which does not
+    depend on the database: `database_url` gives it SQLite alone."""
+    if "database_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker("validation"):
+        metafunc.definition.add_marker(pytest.mark.parametrize("database_url", ["sqlite"], indirect=True))
+
+
 # ---- in-process apps ------------------------------------------------------------
 
 

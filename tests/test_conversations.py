@@ -133,13 +133,6 @@ def chat(database_url, make_client):
     return client, *(person(client, name) for name in ("alice", "bob", "carol", "dave"))
 
 
-@pytest.fixture
-def sqlite_chat(make_client):
-    """The same on SQLite only, for checks of the request alone that never reach storage."""
-    client = make_client()
-    return client, *(person(client, name) for name in ("alice", "bob", "carol", "dave"))
-
-
 # ---- 1. GET /api/conversations ------------------------------------------------------------
 
 
@@ -279,15 +272,17 @@ def test_conversations_limit_defaults_to_50_and_above_200_is_taken_as_200(chat):
     assert all(row["unread"] == 1 for row in capped["conversations"] + rest["conversations"])
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize("query", [{"limit": "0"}, {"limit": "-1"}, {"limit": "abc"}, {"before": "abc"},
                                    {"before": "-1"}, {"before": "1.5"}, {"before": ""}])
-def test_bad_conversation_list_queries_are_bad_request(sqlite_chat, query):
-    client, alice, bob, carol, dave = sqlite_chat
+def test_bad_conversation_list_queries_are_bad_request(chat, query):
+    client, alice, bob, carol, dave = chat
     response = alice.get("/api/conversations", params=query)
     assert response.status_code == 400, response.text
     assert error_code(response) == "bad_request"
 
 
+@pytest.mark.validation
 def test_conversation_list_needs_a_session(chat):
     client, alice, bob, carol, dave = chat
     client.cookies.clear()
@@ -494,10 +489,11 @@ def test_directory_prefix_wildcards_match_literally(chat):
     assert directory(alice, q="ab[")["users"] == [] and directory(alice, q="a*")["users"] == []
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize("query", [{}, {"q": ""}, {"q": "x" * 33}, {"q": "bob", "limit": "0"},
                                    {"q": "bob", "limit": "x"}])
-def test_bad_directory_queries_are_bad_request(sqlite_chat, query):
-    client, alice, bob, carol, dave = sqlite_chat
+def test_bad_directory_queries_are_bad_request(chat, query):
+    client, alice, bob, carol, dave = chat
     response = alice.get("/api/users", params=query)
     assert response.status_code == 400, response.text
     assert error_code(response) == "bad_request"
@@ -509,6 +505,7 @@ def test_a_query_of_32_characters_is_accepted(chat):
     assert [u["username"] for u in directory(alice, q="Q" * 32)["users"]] == ["q" * 32]
 
 
+@pytest.mark.validation
 def test_directory_needs_a_session(chat):
     client, alice, bob, carol, dave = chat
     client.cookies.clear()
@@ -534,6 +531,7 @@ def test_block_endpoints_answer_204_204_200_and_are_idempotent(chat):
     assert alice.get("/api/blocks").json() == {"blocks": [{"id": carol.id, "username": "carol"}]}
 
 
+@pytest.mark.validation
 def test_blocking_an_unknown_user_is_404_and_every_block_endpoint_needs_a_session(chat):
     client, alice, bob, carol, dave = chat
     for response in (put(alice, "/api/blocks/nobody"), delete(alice, "/api/blocks/nobody")):
@@ -543,6 +541,7 @@ def test_blocking_an_unknown_user_is_404_and_every_block_endpoint_needs_a_sessio
         assert response.status_code == 401 and error_code(response) == "not_authenticated"
 
 
+@pytest.mark.validation
 def test_a_cross_site_block_request_is_forbidden(chat):
     client, alice, bob, carol, dave = chat
     for response in (put(alice, "/api/blocks/bob", origin=EVIL_ORIGIN),
@@ -671,6 +670,7 @@ def test_an_edit_changes_the_body_sets_edited_at_and_reaches_every_socket_of_bot
         assert next_frame(a1, "edit")["seq"] == seqs["a1"] + 2
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize("frame, code", [
     ({"body": ""}, "empty_body"),
     ({"body": "  \n\t "}, "empty_body"),
@@ -706,6 +706,7 @@ def test_an_edit_of_exactly_4000_characters_is_accepted(chat):
         assert next_frame(a, "edit")["message"]["body"] == "y" * 4000
 
 
+@pytest.mark.validation
 def test_editing_someone_elses_or_an_unknown_message_is_unknown_message(chat):
     client, alice, bob, carol, dave = chat
     with alice.ws() as a, bob.ws() as b, carol.ws() as c:

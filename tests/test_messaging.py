@@ -382,6 +382,7 @@ def test_sending_to_yourself_delivers_once_per_socket(chat):
     assert len(history(alice, "alice")["messages"]) == 1
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize(
     "frame,code",
     [
@@ -446,6 +447,7 @@ def test_sends_over_the_token_bucket_are_rate_limited_and_not_stored(database_ur
     assert len(history(alice, "bob")["messages"]) == 3
 
 
+@pytest.mark.validation
 def test_a_frame_over_64_kib_closes_the_socket_with_1009(chat):
     client, alice, bob, carol = chat
     with alice.ws() as ws:
@@ -549,6 +551,7 @@ def test_the_directory_finds_users_but_me_by_username_prefix_in_username_order(c
     assert [u["username"] for u in directory(alice, q="a", after="aaron")["users"]] == ["ALBERT", "Alfred"]
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize("query", [{}, {"q": ""}, {"q": "a" * 33}, {"q": "a", "limit": 0}, {"q": "a", "limit": "x"}])
 def test_bad_directory_queries_are_bad_request(chat, query):
     client, alice, bob, carol = chat
@@ -556,6 +559,7 @@ def test_bad_directory_queries_are_bad_request(chat, query):
     assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
 
 
+@pytest.mark.validation
 def test_the_directory_needs_a_session(chat):
     client, alice, bob, carol = chat
     response = client.get("/api/users", params={"q": "a"})
@@ -598,6 +602,7 @@ def test_history_limit_above_200_is_taken_as_200(chat):
     assert history(alice, "bob", limit=100000)["messages"] == []
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize(
     "query", [{"limit": 0}, {"limit": -3}, {"limit": "ten"}, {"before": -1}, {"after": "1.5"}, {"before": "x"},
               {"before": 5, "after": 1}],
@@ -608,6 +613,7 @@ def test_bad_history_queries_are_bad_request(chat, query):
     assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
 
 
+@pytest.mark.validation
 def test_history_of_an_unknown_user_is_404_and_needs_a_session(chat):
     client, alice, bob, carol = chat
     response = alice.get("/api/conversations/nobody/messages")
@@ -664,6 +670,7 @@ def test_replay_then_live_misses_and_repeats_nothing(chat):
             assert [f for f in quiet(b) if f["type"] == "message"] == []
 
 
+@pytest.mark.validation
 def test_a_bad_after_is_an_invalid_field_error(chat):
     client, alice, bob, carol = chat
     with alice.ws(after="-2") as ws:  # type: ignore[arg-type]
@@ -671,6 +678,7 @@ def test_a_bad_after_is_an_invalid_field_error(chat):
         assert error["type"] == "error" and error["code"] == "invalid_field"
 
 
+@pytest.mark.validation
 def test_the_websocket_needs_a_session(chat):
     client, alice, bob, carol = chat
     with pytest.raises((WebSocketDisconnect, WebSocketDenialResponse)):
@@ -678,6 +686,7 @@ def test_the_websocket_needs_a_session(chat):
             ws.receive_json()
 
 
+@pytest.mark.validation
 def test_the_websocket_refuses_a_foreign_origin_unless_allowed(database_url, make_client):
     client = make_client(database_url=database_url, allowed_origins="https://app.example")
     alice = sign_up(client, "alice")

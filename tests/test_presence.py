@@ -286,6 +286,7 @@ def test_blocking_stops_presence_both_ways_and_unblocking_restores_it(database_u
         assert next_presence_of(watcher, "alice")["status"] == "offline"
 
 
+@pytest.mark.validation
 def test_blocks_name_a_user_and_need_a_session(people):
     client, alice, bob = people
     assert alice.put("/api/blocks/nobody").json()["error"]["code"] == "unknown_user"
