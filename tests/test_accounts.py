@@ -1,4 +1,5 @@
-"""Accounts, sessions, settings and the HTTP error shape (CONTRACT §1–3)."""
+"""Accounts, sessions, settings and the HTTP error shape (docs/protocol.md: Accounts, HTTP endpoints,
+Errors over HTTP, Settings)."""
 
 from __future__ import annotations
 

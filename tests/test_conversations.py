@@ -1,5 +1,6 @@
-"""Contract v2: the conversation list, the directory, blocking, edit and delete,
-replies, and upgrading a version 1 database in place (CONTRACT §2–4).
+"""Protocol version 2: the conversation list, the directory, blocking, edit and
+delete, replies, and upgrading a version 1 database in place (docs/protocol.md:
+HTTP endpoints, Blocking, Editing and deleting, Changes from version 1).
 
 Storage-touching tests run on SQLite and on PostgreSQL (`database_url`)."""
 

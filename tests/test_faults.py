@@ -189,8 +189,8 @@ class Connection:
 
 class Receiver(threading.Thread):
     """One client's sockets of a user on one server, read all the time. A
-    socket the server closes is reopened with `since=` its newest seq, as the
-    contract tells clients to."""
+    socket the server closes is reopened with `since=` its newest seq, as
+    docs/protocol.md tells clients to (Close codes)."""
 
     def __init__(self, person: Remote, server: ChatServer, name: str, reconnect: bool = True) -> None:
         super().__init__(name=name, daemon=True)

@@ -1,5 +1,5 @@
 """Issue 16, availability: the limits that keep one account, or a client with
-no account, from hurting everyone else (CONTRACT §7). Each test also checks
+no account, from hurting everyone else (docs/protocol.md, Limits). Each test also checks
 that the others noticed nothing: their sends are acked, /healthz answers,
 their sockets stay open."""
 

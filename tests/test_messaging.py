@@ -1,5 +1,5 @@
 """Sending, delivery, idempotency, typing, read cursors, history and replay
-(CONTRACT §3–4), each on SQLite and on PostgreSQL."""
+(docs/protocol.md: HTTP endpoints, The WebSocket `/ws`), each on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 

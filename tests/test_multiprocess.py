@@ -1,5 +1,5 @@
 """Several real uvicorn processes on one SQLite file and one Redis behave as one
-chat (CONTRACT §1, §4, §5): delivery, presence, idempotency and logout across
+chat (docs/protocol.md: The WebSocket `/ws`, Presence, Close codes): delivery, presence, idempotency and logout across
 processes, a process killed outright, a Redis restart under open sockets,
 graceful shutdown, the WebSocket handshake over real HTTP, and a slow reader."""
 

@@ -1,4 +1,4 @@
-"""Presence and the status hook (CONTRACT §5), on SQLite and on PostgreSQL.
+"""Presence and the status hook (docs/protocol.md, Presence), on SQLite and on PostgreSQL.
 
 Version 2: presence goes only to conversation partners (people who exchanged
 a message), never to strangers and never to oneself; the last socket closing

@@ -1,7 +1,8 @@
 """Issue 16, crash inputs and defects: no client input closes a socket with
 1011 or logs a traceback; reused client_ids and invisible bodies are refused;
 security headers on every response, 500s included; Host and proxy headers are
-believed only where configured (CONTRACT §2–4, §7)."""
+believed only where configured (docs/protocol.md: Errors over HTTP, Sessions and
+cross-site requests, Frames from the client, Limits)."""
 
 from __future__ import annotations
 
@@ -328,7 +329,7 @@ def test_page_urls_do_not_come_from_the_host_header(client, path):
 
 
 def test_a_forged_host_gets_the_json_error_shape_on_the_api(sqlite_url):
-    """CONTRACT §2: every error response is {"error": {"code", "detail"}}, never a bare text page, for /api."""
+    """docs/protocol.md, Errors over HTTP: every error response is {"error": {"code", "detail"}}, never a bare text page, for /api."""
     with app_client(sqlite_url, base_url="http://example.com", allowed_hosts="example.com") as client:
         response = client.get("/api/me", headers={"host": "evil.example"})
         assert response.status_code == 400
@@ -348,7 +349,7 @@ def fail_logins(client: TestClient, count: int, forwarded_for: str | None) -> No
         assert response.status_code == 401, response.text
 
 
-ADDRESS_LIMIT = 20  # failed sign-ins per client address (CONTRACT §7), the default
+ADDRESS_LIMIT = 20  # failed sign-ins per client address (docs/protocol.md, Limits), the default
 
 
 def test_x_forwarded_for_from_a_trusted_proxy_names_the_locked_out_address(sqlite_url):

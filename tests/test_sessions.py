@@ -1,4 +1,4 @@
-"""Issue 16, sessions and account control (CONTRACT §3): password change,
+"""Issue 16, sessions and account control (docs/protocol.md, Accounts): password change,
 sign out everywhere, account deletion that leaves no trace, the idle timeout,
 rotation on sign-in, hostile cookies, and the command line."""
 
@@ -416,8 +416,8 @@ def test_the_command_line_backs_up_sqlite_and_names_pg_dump_for_postgresql(datab
 def test_a_password_set_from_the_command_line_closes_open_sockets_on_the_default_broadcast(make_client, sqlite_url,
                                                                                           tmp_path):
     """The default deployment: one process, memory:// broadcast. The command
-    line ends every session of the user (CONTRACT §4: "a revoked session
-    closes it with 4401"), so the sockets a running server holds for them
+    line ends every session of the user (docs/protocol.md, Sessions and
+    cross-site requests: its sockets "close with code 4401"), so the sockets a running server holds for them
     must close too, not only their next HTTP request fail."""
     client = make_client(presence_ttl=2)  # a heartbeat every half second
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")

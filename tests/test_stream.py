@@ -1,4 +1,4 @@
-"""A user's stream (CONTRACT v2 §4 "My stream"): every message, read, edit and
+"""A user's stream (docs/protocol.md, "The stream and `seq`"): every message, read, edit and
 delete that concerns a user is numbered 1, 2, 3, ... in that user's stream,
 with no gap and no reuse, whichever process committed it; every socket gets
 the stream in seq order, each event once, live and replayed alike, across a
