@@ -102,6 +102,34 @@ def sign_up(client: TestClient, username: str, prefix: str = "") -> Person:
     return Person(client, username, cookie, response.json()["user"]["id"])
 
 
+def login(client: TestClient, username: str, password: str = PASSWORD, cookie: str | None = None) -> httpx.Response:
+    """POST /api/login, from a browser holding `cookie` if given; the client keeps no cookie."""
+    client.cookies.clear()
+    headers = {} if cookie is None else {"cookie": f"{chatx.SESSION_COOKIE}={cookie}"}
+    response = client.post("/api/login", json={"username": username, "password": password}, headers=headers)
+    client.cookies.clear()
+    return response
+
+
+def sign_in(client: TestClient, username: str) -> Person:
+    """A new session of a user who has signed up (from another browser)."""
+    response = login(client, username)
+    assert response.status_code == 200, response.text
+    return Person(client, username, response.cookies[chatx.SESSION_COOKIE], response.json()["user"]["id"])
+
+
+def history(person: Person, peer: str, **query: Any) -> dict[str, Any]:
+    response = person.get(f"/api/conversations/{peer}/messages", params=query)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def directory(person: Person, **query: Any) -> dict[str, Any]:
+    response = person.get("/api/users", params=query)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def run_job(client: TestClient, job: Any, *args: Any) -> Any:
     """Run a write job (`job(connection, *args)`) on an in-process app's own
     writer, from the test thread; its result once committed."""
@@ -208,6 +236,17 @@ def settle(*sockets: Any) -> None:
     """Wait until every broadcast already published has reached these sockets."""
     for ws in sockets:
         quiet(ws)
+
+
+def silent(ws: Any) -> list[dict[str, Any]]:
+    """What reaches the socket before a pong, presence frames aside (a first message makes partners)."""
+    return [frame for frame in quiet(ws) if frame["type"] != "presence"]
+
+
+def hello_of(ws: Any) -> dict[str, Any]:
+    hello = ws.receive_json()
+    assert hello["type"] == "hello", hello
+    return hello
 
 
 @pytest.fixture
@@ -428,10 +467,27 @@ class Remote:
 
 
 def remote_sign_up(server: ChatServer, username: str) -> Remote:
+    """With patience: a real server hashes for real, in threads at nice 10, so on
+    a busy machine one sign-up can take longer than 10 s."""
     response = httpx.post(f"{server.base}/api/register", json={"username": username, "password": PASSWORD},
-                          timeout=10)
+                          timeout=60)
     assert response.status_code == 201, response.text
     return Remote(username, response.cookies[chatx.SESSION_COOKIE], response.json()["user"]["id"])
+
+
+def remote_sign_in(server: ChatServer, username: str) -> Remote:
+    """A second session of an existing user."""
+    response = httpx.post(f"{server.base}/api/login", json={"username": username, "password": PASSWORD}, timeout=60)
+    assert response.status_code == 200, response.text
+    return Remote(username, response.cookies[chatx.SESSION_COOKIE], response.json()["user"]["id"])
+
+
+def health_is(server: ChatServer, status: int, broadcast: str) -> bool:
+    try:
+        code, body = server.health()
+    except httpx.HTTPError:
+        return False
+    return code == status and body["checks"]["broadcast"] == broadcast
 
 
 def receive(ws: ClientConnection, kind: str | None = None, timeout: float = 10) -> dict[str, Any]:

@@ -9,11 +9,7 @@ import pytest
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import PASSWORD, next_frame, sign_up
-
-
-def error_code(response) -> str:
-    return response.json()["error"]["code"]
+from conftest import PASSWORD, error_code, next_frame, sign_up
 
 
 def test_register_signs_in_and_returns_the_user(client):

@@ -22,8 +22,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 from starlette.testclient import TestClient
 
-from conftest import (PASSWORD, Person, fresh_postgres_database, next_frame, quiet, run_async, settle, sign_up,
-                      wait_until)
+from conftest import (PASSWORD, Person, directory, error_code, fresh_postgres_database, history, next_frame, quiet,
+                      run_async, settle, sign_in, sign_up, wait_until)
 
 PASSWORD_HASH = chatx.hash_password(PASSWORD)  # one slow hash, shared by every user inserted in bulk
 EVIL_ORIGIN = "https://evil.example"
@@ -64,28 +64,12 @@ def conversations(person, **query) -> dict[str, Any]:
     return response.json()
 
 
-def history(person, peer: str, **query) -> dict[str, Any]:
-    response = person.get(f"/api/conversations/{peer}/messages", params=query)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def directory(person, **query) -> dict[str, Any]:
-    response = person.get("/api/users", params=query)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def put(person, path: str, **headers: str):
     return person.client.put(path, headers={**person.headers, **headers})
 
 
 def delete(person, path: str, **headers: str):
     return person.client.delete(path, headers={**person.headers, **headers})
-
-
-def error_code(response) -> str:
-    return response.json()["error"]["code"]
 
 
 def add_users(client: TestClient, names: list[str]) -> dict[str, chatx.User]:
@@ -1059,15 +1043,6 @@ def v1_message(row: tuple, names: dict[int, str]) -> dict[str, Any]:
             "reply_to": None}
 
 
-def log_in(client: TestClient, username: str) -> Person:
-    client.cookies.clear()
-    response = client.post("/api/login", json={"username": username, "password": PASSWORD})
-    assert response.status_code == 200, response.text
-    cookie = response.cookies[chatx.SESSION_COOKIE]
-    client.cookies.clear()
-    return Person(client, username, cookie, response.json()["user"]["id"])
-
-
 def stored_state(raw: Raw) -> dict[str, list[tuple]]:
     """What a second start must leave as it is."""
     return {
@@ -1095,7 +1070,7 @@ def check_upgrade(url: str) -> None:
         return [m for m in messages if {m["from"], m["to"]} == {x, y}]
 
     with TestClient(chatx.create_app(database_url=url, presence_grace=0)) as client:
-        alice, bob, carol = log_in(client, "alice"), log_in(client, "bob"), log_in(client, "carol")
+        alice, bob, carol = sign_in(client, "alice"), sign_in(client, "bob"), sign_in(client, "carol")
         assert (alice.id, bob.id, carol.id) == (ids["alice"], ids["bob"], ids["carol"])
 
         # history: every page as it was
@@ -1161,7 +1136,7 @@ def check_upgrade(url: str) -> None:
         pass
     assert stored_state(raw) == first  # starting again is a no-op
     with TestClient(chatx.create_app(database_url=url)) as client:
-        alice = log_in(client, "alice")
+        alice = sign_in(client, "alice")
         assert history(alice, "bob")["messages"][:-1] == between("alice", "bob")
         assert [r["user"]["username"] for r in conversations(alice)["conversations"]] == ["bob", "alice", "carol"]
 

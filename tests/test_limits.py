@@ -26,21 +26,14 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (acked, error_code, PASSWORD, ChatServer, drain, make_partners, next_frame, quiet, receive, remote_sign_up,
-                      sign_up, wait_until)
+from conftest import (acked, error_code, PASSWORD, ChatServer, drain, login, make_partners, next_frame, quiet, receive,
+                      remote_sign_up, sign_up, silent, wait_until)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
 ANY_STREAM_OR_TYPING = ("message", "read", "edit", "delete", "typing")
 
 
-
-
-def login(client: TestClient, username: str, password: str = PASSWORD, headers: dict | None = None):
-    client.cookies.clear()
-    response = client.post("/api/login", json={"username": username, "password": password}, headers=headers or {})
-    client.cookies.clear()
-    return response
 
 
 @contextmanager
@@ -50,10 +43,6 @@ def from_address(database_url: str, host: str, **settings: Any) -> Iterator[Test
         yield client
 
 
-
-
-def silent(ws) -> list[dict[str, Any]]:
-    return [frame for frame in quiet(ws) if frame["type"] != "presence"]
 
 
 def retry_after(response) -> int:

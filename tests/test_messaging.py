@@ -13,7 +13,7 @@ import pytest
 from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
-from conftest import PASSWORD, Person, make_partners, next_frame, quiet, run_async, settle, sign_up
+from conftest import PASSWORD, directory, history, make_partners, next_frame, quiet, run_async, settle, sign_in, sign_up
 
 
 @pytest.fixture
@@ -25,12 +25,6 @@ def chat(database_url, make_client):
 
 def send(ws, to: str, body: str, client_id: str | None = "c-1", **extra) -> None:
     ws.send_json({"type": "send", "to": to, "body": body, "client_id": client_id, **extra})
-
-
-def history(person, peer: str, **query) -> dict:
-    response = person.get(f"/api/conversations/{peer}/messages", params=query)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def seed(ws, to: str, count: int, prefix: str = "m") -> list[int]:
@@ -285,13 +279,8 @@ def test_starting_on_a_version_1_database_keeps_everything_and_numbers_it_in_the
     assert "chatx_messages_sender" in indexes and keys == 2 and version is None
 
     client = make_client(database_url=database_url)
-    signed_in = {}
-    for name in people:
-        response = client.post("/api/login", json={"username": name, "password": PASSWORD})
-        assert response.status_code == 200, response.text
-        signed_in[name] = response.cookies[chatx.SESSION_COOKIE]
-        client.cookies.clear()
-    alice, bob = (chatx_person(client, name, signed_in[name]) for name in ("alice", "bob"))
+    signed_in = {name: sign_in(client, name) for name in people}
+    alice, bob = signed_in["alice"], signed_in["bob"]
 
     assert [m["body"] for m in history(bob, "alice")["messages"]] == ["one", "two", "three"]
     assert history(bob, "alice")["read_up_to"] == {"bob": 1, "alice": 0}
@@ -319,11 +308,6 @@ def test_starting_on_a_version_1_database_keeps_everything_and_numbers_it_in_the
     assert "chatx_messages_sender" not in indexes and "chatx_messages_recipient" in indexes
     assert keys == (0 if postgres else 2)  # SQLite keeps its foreign keys: they cost no row lock there
     assert version == str(chatx.SCHEMA_VERSION)
-
-
-def chatx_person(client, username: str, cookie: str) -> Person:
-    response = client.get("/api/me", headers={"cookie": f"{chatx.SESSION_COOKIE}={cookie}"})
-    return Person(client, username, cookie, response.json()["user"]["id"])
 
 
 def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat):
@@ -522,12 +506,6 @@ def unread_counts(person) -> dict[str, int]:
     response = person.get("/api/conversations")
     assert response.status_code == 200, response.text
     return {c["user"]["username"]: c["unread"] for c in response.json()["conversations"]}
-
-
-def directory(person, **query) -> dict:
-    response = person.get("/api/users", params=query)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def test_the_directory_finds_users_but_me_by_username_prefix_in_username_order(chat):

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 import chatx
-from conftest import make_partners, next_frame, quiet, run_job, settle, sign_up, wait_until
+from conftest import hello_of, make_partners, next_frame, quiet, run_job, settle, sign_up, wait_until
 
 
 def presence_frames(frames: list[dict]) -> list[dict]:
@@ -28,12 +28,6 @@ def status_of(person, username: str) -> dict:
     response = person.get("/api/users", params={"q": username})
     assert response.status_code == 200, response.text
     return next(u for u in response.json()["users"] if u["username"] == username)
-
-
-def hello_of(ws) -> dict:
-    hello = ws.receive_json()
-    assert hello["type"] == "hello", hello
-    return hello
 
 
 def listed(hello: dict) -> list[str]:

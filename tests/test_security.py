@@ -17,8 +17,8 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (error_code, PASSWORD, ChatServer, drain, next_frame, quiet, receive, remote_sign_up,
-                      sign_up)
+from conftest import (acked, error_code, PASSWORD, ChatServer, drain, next_frame, receive, remote_sign_up,
+                      sign_up, silent)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
@@ -41,24 +41,6 @@ def raw_frame(ws) -> str:
         text = ws.receive_text()
         if json.loads(text)["type"] != "presence":
             return text
-
-
-def silent(ws) -> list[dict[str, Any]]:
-    """What reaches the socket before a pong, presence frames aside (a first message makes partners)."""
-    return [frame for frame in quiet(ws) if frame["type"] != "presence"]
-
-
-def acked(ws, to: str, body: str, client_id: str) -> dict[str, Any]:
-    """Send and return the ack's message; the socket's own copy of the message is read too."""
-    ws.send_json({"type": "send", "to": to, "body": body, "client_id": client_id})
-    frames = []
-    while not any(f["type"] == "ack" for f in frames) or not any(f["type"] == "message" for f in frames):
-        frame = next_frame(ws)
-        assert frame["type"] in ("ack", "message"), frame
-        frames.append(frame)
-    ack = next(f for f in frames if f["type"] == "ack")
-    assert ack["client_id"] == client_id
-    return ack["message"]
 
 
 SECURITY_HEADERS = ("content-security-policy", "x-content-type-options", "referrer-policy", "x-frame-options")

@@ -19,7 +19,8 @@ from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import acked, error_code, PASSWORD, ROOT, Person, make_partners, next_frame, quiet, run_async, sign_up, wait_until
+from conftest import (acked, error_code, PASSWORD, ROOT, Person, login, make_partners, next_frame, quiet, run_async,
+                      sign_in, sign_up, silent, wait_until)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
@@ -29,19 +30,9 @@ NEW_PASSWORD = "a brand new passphrase"
 
 
 
-def login(client, username: str, password: str = PASSWORD, cookie: str | None = None):
-    client.cookies.clear()
-    headers = {} if cookie is None else {"cookie": f"{chatx.SESSION_COOKIE}={cookie}"}
-    response = client.post("/api/login", json={"username": username, "password": password}, headers=headers)
-    client.cookies.clear()
-    return response
-
-
 def another_session(person: Person) -> Person:
     """The same user signed in from another browser."""
-    response = login(person.client, person.username)
-    assert response.status_code == 200, response.text
-    return Person(person.client, person.username, response.cookies[chatx.SESSION_COOKIE], person.id)
+    return sign_in(person.client, person.username)
 
 
 def close_code(ws) -> int:
@@ -54,7 +45,7 @@ def close_code(ws) -> int:
 
 def alive(ws) -> None:
     """The socket answers, and nothing but presence came meanwhile."""
-    assert [frame for frame in quiet(ws) if frame["type"] != "presence"] == []
+    assert silent(ws) == []
 
 
 
