@@ -23,7 +23,8 @@ run: $(VENV)/runtime.stamp
 test: $(VENV)/dev.stamp redis-server chromium emoji-font nginx iptables node_modules/axe-core/axe.min.js
 	$(PY) -m pytest
 
-# The developer's loop: everything but the browser, deployment, fault and packaging tests.
+# The developer's loop: everything but the browser, deployment, fault and packaging tests, the
+# multi-process clusters and the long waits (tests/conftest.py marks them slow).
 test-fast: $(VENV)/dev.stamp redis-server
 	$(PY) -m pytest -m "not slow" -q
 

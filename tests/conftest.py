@@ -36,14 +36,23 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 # ---- the fast lane -------------------------------------------------------------------
 
-# Areas that start browsers, nginx, faults or package builds: `make test-fast`
-# (pytest -m "not slow") leaves them out; `make test` runs everything.
+# Areas that start browsers, nginx, faults or package builds, tests that start
+# a cluster of uvicorn processes, and tests that wait out long timeouts or run
+# the command line: `make test-fast` (pytest -m "not slow") leaves them out;
+# `make test` runs everything.
 SLOW_AREAS = {"test_browser.py", "test_deploy.py", "test_faults.py", "test_packaging.py"}
+SLOW_FIXTURES = {"browser", "cluster"}
+SLOW_TESTS = {
+    "test_slow_headers_idle_connections_and_slow_bodies_are_cut_off",  # waits out the head and body deadlines
+    "test_readers_that_stop_reading_cost_bounded_memory_are_closed_with_1013_and_lose_nothing",
+    "test_the_command_line_creates_resets_and_deletes_accounts_while_a_server_runs",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in SLOW_AREAS or "browser" in getattr(item, "fixturenames", ()):
+        if (item.path.name in SLOW_AREAS or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or getattr(item, "originalname", None) in SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
 
 
