@@ -4,6 +4,7 @@ on a real SQLite file, a real PostgreSQL database and real Redis servers."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -359,6 +360,8 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.05, what: s
 class RedisServer:
     """A redis-server of the test's own, on a free port, that can be stopped and restarted."""
 
+    options: tuple[str, ...] = ()  # more of redis-server's command line
+
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.workdir = workdir
@@ -371,7 +374,7 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+             "--dir", str(self.workdir), *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until(self.answers, what="redis-server to answer")
@@ -437,6 +440,11 @@ class ChatServer:
     def health(self) -> tuple[int, dict[str, Any]]:
         response = httpx.get(f"{self.base}/healthz", timeout=3)
         return response.status_code, response.json()
+
+    def metric(self, sample: str) -> float:
+        """The sum of the /metrics lines that start with `sample` (CHATX_METRICS must be on)."""
+        text = httpx.get(f"{self.base}/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process and self.process.poll() is None:
@@ -508,6 +516,26 @@ def receive(ws: ClientConnection, kind: str | None = None, timeout: float = 10) 
             continue
         if kind is None or frame["type"] == kind:
             return frame
+
+
+def stalled_socket(server: ChatServer, cookie: str, query: str = "") -> socket.socket:
+    """A websocket that completes its handshake by hand and never reads again,
+    with a receive buffer as small as the kernel allows: a client on a dead link."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window for good
+    raw.connect(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    raw.sendall((f"GET /ws{query} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                 f"Cookie: {chatx.SESSION_COOKIE}={cookie}\r\n\r\n").encode())
+    head = b""
+    raw.settimeout(10)
+    while b"\r\n\r\n" not in head:
+        chunk = raw.recv(1)  # one byte at a time: nothing past the head is read
+        assert chunk, f"the server closed the handshake: {head!r}"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return raw
 
 
 def drain(ws: ClientConnection) -> list[dict[str, Any]]:

@@ -23,10 +23,8 @@ closed. Each test then checks (see `verify`):
 
 from __future__ import annotations
 
-import base64
 import errno
 import json
-import os
 import re
 import shutil
 import signal
@@ -49,7 +47,7 @@ from websockets.sync.client import ClientConnection, connect
 
 import chatx
 from conftest import ChatServer, RedisServer, Remote, free_port, make_partners, remote_sign_up, run_async, \
-    wait_until
+    stalled_socket, wait_until
 
 Frame = dict[str, Any]
 STREAM_KINDS = ("message", "read", "edit", "delete")
@@ -66,10 +64,6 @@ class Server(ChatServer):
         assert self.process is not None
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.base}/metrics", timeout=5).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def as_postgres(*command: str | Path, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -540,26 +534,6 @@ def owns_connection(server: ChatServer, client: socket.socket) -> bool:
     return f"pid={server.process.pid}," in done.stdout
 
 
-def stuck_reader(server: ChatServer, person: Remote) -> socket.socket:
-    """A websocket client that does the handshake by hand, with a 4 kB receive
-    buffer, and then never reads again."""
-    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window for good
-    raw.connect(("127.0.0.1", server.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    raw.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
-                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                 f"Cookie: {person.headers()['Cookie']}\r\n\r\n").encode())
-    head = b""
-    raw.settimeout(10)
-    while b"\r\n\r\n" not in head:
-        chunk = raw.recv(1)  # byte by byte: nothing past the head is read
-        assert chunk, f"the server closed the handshake: {head!r}"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return raw
-
-
 # ---- the checks -----------------------------------------------------------------------
 
 
@@ -991,7 +965,7 @@ def test_a_stuck_reader_is_cut_off_memory_stays_bounded_and_sigterm_finishes(ser
     make_partners(bob, carol, server=a)
     make_partners(bob, dave, server=a)
     readers = open_receivers(services, [(carol, b, "carol@B")])
-    stuck = stuck_reader(a, carol)
+    stuck = stalled_socket(a, carol.cookie)
     rss_before = a.rss_kb()
     rss_peak = rss_before
 
@@ -1026,7 +1000,7 @@ def test_a_stuck_reader_is_cut_off_memory_stays_bounded_and_sigterm_finishes(ser
 
     # SIGTERM while a stuck reader is connected: dave's socket, its buffers
     # full (the kernel's send queue no longer grows), yet not cut off.
-    still = stuck_reader(a, dave)
+    still = stalled_socket(a, dave.cookie)
     flood = services.thread(Sender(bob, [a], ["dave"], rate=0.01, body_size=4000, max_pending=5000,
                                    ack_timeout=30, prefix="dave"))
     queued: list[int] = []

@@ -5,9 +5,7 @@ their sockets stay open."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import re
 import select
 import socket
@@ -27,11 +25,12 @@ from starlette.websockets import WebSocketDisconnect
 
 import chatx
 from conftest import (acked, error_code, PASSWORD, ChatServer, drain, login, make_partners, next_frame, quiet, receive,
-                      remote_sign_up, sign_up, silent, wait_until)
+                      remote_sign_up, sign_up, silent, stalled_socket, wait_until)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
 ANY_STREAM_OR_TYPING = ("message", "read", "edit", "delete", "typing")
+CLOSED_1013 = 'chatx_sockets_closed_total{code="1013"}'
 
 
 
@@ -143,29 +142,6 @@ def rss_bytes(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
 
 
-def closed_with(server: ChatServer, code: int) -> float:
-    text = httpx.get(f"{server.base}/metrics", timeout=5).text
-    found = re.search(rf'chatx_sockets_closed_total{{code="{code}"}} ([0-9.e+]+)', text)
-    return float(found.group(1)) if found else 0.0
-
-
-def stalled_socket(server: ChatServer, cookie: str, query: str) -> socket.socket:
-    """A websocket that completes its handshake and never reads again, with a
-    receive buffer as small as the kernel allows: a client on a dead link."""
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    raw.connect(("127.0.0.1", server.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    raw.sendall((f"GET /ws{query} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
-                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                 f"Cookie: {chatx.SESSION_COOKIE}={cookie}\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += raw.recv(1)  # one byte at a time: nothing past the head is read
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return raw
-
-
 def close_code_of(raw: socket.socket, timeout: float = 15) -> int | None:
     """Read what the server sent; the code of its close frame, or None if it cut the connection instead."""
     raw.settimeout(timeout)
@@ -222,11 +198,11 @@ def test_readers_that_stop_reading_cost_bounded_memory_are_closed_with_1013_and_
             receive(carol_ws, "hello")
             raws = [stalled_socket(server, alice.cookie, "?after=0") for _ in range(STALLED)]
             peak, deadline = baseline, time.monotonic() + 20  # seconds are plenty to notice
-            while closed_with(server, 1013) < STALLED and time.monotonic() < deadline:
+            while server.metric(CLOSED_1013) < STALLED and time.monotonic() < deadline:
                 peak = max(peak, rss_bytes(server.process.pid))
                 time.sleep(0.2)
             peak = max(peak, rss_bytes(server.process.pid))
-            closed = closed_with(server, 1013)
+            closed = server.metric(CLOSED_1013)
             # The others noticed nothing meanwhile.
             assert remote_acked(bob_ws, "carol", "still here", "b-1")["body"] == "still here"
             assert receive(carol_ws, "message")["message"]["body"] == "still here"
