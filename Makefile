@@ -18,13 +18,13 @@ $(VENV)/dev.stamp: $(VENV)/runtime.stamp requirements-dev.txt
 	touch $@
 
 run: $(VENV)/runtime.stamp
-	$(PY) -m uvicorn chatx:app --host 127.0.0.1 --port $(PORT) --ws-max-size 65536 --ws-per-message-deflate false \
-	  --http chatx:HTTPProtocol --timeout-keep-alive 5 --timeout-graceful-shutdown 10
+	$(PY) -m chatx serve --port $(PORT)
 
 test: $(VENV)/dev.stamp redis-server chromium emoji-font nginx iptables node_modules/axe-core/axe.min.js
 	$(PY) -m pytest
 
-# The developer's loop: everything but the browser, deployment, fault and packaging tests.
+# The developer's loop: everything but the browser, deployment, fault and packaging tests, the
+# multi-process clusters and the long waits (tests/conftest.py marks them slow).
 test-fast: $(VENV)/dev.stamp redis-server
 	$(PY) -m pytest -m "not slow" -q
 

@@ -35,9 +35,8 @@ import shutil
 import sqlite3
 import struct
 import sys
-import threading
-import unicodedata
 import tempfile
+import threading
 import time
 import unicodedata
 import uuid
@@ -1024,7 +1023,6 @@ class Storage:
     their own (held ones on SQLite, asyncpg's pool on PostgreSQL)."""
 
     def __init__(self, url: str, observe_commit: Callable[[float], None] = lambda seconds: None) -> None:
-        self.url = url
         self.database = open_database(url)
         self.postgres = self.database.url.dialect == "postgresql"
         self.writer = Writer(url, observe_commit)
@@ -2239,9 +2237,9 @@ def redis_command(*args: str | int) -> bytes:
 
 
 # A publish waiting for the next pipeline: (channel, message, future, mine).
-# publish() gives a text and a future; publish_elsewhere() a function that
-# makes the text and, for `mine`, 1 if this process subscribes to the channel;
-# the publish barrier has no channel.
+# publish_elsewhere() gives a function that makes the text and, for `mine`, 1
+# if this process subscribes to the channel; the publish barrier has no
+# channel, and a future.
 Outgoing = tuple[Union[str, None], Union[str, Callable[[], str]], Union[asyncio.Future, None], Union[int, None]]
 
 
@@ -2339,13 +2337,6 @@ class RedisPubSubBackend(BroadcastBackend):
         self._wake_publisher.set()
         await barrier
 
-    async def publish(self, channel: str, message: Any) -> None:
-        """Publishes are pipelined: all waiting ones go out in one round trip."""
-        future = asyncio.get_running_loop().create_future()
-        self._outgoing.append((channel, "* " + message, future, None))
-        self._wake_publisher.set()
-        await future
-
     def publish_elsewhere(self, channel: str, message: Callable[[], str]) -> None:
         """Publish `message()` to the other processes only, without waiting: it
         joins the next pipeline, and a failure is logged. It is made and sent
@@ -2405,8 +2396,6 @@ class RedisPubSubBackend(BroadcastBackend):
         for channel, message, _, mine in batch:
             if channel is None:
                 commands.append(redis_command("PING"))
-            elif mine is None:
-                commands.append(redis_command("PUBLISH", channel, message))
             elif subscribers[channel] > mine:
                 commands.append(redis_command("PUBLISH", channel, f"{self.origin} {message()}"))
         if commands:
@@ -3722,8 +3711,6 @@ class ChatSocket:
         finally:
             if code is None and self.disconnect_code == CLOSE_RESTART:
                 code = CLOSE_RESTART  # uvicorn, shutting down, closed it before ChatX's lifespan ends
-            if code == CLOSE_RESTART:
-                chat.closed_for_restart += 1
             chat.metrics.sockets_closed.labels("client" if code is None else str(code)).inc()
             self.finished.set_result(None)
 
@@ -4815,7 +4802,6 @@ class ChatX:
         self.presence = Presence(self.storage, self.fanout, settings, self.process_id)
         self.messenger = Messenger(self.storage, self.fanout, self.presence, settings)
         self.attachments = Attachments(self.storage, settings)
-        self.closed_for_restart = 0
         self.serving = False  # started; until then requests get 503 (Starting)
         self.shutdown_by: float | None = None
 
@@ -4931,7 +4917,8 @@ class ChatX:
             socket.end(CLOSE_RESTART)  # ahead of its backlog: a client that stopped reading must not hold us
         if open_sockets:
             await asyncio.wait([socket.finished for socket in open_sockets], timeout=10)
-        logger.info("closed %d sockets with %d", self.closed_for_restart, CLOSE_RESTART)
+        closed = self.metrics.registry.get_sample_value("chatx_sockets_closed_total", {"code": str(CLOSE_RESTART)})
+        logger.info("closed %d sockets with %d", closed or 0, CLOSE_RESTART)
 
     def refresh_metrics(self) -> None:
         """The gauges, read when scraped."""
@@ -5205,12 +5192,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("backup", help="copy the SQLite database while it is in use").add_argument("path")
     commands.add_parser("stats", help="count users, messages, sessions and sockets")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
+    if args.command == "serve":  # ChatX's lifespan sets up its own log lines (configure_logging)
         import uvicorn
 
         uvicorn.run("chatx:app", host=args.host, port=args.port, workers=args.workers, **SERVE_OPTIONS)
         return 0
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(**({"database_url": args.database_url} if args.database_url else {}))
     try:
         if args.command == "backup":

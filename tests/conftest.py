@@ -4,6 +4,7 @@ on a real SQLite file, a real PostgreSQL database and real Redis servers."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -42,15 +43,32 @@ os.environ.setdefault("CHATX_FIRST_CONTACTS_PER_RECIPIENT", "0")
 
 # ---- the fast lane -------------------------------------------------------------------
 
-# Areas that start browsers, nginx, faults or package builds: `make test-fast`
-# (pytest -m "not slow") leaves them out; `make test` runs everything.
+# Areas that start browsers, nginx, faults or package builds, tests that start
+# a cluster of uvicorn processes, and tests that wait out long timeouts or run
+# the command line: `make test-fast` (pytest -m "not slow") leaves them out;
+# `make test` runs everything.
 SLOW_AREAS = {"test_browser.py", "test_deploy.py", "test_faults.py", "test_packaging.py"}
+SLOW_FIXTURES = {"browser", "cluster"}
+SLOW_TESTS = {
+    "test_slow_headers_idle_connections_and_slow_bodies_are_cut_off",  # waits out the head and body deadlines
+    "test_readers_that_stop_reading_cost_bounded_memory_are_closed_with_1013_and_lose_nothing",
+    "test_the_command_line_creates_resets_and_deletes_accounts_while_a_server_runs",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in SLOW_AREAS or "browser" in getattr(item, "fixturenames", ()):
+        if (item.path.name in SLOW_AREAS or SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or getattr(item, "originalname", None) in SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest reads the parametrize marks
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked `validation` proves what bad input gets, which does not
+    depend on the database: `database_url` gives it SQLite alone."""
+    if "database_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker("validation"):
+        metafunc.definition.add_marker(pytest.mark.parametrize("database_url", ["sqlite"], indirect=True))
 
 
 # ---- in-process apps ------------------------------------------------------------
@@ -106,6 +124,34 @@ def delete_me(person_or_client, password: str | None) -> Any:
     headers = getattr(person_or_client, "headers", {})
     return client.request("DELETE", "/api/me", headers=headers,
                           **({} if password is None else {"json": {"password": password}}))
+
+
+def login(client: TestClient, username: str, password: str = PASSWORD, cookie: str | None = None) -> httpx.Response:
+    """POST /api/login, from a browser holding `cookie` if given; the client keeps no cookie."""
+    client.cookies.clear()
+    headers = {} if cookie is None else {"cookie": f"{chatx.SESSION_COOKIE}={cookie}"}
+    response = client.post("/api/login", json={"username": username, "password": password}, headers=headers)
+    client.cookies.clear()
+    return response
+
+
+def sign_in(client: TestClient, username: str) -> Person:
+    """A new session of a user who has signed up (from another browser)."""
+    response = login(client, username)
+    assert response.status_code == 200, response.text
+    return Person(client, username, response.cookies[chatx.SESSION_COOKIE], response.json()["user"]["id"])
+
+
+def history(person: Person, peer: str, **query: Any) -> dict[str, Any]:
+    response = person.get(f"/api/conversations/{peer}/messages", params=query)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def directory(person: Person, **query: Any) -> dict[str, Any]:
+    response = person.get("/api/users", params=query)
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def run_job(client: TestClient, job: Any, *args: Any) -> Any:
@@ -216,6 +262,17 @@ def settle(*sockets: Any) -> None:
         quiet(ws)
 
 
+def silent(ws: Any) -> list[dict[str, Any]]:
+    """What reaches the socket before a pong, presence frames aside (a first message makes partners)."""
+    return [frame for frame in quiet(ws) if frame["type"] != "presence"]
+
+
+def hello_of(ws: Any) -> dict[str, Any]:
+    hello = ws.receive_json()
+    assert hello["type"] == "hello", hello
+    return hello
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'chat.db'}"
@@ -317,6 +374,8 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.05, what: s
 class RedisServer:
     """A redis-server of the test's own, on a free port, that can be stopped and restarted."""
 
+    options: tuple[str, ...] = ()  # more of redis-server's command line
+
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.workdir = workdir
@@ -329,7 +388,7 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+             "--dir", str(self.workdir), *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until(self.answers, what="redis-server to answer")
@@ -357,8 +416,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 class ChatServer:
-    """ChatX under a real uvicorn process; or another ASGI app (`app`, a module
-    in `workdir` or ChatX's), ready when `ready` answers 200."""
+    """ChatX under a real uvicorn process, started as `make run` starts it
+    (`python -m chatx serve`: chatx.SERVE_OPTIONS are its uvicorn options); or
+    another ASGI app (`app`, a module in `workdir`), ready when `ready` answers 200."""
 
     def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None, app: str = "chatx:app",
                  ready: str = "/healthz") -> None:
@@ -378,13 +438,19 @@ class ChatServer:
         return f"ws://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        self.launch()
+        wait_until(self.healthy, timeout=30, what=f"uvicorn on port {self.port} (log: {self.log})")
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to be healthy."""
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
+                [sys.executable, "-m", "chatx", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+                if self.app == "chatx:app" else
                 [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1", "--port", str(self.port),
                  "--ws-max-size", "65536", "--ws-per-message-deflate", "false"],
                 cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
-        wait_until(self.healthy, timeout=20, what=f"uvicorn on port {self.port} (log: {self.log})")
 
     def healthy(self) -> bool:
         assert self.process is not None
@@ -398,6 +464,11 @@ class ChatServer:
     def health(self) -> tuple[int, dict[str, Any]]:
         response = httpx.get(f"{self.base}/healthz", timeout=3)
         return response.status_code, response.json()
+
+    def metric(self, sample: str) -> float:
+        """The sum of the /metrics lines that start with `sample` (CHATX_METRICS must be on)."""
+        text = httpx.get(f"{self.base}/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process and self.process.poll() is None:
@@ -437,10 +508,27 @@ class Remote:
 
 
 def remote_sign_up(server: ChatServer, username: str) -> Remote:
+    """With patience: a real server hashes for real, in threads at nice 10, so on
+    a busy machine one sign-up can take longer than 10 s."""
     response = httpx.post(f"{server.base}/api/register", json={"username": username, "password": PASSWORD},
-                          timeout=10)
+                          timeout=60)
     assert response.status_code == 201, response.text
     return Remote(username, response.cookies[chatx.SESSION_COOKIE], response.json()["user"]["id"])
+
+
+def remote_sign_in(server: ChatServer, username: str) -> Remote:
+    """A second session of an existing user."""
+    response = httpx.post(f"{server.base}/api/login", json={"username": username, "password": PASSWORD}, timeout=60)
+    assert response.status_code == 200, response.text
+    return Remote(username, response.cookies[chatx.SESSION_COOKIE], response.json()["user"]["id"])
+
+
+def health_is(server: ChatServer, status: int, broadcast: str) -> bool:
+    try:
+        code, body = server.health()
+    except httpx.HTTPError:
+        return False
+    return code == status and body["checks"]["broadcast"] == broadcast
 
 
 def receive(ws: ClientConnection, kind: str | None = None, timeout: float = 10) -> dict[str, Any]:
@@ -452,6 +540,26 @@ def receive(ws: ClientConnection, kind: str | None = None, timeout: float = 10) 
             continue
         if kind is None or frame["type"] == kind:
             return frame
+
+
+def stalled_socket(server: ChatServer, cookie: str, query: str = "") -> socket.socket:
+    """A websocket that completes its handshake by hand and never reads again,
+    with a receive buffer as small as the kernel allows: a client on a dead link."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window for good
+    raw.connect(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    raw.sendall((f"GET /ws{query} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                 f"Cookie: {chatx.SESSION_COOKIE}={cookie}\r\n\r\n").encode())
+    head = b""
+    raw.settimeout(10)
+    while b"\r\n\r\n" not in head:
+        chunk = raw.recv(1)  # one byte at a time: nothing past the head is read
+        assert chunk, f"the server closed the handshake: {head!r}"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return raw
 
 
 def drain(ws: ClientConnection) -> list[dict[str, Any]]:

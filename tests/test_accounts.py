@@ -1,4 +1,5 @@
-"""Accounts, sessions, settings and the HTTP error shape (CONTRACT §1–3)."""
+"""Accounts, sessions, settings and the HTTP error shape (docs/protocol.md: Accounts, HTTP endpoints,
+Errors over HTTP, Settings)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,7 @@ import pytest
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import PASSWORD, next_frame, sign_up
-
-
-def error_code(response) -> str:
-    return response.json()["error"]["code"]
+from conftest import PASSWORD, error_code, next_frame, sign_up
 
 
 def test_register_signs_in_and_returns_the_user(client):

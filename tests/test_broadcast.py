@@ -23,9 +23,9 @@ async def connected(url: str) -> RedisPubSubBackend:
 
 
 async def sent_by(backend: RedisPubSubBackend, channel: str, message: str) -> None:
-    """publish_elsewhere() without waiting, then an awaited publish elsewhere: batches go out in order."""
+    """publish_elsewhere() without waiting, then the publish barrier unsubscribe() waits for: batches go out in order."""
     backend.publish_elsewhere(channel, lambda: message)
-    await backend.publish("marker", "sent")
+    await backend._publish_queued()
 
 
 async def published_while(url: str, act: Callable[[], Awaitable[None]]) -> list[bytes]:
@@ -104,7 +104,7 @@ def test_a_frame_is_encoded_only_for_channels_another_process_subscribes_to(redi
             await there.subscribe("chan:bob")
             for channel, text in [("chan:alice", "alone"), ("chan:bob", "shared"), ("chan:carol", "no one")]:
                 here.publish_elsewhere(channel, message(text))
-            await here.publish("marker", "sent")  # after the batch above
+            await here._publish_queued()  # the barrier: after the batch above
             event = await asyncio.wait_for(there.next_published(), 5)
             assert (event.channel, event.message) == ("chan:bob", "shared")
         finally:

@@ -1,5 +1,6 @@
-"""Contract v2: the conversation list, the directory, blocking, edit and delete,
-replies, and upgrading a version 1 database in place (CONTRACT §2–4).
+"""Protocol version 2: the conversation list, the directory, blocking, edit and
+delete, replies, and upgrading a version 1 database in place (docs/protocol.md:
+HTTP endpoints, Blocking, Editing and deleting, Changes from version 1).
 
 Storage-touching tests run on SQLite and on PostgreSQL (`database_url`)."""
 
@@ -21,8 +22,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 from starlette.testclient import TestClient
 
-from conftest import (PASSWORD, Person, delete_me, fresh_postgres_database, make_partners, next_frame, quiet,
-                      run_async, settle, sign_up, wait_until)
+from conftest import (PASSWORD, Person, delete_me, directory, error_code, fresh_postgres_database, history,
+                      make_partners, next_frame, quiet, run_async, settle, sign_in, sign_up, wait_until)
 
 PASSWORD_HASH = chatx.hash_password(PASSWORD)  # one slow hash, shared by every user inserted in bulk
 EVIL_ORIGIN = "https://evil.example"
@@ -63,28 +64,12 @@ def conversations(person, **query) -> dict[str, Any]:
     return response.json()
 
 
-def history(person, peer: str, **query) -> dict[str, Any]:
-    response = person.get(f"/api/conversations/{peer}/messages", params=query)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def directory(person, **query) -> dict[str, Any]:
-    response = person.get("/api/users", params=query)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def put(person, path: str, **headers: str):
     return person.client.put(path, headers={**person.headers, **headers})
 
 
 def delete(person, path: str, **headers: str):
     return person.client.delete(path, headers={**person.headers, **headers})
-
-
-def error_code(response) -> str:
-    return response.json()["error"]["code"]
 
 
 def add_users(client: TestClient, names: list[str]) -> dict[str, chatx.User]:
@@ -130,13 +115,6 @@ def me_as_user(person) -> chatx.User:
 def chat(database_url, make_client):
     """alice, bob, carol and dave on the parametrised database; sends and typing are not rate limited."""
     client = make_client(database_url=database_url, send_rate=1000.0, send_burst=1000.0, typing_interval=0)
-    return client, *(person(client, name) for name in ("alice", "bob", "carol", "dave"))
-
-
-@pytest.fixture
-def sqlite_chat(make_client):
-    """The same on SQLite only, for checks of the request alone that never reach storage."""
-    client = make_client()
     return client, *(person(client, name) for name in ("alice", "bob", "carol", "dave"))
 
 
@@ -279,15 +257,17 @@ def test_conversations_limit_defaults_to_50_and_above_200_is_taken_as_200(chat):
     assert all(row["unread"] == 1 for row in capped["conversations"] + rest["conversations"])
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize("query", [{"limit": "0"}, {"limit": "-1"}, {"limit": "abc"}, {"before": "abc"},
                                    {"before": "-1"}, {"before": "1.5"}, {"before": ""}])
-def test_bad_conversation_list_queries_are_bad_request(sqlite_chat, query):
-    client, alice, bob, carol, dave = sqlite_chat
+def test_bad_conversation_list_queries_are_bad_request(chat, query):
+    client, alice, bob, carol, dave = chat
     response = alice.get("/api/conversations", params=query)
     assert response.status_code == 400, response.text
     assert error_code(response) == "bad_request"
 
 
+@pytest.mark.validation
 def test_conversation_list_needs_a_session(chat):
     client, alice, bob, carol, dave = chat
     client.cookies.clear()
@@ -494,10 +474,11 @@ def test_directory_prefix_wildcards_match_literally(chat):
     assert directory(alice, q="ab[")["users"] == [] and directory(alice, q="a*")["users"] == []
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize("query", [{}, {"q": ""}, {"q": "x" * 33}, {"q": "bob", "limit": "0"},
                                    {"q": "bob", "limit": "x"}])
-def test_bad_directory_queries_are_bad_request(sqlite_chat, query):
-    client, alice, bob, carol, dave = sqlite_chat
+def test_bad_directory_queries_are_bad_request(chat, query):
+    client, alice, bob, carol, dave = chat
     response = alice.get("/api/users", params=query)
     assert response.status_code == 400, response.text
     assert error_code(response) == "bad_request"
@@ -509,6 +490,7 @@ def test_a_query_of_32_characters_is_accepted(chat):
     assert [u["username"] for u in directory(alice, q="Q" * 32)["users"]] == ["q" * 32]
 
 
+@pytest.mark.validation
 def test_directory_needs_a_session(chat):
     client, alice, bob, carol, dave = chat
     client.cookies.clear()
@@ -534,6 +516,7 @@ def test_block_endpoints_answer_204_204_200_and_are_idempotent(chat):
     assert alice.get("/api/blocks").json() == {"blocks": [{"id": carol.id, "username": "carol"}]}
 
 
+@pytest.mark.validation
 def test_blocking_an_unknown_user_is_404_and_every_block_endpoint_needs_a_session(chat):
     client, alice, bob, carol, dave = chat
     for response in (put(alice, "/api/blocks/nobody"), delete(alice, "/api/blocks/nobody")):
@@ -543,6 +526,7 @@ def test_blocking_an_unknown_user_is_404_and_every_block_endpoint_needs_a_sessio
         assert response.status_code == 401 and error_code(response) == "not_authenticated"
 
 
+@pytest.mark.validation
 def test_a_cross_site_block_request_is_forbidden(chat):
     client, alice, bob, carol, dave = chat
     for response in (put(alice, "/api/blocks/bob", origin=EVIL_ORIGIN),
@@ -734,6 +718,7 @@ def test_an_edit_changes_the_body_sets_edited_at_and_reaches_every_socket_of_bot
         assert next_frame(a1, "edit")["seq"] == seqs["a1"] + 2
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize("frame, code", [
     ({"body": ""}, "empty_body"),
     ({"body": "  \n\t "}, "empty_body"),
@@ -769,6 +754,7 @@ def test_an_edit_of_exactly_4000_characters_is_accepted(chat):
         assert next_frame(a, "edit")["message"]["body"] == "y" * 4000
 
 
+@pytest.mark.validation
 def test_editing_someone_elses_or_an_unknown_message_is_unknown_message(chat):
     client, alice, bob, carol, dave = chat
     with alice.ws() as a, bob.ws() as b, carol.ws() as c:
@@ -1120,15 +1106,6 @@ def v1_message(row: tuple, names: dict[int, str]) -> dict[str, Any]:
             "reply_to": None, "attachment": None}
 
 
-def log_in(client: TestClient, username: str) -> Person:
-    client.cookies.clear()
-    response = client.post("/api/login", json={"username": username, "password": PASSWORD})
-    assert response.status_code == 200, response.text
-    cookie = response.cookies[chatx.SESSION_COOKIE]
-    client.cookies.clear()
-    return Person(client, username, cookie, response.json()["user"]["id"])
-
-
 def stored_state(raw: Raw) -> dict[str, list[tuple]]:
     """What a second start must leave as it is."""
     return {
@@ -1156,7 +1133,7 @@ def check_upgrade(url: str) -> None:
         return [m for m in messages if {m["from"], m["to"]} == {x, y}]
 
     with TestClient(chatx.create_app(database_url=url, presence_grace=0)) as client:
-        alice, bob, carol = log_in(client, "alice"), log_in(client, "bob"), log_in(client, "carol")
+        alice, bob, carol = sign_in(client, "alice"), sign_in(client, "bob"), sign_in(client, "carol")
         assert (alice.id, bob.id, carol.id) == (ids["alice"], ids["bob"], ids["carol"])
 
         # history: every page as it was
@@ -1222,7 +1199,7 @@ def check_upgrade(url: str) -> None:
         pass
     assert stored_state(raw) == first  # starting again is a no-op
     with TestClient(chatx.create_app(database_url=url)) as client:
-        alice = log_in(client, "alice")
+        alice = sign_in(client, "alice")
         assert history(alice, "bob")["messages"][:-1] == between("alice", "bob")
         assert [r["user"]["username"] for r in conversations(alice)["conversations"]] == ["bob", "alice", "carol"]
 

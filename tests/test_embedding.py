@@ -1,4 +1,4 @@
-"""Embedding (CONTRACT §6): mounted at /chat in a host app, and several
+"""Embedding (README.md, Embedding; docs/protocol.md, Conventions): mounted at /chat in a host app, and several
 independent apps in one process."""
 
 from __future__ import annotations

@@ -23,17 +23,14 @@ closed. Each test then checks (see `verify`):
 
 from __future__ import annotations
 
-import base64
 import errno
 import json
-import os
 import re
 import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -49,8 +46,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.sync.client import ClientConnection, connect
 
 import chatx
-from conftest import ROOT, ChatServer, RedisServer, Remote, free_port, make_partners, remote_sign_up, run_async, \
-    wait_until
+from conftest import ChatServer, RedisServer, Remote, free_port, make_partners, remote_sign_up, run_async, \
+    stalled_socket, wait_until
 
 Frame = dict[str, Any]
 STREAM_KINDS = ("message", "read", "edit", "delete")
@@ -60,40 +57,8 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 # ---- processes ------------------------------------------------------------------------
 
 
-def make_run_options() -> list[str]:
-    """uvicorn's options as `make run` passes them, but host and port: the
-    stuck-reader test relies on --timeout-graceful-shutdown being among them."""
-    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
-    recipe = re.search(r"^run:.*\n\t(.*)$", text, re.M)
-    assert recipe, "the Makefile has no `run` target"
-    words = recipe.group(1).split()
-    options = words[words.index("chatx:app") + 1:]
-    kept: list[str] = []
-    skip = False
-    for word in options:
-        if skip:
-            skip = False
-        elif word in ("--host", "--port"):
-            skip = True
-        else:
-            kept.append(word)
-    return kept
-
-
 class Server(ChatServer):
-    """A ChatX process started the way `make run` starts it."""
-
-    def start(self) -> None:
-        self.launch()
-        wait_until(self.healthy, timeout=30, what=f"uvicorn on port {self.port} (log: {self.log})")
-
-    def launch(self) -> None:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "chatx:app", "--host", "127.0.0.1", "--port", str(self.port),
-                 *make_run_options()],
-                cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )
+    """A ChatX process started the way `make run` starts it (conftest's), with what these tests read of it."""
 
     def answers(self) -> bool:
         """uvicorn accepts requests (whatever /healthz says)."""
@@ -107,10 +72,6 @@ class Server(ChatServer):
         assert self.process is not None
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.base}/metrics", timeout=5).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def as_postgres(*command: str | Path, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -230,8 +191,8 @@ class Connection:
 
 class Receiver(threading.Thread):
     """One client's sockets of a user on one server, read all the time. A
-    socket the server closes is reopened with `since=` its newest seq, as the
-    contract tells clients to."""
+    socket the server closes is reopened with `since=` its newest seq, as
+    docs/protocol.md tells clients to (Close codes)."""
 
     def __init__(self, person: Remote, server: ChatServer, name: str, reconnect: bool = True) -> None:
         super().__init__(name=name, daemon=True)
@@ -579,26 +540,6 @@ def owns_connection(server: ChatServer, client: socket.socket) -> bool:
     done = subprocess.run(["ss", "-Htanp", f"( sport = :{server.port} and dport = :{client_port} )"],
                           capture_output=True, text=True, timeout=10)
     return f"pid={server.process.pid}," in done.stdout
-
-
-def stuck_reader(server: ChatServer, person: Remote) -> socket.socket:
-    """A websocket client that does the handshake by hand, with a 4 kB receive
-    buffer, and then never reads again."""
-    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window for good
-    raw.connect(("127.0.0.1", server.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    raw.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
-                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                 f"Cookie: {person.headers()['Cookie']}\r\n\r\n").encode())
-    head = b""
-    raw.settimeout(10)
-    while b"\r\n\r\n" not in head:
-        chunk = raw.recv(1)  # byte by byte: nothing past the head is read
-        assert chunk, f"the server closed the handshake: {head!r}"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return raw
 
 
 # ---- the checks -----------------------------------------------------------------------
@@ -1039,14 +980,13 @@ def test_a_stuck_reader_is_cut_off_memory_stays_bounded_and_sigterm_finishes(ser
     redis = services.redis()
     url = f"sqlite:///{services.tmp_path / 'chat.db'}"
     a, b = services.chatx(2, url, redis, CHATX_METRICS="1")
-    options = make_run_options()
-    assert "--timeout-graceful-shutdown" in options, f"`make run` sets no graceful shutdown timeout: {options}"
+    assert chatx.SERVE_OPTIONS.get("timeout_graceful_shutdown"), "`make run` sets no graceful shutdown timeout"
     db = Database(url)
     bob, carol, dave = people(a, "bob", "carol", "dave")
     make_partners(bob, carol, server=a)
     make_partners(bob, dave, server=a)
     readers = open_receivers(services, [(carol, b, "carol@B")])
-    stuck = stuck_reader(a, carol)
+    stuck = stalled_socket(a, carol.cookie)
     rss_before = a.rss_kb()
     rss_peak = rss_before
 
@@ -1081,7 +1021,7 @@ def test_a_stuck_reader_is_cut_off_memory_stays_bounded_and_sigterm_finishes(ser
 
     # SIGTERM while a stuck reader is connected: dave's socket, its buffers
     # full (the kernel's send queue no longer grows), yet not cut off.
-    still = stuck_reader(a, dave)
+    still = stalled_socket(a, dave.cookie)
     flood = services.thread(Sender(bob, [a], ["dave"], rate=0.01, body_size=4000, max_pending=5000,
                                    ack_timeout=30, prefix="dave"))
     queued: list[int] = []
@@ -1350,8 +1290,7 @@ def test_a_silent_postgresql_is_noticed_within_seconds_recovered_from_and_does_n
     serves_again(db, [a], alice, bob)
 
     # SIGTERM during a silence ends the process within --timeout-graceful-shutdown + 5 s.
-    options = make_run_options()
-    graceful = float(options[options.index("--timeout-graceful-shutdown") + 1])
+    graceful = chatx.SERVE_OPTIONS["timeout_graceful_shutdown"]
     with open_socket(alice, a) as ws:
         first_frame(ws)
         with dropped(cluster.port):

@@ -1,4 +1,4 @@
-"""/healthz (CONTRACT §3): 200 while its parts work, 503 naming what failed.
+"""/healthz (docs/protocol.md, `GET /healthz`): 200 while its parts work, 503 naming what failed.
 The broadcast half is proven against a real Redis in test_multiprocess.py."""
 
 from __future__ import annotations

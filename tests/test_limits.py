@@ -1,13 +1,11 @@
 """Issue 16, availability: the limits that keep one account, or a client with
-no account, from hurting everyone else (CONTRACT §7). Each test also checks
+no account, from hurting everyone else (docs/protocol.md, Limits). Each test also checks
 that the others noticed nothing: their sends are acked, /healthz answers,
 their sockets stay open."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import re
 import select
 import socket
@@ -26,21 +24,15 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (acked, delete_me, error_code, PASSWORD, ChatServer, drain, make_partners, next_frame, quiet, receive, remote_sign_up,
-                      sign_up, wait_until)
+from conftest import (acked, delete_me, error_code, PASSWORD, ChatServer, drain, login, make_partners, next_frame, quiet,
+                      receive, remote_sign_up, sign_up, silent, stalled_socket, wait_until)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
 ANY_STREAM_OR_TYPING = ("message", "read", "edit", "delete", "typing")
+CLOSED_1013 = 'chatx_sockets_closed_total{code="1013"}'
 
 
-
-
-def login(client: TestClient, username: str, password: str = PASSWORD, headers: dict | None = None):
-    client.cookies.clear()
-    response = client.post("/api/login", json={"username": username, "password": password}, headers=headers or {})
-    client.cookies.clear()
-    return response
 
 
 @contextmanager
@@ -50,10 +42,6 @@ def from_address(database_url: str, host: str, **settings: Any) -> Iterator[Test
         yield client
 
 
-
-
-def silent(ws) -> list[dict[str, Any]]:
-    return [frame for frame in quiet(ws) if frame["type"] != "presence"]
 
 
 def retry_after(response) -> int:
@@ -154,29 +142,6 @@ def rss_bytes(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
 
 
-def closed_with(server: ChatServer, code: int) -> float:
-    text = httpx.get(f"{server.base}/metrics", timeout=5).text
-    found = re.search(rf'chatx_sockets_closed_total{{code="{code}"}} ([0-9.e+]+)', text)
-    return float(found.group(1)) if found else 0.0
-
-
-def stalled_socket(server: ChatServer, cookie: str, query: str) -> socket.socket:
-    """A websocket that completes its handshake and never reads again, with a
-    receive buffer as small as the kernel allows: a client on a dead link."""
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    raw.connect(("127.0.0.1", server.port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    raw.sendall((f"GET /ws{query} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
-                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                 f"Cookie: {chatx.SESSION_COOKIE}={cookie}\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += raw.recv(1)  # one byte at a time: nothing past the head is read
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return raw
-
-
 def close_code_of(raw: socket.socket, timeout: float = 15) -> int | None:
     """Read what the server sent; the code of its close frame, or None if it cut the connection instead."""
     raw.settimeout(timeout)
@@ -233,11 +198,11 @@ def test_readers_that_stop_reading_cost_bounded_memory_are_closed_with_1013_and_
             receive(carol_ws, "hello")
             raws = [stalled_socket(server, alice.cookie, "?after=0") for _ in range(STALLED)]
             peak, deadline = baseline, time.monotonic() + 20  # seconds are plenty to notice
-            while closed_with(server, 1013) < STALLED and time.monotonic() < deadline:
+            while server.metric(CLOSED_1013) < STALLED and time.monotonic() < deadline:
                 peak = max(peak, rss_bytes(server.process.pid))
                 time.sleep(0.2)
             peak = max(peak, rss_bytes(server.process.pid))
-            closed = closed_with(server, 1013)
+            closed = server.metric(CLOSED_1013)
             # The others noticed nothing meanwhile.
             assert remote_acked(bob_ws, "carol", "still here", "b-1")["body"] == "still here"
             assert receive(carol_ws, "message")["message"]["body"] == "still here"
@@ -700,11 +665,11 @@ def test_a_socket_that_stops_answering_pings_is_closed_by_chatx_with_1013_before
                 assert close_code_of(raw, timeout=12) == chatx.CLOSE_TRY_LATER
             finally:
                 raw.close()
-            wait_until(lambda: closed_with(server, chatx.CLOSE_TRY_LATER) == 1, what="the close to be counted")
+            wait_until(lambda: server.metric(CLOSED_1013) == 1, what="the close to be counted")
             # Bob's and carol's sockets, which answer, live on past several pings.
             assert remote_acked(bob_ws, "carol", "still here", "k-1")["body"] == "still here"
             assert receive(carol_ws, "message")["message"]["body"] == "still here"
-        assert closed_with(server, chatx.CLOSE_ERROR) == 0
+        assert server.metric(f'chatx_sockets_closed_total{{code="{chatx.CLOSE_ERROR}"}}') == 0
     finally:
         server.stop()
 
@@ -837,20 +802,6 @@ def test_the_presence_grace_absorbs_a_connect_close_loop(database_url, make_clie
 # ---- connections that never finish a request ---------------------------------------------------------------
 
 
-class ProtectedServer(ChatServer):
-    """uvicorn as `make run` starts it: with chatx's HTTP protocol and a keep-alive timeout."""
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "chatx:app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--http", "chatx:HTTPProtocol",
-                 "--timeout-keep-alive", "5"],
-                cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            )
-        wait_until(self.healthy, timeout=20, what=f"uvicorn on port {self.port} (log: {self.log})")
-
-
 HEAD_LIMIT = chatx.HEAD_TIMEOUT_S + 2.5  # "closed within ~12 s"
 BODY_LIMIT = chatx.BODY_TIMEOUT_S + 2.5
 
@@ -878,7 +829,7 @@ def seconds_until_closed(connection: socket.socket, trickle: bytes = b"", limit:
 
 def test_slow_headers_idle_connections_and_slow_bodies_are_cut_off(tmp_path):
     assert (chatx.HEAD_TIMEOUT_S, chatx.BODY_TIMEOUT_S) == (10, 10)
-    server = ProtectedServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}"}, tmp_path)
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}"}, tmp_path)
     server.start()
     try:
         alice, bob = remote_sign_up(server, "alice"), remote_sign_up(server, "bob")

@@ -1,5 +1,5 @@
 """Sending, delivery, idempotency, typing, read cursors, history and replay
-(CONTRACT §3–4), each on SQLite and on PostgreSQL."""
+(docs/protocol.md: HTTP endpoints, The WebSocket `/ws`), each on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
-from conftest import PASSWORD, Person, make_partners, next_frame, quiet, run_async, settle, sign_up
+from conftest import PASSWORD, directory, history, make_partners, next_frame, quiet, run_async, settle, sign_in, sign_up
 
 
 @pytest.fixture
@@ -25,12 +25,6 @@ def chat(database_url, make_client):
 
 def send(ws, to: str, body: str, client_id: str | None = "c-1", **extra) -> None:
     ws.send_json({"type": "send", "to": to, "body": body, "client_id": client_id, **extra})
-
-
-def history(person, peer: str, **query) -> dict:
-    response = person.get(f"/api/conversations/{peer}/messages", params=query)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def seed(ws, to: str, count: int, prefix: str = "m") -> list[int]:
@@ -285,13 +279,8 @@ def test_starting_on_a_version_1_database_keeps_everything_and_numbers_it_in_the
     assert "chatx_messages_sender" in indexes and keys == 2 and version is None
 
     client = make_client(database_url=database_url)
-    signed_in = {}
-    for name in people:
-        response = client.post("/api/login", json={"username": name, "password": PASSWORD})
-        assert response.status_code == 200, response.text
-        signed_in[name] = response.cookies[chatx.SESSION_COOKIE]
-        client.cookies.clear()
-    alice, bob = (chatx_person(client, name, signed_in[name]) for name in ("alice", "bob"))
+    signed_in = {name: sign_in(client, name) for name in people}
+    alice, bob = signed_in["alice"], signed_in["bob"]
 
     assert [m["body"] for m in history(bob, "alice")["messages"]] == ["one", "two", "three"]
     assert history(bob, "alice")["read_up_to"] == {"bob": 1, "alice": 0}
@@ -319,11 +308,6 @@ def test_starting_on_a_version_1_database_keeps_everything_and_numbers_it_in_the
     assert "chatx_messages_sender" not in indexes and "chatx_messages_recipient" in indexes
     assert keys == (0 if postgres else 2)  # SQLite keeps its foreign keys: they cost no row lock there
     assert version == str(chatx.SCHEMA_VERSION)
-
-
-def chatx_person(client, username: str, cookie: str) -> Person:
-    response = client.get("/api/me", headers={"cookie": f"{chatx.SESSION_COOKIE}={cookie}"})
-    return Person(client, username, cookie, response.json()["user"]["id"])
 
 
 def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat):
@@ -382,6 +366,7 @@ def test_sending_to_yourself_delivers_once_per_socket(chat):
     assert len(history(alice, "alice")["messages"]) == 1
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize(
     "frame,code",
     [
@@ -446,6 +431,7 @@ def test_sends_over_the_token_bucket_are_rate_limited_and_not_stored(database_ur
     assert len(history(alice, "bob")["messages"]) == 3
 
 
+@pytest.mark.validation
 def test_a_frame_over_64_kib_closes_the_socket_with_1009(chat):
     client, alice, bob, carol = chat
     with alice.ws() as ws:
@@ -522,12 +508,6 @@ def unread_counts(person) -> dict[str, int]:
     return {c["user"]["username"]: c["unread"] for c in response.json()["conversations"]}
 
 
-def directory(person, **query) -> dict:
-    response = person.get("/api/users", params=query)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 def test_the_directory_finds_users_but_me_by_username_prefix_in_username_order(chat):
     # v2: GET /api/users is a paged prefix search; v1 listed everyone.
     client, alice, bob, carol = chat
@@ -549,6 +529,7 @@ def test_the_directory_finds_users_but_me_by_username_prefix_in_username_order(c
     assert [u["username"] for u in directory(alice, q="a", after="aaron")["users"]] == ["ALBERT", "Alfred"]
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize("query", [{}, {"q": ""}, {"q": "a" * 33}, {"q": "a", "limit": 0}, {"q": "a", "limit": "x"}])
 def test_bad_directory_queries_are_bad_request(chat, query):
     client, alice, bob, carol = chat
@@ -556,6 +537,7 @@ def test_bad_directory_queries_are_bad_request(chat, query):
     assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
 
 
+@pytest.mark.validation
 def test_the_directory_needs_a_session(chat):
     client, alice, bob, carol = chat
     response = client.get("/api/users", params={"q": "a"})
@@ -598,6 +580,7 @@ def test_history_limit_above_200_is_taken_as_200(chat):
     assert history(alice, "bob", limit=100000)["messages"] == []
 
 
+@pytest.mark.validation
 @pytest.mark.parametrize(
     "query", [{"limit": 0}, {"limit": -3}, {"limit": "ten"}, {"before": -1}, {"after": "1.5"}, {"before": "x"},
               {"before": 5, "after": 1}],
@@ -608,6 +591,7 @@ def test_bad_history_queries_are_bad_request(chat, query):
     assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
 
 
+@pytest.mark.validation
 def test_history_of_an_unknown_user_is_404_and_needs_a_session(chat):
     client, alice, bob, carol = chat
     response = alice.get("/api/conversations/nobody/messages")
@@ -664,6 +648,7 @@ def test_replay_then_live_misses_and_repeats_nothing(chat):
             assert [f for f in quiet(b) if f["type"] == "message"] == []
 
 
+@pytest.mark.validation
 def test_a_bad_after_is_an_invalid_field_error(chat):
     client, alice, bob, carol = chat
     with alice.ws(after="-2") as ws:  # type: ignore[arg-type]
@@ -671,6 +656,7 @@ def test_a_bad_after_is_an_invalid_field_error(chat):
         assert error["type"] == "error" and error["code"] == "invalid_field"
 
 
+@pytest.mark.validation
 def test_the_websocket_needs_a_session(chat):
     client, alice, bob, carol = chat
     with pytest.raises((WebSocketDisconnect, WebSocketDenialResponse)):
@@ -678,6 +664,7 @@ def test_the_websocket_needs_a_session(chat):
             ws.receive_json()
 
 
+@pytest.mark.validation
 def test_the_websocket_refuses_a_foreign_origin_unless_allowed(database_url, make_client):
     client = make_client(database_url=database_url, allowed_origins="https://app.example")
     alice = sign_up(client, "alice")

@@ -1,5 +1,5 @@
 """Several real uvicorn processes on one SQLite file and one Redis behave as one
-chat (CONTRACT §1, §4, §5): delivery, presence, idempotency and logout across
+chat (docs/protocol.md: The WebSocket `/ws`, Presence, Close codes): delivery, presence, idempotency and logout across
 processes, a process killed outright, a Redis restart under open sockets,
 graceful shutdown, the WebSocket handshake over real HTTP, and a slow reader."""
 
@@ -12,13 +12,13 @@ import time
 from contextlib import ExitStack
 from typing import Any, Callable
 
-import httpx2 as httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 import chatx
-from conftest import PASSWORD, ChatServer, Remote, drain, make_partners, receive, remote_sign_up, wait_until
+from conftest import (ChatServer, Remote, drain, health_is, make_partners, receive, remote_sign_in, remote_sign_up,
+                      wait_until)
 
 Frame = dict[str, Any]
 
@@ -104,21 +104,6 @@ def history(person: Remote, server: ChatServer, peer: str) -> list[Frame]:
     response = person.get(server, f"/api/conversations/{peer}/messages?limit=200")
     assert response.status_code == 200, response.text
     return response.json()["messages"]
-
-
-def health_is(server: ChatServer, status: int, broadcast: str) -> bool:
-    try:
-        code, body = server.health()
-    except httpx.HTTPError:
-        return False
-    return code == status and body["checks"]["broadcast"] == broadcast
-
-
-def remote_login(server: ChatServer, username: str) -> Remote:
-    """A second session of an existing user."""
-    response = httpx.post(f"{server.base}/api/login", json={"username": username, "password": PASSWORD}, timeout=10)
-    assert response.status_code == 200, response.text
-    return Remote(username, response.cookies[chatx.SESSION_COOKIE], response.json()["user"]["id"])
 
 
 @pytest.fixture
@@ -299,7 +284,7 @@ def test_the_same_client_id_on_two_processes_at_once_stores_one_message(pair):
 
 def test_logout_on_one_process_closes_that_sessions_sockets_on_every_process_with_4401(pair):
     a, b, alice, bob, carol = pair
-    other_session = remote_login(b, "alice")
+    other_session = remote_sign_in(b, "alice")
     with alice.ws(a) as alice_a, alice.ws(b) as alice_b, other_session.ws(a) as other, \
             bob.ws(a) as bob_a, bob.ws(b) as bob_b:
         for ws in (alice_a, alice_b, other, bob_a, bob_b):

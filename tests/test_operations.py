@@ -8,7 +8,6 @@ import functools
 import json
 import re
 import socket
-import subprocess
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -68,18 +67,11 @@ class PasswordRedis(RedisServer):
     """A redis-server that wants a password (conftest's wants none)."""
 
     password = "s3cret-redis-pw"
+    options = ("--requirepass", password)
 
     @property
     def url(self) -> str:
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--requirepass", self.password],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_until(self.answers, what="redis-server to answer")
 
     def answers(self) -> bool:
         try:

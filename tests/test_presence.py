@@ -1,4 +1,4 @@
-"""Presence and the status hook (CONTRACT §5), on SQLite and on PostgreSQL.
+"""Presence and the status hook (docs/protocol.md, Presence), on SQLite and on PostgreSQL.
 
 Version 2: presence goes only to conversation partners (people who exchanged
 a message), never to strangers and never to oneself; the last socket closing
@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 import chatx
-from conftest import make_partners, next_frame, quiet, run_job, settle, sign_up, wait_until
+from conftest import hello_of, make_partners, next_frame, quiet, run_job, settle, sign_up, wait_until
 
 
 def presence_frames(frames: list[dict]) -> list[dict]:
@@ -28,12 +28,6 @@ def status_of(person, username: str) -> dict:
     response = person.get("/api/users", params={"q": username})
     assert response.status_code == 200, response.text
     return next(u for u in response.json()["users"] if u["username"] == username)
-
-
-def hello_of(ws) -> dict:
-    hello = ws.receive_json()
-    assert hello["type"] == "hello", hello
-    return hello
 
 
 def listed(hello: dict) -> list[str]:
@@ -286,6 +280,7 @@ def test_blocking_stops_presence_both_ways_and_unblocking_restores_it(database_u
         assert next_presence_of(watcher, "alice")["status"] == "offline"
 
 
+@pytest.mark.validation
 def test_blocks_name_a_user_and_need_a_session(people):
     client, alice, bob = people
     assert alice.put("/api/blocks/nobody").json()["error"]["code"] == "unknown_user"

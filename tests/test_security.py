@@ -1,7 +1,8 @@
 """Issue 16, crash inputs and defects: no client input closes a socket with
 1011 or logs a traceback; reused client_ids and invisible bodies are refused;
 security headers on every response, 500s included; Host and proxy headers are
-believed only where configured (CONTRACT §2–4, §7)."""
+believed only where configured (docs/protocol.md: Errors over HTTP, Sessions and
+cross-site requests, Frames from the client, Limits)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (error_code, PASSWORD, ChatServer, drain, next_frame, quiet, receive, remote_sign_up,
-                      sign_up)
+from conftest import (acked, error_code, PASSWORD, ChatServer, drain, next_frame, receive, remote_sign_up,
+                      sign_up, silent)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
@@ -40,24 +41,6 @@ def raw_frame(ws) -> str:
         text = ws.receive_text()
         if json.loads(text)["type"] != "presence":
             return text
-
-
-def silent(ws) -> list[dict[str, Any]]:
-    """What reaches the socket before a pong, presence frames aside (a first message makes partners)."""
-    return [frame for frame in quiet(ws) if frame["type"] != "presence"]
-
-
-def acked(ws, to: str, body: str, client_id: str) -> dict[str, Any]:
-    """Send and return the ack's message; the socket's own copy of the message is read too."""
-    ws.send_json({"type": "send", "to": to, "body": body, "client_id": client_id})
-    frames = []
-    while not any(f["type"] == "ack" for f in frames) or not any(f["type"] == "message" for f in frames):
-        frame = next_frame(ws)
-        assert frame["type"] in ("ack", "message"), frame
-        frames.append(frame)
-    ack = next(f for f in frames if f["type"] == "ack")
-    assert ack["client_id"] == client_id
-    return ack["message"]
 
 
 SECURITY_HEADERS = ("content-security-policy", "x-content-type-options", "referrer-policy", "x-frame-options")
@@ -330,7 +313,7 @@ def test_page_urls_do_not_come_from_the_host_header(client, path):
 
 
 def test_a_forged_host_gets_the_json_error_shape_on_the_api(sqlite_url):
-    """CONTRACT §2: every error response is {"error": {"code", "detail"}}, never a bare text page, for /api."""
+    """docs/protocol.md, Errors over HTTP: every error response is {"error": {"code", "detail"}}, never a bare text page, for /api."""
     with app_client(sqlite_url, base_url="http://example.com", allowed_hosts="example.com") as client:
         response = client.get("/api/me", headers={"host": "evil.example"})
         assert response.status_code == 400
@@ -350,7 +333,7 @@ def fail_logins(client: TestClient, count: int, forwarded_for: str | None) -> No
         assert response.status_code == 401, response.text
 
 
-ADDRESS_LIMIT = 20  # failed sign-ins per client address (CONTRACT §7), the default
+ADDRESS_LIMIT = 20  # failed sign-ins per client address (docs/protocol.md, Limits), the default
 
 
 def test_x_forwarded_for_from_a_trusted_proxy_names_the_locked_out_address(sqlite_url):

@@ -1,4 +1,4 @@
-"""Issue 16, sessions and account control (CONTRACT §3): password change,
+"""Issue 16, sessions and account control (docs/protocol.md, Accounts): password change,
 sign out everywhere, account deletion that leaves no trace, the idle timeout,
 rotation on sign-in, hostile cookies, and the command line."""
 
@@ -19,7 +19,8 @@ from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import acked, delete_me, error_code, PASSWORD, ROOT, Person, make_partners, next_frame, quiet, run_async, sign_up, wait_until
+from conftest import (acked, delete_me, error_code, PASSWORD, ROOT, Person, login, make_partners, next_frame, quiet,
+                      run_async, sign_in, sign_up, silent, wait_until)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
@@ -29,19 +30,9 @@ NEW_PASSWORD = "a brand new passphrase"
 
 
 
-def login(client, username: str, password: str = PASSWORD, cookie: str | None = None):
-    client.cookies.clear()
-    headers = {} if cookie is None else {"cookie": f"{chatx.SESSION_COOKIE}={cookie}"}
-    response = client.post("/api/login", json={"username": username, "password": password}, headers=headers)
-    client.cookies.clear()
-    return response
-
-
 def another_session(person: Person) -> Person:
     """The same user signed in from another browser."""
-    response = login(person.client, person.username)
-    assert response.status_code == 200, response.text
-    return Person(person.client, person.username, response.cookies[chatx.SESSION_COOKIE], person.id)
+    return sign_in(person.client, person.username)
 
 
 def close_code(ws) -> int:
@@ -54,7 +45,7 @@ def close_code(ws) -> int:
 
 def alive(ws) -> None:
     """The socket answers, and nothing but presence came meanwhile."""
-    assert [frame for frame in quiet(ws) if frame["type"] != "presence"] == []
+    assert silent(ws) == []
 
 
 
@@ -423,8 +414,8 @@ def test_the_backup_command_never_prints_the_postgresql_password(tmp_path):
 def test_a_password_set_from_the_command_line_closes_open_sockets_on_the_default_broadcast(make_client, sqlite_url,
                                                                                           tmp_path):
     """The default deployment: one process, memory:// broadcast. The command
-    line ends every session of the user (CONTRACT §4: "a revoked session
-    closes it with 4401"), so the sockets a running server holds for them
+    line ends every session of the user (docs/protocol.md, Sessions and
+    cross-site requests: its sockets "close with code 4401"), so the sockets a running server holds for them
     must close too, not only their next HTTP request fail."""
     client = make_client(presence_ttl=2)  # a heartbeat every half second
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")

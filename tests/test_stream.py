@@ -1,4 +1,4 @@
-"""A user's stream (CONTRACT v2 §4 "My stream"): every message, read, edit and
+"""A user's stream (docs/protocol.md, "The stream and `seq`"): every message, read, edit and
 delete that concerns a user is numbered 1, 2, 3, ... in that user's stream,
 with no gap and no reuse, whichever process committed it; every socket gets
 the stream in seq order, each event once, live and replayed alike, across a
@@ -13,14 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any, Callable, Iterator
 
-import httpx2 as httpx
 import pytest
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 from websockets.sync.client import ClientConnection, connect
 
 import chatx
-from conftest import PASSWORD, ChatServer, Person, Remote, fresh_postgres_database, quiet, sign_up, wait_until
+from conftest import (ChatServer, Person, Remote, fresh_postgres_database, health_is, hello_of, quiet, remote_sign_up,
+                      sign_up, wait_until, ws_query)
 
 Frame = dict[str, Any]
 STREAM_TYPES = ("message", "read", "edit", "delete")
@@ -51,11 +51,6 @@ def key(frame: Frame) -> tuple:
     return frame["seq"], frame["type"], frame["message"]["id"]
 
 
-def query(since: int | str | None = None, after: int | str | None = None) -> str:
-    params = [f"{name}={value}" for name, value in (("since", since), ("after", after)) if value is not None]
-    return "/ws" + ("?" + "&".join(params) if params else "")
-
-
 class Tab:
     """One real socket of a user, keeping every frame it got after hello."""
 
@@ -64,7 +59,7 @@ class Tab:
         # max_queue=None: with websockets' default of 16 frames, a client that
         # closes with more unread frames than that stops reading, misses the
         # server's close frame and waits its close_timeout (10 s) for nothing.
-        self.ws: ClientConnection = connect(f"{server.ws_base}{query(since, after)}",
+        self.ws: ClientConnection = connect(f"{server.ws_base}/ws{ws_query(since=since, after=after)}",
                                             additional_headers=person.headers(), open_timeout=10,
                                             max_size=2**22, max_queue=None).__enter__()  # closed by close()
         self.hello = json.loads(self.ws.recv(timeout=10))
@@ -126,23 +121,6 @@ def replay(person: Remote, server: ChatServer, since: int = 0) -> tuple[int, lis
         return newest, tab.stream
     finally:
         tab.close()
-
-
-def remote_sign_up(server: ChatServer, username: str) -> Remote:
-    """conftest's, with patience: hashing threads run at nice 19, so on a busy
-    machine one sign-up can take longer than its 10 s timeout."""
-    response = httpx.post(f"{server.base}/api/register", json={"username": username, "password": PASSWORD},
-                          timeout=60)
-    assert response.status_code == 201, response.text
-    return Remote(username, response.cookies[chatx.SESSION_COOKIE])
-
-
-def health_is(server: ChatServer, status: int, broadcast: str) -> bool:
-    try:
-        code, body = server.health()
-    except httpx.HTTPError:
-        return False
-    return code == status and body["checks"]["broadcast"] == broadcast
 
 
 def in_parallel(work: list[Callable[[], Any]]) -> list[Any]:
@@ -436,16 +414,6 @@ def test_reconnecting_with_since_after_every_single_frame_loses_nothing_and_repe
 # ---- since= in-process ---------------------------------------------------------------------
 
 
-def open_ws(person: Person, since: int | str | None = None, after: int | str | None = None):
-    return person.client.websocket_connect(query(since, after), headers=person.headers)
-
-
-def hello_of(ws: Any) -> Frame:
-    frame = ws.receive_json()
-    assert frame["type"] == "hello", frame
-    return frame
-
-
 def next_stream(ws: Any) -> Frame:
     while not is_stream(frame := ws.receive_json()):
         assert frame["type"] in ("presence", "ack", "pong"), frame
@@ -453,7 +421,7 @@ def next_stream(ws: Any) -> Frame:
 
 
 def replayed(person: Person, since: int | None = None, after: int | None = None) -> tuple[Frame, list[Frame]]:
-    with open_ws(person, since, after) as ws:
+    with person.ws(since=since, after=after) as ws:
         hello = hello_of(ws)
         return hello, stream_of(quiet(ws))
 
@@ -461,7 +429,7 @@ def replayed(person: Person, since: int | None = None, after: int | None = None)
 def test_since_replays_messages_reads_edits_and_deletes_in_seq_order_then_continues_live(make_client, database_url):
     client = make_client(database_url=database_url)
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
-    with open_ws(alice) as alice_ws, open_ws(bob) as bob_ws:
+    with alice.ws() as alice_ws, bob.ws() as bob_ws:
         assert hello_of(alice_ws)["seq"] == 0 and hello_of(bob_ws)["seq"] == 0
         alice_ws.send_json(message("bob", "first version", "c-1"))
         sent = next_stream(alice_ws)["message"]
@@ -494,7 +462,7 @@ def test_since_replays_messages_reads_edits_and_deletes_in_seq_order_then_contin
 
     # Live frames follow the replay with no gap and no repeat; a since beyond
     # the newest seq replays nothing and still gets what comes next.
-    with open_ws(bob, since=2) as resumed, open_ws(bob, since=99) as ahead, open_ws(alice) as alice_ws:
+    with bob.ws(since=2) as resumed, bob.ws(since=99) as ahead, alice.ws() as alice_ws:
         assert hello_of(resumed)["seq"] == 4 and hello_of(ahead)["seq"] == 4
         hello_of(alice_ws)
         assert [f["seq"] for f in stream_of(quiet(resumed))] == [3, 4]
@@ -509,7 +477,7 @@ def test_since_replays_messages_reads_edits_and_deletes_in_seq_order_then_contin
 @pytest.mark.parametrize("value", ["abc", "-1", "1.5", ""])
 def test_a_since_that_is_not_a_whole_number_is_an_invalid_field_error_then_close_1008(client: TestClient, value):
     alice = sign_up(client, "alice")
-    with open_ws(alice, since=value) as ws:
+    with alice.ws(since=value) as ws:
         frame = ws.receive_json()
         assert frame["type"] == "error" and frame["code"] == "invalid_field", frame
         with pytest.raises(WebSocketDisconnect) as closed:
@@ -520,7 +488,7 @@ def test_a_since_that_is_not_a_whole_number_is_an_invalid_field_error_then_close
 def test_after_still_replays_the_message_frames_with_an_id_above_it(make_client, database_url):
     client = make_client(database_url=database_url)
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
-    with open_ws(alice) as alice_ws, open_ws(bob) as bob_ws:
+    with alice.ws() as alice_ws, bob.ws() as bob_ws:
         hello_of(alice_ws), hello_of(bob_ws)
         ids = []
         for n in range(2):
@@ -549,7 +517,7 @@ def test_after_still_replays_the_message_frames_with_an_id_above_it(make_client,
 def test_a_socket_handed_a_later_seq_first_sends_the_missing_events_from_the_database_first(client: TestClient):
     chat = client.app.state.chat
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
-    with open_ws(alice) as alice_ws, open_ws(bob) as bob_ws:
+    with alice.ws() as alice_ws, bob.ws() as bob_ws:
         hello_of(alice_ws), hello_of(bob_ws)
         alice_ws.send_json(message("bob", "hello bob", "c-1"))
         first = next_stream(alice_ws)["message"]
