@@ -19,7 +19,7 @@ $(VENV)/dev.stamp: $(VENV)/runtime.stamp requirements-dev.txt
 
 run: $(VENV)/runtime.stamp
 	$(PY) -m uvicorn chatx:app --host 127.0.0.1 --port $(PORT) --ws-max-size 65536 --ws-per-message-deflate false \
-	  --http chatx:HTTPProtocol --timeout-keep-alive 5 --timeout-graceful-shutdown 10
+	  --http chatx:HTTPProtocol --timeout-keep-alive 5 --timeout-graceful-shutdown 10 --no-proxy-headers
 
 test: $(VENV)/dev.stamp redis-server chromium nginx iptables node_modules/axe-core/axe.min.js
 	$(PY) -m pytest

@@ -389,22 +389,44 @@ def test_x_forwarded_for_from_a_peer_that_is_not_a_listed_proxy_is_ignored(sqlit
         assert "secure" not in registered.headers["set-cookie"].lower()
 
 
-def test_x_forwarded_proto_https_from_a_trusted_proxy_makes_the_cookie_secure(sqlite_url):
+def cookie_attributes(set_cookie: str) -> tuple[str, dict[str, str]]:
+    """The name of a Set-Cookie header's cookie, and its attributes by lower-cased name."""
+    first, *rest = [part.strip() for part in set_cookie.split(";")]
+    attributes = {name.lower(): value for name, _, value in (part.partition("=") for part in rest)}
+    return first.partition("=")[0], attributes
+
+
+def test_over_https_through_a_trusted_proxy_the_session_cookie_is_secure_with_the_host_prefix(sqlite_url):
     with app_client(sqlite_url, trusted_proxies="*") as client:
         behind_tls = client.post("/api/register", json={"username": "alice", "password": PASSWORD},
                                  headers={"x-forwarded-proto": "https", "x-forwarded-for": "1.2.3.4"})
         assert behind_tls.status_code == 201
-        assert "secure" in [part.strip().lower() for part in behind_tls.headers["set-cookie"].split(";")]
+        name, attributes = cookie_attributes(behind_tls.headers["set-cookie"])
+        # __Host-: a browser takes it only Secure, for Path=/ and without Domain, and only from this origin,
+        # so neither a sibling subdomain nor a plain-http page can plant a second session cookie.
+        assert name == chatx.SECURE_SESSION_COOKIE == "__Host-chatx_session"
+        assert "secure" in attributes and attributes["path"] == "/" and "domain" not in attributes
         client.cookies.clear()
         plain = client.post("/api/register", json={"username": "bob", "password": PASSWORD},
                             headers={"x-forwarded-proto": "http", "x-forwarded-for": "1.2.3.4"})
         assert plain.status_code == 201
-        assert "secure" not in [part.strip().lower() for part in plain.headers["set-cookie"].split(";")]
+        name, attributes = cookie_attributes(plain.headers["set-cookie"])
+        assert name == chatx.SESSION_COOKIE and "secure" not in attributes
         client.cookies.clear()
         # The session works through the proxy over https, sockets included.
-        cookie = {"cookie": f"{chatx.SESSION_COOKIE}={behind_tls.cookies[chatx.SESSION_COOKIE]}",
-                  "x-forwarded-proto": "https"}
+        token = behind_tls.cookies[chatx.SECURE_SESSION_COOKIE]
+        cookie = {"cookie": f"{chatx.SECURE_SESSION_COOKIE}={token}", "x-forwarded-proto": "https"}
         assert client.get("/api/me", headers=cookie).json()["user"]["username"] == "alice"
+        with client.websocket_connect("/ws", headers=cookie) as ws:
+            assert ws.receive_json()["type"] == "hello"
+        # Over https a cookie without the prefix (one a sibling subdomain could have set) is no session.
+        tossed = {"cookie": f"{chatx.SESSION_COOKIE}={token}", "x-forwarded-proto": "https"}
+        assert client.get("/api/me", headers=tossed).status_code == 401
+        # Signing out clears the prefixed cookie, with the attributes a browser needs to take the clearing.
+        out = client.post("/api/logout", headers=cookie)
+        name, attributes = cookie_attributes(out.headers["set-cookie"])
+        assert name == chatx.SECURE_SESSION_COOKIE and "secure" in attributes and attributes["path"] == "/"
+        assert attributes["max-age"] == "0"
 
 
 def test_trusted_proxies_and_allowed_hosts_come_from_the_environment(tmp_path, monkeypatch):
