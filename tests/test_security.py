@@ -11,13 +11,14 @@ import sqlite3
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import httpx2 as httpx
 import pytest
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (error_code, PASSWORD, ChatServer, drain, next_frame, quiet, receive, remote_sign_up,
-                      sign_up)
+from conftest import (error_code, PASSWORD, ChatServer, DocumentedServer, drain, next_frame, quiet, receive,
+                      remote_sign_up, sign_up)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
@@ -387,6 +388,30 @@ def test_x_forwarded_for_from_a_peer_that_is_not_a_listed_proxy_is_ignored(sqlit
                                  headers={"x-forwarded-proto": "https"})
         assert registered.status_code == 201
         assert "secure" not in registered.headers["set-cookie"].lower()
+
+
+@pytest.mark.parametrize("command", ["make run", "uvicorn chatx:app"])
+def test_forged_x_forwarded_for_from_loopback_is_ignored_by_the_documented_commands(tmp_path, command):
+    # uvicorn alone believes X-Forwarded-For from 127.0.0.1 (its --forwarded-allow-ips default); with
+    # CHATX_TRUSTED_PROXIES empty, ChatX must believe nobody, so a fresh header buys no fresh limits.
+    env = {"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_SIGNUPS_PER_ADDRESS": "3",
+           "CHATX_LOGIN_FAILURES_PER_ADDRESS": "3", "CHATX_LOGIN_FAILURES_PER_USER": "100"}
+    server = DocumentedServer(env, tmp_path) if command == "make run" else ChatServer(env, tmp_path)
+    server.start()
+    try:
+        def forged(n: int) -> dict[str, str]:
+            return {"X-Forwarded-For": f"198.51.100.{n}", "X-Forwarded-Proto": "https"}
+
+        signups = [httpx.post(f"{server.base}/api/register", json={"username": f"forger{n}", "password": PASSWORD},
+                              headers=forged(n), timeout=30) for n in range(5)]
+        assert [r.status_code for r in signups] == [201, 201, 201, 429, 429], [r.text for r in signups]
+        # Nor is X-Forwarded-Proto believed: the cookie is the plain-http one.
+        assert signups[0].cookies.get(chatx.SESSION_COOKIE) and "secure" not in signups[0].headers["set-cookie"].lower()
+        failures = [httpx.post(f"{server.base}/api/login", json={"username": f"guess{n}", "password": "wrong guess"},
+                               headers=forged(100 + n), timeout=30).status_code for n in range(5)]
+        assert failures == [401, 401, 401, 429, 429], failures
+    finally:
+        server.stop()
 
 
 def cookie_attributes(set_cookie: str) -> tuple[str, dict[str, str]]:
