@@ -1484,15 +1484,27 @@ async def history_page(conn: Connection, me: int, peer: int, before: int | None,
         args.append(before)
     else:
         where, order = mine, "m.id DESC"
+    # The bodies' sizes first: rows past PAGE_BYTES_MAX bytes of bodies cannot fit in the page
+    # (Messenger.history cuts it exactly), and are not read (the issue's 200 rows were 3.2 MB).
+    size = "octet_length(m.body)" if conn.postgres else "length(CAST(m.body AS BLOB))"
+    sizes = await conn.fetch(f"SELECT {size} FROM chatx_messages m WHERE {where} ORDER BY {order} LIMIT ?",
+                             *args, limit + 1)
+    fit, total = 0, 0
+    for (body_size,) in sizes:
+        total += body_size or 0
+        if total > PAGE_BYTES_MAX and fit:
+            break
+        fit += 1
     rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS} FROM chatx_messages m {MESSAGE_JOINS} WHERE {where} "
-                            f"ORDER BY {order} LIMIT ?", *args, limit + 1)
+                            f"ORDER BY {order} LIMIT ?", *args, fit)
+    more = fit > limit or fit < len(sizes)
     page = [message_object(*row) for row in rows[:limit]]
     if after is None:
         page.reverse()
     cursors = dict(await conn.fetch("SELECT user_id, read_up_to FROM chatx_conversations WHERE "
                                     "(user_id = ? AND peer_id = ?) OR (user_id = ? AND peer_id = ?)",
                                     me, peer, peer, me))
-    return page, len(rows) > limit, cursors.get(me, 0), cursors.get(peer, 0)
+    return page, more, cursors.get(me, 0), cursors.get(peer, 0)
 
 
 async def conversation_rows(conn: Connection, me: int, before: int | None, limit: int) -> list[tuple]:
@@ -2674,17 +2686,28 @@ class Presence:
                 logger.exception("presence upkeep failed; trying again")
 
 
-def fitting(items: list[dict[str, Any]]) -> int:
-    """How many of a page's items, nearest its cursor first, fit in
-    PAGE_BYTES_MAX bytes of JSON (at least one): a page is bounded in bytes,
-    not only in count, so that one request costs a bounded encoding and a
-    client that does not read its response holds a bounded amount."""
+def encoded_page(items: list[dict[str, Any]], nearest_last: bool = False) -> tuple[bytes, int]:
+    """A page's items as a UTF-8 JSON array, encoded once, item by item, and
+    how many it holds: it stops short of PAGE_BYTES_MAX bytes (never below
+    one item) at its end away from the cursor (the start, when `nearest_last`).
+    A page is bounded in bytes, not only in count, so that one request costs
+    a bounded encoding and a client that does not read holds a bounded amount."""
+    pieces: list[bytes] = []
     size = 0
-    for count, item in enumerate(items):
-        size += len(dumps(item).encode()) + 1
-        if size > PAGE_BYTES_MAX and count:
-            return count
-    return len(items)
+    for item in reversed(items) if nearest_last else items:
+        piece = dumps(item).encode()
+        size += len(piece) + 1
+        if size > PAGE_BYTES_MAX and pieces:
+            break
+        pieces.append(piece)
+    if nearest_last:
+        pieces.reverse()
+    return b"[" + b",".join(pieces) + b"]", len(pieces)
+
+
+def page_body(name: str, items: bytes, **fields: Any) -> bytes:
+    """`{name: items, **fields}` as UTF-8 JSON, the items encoded already."""
+    return b'{"' + name.encode() + b'":' + items + b"," + dumps(fields)[1:].encode()
 
 
 class Messenger:
@@ -2769,17 +2792,15 @@ class Messenger:
         return await self.storage.read(seq_before_message, user.id, after_id)
 
     async def history(self, me: User, peer: User, before: int | None, after: int | None,
-                      limit: int) -> dict[str, Any]:
+                      limit: int) -> bytes:
+        """The page as JSON: `{"messages", "has_more", "read_up_to"}`."""
         page, more, mine, theirs = await self.storage.read(history_page, me.id, peer.id, before, after, limit)
-        if after is None:  # the newest of the page are nearest the cursor: a page cut short keeps those
-            fit = fitting(page[::-1])
-            page, more = page[len(page) - fit:], more or fit < len(page)
-        else:
-            fit = fitting(page)
-            page, more = page[:fit], more or fit < len(page)
-        return {"messages": page, "has_more": more, "read_up_to": {me.username: mine, peer.username: theirs}}
+        messages, fit = encoded_page(page, nearest_last=after is None)  # newest first: older ones are cut
+        return page_body("messages", messages, has_more=more or fit < len(page),
+                         read_up_to={me.username: mine, peer.username: theirs})
 
-    async def conversations(self, me: User, before: int | None, limit: int) -> dict[str, Any]:
+    async def conversations(self, me: User, before: int | None, limit: int) -> bytes:
+        """The page as JSON: `{"conversations", "has_more"}`."""
         rows = await self.storage.read(conversation_rows, me.id, before, limit + 1)
         listed = []
         for row in rows[:limit]:
@@ -2792,8 +2813,8 @@ class Messenger:
                 "last_message": message_object(*row[8:17]),
                 "read_up_to": {me.username: mine, peer: theirs or 0},
             })
-        fit = fitting(listed)
-        return {"conversations": listed[:fit], "has_more": len(rows) > limit or fit < len(listed)}
+        conversations, fit = encoded_page(listed)
+        return page_body("conversations", conversations, has_more=len(rows) > limit or fit < len(listed))
 
 
 # ---- requests and sockets alike -----------------------------------------------------
@@ -3594,7 +3615,8 @@ async def conversation_list(request: Request) -> Response:
     session = await signed_in(request)
     count_read(request, session.user)
     before, limit = query_cursor(request, "before"), query_limit(request, PAGE_DEFAULT, PAGE_MAX)
-    return JSONResponse(await chat_of(request).messenger.conversations(session.user, before, limit))
+    return Response(await chat_of(request).messenger.conversations(session.user, before, limit),
+                    media_type="application/json")
 
 
 async def directory(request: Request) -> Response:
@@ -3640,7 +3662,8 @@ async def conversation_messages(request: Request) -> Response:
         raise ApiError(400, "bad_request", "Give 'before' or 'after', not both.")
     limit = query_limit(request, PAGE_DEFAULT, PAGE_MAX)
     peer = await named_user(request)
-    return JSONResponse(await chat_of(request).messenger.history(session.user, peer, before, after, limit))
+    return Response(await chat_of(request).messenger.history(session.user, peer, before, after, limit),
+                    media_type="application/json")
 
 
 async def block_list(request: Request) -> Response:
@@ -3836,6 +3859,7 @@ class HTTPProtocol(HttpToolsProtocol):
         self.request_deadline: asyncio.TimerHandle | None = None
         self.send_deadline: asyncio.TimerHandle | None = None
         self.request_began, self.in_head, self.body_received = 0.0, True, 0
+        self.running: Any = None
         self.counts, self.counted = connection_counts(self.app), None
         address = self.client[0] if self.client else None
         if self.counts is not None and address:
@@ -3906,8 +3930,17 @@ class HTTPProtocol(HttpToolsProtocol):
         elif not self.transport.is_closing():
             self.transport.close()
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self.running = cycle  # uvicorn tells only its newest cycle of a lost connection, maybe a queued one
+        super()._start_asgi_task(cycle, app)
+
     def send_late(self) -> None:
         self.send_deadline = None
+        for cycle in (self.running, self.cycle):  # its writer returns, rather than write to a closed transport
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.flow.resume_writing()
         reset(self.transport)
 
     def stop_request_deadline(self) -> None:

@@ -26,8 +26,8 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (acked, error_code, PASSWORD, ChatServer, drain, make_partners, next_frame, quiet, receive, remote_sign_up,
-                      sign_up, wait_until)
+from conftest import (acked, error_code, PASSWORD, ChatServer, DocumentedServer, drain, make_partners, next_frame,
+                      quiet, receive, remote_sign_up, sign_up, wait_until)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
@@ -682,6 +682,120 @@ def test_slow_headers_idle_connections_and_slow_bodies_are_cut_off(tmp_path):
         assert json.loads(payload)["error"]["code"] == "timeout"
         assert b"content-security-policy" in head.lower() and b"no-store" in head.lower()
         assert server.health()[0] == 200
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
+
+
+# ---- HTTP: slow readers, trickled requests, heavy readers ------------------------------------------------
+
+
+def store_big_history(server: ChatServer, sender, recipient, count: int) -> None:
+    """`count` messages of 16 kB from sender to recipient, through a socket."""
+    with sender.ws(server) as ws:
+        receive(ws, "hello")
+        for n in range(count):
+            ws.send(json.dumps({"type": "send", "to": recipient.username, "body": BIG_BODY, "client_id": f"h-{n}"}))
+        acks = 0
+        while acks < count:
+            acks += receive(ws, timeout=30)["type"] == "ack"
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+SLOW_READERS = 100
+PIPELINING = 5
+
+
+def test_http_clients_that_do_not_read_their_responses_hold_bounded_memory_and_are_cut_off(tmp_path):
+    # No connection cap and no read budget here: what is proved is the send deadline and the page's byte bound.
+    server = DocumentedServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_SEND_RATE": "10000",
+                               "CHATX_SEND_BURST": "10000", "CHATX_HTTP_CONNECTIONS_PER_ADDRESS": "0",
+                               "CHATX_READ_RATE": "0"}, tmp_path)
+    server.start()
+    raws: list[socket.socket] = []
+    try:
+        alice, bob, carol = (remote_sign_up(server, name) for name in ("alice", "bob", "carol"))
+        store_big_history(server, bob, alice, 200)  # the issue's 3.2 MB page: 200 messages of 4,000 emoji
+        page = alice.get(server, "/api/conversations/bob/messages?limit=200")
+        assert page.status_code == 200 and len(page.content) <= chatx.PAGE_BYTES_MAX and page.json()["has_more"]
+        time.sleep(0.5)
+        baseline, files = rss_bytes(server.process.pid), open_files(server.process.pid)
+        request = (f"GET /api/conversations/bob/messages?limit=200 HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                   f"Cookie: {chatx.SESSION_COOKIE}={alice.cookie}\r\n\r\n").encode()
+        with bob.ws(server) as bob_ws, carol.ws(server) as carol_ws:
+            receive(bob_ws, "hello")
+            receive(carol_ws, "hello")
+            started = time.monotonic()
+            for n in range(SLOW_READERS):
+                raw = socket.socket()
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                raw.connect(("127.0.0.1", server.port))
+                # and never read; a few ask for 30 pages at once, more than the kernel's buffers take
+                raw.sendall(request * (30 if n < PIPELINING else 1))
+                raws.append(raw)
+            peak = baseline
+            while open_files(server.process.pid) > files + 5 and time.monotonic() - started < 40:
+                peak = max(peak, rss_bytes(server.process.pid))
+                time.sleep(0.2)
+            held = time.monotonic() - started
+            # The others noticed nothing meanwhile.
+            assert remote_acked(bob_ws, "carol", "still here", "s-1")["body"] == "still here"
+            assert receive(carol_ws, "message")["message"]["body"] == "still here"
+            assert carol.get(server, "/api/conversations").status_code == 200
+        growth = (peak - baseline) / 2**20
+        report = (f"server RSS {baseline / 2**20:.0f} MiB, peak +{growth:.0f} MiB with {SLOW_READERS} clients that "
+                  f"did not read a history page; their connections were gone after {held:.1f} s")
+        print(report)
+        # The issue saw +320-471 MiB, held for as long as the clients liked.
+        assert held <= chatx.RESPONSE_STALL_S + 15, report
+        assert growth < SLOW_READERS * 0.5, report  # MiB: a seventh of what each held in the issue, and not for long
+    finally:
+        for raw in raws:
+            raw.close()
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_a_heavy_reader_gets_429_while_a_person_using_the_page_normally_never_notices(tmp_path):
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_SEND_RATE": "10000",
+                         "CHATX_SEND_BURST": "10000"}, tmp_path)
+    server.start()
+    try:
+        mallory, bob, alice, carol = (remote_sign_up(server, name) for name in ("mallory", "bob", "alice", "carol"))
+        store_big_history(server, bob, mallory, 40)
+        make_partners(alice, carol, server=server)
+        stop = time.monotonic() + 4
+
+        def heavy() -> list[httpx.Response]:
+            answers = []
+            with httpx.Client(base_url=server.base, headers=mallory.headers(), timeout=10) as http:
+                while time.monotonic() < stop:
+                    answers.append(http.get("/api/conversations/bob/messages", params={"limit": 200}))
+            return answers
+
+        with ThreadPoolExecutor(8) as pool, alice.ws(server) as alice_ws, carol.ws(server) as carol_ws:
+            receive(alice_ws, "hello")
+            receive(carol_ws, "hello")
+            loops = [pool.submit(heavy) for _ in range(8)]
+            normal: list[int] = []
+            for n in range(8):  # a person: a message, a glance at the list and the conversation, now and then
+                assert remote_acked(alice_ws, "carol", f"normal {n}", f"n-{n}")["body"] == f"normal {n}"
+                normal.append(alice.get(server, "/api/conversations").status_code)
+                normal.append(alice.get(server, "/api/conversations/carol/messages").status_code)
+                time.sleep(0.4)
+            answers = [answer for loop in loops for answer in loop.result()]
+        refused = [answer for answer in answers if answer.status_code == 429]
+        served = len(answers) - len(refused)
+        print(f"heavy reader: {served} pages served, {len(refused)} refused in 4 s; the person: {normal}")
+        assert normal == [200] * 16
+        assert refused and error_code(refused[0]) == "rate_limited" and retry_after(refused[0]) >= 1
+        assert {answer.status_code for answer in answers} == {200, 429}
+        # The budget: a burst and then the rate, give or take the time it took to start.
+        settings = chatx.Settings()
+        assert served <= settings.read_burst + settings.read_rate * 6, served
     finally:
         server.stop()
     assert "Traceback" not in server.log.read_text()
