@@ -799,3 +799,98 @@ def test_a_heavy_reader_gets_429_while_a_person_using_the_page_normally_never_no
     finally:
         server.stop()
     assert "Traceback" not in server.log.read_text()
+
+
+TRICKLES = {  # what each kind of trickled request sends at once, then a byte at a time
+    "head": (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", b"a"),
+    "body": (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n", b"a"),
+    "chunked": (b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\na\r\n"),
+    "api": (b"POST /api/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n", b" "),
+}
+
+
+class Trickler:
+    """An attacker on 127.0.0.2 that keeps `target` trickled requests open,
+    re-opening each one the server closes, and notes how long each lived."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.port, self.target = port, target
+        self.open: list[tuple[socket.socket, float, bytes, int]] = []
+        self.lifetimes: list[float] = []
+        self.stopped = False
+
+    def connect(self, kind: str) -> None:
+        try:
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=1, source_address=("127.0.0.2", 0))
+            first, trickle = TRICKLES[kind]
+            raw.sendall(first)
+            raw.setblocking(False)
+        except OSError:
+            return
+        self.open.append((raw, time.monotonic(), trickle, 0))
+
+    def run(self) -> None:
+        kinds = list(TRICKLES)
+        while not self.stopped:
+            for n in range(min(40, self.target - len(self.open))):  # at most 40 new ones a round
+                self.connect(kinds[n % len(kinds)])
+            still = []
+            for raw, opened, trickle, sent in self.open:
+                try:
+                    gone = raw.recv(65536) == b"" if select.select([raw], [], [], 0)[0] else False
+                    if not gone:
+                        raw.send(trickle[sent % len(trickle):sent % len(trickle) + 1])
+                except OSError:
+                    gone = True
+                if gone:
+                    self.lifetimes.append(time.monotonic() - opened)
+                    raw.close()
+                else:
+                    still.append((raw, opened, trickle, sent + 1))
+            self.open = still
+            time.sleep(0.5)
+        for raw, *_ in self.open:
+            raw.close()
+
+    def oldest(self) -> float:
+        return max((time.monotonic() - opened for _, opened, _, _ in self.open), default=0.0)
+
+
+def test_trickled_requests_are_cut_off_and_a_real_user_is_served_under_a_low_open_file_limit(tmp_path):
+    server = DocumentedServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}"}, tmp_path, open_files=256)
+    server.start()
+    attacker = Trickler(server.port, target=400)  # more than the server may have open files
+    try:
+        alice, bob = remote_sign_up(server, "alice"), remote_sign_up(server, "bob")
+        with ThreadPoolExecutor(1) as pool:
+            attack = pool.submit(attacker.run)
+            time.sleep(3)
+            served = []
+            for attempt in range(4):  # a real user on 127.0.0.1: the page, a sign-in, a socket, a message
+                page = httpx.get(f"{server.base}/login", timeout=10)
+                signed_in = httpx.post(f"{server.base}/api/login", json={"username": "alice", "password": PASSWORD},
+                                       timeout=10)
+                user = type(alice)("alice", signed_in.cookies[chatx.SESSION_COOKIE], alice.id)
+                with user.ws(server) as ws, bob.ws(server) as bob_ws:
+                    receive(ws, "hello")
+                    receive(bob_ws, "hello")
+                    delivered = remote_acked(ws, "bob", f"served {attempt}", f"t-{attempt}")["body"]
+                    assert receive(bob_ws, "message")["message"]["body"] == delivered
+                served.append((page.status_code, signed_in.status_code, delivered))
+                time.sleep(2)
+            time.sleep(max(0.0, chatx.REQUEST_TIMEOUT_S + 4 - 11))  # every kind has had time to be cut off
+            oldest = attacker.oldest()
+            attacker.stopped = True
+            attack.result()
+        lifetimes = sorted(attacker.lifetimes)
+        print(f"attacker: {len(lifetimes)} connections closed by the server, the longest after {lifetimes[-1]:.1f} s; "
+              f"the oldest still open: {oldest:.1f} s; the real user: {served}")
+        assert served == [(200, 200, f"served {n}") for n in range(4)]
+        limit = chatx.REQUEST_TIMEOUT_S + 3
+        assert lifetimes[-1] <= limit and oldest <= limit, (lifetimes[-5:], oldest)
+        assert server.health()[0] == 200
+    finally:
+        attacker.stopped = True
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
