@@ -1487,17 +1487,18 @@ async def history_page(conn: Connection, me: int, peer: int, before: int | None,
     # The bodies' sizes first: rows past PAGE_BYTES_MAX bytes of bodies cannot fit in the page
     # (Messenger.history cuts it exactly), and are not read (the issue's 200 rows were 3.2 MB).
     size = "octet_length(m.body)" if conn.postgres else "length(CAST(m.body AS BLOB))"
-    sizes = await conn.fetch(f"SELECT {size} FROM chatx_messages m WHERE {where} ORDER BY {order} LIMIT ?",
+    sizes = await conn.fetch(f"SELECT m.id, {size} FROM chatx_messages m WHERE {where} ORDER BY {order} LIMIT ?",
                              *args, limit + 1)
     fit, total = 0, 0
-    for (body_size,) in sizes:
+    for _, body_size in sizes:
         total += body_size or 0
         if total > PAGE_BYTES_MAX and fit:
             break
         fit += 1
-    rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS} FROM chatx_messages m {MESSAGE_JOINS} WHERE {where} "
-                            f"ORDER BY {order} LIMIT ?", *args, fit)
     more = fit > limit or fit < len(sizes)
+    ids = [sizes[0][0], sizes[fit - 1][0]] if sizes else [0, 0]  # the rows sized, whatever came since
+    rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS} FROM chatx_messages m {MESSAGE_JOINS} WHERE {where} "
+                            f"AND m.id BETWEEN ? AND ? ORDER BY {order}", *args, min(ids), max(ids))
     page = [message_object(*row) for row in rows[:limit]]
     if after is None:
         page.reverse()
