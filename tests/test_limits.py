@@ -894,3 +894,43 @@ def test_trickled_requests_are_cut_off_and_a_real_user_is_served_under_a_low_ope
         attacker.stopped = True
         server.stop()
     assert "Traceback" not in server.log.read_text()
+
+
+def test_one_address_gets_a_bounded_number_of_connections_and_a_trusted_proxy_any_number(tmp_path):
+    server = DocumentedServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}",
+                               "CHATX_HTTP_CONNECTIONS_PER_ADDRESS": "3", "CHATX_TRUSTED_PROXIES": "127.0.0.2"},
+                              tmp_path)
+    server.start()
+    held: list[socket.socket] = []
+    try:
+        def opened(source: str) -> socket.socket:
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=(source, 0))
+            held.append(raw)
+            return raw
+
+        def answer(raw: socket.socket) -> bytes:
+            try:
+                raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                return raw.recv(65536)
+            except OSError:  # refused: reset before the answer was read
+                return b""
+
+        crowd = [opened("127.0.0.3") for _ in range(5)]
+        time.sleep(0.5)
+        answers = [answer(raw) for raw in crowd]
+        assert [a.split(b" ", 2)[1] for a in answers[:3]] == [b"200"] * 3, answers
+        assert all(not a or a.startswith(b"HTTP/1.1 429") for a in answers[3:]), answers[3:]
+        for refused in filter(None, answers[3:]):
+            assert b'"rate_limited"' in refused and b"retry-after: 1" in refused.lower()
+        proxy = [opened("127.0.0.2") for _ in range(6)]  # the trusted proxy carries many people's requests
+        assert all(answer(raw).startswith(b"HTTP/1.1 200") for raw in proxy)
+        assert server.health()[0] == 200  # from 127.0.0.1, meanwhile
+        for raw in crowd[:3]:
+            raw.close()
+        time.sleep(0.5)
+        assert answer(opened("127.0.0.3")).startswith(b"HTTP/1.1 200")  # a closed one makes room
+    finally:
+        for raw in held:
+            raw.close()
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
