@@ -80,6 +80,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.utils import is_ssl
 
 try:
     from socket import TCP_CORK, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT  # Linux
@@ -102,6 +103,7 @@ CLIENT_ID_MAX = 128
 FRAME_MAX_BYTES = 64 * 1024
 HTTP_BODY_MAX = 64 * 1024
 PAGE_DEFAULT, PAGE_MAX = 50, 200  # conversation history and the conversation list
+PAGE_BYTES_MAX = 256 * 1024  # a page stops short of this many bytes of JSON (always holding one item)
 DIRECTORY_DEFAULT, DIRECTORY_MAX = 20, 100
 QUERY_MAX = 32
 REPLAY_PAGE = 100  # events read and held at once by a socket catching up
@@ -111,6 +113,7 @@ BACKLOG_BYTES = 4 * 1024 * 1024
 SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
 SESSION_COOKIE = "chatx_session"
 JWT_SECRET_MIN = 32  # bytes, the length of HS256's hash (RFC 7518 section 3.2)
+SECURE_SESSION_COOKIE = "__Host-chatx_session"  # over HTTPS: only this origin can set it, no sibling subdomain
 SESSION_DAYS = 30  # a session ends this long after sign-in, or after CHATX_SESSION_IDLE_DAYS unused
 SESSION_TOUCH_MS = 3_600_000  # how stale a session's last use may be recorded
 LOGIN_WINDOW_MS = 15 * 60_000
@@ -121,6 +124,12 @@ HASHES_PER_ADDRESS_MAX = 2  # password hashes in flight for one client address
 DEPTH_MAX = 32  # nesting of a JSON frame
 HEAD_TIMEOUT_S = 10  # for a request's line and headers to arrive (HTTPProtocol)
 BODY_TIMEOUT_S = 10  # for a request's body to arrive
+# HTTPProtocol: a whole request, head and body, arrives within REQUEST_TIMEOUT_S,
+# plus a second for every REQUEST_BYTES_PER_S of body it has sent so far.
+REQUEST_TIMEOUT_S = 20
+REQUEST_BYTES_PER_S = 16 * 1024
+RESPONSE_STALL_S = 10  # a client that takes nothing of its response for this long is cut off (HTTPProtocol)
+RESPONSE_SLICE_BYTES = 64 * 1024  # response bodies go out in slices, each written once the last was taken
 ID_MAX = 2**31 - 1  # message ids are 32-bit integers; a larger cursor means "past the end"
 # A writer that committed less than COMMIT_BUSY_S ago waits COMMIT_LINGER_S
 # before the next commit, so that one commit takes the sends of many sockets.
@@ -191,6 +200,9 @@ class Settings:
     first_contacts_per_recipient: int = 60
     typing_interval: float = 2.0
     max_sockets_per_user: int = 20
+    http_connections_per_address: int = 32
+    read_rate: float = 5.0
+    read_burst: float = 30.0
     login_failures_per_user: int = 5
     login_failures_per_address: int = 20
     signups_per_address: int = 10
@@ -233,6 +245,10 @@ def load_settings(**overrides: Any) -> Settings:
                                                default=Settings.first_contacts_per_recipient),
         "typing_interval": config("TYPING_INTERVAL", cast=float, default=Settings.typing_interval),
         "max_sockets_per_user": config("MAX_SOCKETS_PER_USER", cast=int, default=Settings.max_sockets_per_user),
+        "http_connections_per_address": config("HTTP_CONNECTIONS_PER_ADDRESS", cast=int,
+                                               default=Settings.http_connections_per_address),
+        "read_rate": config("READ_RATE", cast=float, default=Settings.read_rate),
+        "read_burst": config("READ_BURST", cast=float, default=Settings.read_burst),
         "login_failures_per_user": config("LOGIN_FAILURES_PER_USER", cast=int,
                                           default=Settings.login_failures_per_user),
         "login_failures_per_address": config("LOGIN_FAILURES_PER_ADDRESS", cast=int,
@@ -1867,8 +1883,21 @@ async def history_page(conn: Connection, me: int, peer: int, before: int | None,
         args.append(before)
     else:
         where, order = mine, "m.id DESC"
+    # The bodies' sizes first: rows past PAGE_BYTES_MAX bytes of bodies cannot fit in the page
+    # (Messenger.history cuts it exactly), and are not read (the issue's 200 rows were 3.2 MB).
+    size = "octet_length(m.body)" if conn.postgres else "length(CAST(m.body AS BLOB))"
+    sizes = await conn.fetch(f"SELECT m.id, {size} FROM chatx_messages m WHERE {where} ORDER BY {order} LIMIT ?",
+                             *args, limit + 1)
+    fit, total = 0, 0
+    for _, body_size in sizes:
+        total += body_size or 0
+        if total > PAGE_BYTES_MAX and fit:
+            break
+        fit += 1
+    more = fit > limit or fit < len(sizes)
+    ids = [sizes[0][0], sizes[fit - 1][0]] if sizes else [0, 0]  # the rows sized, whatever came since
     rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS} FROM chatx_messages m {MESSAGE_JOINS} WHERE {where} "
-                            f"ORDER BY {order} LIMIT ?", *args, limit + 1)
+                            f"AND m.id BETWEEN ? AND ? ORDER BY {order}", *args, min(ids), max(ids))
     page = [message_object(*row) for row in rows[:limit]]
     if after is None:
         page.reverse()
@@ -1876,7 +1905,7 @@ async def history_page(conn: Connection, me: int, peer: int, before: int | None,
                                     "(user_id = ? AND peer_id = ?) OR (user_id = ? AND peer_id = ?)",
                                     me, peer, peer, me))
     theirs = 0 if peer != me and await blocked_either_way(conn, me, peer) else cursors.get(peer, 0)
-    return page, len(rows) > limit, cursors.get(me, 0), theirs
+    return page, more, cursors.get(me, 0), theirs
 
 
 async def conversation_rows(conn: Connection, me: int, before: int | None, limit: int) -> list[tuple]:
@@ -2575,6 +2604,7 @@ class Limits:
         self.directory_buckets: dict[int, TokenBucket] = {}
         self.first_contacts_sent: dict[int, TokenBucket] = {}
         self.first_contacts_received: dict[int, TokenBucket] = {}
+        self.read_buckets: dict[int, TokenBucket] = {}
         self.typed: dict[tuple[int, int], float] = {}  # (sender, peer) -> when a typing frame last went
 
     def allow_typing(self, sender: int, peer: int) -> bool:
@@ -2635,6 +2665,17 @@ class Limits:
         for bucket in budgets:
             bucket.take()
         return True
+
+    def allow_read(self, user_id: int) -> bool:
+        """History pages and the conversation list share one bucket per user
+        (CHATX_READ_RATE / CHATX_READ_BURST; a rate of 0 means no limit)."""
+        if not self.settings.read_rate:
+            return True
+        bucket = self.read_buckets.get(user_id)
+        if bucket is None:
+            burst = self.settings.read_burst
+            bucket = self.read_buckets[user_id] = TokenBucket(self.settings.read_rate, burst, burst)
+        return bucket.take()
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -2706,6 +2747,13 @@ class ChatError(Exception):
     def __init__(self, code: str, detail: str) -> None:
         super().__init__(f"{code}: {detail}")
         self.code, self.detail = code, detail
+
+
+def session_cookie(conn: HTTPConnection) -> str:
+    """The session cookie's name: over HTTPS with the `__Host-` prefix, which
+    a browser lets only this origin set (Secure, Path=/, no Domain), so that a
+    sibling subdomain or a plain-HTTP page cannot plant a second one."""
+    return SECURE_SESSION_COOKIE if conn.url.scheme in ("https", "wss") else SESSION_COOKIE
 
 
 class Accounts:
@@ -2825,7 +2873,7 @@ class Accounts:
         return f"{token}.{sign(self.secret, token)}"
 
     async def session_from(self, conn: HTTPConnection) -> Session | None:
-        token, _, signature = conn.cookies.get(SESSION_COOKIE, "").rpartition(".")
+        token, _, signature = conn.cookies.get(session_cookie(conn), "").rpartition(".")
         if not token or not hmac.compare_digest(signature.encode(errors="replace"),
                                                 sign(self.secret, token).encode(errors="replace")):
             return None
@@ -3282,6 +3330,30 @@ class Presence:
                 logger.exception("presence upkeep failed; trying again")
 
 
+def encoded_page(items: list[dict[str, Any]], nearest_last: bool = False) -> tuple[bytes, int]:
+    """A page's items as a UTF-8 JSON array, encoded once, item by item, and
+    how many it holds: it stops short of PAGE_BYTES_MAX bytes (never below
+    one item) at its end away from the cursor (the start, when `nearest_last`).
+    A page is bounded in bytes, not only in count, so that one request costs
+    a bounded encoding and a client that does not read holds a bounded amount."""
+    pieces: list[bytes] = []
+    size = 0
+    for item in reversed(items) if nearest_last else items:
+        piece = dumps(item).encode()
+        size += len(piece) + 1
+        if size > PAGE_BYTES_MAX and pieces:
+            break
+        pieces.append(piece)
+    if nearest_last:
+        pieces.reverse()
+    return b"[" + b",".join(pieces) + b"]", len(pieces)
+
+
+def page_body(name: str, items: bytes, **fields: Any) -> bytes:
+    """`{name: items, **fields}` as UTF-8 JSON, the items encoded already."""
+    return b'{"' + name.encode() + b'":' + items + b"," + dumps(fields)[1:].encode()
+
+
 class Messenger:
     """Stores and delivers: a send, edit, delete or read is committed with its
     place in each person's stream, then handed to Fanout for both people."""
@@ -3385,11 +3457,15 @@ class Messenger:
         return await self.storage.read(seq_before_message, user.id, after_id)
 
     async def history(self, me: User, peer: User, before: int | None, after: int | None,
-                      limit: int) -> dict[str, Any]:
+                      limit: int) -> bytes:
+        """The page as JSON: `{"messages", "has_more", "read_up_to"}`."""
         page, more, mine, theirs = await self.storage.read(history_page, me.id, peer.id, before, after, limit)
-        return {"messages": page, "has_more": more, "read_up_to": {me.username: mine, peer.username: theirs}}
+        messages, fit = encoded_page(page, nearest_last=after is None)  # newest first: older ones are cut
+        return page_body("messages", messages, has_more=more or fit < len(page),
+                         read_up_to={me.username: mine, peer.username: theirs})
 
-    async def conversations(self, me: User, before: int | None, limit: int) -> dict[str, Any]:
+    async def conversations(self, me: User, before: int | None, limit: int) -> bytes:
+        """The page as JSON: `{"conversations", "has_more"}`."""
         rows = await self.storage.read(conversation_rows, me.id, before, limit + 1)
         listed = []
         for row in rows[:limit]:
@@ -3402,7 +3478,8 @@ class Messenger:
                 "last_message": message_object(*row[8:8 + MESSAGE_WIDTH]),
                 "read_up_to": {me.username: mine, peer: 0 if blocked else theirs or 0},
             })
-        return {"conversations": listed, "has_more": len(rows) > limit}
+        conversations, fit = encoded_page(listed)
+        return page_body("conversations", conversations, has_more=len(rows) > limit or fit < len(listed))
 
 
 class AttachmentStore:
@@ -3593,7 +3670,12 @@ def storable(text: str) -> bool:
 # ChatSocket is the connection: hello, replay, the outbox, reading frames.
 # What a client frame does is decided by the frame handlers after it.
 
-CURSOR_RE = re.compile(r"[0-9]{1,18}")
+CURSOR_RE = re.compile(r"[0-9]+")
+
+
+def cursor_value(text: str) -> int:
+    """A cursor's digits as a number: one beyond any id (19 digits or 20) is ID_MAX, past the end."""
+    return ID_MAX if len(text) > 18 else min(int(text), ID_MAX)
 
 
 class FrameError(ChatError):
@@ -3612,8 +3694,12 @@ def abort_connection(scope: Scope) -> None:
     """Drop the TCP connection of a websocket whose client stopped reading:
     uvicorn waits for a close frame that cannot be written."""
     transport = transport_of(scope)
-    if transport is None:
-        return
+    if transport is not None:
+        reset(transport)
+
+
+def reset(transport: Any) -> None:
+    """Drop a connection and whatever waits to be written to it."""
     connection = transport.get_extra_info("socket")
     if connection is not None:  # a reset, not a FIN the client would wait behind unread data for
         connection.setsockopt(SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
@@ -4104,9 +4190,9 @@ class WebSocketEndpoint:
                                                  "detail": f"'{name}' must be a whole number of at least 0."}))
                 await websocket.close(CLOSE_POLICY)
                 return
-        since, after = (None if value is None else int(value) for value in cursors.values())
+        since, after = (None if value is None else cursor_value(value) for value in cursors.values())
         socket = ChatSocket(chat, websocket, scope.get("chatx.server_send", send), session)
-        await socket.serve(since, None if after is None else min(after, ID_MAX))
+        await socket.serve(since, after)
 
 
 # ---- HTTP -----------------------------------------------------------------------------
@@ -4182,6 +4268,8 @@ async def limited_body(request: Request) -> bytes:
                 chunks.append(chunk)
     except TimeoutError:
         raise ApiError(408, "timeout", f"The body did not arrive within {BODY_TIMEOUT_S} s.") from None
+    except ClientDisconnect:  # gone, or cut off by HTTPProtocol's deadline: the answer reaches no one
+        raise ApiError(400, "bad_request", "The connection closed before the body arrived.") from None
     return b"".join(chunks)
 
 
@@ -4198,15 +4286,24 @@ def query_cursor(request: Request, name: str) -> int | None:
         return None
     if not CURSOR_RE.fullmatch(value):
         raise ApiError(400, "bad_request", f"'{name}' must be a whole number of at least 0.")
-    return min(int(value), ID_MAX)
+    return cursor_value(value)
 
 
 def query_limit(request: Request, default: int, most: int) -> int:
-    """A limit above `most` is taken as `most`; below 1 is a bad request."""
+    """A limit above `most` (of any number of digits) is taken as `most`; below 1 is a bad request."""
     text = request.query_params.get("limit", str(default))
-    if not re.fullmatch(r"-?[0-9]{1,18}", text) or int(text) < 1:
+    if not CURSOR_RE.fullmatch(text) or not text.strip("0"):
         raise ApiError(400, "bad_request", "'limit' must be a whole number of at least 1.")
-    return min(int(text), most)
+    return most if len(text) > 18 else min(int(text), most)
+
+
+def count_read(request: Request, user: User) -> None:
+    """A history page or the conversation list costs its reader a token (Limits.allow_read)."""
+    chat = chat_of(request)
+    if not chat.limits.allow_read(user.id):
+        chat.metrics.refusals.labels("read_rate").inc()
+        raise ApiError(429, "rate_limited", "Too many reads at once; try again in a moment.",
+                       max(1, math.ceil(1 / chat.settings.read_rate)))
 
 
 async def signed_in(request: Request) -> Session:
@@ -4226,9 +4323,14 @@ async def named_user(request: Request) -> User:
     return user
 
 
+def cookie_path(request: Request) -> str:
+    """The app's root path; `/` over HTTPS, as the `__Host-` prefix requires."""
+    return "/" if session_cookie(request) == SECURE_SESSION_COOKIE else request.scope.get("root_path") or "/"
+
+
 def with_session_cookie(response: Response, request: Request, value: str) -> Response:
     response.set_cookie(
-        SESSION_COOKIE, value, max_age=SESSION_DAYS * 86400, path=request.scope.get("root_path") or "/",
+        session_cookie(request), value, max_age=SESSION_DAYS * 86400, path=cookie_path(request),
         httponly=True, samesite="lax", secure=request.url.scheme == "https",
     )
     return response
@@ -4310,7 +4412,8 @@ async def logout(request: Request) -> Response:
 
 
 def without_session_cookie(response: Response, request: Request) -> Response:
-    response.delete_cookie(SESSION_COOKIE, path=request.scope.get("root_path") or "/")
+    response.delete_cookie(session_cookie(request), path=cookie_path(request), httponly=True, samesite="lax",
+                           secure=request.url.scheme == "https")
     return response
 
 
@@ -4386,8 +4489,10 @@ async def conversation_list(request: Request) -> Response:
       "401": {description: "not_authenticated"}
     """
     session = await signed_in(request)
+    count_read(request, session.user)
     before, limit = query_cursor(request, "before"), query_limit(request, PAGE_DEFAULT, PAGE_MAX)
-    return JSONResponse(await chat_of(request).messenger.conversations(session.user, before, limit))
+    return Response(await chat_of(request).messenger.conversations(session.user, before, limit),
+                    media_type="application/json")
 
 
 async def directory(request: Request) -> Response:
@@ -4432,12 +4537,14 @@ async def conversation_messages(request: Request) -> Response:
       "404": {description: "unknown_user"}
     """
     session = await signed_in(request)
+    count_read(request, session.user)
     before, after = query_cursor(request, "before"), query_cursor(request, "after")
     if before is not None and after is not None:
         raise ApiError(400, "bad_request", "Give 'before' or 'after', not both.")
     limit = query_limit(request, PAGE_DEFAULT, PAGE_MAX)
     peer = await named_user(request)
-    return JSONResponse(await chat_of(request).messenger.history(session.user, peer, before, after, limit))
+    return Response(await chat_of(request).messenger.history(session.user, peer, before, after, limit),
+                    media_type="application/json")
 
 
 async def block_list(request: Request) -> Response:
@@ -4740,38 +4847,164 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class ConnectionCounts:
+    """Open HTTP connections per client address on one app's server
+    (HTTPProtocol), so that one address cannot take every file descriptor:
+    at most `most` each (0: no limit), proxies in CHATX_TRUSTED_PROXIES excepted."""
+
+    def __init__(self, most: int, proxies: tuple[str, ...]) -> None:
+        self.most, self.proxies = most, proxies
+        self.open: dict[str, int] = {}
+
+    def admit(self, address: str) -> bool:
+        count = self.open.get(address, 0)
+        if self.most and count >= self.most and not address_allowed(address, self.proxies):
+            return False
+        self.open[address] = count + 1
+        return True
+
+    def release(self, address: str) -> None:
+        count = self.open.pop(address) - 1
+        if count:
+            self.open[address] = count
+
+
+def connection_counts(app: Any) -> ConnectionCounts | None:
+    """The ChatX app's ConnectionCounts, under the middleware uvicorn may wrap it in."""
+    for _ in range(8):
+        chat = getattr(getattr(app, "state", None), "chat", None)
+        if chat is not None:
+            return chat.connections
+        app = getattr(app, "app", None)
+    return None
+
+
+TOO_MANY_CONNECTIONS = (b'{"error": {"code": "rate_limited", "detail": '
+                        b'"Too many connections from this address; try again in a moment."}}')
+TOO_MANY_CONNECTIONS_RESPONSE = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+                                 b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                                 % (len(TOO_MANY_CONNECTIONS), TOO_MANY_CONNECTIONS))
+
+
 class HTTPProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for each request's head.
-    uvicorn has none: a client that connects and sends nothing, or sends its
-    headers a byte at a time, holds a connection for good. `make run` and
-    `python -m chatx serve` pass it as `--http chatx:HTTPProtocol`."""
+    """uvicorn's httptools protocol with the deadlines and limits uvicorn
+    lacks, so that a slow or silent client holds neither a connection nor
+    memory for long:
+    - a request's head arrives within HEAD_TIMEOUT_S of its first byte (or of
+      the connection), the whole request within REQUEST_TIMEOUT_S plus a
+      second per REQUEST_BYTES_PER_S of body sent so far; past either, the
+      connection is closed;
+    - a response given before its request's body was all sent closes the
+      connection after it (uvicorn would read the rest, however slowly it came);
+    - a client that leaves its response untaken for RESPONSE_STALL_S is cut
+      off, and what waited for it is dropped;
+    - at most CHATX_HTTP_CONNECTIONS_PER_ADDRESS open per client address;
+      one more is answered 429 and closed.
+    `make run` and `python -m chatx serve` pass it as `--http chatx:HTTPProtocol`."""
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self.head_deadline: asyncio.TimerHandle | None = self.loop.call_later(HEAD_TIMEOUT_S, self.head_late)
+        self.request_deadline: asyncio.TimerHandle | None = None
+        self.send_deadline: asyncio.TimerHandle | None = None
+        self.request_began, self.in_head, self.body_received = 0.0, True, 0
+        self.running: Any = None
+        self.counts, self.counted = connection_counts(self.app), None
+        address = self.client[0] if self.client else None
+        if self.counts is not None and address:
+            if not self.counts.admit(address):
+                transport.write(TOO_MANY_CONNECTIONS_RESPONSE)
+                transport.close()
+                return
+            self.counted = address
+        self.start_request()
+
+    def data_received(self, data: bytes) -> None:
+        if self.request_deadline is None:  # the first bytes after a request: the next one's
+            self.start_request()
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self.head_deadline is None:
-            self.head_deadline = self.loop.call_later(HEAD_TIMEOUT_S, self.head_late)
+        if self.request_deadline is None:
+            self.start_request()
 
     def on_headers_complete(self) -> None:
-        self.stop_head_deadline()
+        self.in_head = False
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        self.body_received += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.stop_request_deadline()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        if self.cycle.response_complete and self.cycle.more_body and not self.transport.is_closing():
+            self.transport.close()  # answered before its body came: the rest is not worth waiting for
+        super().on_response_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self.stop_request_deadline()
+        self.release()  # a socket is limited per user from here on
+        super().handle_websocket_upgrade()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.send_deadline is None:
+            self.send_deadline = self.loop.call_later(RESPONSE_STALL_S, self.send_late)
+
+    def resume_writing(self) -> None:
+        self.stop_send_deadline()
+        super().resume_writing()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self.stop_head_deadline()
+        self.stop_request_deadline()
+        self.stop_send_deadline()
+        self.release()
         super().connection_lost(exc)
 
-    def stop_head_deadline(self) -> None:
-        if self.head_deadline is not None:
-            self.head_deadline.cancel()
-            self.head_deadline = None
+    def start_request(self) -> None:
+        self.request_began, self.in_head, self.body_received = self.loop.time(), True, 0
+        self.request_deadline = self.loop.call_later(HEAD_TIMEOUT_S, self.request_late)
 
-    def head_late(self) -> None:
-        self.head_deadline = None
-        if not self.transport.is_closing():
+    def request_late(self) -> None:
+        self.request_deadline = None
+        allowed = HEAD_TIMEOUT_S if self.in_head else REQUEST_TIMEOUT_S + self.body_received / REQUEST_BYTES_PER_S
+        remaining = self.request_began + allowed - self.loop.time()
+        if remaining > 0:
+            self.request_deadline = self.loop.call_later(remaining, self.request_late)
+        elif not self.transport.is_closing():
             self.transport.close()
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self.running = cycle  # uvicorn tells only its newest cycle of a lost connection, maybe a queued one
+        super()._start_asgi_task(cycle, app)
+
+    def send_late(self) -> None:
+        self.send_deadline = None
+        for cycle in (self.running, self.cycle):  # its writer returns, rather than write to a closed transport
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self.flow.resume_writing()
+        reset(self.transport)
+
+    def stop_request_deadline(self) -> None:
+        if self.request_deadline is not None:
+            self.request_deadline.cancel()
+            self.request_deadline = None
+
+    def stop_send_deadline(self) -> None:
+        if self.send_deadline is not None:
+            self.send_deadline.cancel()
+            self.send_deadline = None
+
+    def release(self) -> None:
+        if self.counted is not None:
+            self.counts.release(self.counted)
+            self.counted = None
 
 
 # ---- the composition root and the app -------------------------------------------------
@@ -4797,6 +5030,7 @@ class ChatX:
         self.storage = Storage(settings.database_url, self.metrics.commit_seconds.observe)
         self.fanout = Fanout(settings)
         self.limits = Limits(settings)
+        self.connections = ConnectionCounts(settings.http_connections_per_address, settings.trusted_proxies)
         self.accounts = Accounts(self.storage, self.fanout, settings)
         self.identity = Identity(self.accounts, settings, authenticate)
         self.presence = Presence(self.storage, self.fanout, settings, self.process_id)
@@ -4990,10 +5224,44 @@ class Starting:
                                  "reached yet; try again shortly.", 1)(scope, receive, send)
 
 
+def undo_server_proxy_headers(scope: Scope) -> None:
+    """Put back the connection's own peer and scheme: uvicorn believes
+    X-Forwarded-For and -Proto from its --forwarded-allow-ips (127.0.0.1
+    unless started with --no-proxy-headers), and ChatX believes only the
+    proxies of CHATX_TRUSTED_PROXIES."""
+    transport = transport_of(scope)
+    if transport is None:
+        return
+    peer = transport.get_extra_info("peername")  # kept by the transport: no system call
+    scope["client"] = (str(peer[0]), int(peer[1])) if isinstance(peer, (list, tuple)) and len(peer) >= 2 else None
+    secure = is_ssl(transport)
+    if scope["type"] == "http":
+        scope["scheme"] = "https" if secure else "http"
+    else:
+        scope["scheme"] = "wss" if secure else "ws"
+
+
+def sliced(send: Send) -> Send:
+    """Response bodies go out RESPONSE_SLICE_BYTES at a time: the server waits
+    for a client to take one before it writes the next, so a client that does
+    not read holds a slice, not the whole body (HTTPProtocol cuts it off)."""
+    async def send_sliced(message: Message) -> None:
+        body = message.get("body", b"")
+        if message["type"] != "http.response.body" or len(body) <= RESPONSE_SLICE_BYTES:
+            return await send(message)
+        more = message.get("more_body", False)
+        for start in range(0, len(body), RESPONSE_SLICE_BYTES):
+            end = start + RESPONSE_SLICE_BYTES
+            await send({"type": "http.response.body", "body": body[start:end], "more_body": more or end < len(body)})
+
+    return send_sliced
+
+
 class ChatXApp(Starlette):
     """Starlette with ChatX's outermost layers, which see every response, 500s
     included (user middleware sits inside Starlette's error handler): the
-    security headers, and with CHATX_TRUSTED_PROXIES uvicorn's proxy-headers
+    connection's own peer and scheme, sliced response bodies, the security
+    headers, and with CHATX_TRUSTED_PROXIES uvicorn's proxy-headers
     middleware, which makes the scheme and client address the proxy's."""
 
     def build_middleware_stack(self) -> ASGIApp:
@@ -5004,9 +5272,12 @@ class ChatXApp(Starlette):
         return app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
+        if scope["type"] in ("http", "websocket"):
             scope["chatx.server_send"] = send  # see abort_connection() and WebSocketEndpoint
             hide_token(scope)
+            undo_server_proxy_headers(scope)
+        if scope["type"] == "http":
+            send = sliced(send)
         await super().__call__(scope, receive, send)
 
 
@@ -5081,7 +5352,7 @@ app = create_app()
 # ---- command line: python -m chatx ----------------------------------------------------
 
 SERVE_OPTIONS = {"ws_max_size": FRAME_MAX_BYTES, "ws_per_message_deflate": False, "http": "chatx:HTTPProtocol",
-                 "timeout_keep_alive": 5, "timeout_graceful_shutdown": 10}
+                 "timeout_keep_alive": 5, "timeout_graceful_shutdown": 10, "proxy_headers": False}
 
 
 def read_password(prompt: str) -> str:
@@ -5175,6 +5446,21 @@ def backup_command(settings: Settings, path: str) -> str:
     return f"backed up {source_path} to {path}"
 
 
+def serving_problem(settings: Settings, host: str) -> str | None:
+    """What is unsafe about serving these settings on `host`: with any Host
+    allowed, a page on another site that rebinds its DNS name to this server
+    passes the Origin check, which compares the Origin with the Host."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if "*" not in settings.allowed_hosts or loopback:
+        return None
+    return (f"CHATX_ALLOWED_HOSTS is '*' while serving on {host}: any Host header is served, and a site that "
+            "rebinds its DNS name to this server passes the Origin check. Set CHATX_ALLOWED_HOSTS to the host "
+            "names people use (docs/deploy.md).")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -5195,6 +5481,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":  # ChatX's lifespan sets up its own log lines (configure_logging)
         import uvicorn
 
+        if problem := serving_problem(load_settings(), args.host):
+            logger.warning(problem)
         uvicorn.run("chatx:app", host=args.host, port=args.port, workers=args.workers, **SERVE_OPTIONS)
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

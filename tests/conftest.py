@@ -8,7 +8,9 @@ import base64
 import hashlib
 import json
 import os
+import resource
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -478,6 +480,39 @@ class ChatServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def make_run_command(port: int) -> list[str]:
+    """The uvicorn command line of `make run`, read from the Makefile, on `port`."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\nrun:", 1)[1].split("\n", 1)[1]
+    lines = []
+    for line in recipe.splitlines():
+        lines.append(line.strip().rstrip("\\"))
+        if not line.endswith("\\"):
+            break
+    command = " ".join(lines).replace("$(PY)", sys.executable).replace("$(PORT)", str(port))
+    return shlex.split(command)
+
+
+class DocumentedServer(ChatServer):
+    """ChatX as `make run` starts it (the Makefile's own command line), under
+    an optional limit on open files (`ulimit -n`)."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, open_files: int | None = None) -> None:
+        super().__init__(env, workdir)
+        self.open_files = open_files
+
+    def limit_open_files(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                make_run_command(self.port), cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=self.limit_open_files if self.open_files else None,
+            )
+        wait_until(self.healthy, timeout=20, what=f"uvicorn on port {self.port} (log: {self.log})")
 
 
 class Remote:

@@ -257,6 +257,59 @@ def test_conversations_limit_defaults_to_50_and_above_200_is_taken_as_200(chat):
     assert all(row["unread"] == 1 for row in capped["conversations"] + rest["conversations"])
 
 
+BIG_BODY = "\U0001F600" * chatx.BODY_MAX  # 16 kB of UTF-8
+
+
+def test_history_pages_stop_short_of_their_byte_bound_and_has_more_stays_true(chat):
+    client, alice, bob, carol, dave = chat
+    ids = [m["id"] for m in store_messages(client, [(me_as_user(alice), me_as_user(bob), f"{n} {BIG_BODY}")
+                                                    for n in range(40)])]
+    seen, before, pages = [], None, 0
+    while True:  # newest first, then older: every message once, in order
+        response = bob.get("/api/conversations/alice/messages", params={"limit": 200, **({} if before is None
+                                                                                          else {"before": before})})
+        assert response.status_code == 200 and len(response.content) <= chatx.PAGE_BYTES_MAX, len(response.content)
+        page = response.json()
+        seen[:0] = [m["id"] for m in page["messages"]]
+        pages += 1
+        if not page["has_more"]:
+            break
+        before = page["messages"][0]["id"]
+    assert seen == ids and pages >= 3
+    seen, after = [], 0
+    while True:  # oldest first, then newer
+        response = bob.get("/api/conversations/alice/messages", params={"limit": 200, "after": after})
+        assert response.status_code == 200 and len(response.content) <= chatx.PAGE_BYTES_MAX, len(response.content)
+        page = response.json()
+        seen += [m["id"] for m in page["messages"]]
+        if not page["has_more"]:
+            break
+        after = page["messages"][-1]["id"]
+    assert seen == ids
+    # A page of short messages is not cut: the count decides, as before.
+    short = store_messages(client, [(me_as_user(bob), me_as_user(alice), f"short {n}") for n in range(200)])
+    page = history(alice, "bob", limit=200)
+    assert [m["id"] for m in page["messages"]] == [m["id"] for m in short] and page["has_more"] is True
+
+
+def test_the_conversation_list_stops_short_of_its_byte_bound_and_has_more_stays_true(chat):
+    client, alice, bob, carol, dave = chat
+    names = [f"pen{n:02d}" for n in range(30)]
+    people = add_users(client, names)
+    store_messages(client, [(people[name], me_as_user(alice), f"{name} {BIG_BODY}") for name in names])
+    listed, before = [], None
+    while True:
+        response = alice.get("/api/conversations", params={"limit": 200, **({} if before is None
+                                                                                else {"before": before})})
+        assert response.status_code == 200 and len(response.content) <= chatx.PAGE_BYTES_MAX, len(response.content)
+        page = response.json()
+        listed += [row["user"]["username"] for row in page["conversations"]]
+        if not page["has_more"]:
+            break
+        before = page["conversations"][-1]["last_message"]["id"]
+    assert listed == names[::-1]
+
+
 @pytest.mark.validation
 @pytest.mark.parametrize("query", [{"limit": "0"}, {"limit": "-1"}, {"limit": "abc"}, {"before": "abc"},
                                    {"before": "-1"}, {"before": "1.5"}, {"before": ""}])

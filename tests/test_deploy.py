@@ -194,8 +194,9 @@ def deployment(tmp_path: Path) -> Iterator[tuple[Nginx, list[ChatServer]]]:
                 "CHATX_TRUSTED_PROXIES": "127.0.0.1",
                 "CHATX_ALLOWED_HOSTS": "127.0.0.1",
                 "CHATX_PRESENCE_GRACE": "0",
-                # uvicorn believes 127.0.0.1's X-Forwarded-* by itself (--forwarded-allow-ips); trust
-                # nobody there, so that CHATX_TRUSTED_PROXIES alone is what this test proves.
+                # uvicorn believes 127.0.0.1's X-Forwarded-* by itself (--forwarded-allow-ips), and ChatX
+                # puts its own peer back; trust nobody there, so that CHATX_TRUSTED_PROXIES alone is what this
+                # test proves.
                 "FORWARDED_ALLOW_IPS": "",
             }
             for _ in range(2):
@@ -233,7 +234,9 @@ def send(page, text: str) -> None:
 
 
 def session_cookie(context) -> dict:
-    [cookie] = [c for c in context.cookies() if c["name"] == chatx.SESSION_COOKIE]
+    """Over https the session cookie has the __Host- prefix: Secure, Path=/, no Domain."""
+    assert not [c for c in context.cookies() if c["name"] == chatx.SESSION_COOKIE]
+    [cookie] = [c for c in context.cookies() if c["name"] == chatx.SECURE_SESSION_COOKIE]
     return cookie
 
 
@@ -267,6 +270,7 @@ def test_two_people_chat_through_nginx_over_https_with_secure_cookies_and_foreig
             assert cookie["secure"] is True, cookie
             assert cookie["httpOnly"] is True, cookie
             assert cookie["sameSite"] == "Lax", cookie
+            assert cookie["path"] == "/" and not cookie["domain"].startswith("."), cookie
 
         # alice finds bob through the search; a first message makes them contacts, both online.
         start_chat(alice_page, bob)
@@ -313,7 +317,7 @@ def test_two_people_chat_through_nginx_over_https_with_secure_cookies_and_foreig
     assert problems == []
 
     # A foreign Origin is refused through the proxy, before anything is accepted: the socket ...
-    headers = {"Cookie": f"{chatx.SESSION_COOKIE}={cookie}"}
+    headers = {"Cookie": f"{chatx.SECURE_SESSION_COOKIE}={cookie}"}
     with pytest.raises(InvalidStatus) as refused:
         connect(f"{proxy.ws_base}/ws", ssl=insecure_tls(), origin=EVIL, additional_headers=headers,
                 open_timeout=10)

@@ -6,6 +6,7 @@ their sockets stay open."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
 import socket
@@ -24,8 +25,8 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (acked, delete_me, error_code, PASSWORD, ChatServer, drain, login, make_partners, next_frame, quiet,
-                      receive, remote_sign_up, sign_up, silent, stalled_socket, wait_until)
+from conftest import (acked, delete_me, error_code, PASSWORD, ChatServer, DocumentedServer, drain, login, make_partners,
+                      next_frame, quiet, receive, remote_sign_up, sign_up, silent, stalled_socket, wait_until)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
@@ -901,5 +902,254 @@ def test_slow_headers_idle_connections_and_slow_bodies_are_cut_off(tmp_path):
         assert b"content-security-policy" in head.lower() and b"no-store" in head.lower()
         assert server.health()[0] == 200
     finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
+
+
+# ---- HTTP: slow readers, trickled requests, heavy readers ------------------------------------------------
+
+
+def store_big_history(server: ChatServer, sender, recipient, count: int) -> None:
+    """`count` messages of 16 kB from sender to recipient, through a socket."""
+    with sender.ws(server) as ws:
+        receive(ws, "hello")
+        for n in range(count):
+            ws.send(json.dumps({"type": "send", "to": recipient.username, "body": BIG_BODY, "client_id": f"h-{n}"}))
+        acks = 0
+        while acks < count:
+            acks += receive(ws, timeout=30)["type"] == "ack"
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+SLOW_READERS = 100
+PIPELINING = 5
+
+
+def test_http_clients_that_do_not_read_their_responses_hold_bounded_memory_and_are_cut_off(tmp_path):
+    # No connection cap and no read budget here: what is proved is the send deadline and the page's byte bound.
+    server = DocumentedServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_SEND_RATE": "10000",
+                               "CHATX_SEND_BURST": "10000", "CHATX_HTTP_CONNECTIONS_PER_ADDRESS": "0",
+                               "CHATX_READ_RATE": "0"}, tmp_path)
+    server.start()
+    raws: list[socket.socket] = []
+    try:
+        alice, bob, carol = (remote_sign_up(server, name) for name in ("alice", "bob", "carol"))
+        store_big_history(server, bob, alice, 200)  # the issue's 3.2 MB page: 200 messages of 4,000 emoji
+        page = alice.get(server, "/api/conversations/bob/messages?limit=200")
+        assert page.status_code == 200 and len(page.content) <= chatx.PAGE_BYTES_MAX and page.json()["has_more"]
+        time.sleep(0.5)
+        baseline, files = rss_bytes(server.process.pid), open_files(server.process.pid)
+        request = (f"GET /api/conversations/bob/messages?limit=200 HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                   f"Cookie: {chatx.SESSION_COOKIE}={alice.cookie}\r\n\r\n").encode()
+        with bob.ws(server) as bob_ws, carol.ws(server) as carol_ws:
+            receive(bob_ws, "hello")
+            receive(carol_ws, "hello")
+            started = time.monotonic()
+            for n in range(SLOW_READERS):
+                raw = socket.socket()
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                raw.connect(("127.0.0.1", server.port))
+                # and never read; a few ask for 30 pages at once, more than the kernel's buffers take
+                raw.sendall(request * (30 if n < PIPELINING else 1))
+                raws.append(raw)
+            peak = baseline
+            while open_files(server.process.pid) > files + 5 and time.monotonic() - started < 40:
+                peak = max(peak, rss_bytes(server.process.pid))
+                time.sleep(0.2)
+            held = time.monotonic() - started
+            # The others noticed nothing meanwhile.
+            assert remote_acked(bob_ws, "carol", "still here", "s-1")["body"] == "still here"
+            assert receive(carol_ws, "message")["message"]["body"] == "still here"
+            assert carol.get(server, "/api/conversations").status_code == 200
+        growth = (peak - baseline) / 2**20
+        report = (f"server RSS {baseline / 2**20:.0f} MiB, peak +{growth:.0f} MiB with {SLOW_READERS} clients that "
+                  f"did not read a history page; their connections were gone after {held:.1f} s")
+        print(report)
+        # The issue saw +320-471 MiB, held for as long as the clients liked.
+        assert held <= chatx.RESPONSE_STALL_S + 15, report
+        assert growth < SLOW_READERS * 0.5, report  # MiB: a seventh of what each held in the issue, and not for long
+    finally:
+        for raw in raws:
+            raw.close()
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_a_heavy_reader_gets_429_while_a_person_using_the_page_normally_never_notices(tmp_path):
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_SEND_RATE": "10000",
+                         "CHATX_SEND_BURST": "10000"}, tmp_path)
+    server.start()
+    try:
+        mallory, bob, alice, carol = (remote_sign_up(server, name) for name in ("mallory", "bob", "alice", "carol"))
+        store_big_history(server, bob, mallory, 40)
+        make_partners(alice, carol, server=server)
+        stop = time.monotonic() + 4
+
+        def heavy() -> list[httpx.Response]:
+            answers = []
+            with httpx.Client(base_url=server.base, headers=mallory.headers(), timeout=10) as http:
+                while time.monotonic() < stop:
+                    answers.append(http.get("/api/conversations/bob/messages", params={"limit": 200}))
+            return answers
+
+        with ThreadPoolExecutor(8) as pool, alice.ws(server) as alice_ws, carol.ws(server) as carol_ws:
+            receive(alice_ws, "hello")
+            receive(carol_ws, "hello")
+            loops = [pool.submit(heavy) for _ in range(8)]
+            normal: list[int] = []
+            for n in range(8):  # a person: a message, a glance at the list and the conversation, now and then
+                assert remote_acked(alice_ws, "carol", f"normal {n}", f"n-{n}")["body"] == f"normal {n}"
+                normal.append(alice.get(server, "/api/conversations").status_code)
+                normal.append(alice.get(server, "/api/conversations/carol/messages").status_code)
+                time.sleep(0.4)
+            answers = [answer for loop in loops for answer in loop.result()]
+        refused = [answer for answer in answers if answer.status_code == 429]
+        served = len(answers) - len(refused)
+        print(f"heavy reader: {served} pages served, {len(refused)} refused in 4 s; the person: {normal}")
+        assert normal == [200] * 16
+        assert refused and error_code(refused[0]) == "rate_limited" and retry_after(refused[0]) >= 1
+        assert {answer.status_code for answer in answers} == {200, 429}
+        # The budget: a burst and then the rate, give or take the time it took to start.
+        settings = chatx.Settings()
+        assert served <= settings.read_burst + settings.read_rate * 6, served
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
+
+
+TRICKLES = {  # what each kind of trickled request sends at once, then a byte at a time
+    "head": (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", b"a"),
+    "body": (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n", b"a"),
+    "chunked": (b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\na\r\n"),
+    "api": (b"POST /api/login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n", b" "),
+}
+
+
+class Trickler:
+    """An attacker on 127.0.0.2 that keeps `target` trickled requests open,
+    re-opening each one the server closes, and notes how long each lived."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.port, self.target = port, target
+        self.open: list[tuple[socket.socket, float, bytes, int]] = []
+        self.lifetimes: list[float] = []
+        self.stopped = False
+
+    def connect(self, kind: str) -> None:
+        try:
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=1, source_address=("127.0.0.2", 0))
+            first, trickle = TRICKLES[kind]
+            raw.sendall(first)
+            raw.setblocking(False)
+        except OSError:
+            return
+        self.open.append((raw, time.monotonic(), trickle, 0))
+
+    def run(self) -> None:
+        kinds = list(TRICKLES)
+        while not self.stopped:
+            for n in range(min(40, self.target - len(self.open))):  # at most 40 new ones a round
+                self.connect(kinds[n % len(kinds)])
+            still = []
+            for raw, opened, trickle, sent in self.open:
+                try:
+                    gone = raw.recv(65536) == b"" if select.select([raw], [], [], 0)[0] else False
+                    if not gone:
+                        raw.send(trickle[sent % len(trickle):sent % len(trickle) + 1])
+                except OSError:
+                    gone = True
+                if gone:
+                    self.lifetimes.append(time.monotonic() - opened)
+                    raw.close()
+                else:
+                    still.append((raw, opened, trickle, sent + 1))
+            self.open = still
+            time.sleep(0.5)
+        for raw, *_ in self.open:
+            raw.close()
+
+    def oldest(self) -> float:
+        return max((time.monotonic() - opened for _, opened, _, _ in self.open), default=0.0)
+
+
+def test_trickled_requests_are_cut_off_and_a_real_user_is_served_under_a_low_open_file_limit(tmp_path):
+    server = DocumentedServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}"}, tmp_path, open_files=256)
+    server.start()
+    attacker = Trickler(server.port, target=400)  # more than the server may have open files
+    try:
+        alice, bob = remote_sign_up(server, "alice"), remote_sign_up(server, "bob")
+        with ThreadPoolExecutor(1) as pool:
+            attack = pool.submit(attacker.run)
+            time.sleep(3)
+            served = []
+            for attempt in range(4):  # a real user on 127.0.0.1: the page, a sign-in, a socket, a message
+                page = httpx.get(f"{server.base}/login", timeout=10)
+                signed_in = httpx.post(f"{server.base}/api/login", json={"username": "alice", "password": PASSWORD},
+                                       timeout=10)
+                user = type(alice)("alice", signed_in.cookies[chatx.SESSION_COOKIE], alice.id)
+                with user.ws(server) as ws, bob.ws(server) as bob_ws:
+                    receive(ws, "hello")
+                    receive(bob_ws, "hello")
+                    delivered = remote_acked(ws, "bob", f"served {attempt}", f"t-{attempt}")["body"]
+                    assert receive(bob_ws, "message")["message"]["body"] == delivered
+                served.append((page.status_code, signed_in.status_code, delivered))
+                time.sleep(2)
+            time.sleep(max(0.0, chatx.REQUEST_TIMEOUT_S + 4 - 11))  # every kind has had time to be cut off
+            oldest = attacker.oldest()
+            attacker.stopped = True
+            attack.result()
+        lifetimes = sorted(attacker.lifetimes)
+        print(f"attacker: {len(lifetimes)} connections closed by the server, the longest after {lifetimes[-1]:.1f} s; "
+              f"the oldest still open: {oldest:.1f} s; the real user: {served}")
+        assert served == [(200, 200, f"served {n}") for n in range(4)]
+        limit = chatx.REQUEST_TIMEOUT_S + 3
+        assert lifetimes[-1] <= limit and oldest <= limit, (lifetimes[-5:], oldest)
+        assert server.health()[0] == 200
+    finally:
+        attacker.stopped = True
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_one_address_gets_a_bounded_number_of_connections_and_a_trusted_proxy_any_number(tmp_path):
+    server = DocumentedServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}",
+                               "CHATX_HTTP_CONNECTIONS_PER_ADDRESS": "3", "CHATX_TRUSTED_PROXIES": "127.0.0.2"},
+                              tmp_path)
+    server.start()
+    held: list[socket.socket] = []
+    try:
+        def opened(source: str) -> socket.socket:
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=(source, 0))
+            held.append(raw)
+            return raw
+
+        def answer(raw: socket.socket) -> bytes:
+            try:
+                raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                return raw.recv(65536)
+            except OSError:  # refused: reset before the answer was read
+                return b""
+
+        crowd = [opened("127.0.0.3") for _ in range(5)]
+        time.sleep(0.5)
+        answers = [answer(raw) for raw in crowd]
+        assert [a.split(b" ", 2)[1] for a in answers[:3]] == [b"200"] * 3, answers
+        assert all(not a or a.startswith(b"HTTP/1.1 429") for a in answers[3:]), answers[3:]
+        for refused in filter(None, answers[3:]):
+            assert b'"rate_limited"' in refused and b"retry-after: 1" in refused.lower()
+        proxy = [opened("127.0.0.2") for _ in range(6)]  # the trusted proxy carries many people's requests
+        assert all(answer(raw).startswith(b"HTTP/1.1 200") for raw in proxy)
+        assert server.health()[0] == 200  # from 127.0.0.1, meanwhile
+        for raw in crowd[:3]:
+            raw.close()
+        time.sleep(0.5)
+        assert answer(opened("127.0.0.3")).startswith(b"HTTP/1.1 200")  # a closed one makes room
+    finally:
+        for raw in held:
+            raw.close()
         server.stop()
     assert "Traceback" not in server.log.read_text()

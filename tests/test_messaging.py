@@ -575,6 +575,25 @@ def test_a_cursor_past_any_id_is_an_empty_page_not_an_error(chat):
         assert [f for f in quiet(b) if f["type"] == "message"] == []
 
 
+@pytest.mark.parametrize("digits", [19, 20, 100, 5000])
+def test_limits_and_cursors_of_any_number_of_digits_are_the_most_and_past_the_end(chat, digits):
+    client, alice, bob, carol = chat
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        ids = seed(ws, "bob", 3)
+    huge = "9" * digits
+    assert [m["id"] for m in history(bob, "alice", limit=huge)["messages"]] == ids  # limit taken as 200
+    assert history(bob, "alice", limit=huge, after=huge)["messages"] == []  # none newer
+    everything_older = history(bob, "alice", limit=huge, before=huge)
+    assert [m["id"] for m in everything_older["messages"]] == ids and everything_older["has_more"] is False
+    listed = bob.get("/api/conversations", params={"limit": huge, "before": huge})
+    assert listed.status_code == 200, listed.text
+    assert [row["user"]["username"] for row in listed.json()["conversations"]] == ["alice"]
+    with bob.ws(after=huge, since=huge) as b:  # nothing beyond the end to replay, and no refusal
+        hello = next_frame(b, "hello")
+        assert hello["seq"] == 3 and [f for f in quiet(b) if f["type"] != "presence"] == []
+
+
 def test_history_limit_above_200_is_taken_as_200(chat):
     client, alice, bob, carol = chat
     assert history(alice, "bob", limit=100000)["messages"] == []

@@ -7,7 +7,10 @@ from __future__ import annotations
 import functools
 import json
 import re
+import os
 import socket
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +24,7 @@ from starlette.testclient import TestClient
 
 import chatx
 from conftest import (
-    ChatServer, RedisServer, fresh_postgres_database, remote_sign_up, receive, sign_up, wait_until,
+    ROOT, ChatServer, RedisServer, free_port, fresh_postgres_database, remote_sign_up, receive, sign_up, wait_until,
 )
 
 LOOPBACK = ("127.0.0.1", 50000)  # TestClient's own address is "testclient", which is no IP address
@@ -325,3 +328,36 @@ def test_json_log_format_gives_one_object_per_line_with_the_database_password_ma
                                      f"broadcast {redis_server.url}")
     assert entries[-1]["message"] == "ChatX stopped", entries
     assert not any("restored" in e["message"] for e in entries), entries
+
+
+# ---- allowed hosts ---------------------------------------------------------------------------
+
+
+def serve_output(tmp_path: Path, host: str, **env: str) -> str:
+    """What `python -m chatx serve --host HOST` prints until uvicorn has started."""
+    port = free_port()
+    log = tmp_path / f"serve-{port}.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen([sys.executable, "-m", "chatx", "serve", "--host", host, "--port", str(port)],
+                                   cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                                   stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "Application startup complete" in log.read_text() or process.poll() is not None,
+                   timeout=30, what="python -m chatx serve to start")
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    return log.read_text()
+
+
+def test_serve_warns_when_any_host_is_allowed_on_an_address_others_can_reach(tmp_path):
+    # DNS rebinding: with CHATX_ALLOWED_HOSTS=* the Origin check compares the Origin with whatever Host came.
+    exposed = serve_output(tmp_path, "0.0.0.0")
+    assert "CHATX_ALLOWED_HOSTS is '*' while serving on 0.0.0.0" in exposed, exposed
+    assert "Application startup complete" in exposed
+    assert "CHATX_ALLOWED_HOSTS" not in serve_output(tmp_path, "127.0.0.1")
+    named = serve_output(tmp_path, "0.0.0.0", CHATX_ALLOWED_HOSTS="chat.example")
+    assert "CHATX_ALLOWED_HOSTS" not in named and "Application startup complete" in named
+    settings = chatx.load_settings()
+    assert chatx.serving_problem(settings, "::1") is None and chatx.serving_problem(settings, "localhost") is None
+    assert chatx.serving_problem(settings, "chat.example.com") is not None

@@ -12,13 +12,14 @@ import sqlite3
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import httpx2 as httpx
 import pytest
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 import chatx
-from conftest import (acked, error_code, PASSWORD, ChatServer, drain, next_frame, receive, remote_sign_up,
-                      sign_up, silent)
+from conftest import (acked, error_code, PASSWORD, ChatServer, DocumentedServer, drain, next_frame, quiet, receive,
+                      remote_sign_up, sign_up, silent)
 
 
 pytestmark = pytest.mark.usefixtures("cheap_hashes")
@@ -374,22 +375,68 @@ def test_x_forwarded_for_from_a_peer_that_is_not_a_listed_proxy_is_ignored(sqlit
         assert "secure" not in registered.headers["set-cookie"].lower()
 
 
-def test_x_forwarded_proto_https_from_a_trusted_proxy_makes_the_cookie_secure(sqlite_url):
+@pytest.mark.parametrize("command", ["make run", "uvicorn chatx:app"])
+def test_forged_x_forwarded_for_from_loopback_is_ignored_by_the_documented_commands(tmp_path, command):
+    # uvicorn alone believes X-Forwarded-For from 127.0.0.1 (its --forwarded-allow-ips default); with
+    # CHATX_TRUSTED_PROXIES empty, ChatX must believe nobody, so a fresh header buys no fresh limits.
+    env = {"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_SIGNUPS_PER_ADDRESS": "3",
+           "CHATX_LOGIN_FAILURES_PER_ADDRESS": "3", "CHATX_LOGIN_FAILURES_PER_USER": "100"}
+    server = DocumentedServer(env, tmp_path) if command == "make run" else ChatServer(env, tmp_path)
+    server.start()
+    try:
+        def forged(n: int) -> dict[str, str]:
+            return {"X-Forwarded-For": f"198.51.100.{n}", "X-Forwarded-Proto": "https"}
+
+        signups = [httpx.post(f"{server.base}/api/register", json={"username": f"forger{n}", "password": PASSWORD},
+                              headers=forged(n), timeout=30) for n in range(5)]
+        assert [r.status_code for r in signups] == [201, 201, 201, 429, 429], [r.text for r in signups]
+        # Nor is X-Forwarded-Proto believed: the cookie is the plain-http one.
+        assert signups[0].cookies.get(chatx.SESSION_COOKIE) and "secure" not in signups[0].headers["set-cookie"].lower()
+        failures = [httpx.post(f"{server.base}/api/login", json={"username": f"guess{n}", "password": "wrong guess"},
+                               headers=forged(100 + n), timeout=30).status_code for n in range(5)]
+        assert failures == [401, 401, 401, 429, 429], failures
+    finally:
+        server.stop()
+
+
+def cookie_attributes(set_cookie: str) -> tuple[str, dict[str, str]]:
+    """The name of a Set-Cookie header's cookie, and its attributes by lower-cased name."""
+    first, *rest = [part.strip() for part in set_cookie.split(";")]
+    attributes = {name.lower(): value for name, _, value in (part.partition("=") for part in rest)}
+    return first.partition("=")[0], attributes
+
+
+def test_over_https_through_a_trusted_proxy_the_session_cookie_is_secure_with_the_host_prefix(sqlite_url):
     with app_client(sqlite_url, trusted_proxies="*") as client:
         behind_tls = client.post("/api/register", json={"username": "alice", "password": PASSWORD},
                                  headers={"x-forwarded-proto": "https", "x-forwarded-for": "1.2.3.4"})
         assert behind_tls.status_code == 201
-        assert "secure" in [part.strip().lower() for part in behind_tls.headers["set-cookie"].split(";")]
+        name, attributes = cookie_attributes(behind_tls.headers["set-cookie"])
+        # __Host-: a browser takes it only Secure, for Path=/ and without Domain, and only from this origin,
+        # so neither a sibling subdomain nor a plain-http page can plant a second session cookie.
+        assert name == chatx.SECURE_SESSION_COOKIE == "__Host-chatx_session"
+        assert "secure" in attributes and attributes["path"] == "/" and "domain" not in attributes
         client.cookies.clear()
         plain = client.post("/api/register", json={"username": "bob", "password": PASSWORD},
                             headers={"x-forwarded-proto": "http", "x-forwarded-for": "1.2.3.4"})
         assert plain.status_code == 201
-        assert "secure" not in [part.strip().lower() for part in plain.headers["set-cookie"].split(";")]
+        name, attributes = cookie_attributes(plain.headers["set-cookie"])
+        assert name == chatx.SESSION_COOKIE and "secure" not in attributes
         client.cookies.clear()
         # The session works through the proxy over https, sockets included.
-        cookie = {"cookie": f"{chatx.SESSION_COOKIE}={behind_tls.cookies[chatx.SESSION_COOKIE]}",
-                  "x-forwarded-proto": "https"}
+        token = behind_tls.cookies[chatx.SECURE_SESSION_COOKIE]
+        cookie = {"cookie": f"{chatx.SECURE_SESSION_COOKIE}={token}", "x-forwarded-proto": "https"}
         assert client.get("/api/me", headers=cookie).json()["user"]["username"] == "alice"
+        with client.websocket_connect("/ws", headers=cookie) as ws:
+            assert ws.receive_json()["type"] == "hello"
+        # Over https a cookie without the prefix (one a sibling subdomain could have set) is no session.
+        tossed = {"cookie": f"{chatx.SESSION_COOKIE}={token}", "x-forwarded-proto": "https"}
+        assert client.get("/api/me", headers=tossed).status_code == 401
+        # Signing out clears the prefixed cookie, with the attributes a browser needs to take the clearing.
+        out = client.post("/api/logout", headers=cookie)
+        name, attributes = cookie_attributes(out.headers["set-cookie"])
+        assert name == chatx.SECURE_SESSION_COOKIE and "secure" in attributes and attributes["path"] == "/"
+        assert attributes["max-age"] == "0"
 
 
 def test_trusted_proxies_and_allowed_hosts_come_from_the_environment(tmp_path, monkeypatch):
