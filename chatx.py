@@ -1079,7 +1079,8 @@ class Storage:
         if not self.postgres:
             await self.write(migrate)
             return
-        database = Database(self.url, min_size=1, max_size=1, timeout=CONNECT_TIMEOUT_S, init=watch_silence)
+        database = Database(str(self.database.url), min_size=1, max_size=1, timeout=CONNECT_TIMEOUT_S,
+                            init=watch_silence)
         await database.connect()
         try:
             async with database.connection() as connection:

@@ -1278,7 +1278,7 @@ def test_sqlite_never_gives_a_deleted_account_s_user_or_message_ids_again(make_c
 
 def downgrade_to_version_2(path: Path) -> None:
     """Make a database file as version 2 left it: user and message ids without
-    AUTOINCREMENT (and no high-water mark), the old skeletons."""
+    AUTOINCREMENT (and no high-water mark), no attachment column, the old skeletons."""
     raw = sqlite3.connect(path)
     try:
         for table in ("chatx_users", "chatx_messages"):
@@ -1292,6 +1292,7 @@ def downgrade_to_version_2(path: Path) -> None:
             raw.execute("DROP TABLE old")
             for index in indexes:
                 raw.execute(index)
+        raw.execute("ALTER TABLE chatx_messages DROP COLUMN attachment_id")  # version 3's, too
         raw.execute("DELETE FROM sqlite_sequence")
         for username, old_skeleton in (("bobby_", "bobby_"), ("vvendy", "vvendy")):
             raw.execute("UPDATE chatx_users SET skeleton = ? WHERE username = ?", (old_skeleton, username))
