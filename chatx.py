@@ -2802,8 +2802,17 @@ def abort_connection(scope: Scope) -> None:
         return
     connection = transport.get_extra_info("socket")
     if connection is not None:  # a reset, not a FIN the client would wait behind unread data for
-        connection.setsockopt(SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
+        set_option(connection, SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+def set_option(connection: Any, level: int, option: int, value: int | bytes) -> None:
+    """setsockopt on a connection the client may have reset meanwhile: a closed
+    socket has no descriptor (ValueError) and a dead one says OSError."""
+    try:
+        connection.setsockopt(level, option, value)
+    except (OSError, ValueError):
+        pass  # the connection is gone; writing to it ends the socket as a disconnect
 
 
 @contextmanager
@@ -2814,14 +2823,11 @@ def corked(connection: Any | None) -> Iterator[None]:
     if connection is None or TCP_CORK is None:
         yield
         return
-    connection.setsockopt(IPPROTO_TCP, TCP_CORK, 1)
+    set_option(connection, IPPROTO_TCP, TCP_CORK, 1)
     try:
         yield
     finally:
-        try:
-            connection.setsockopt(IPPROTO_TCP, TCP_CORK, 0)  # sends what is held
-        except OSError:
-            pass  # the connection is gone
+        set_option(connection, IPPROTO_TCP, TCP_CORK, 0)  # sends what is held
 
 
 class ChatSocket:

@@ -12,6 +12,7 @@ import re
 import select
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -266,6 +267,40 @@ def test_readers_that_stop_reading_cost_bounded_memory_are_closed_with_1013_and_
     finally:
         for raw in raws:
             raw.close()
+        server.stop()
+
+
+RESETS = 60
+BURST = 24
+
+
+def test_a_client_that_resets_with_frames_queued_leaves_no_traceback_and_no_1011(tmp_path):
+    """Issue 23.4: the cork's setsockopt on a connection the client had reset
+    raised ValueError (negative file descriptor), logged a traceback and closed with 1011."""
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_METRICS": "true",
+                         "CHATX_SEND_RATE": "10000", "CHATX_SEND_BURST": "10000"}, tmp_path)
+    server.start()
+    try:
+        alice, bob = (remote_sign_up(server, name) for name in ("alice", "bob"))
+        with bob.ws(server) as ws:
+            receive(ws, "hello")
+            for round_ in range(RESETS):
+                raw = stalled_socket(server, alice.cookie, "?after=0")  # its replay fills the buffers
+                for n in range(BURST):  # more than the two kernels' buffers hold: the rest waits in the outbox
+                    ws.send(json.dumps({"type": "send", "to": "alice", "body": BIG_BODY, "client_id": f"{round_}-{n}"}))
+                acks = 0
+                while acks < BURST:
+                    acks += receive(ws, timeout=30)["type"] == "ack"
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                raw.close()  # a reset, with frames for it still queued
+            assert remote_acked(ws, "alice", "still here", "last")["body"] == "still here"
+        wait_until(lambda: closed_with(server, 1011) + sum(
+            closed_with(server, code) for code in ("client", 1013)) >= RESETS, timeout=30, what="every reset noticed")
+        log = server.log.read_text()
+        assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+        assert closed_with(server, 1011) == 0
+        assert server.health()[0] == 200
+    finally:
         server.stop()
 
 
