@@ -1086,17 +1086,22 @@ async def ensure_secret(conn: Connection, candidate: str) -> str:
 # A blocked pair, either way round: neither sees the other's presence.
 BLOCKED_EITHER_WAY = ("EXISTS (SELECT 1 FROM chatx_blocks b WHERE (b.user_id = {a} AND b.blocked_id = {b}) "
                       "OR (b.user_id = {b} AND b.blocked_id = {a}))")
+# The audience of presence, the one rule every presence query is built on:
+# the two people of a row `c` of chatx_conversations (partners) see each
+# other's presence unless one blocks the other. It holds both ways round.
+SEES_PRESENCE = "c.peer_id <> c.user_id AND NOT " + BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
 
 
 async def directory_page(conn: Connection, me: int, prefix: str, after: str, limit: int) -> list[tuple]:
-    """Users but me whose key starts with `prefix`, after `after`, by key: a range of the key's index."""
-    blocked = BLOCKED_EITHER_WAY.format(a="?", b="u.id")
+    """Users but me whose key starts with `prefix`, after `after`, by key: a
+    range of the key's index. Status and last seen only where I see their presence."""
+    seen = f"EXISTS (SELECT 1 FROM chatx_conversations c WHERE c.user_id = ? AND c.peer_id = u.id AND {SEES_PRESENCE})"
     # One lower bound: given two, SQLite ranges over the index from the first only.
     lower, start = ("u.username_key > ?", after) if after >= prefix else ("u.username_key >= ?", prefix)
     return await conn.fetch(
-        f"SELECT u.id, u.username, u.status, u.last_seen, {blocked} FROM chatx_users u "
+        f"SELECT u.id, u.username, u.status, u.last_seen, {seen} FROM chatx_users u "
         f"WHERE {lower} AND u.username_key < ? AND u.id <> ? "
-        "ORDER BY u.username_key LIMIT ?", me, me, start, prefix + "\U0010ffff", me, limit)
+        "ORDER BY u.username_key LIMIT ?", me, start, prefix + "\U0010ffff", me, limit)
 
 
 async def insert_block(conn: Connection, me: int, other: int) -> None:
@@ -1503,6 +1508,12 @@ async def mark_online(conn: Connection, user_id: int, now: int) -> list[Transiti
     return [(rows[0][0], "online", now)] if rows else []
 
 
+async def mark_offline(conn: Connection, user_id: int, now: int) -> list[Transition]:
+    rows = await conn.fetch("UPDATE chatx_users SET status = 'offline', last_seen = ? "
+                            "WHERE id = ? AND status = 'online' RETURNING username", now, user_id)
+    return [(rows[0][0], "offline", now)] if rows else []
+
+
 async def offline_if_gone(conn: Connection, user_id: int, now: int, grace_ms: int) -> list[Transition]:
     """Offline, if no socket of theirs is open anywhere and the last one closed at least `grace_ms` ago."""
     rows = await conn.fetch(
@@ -1575,40 +1586,37 @@ async def offline_unconnected(conn: Connection, now: int, grace_ms: int) -> list
     return transitions
 
 
-async def partners_online(conn: Connection, username: str) -> list[int]:
-    """Ids of the online partners of a user, blocked pairs left out."""
-    blocked = BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
+async def audience(conn: Connection, username: str) -> list[int]:
+    """Ids of the online users who see a user's presence."""
     rows = await conn.fetch(
         "SELECT c.peer_id FROM chatx_users u JOIN chatx_conversations c ON c.user_id = u.id "
-        f"JOIN chatx_users p ON p.id = c.peer_id WHERE u.username_key = ? AND c.peer_id <> c.user_id "
-        f"AND p.status = 'online' AND NOT {blocked}", username.lower())
+        f"JOIN chatx_users p ON p.id = c.peer_id WHERE u.username_key = ? AND p.status = 'online' "
+        f"AND {SEES_PRESENCE}", username.lower())
     return [row[0] for row in rows]
 
 
 async def partner_presence(conn: Connection, user_id: int) -> list[tuple[str, str, int | None]]:
-    """(username, status, last_seen) of my online partners, blocked pairs left out."""
-    blocked = BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
+    """(username, status, last_seen) of the online users whose presence I see."""
     return await conn.fetch(
         "SELECT p.username, p.status, p.last_seen FROM chatx_conversations c JOIN chatx_users p ON p.id = c.peer_id "
-        f"WHERE c.user_id = ? AND c.peer_id <> c.user_id AND p.status = 'online' AND NOT {blocked}", user_id)
+        f"WHERE c.user_id = ? AND p.status = 'online' AND {SEES_PRESENCE}", user_id)
 
 
 async def presence_of(conn: Connection, user_id: int, seen_by: int) -> tuple[str, str, int | None] | None:
-    """A user's presence as `seen_by` may see it: None for a blocked pair."""
-    blocked = BLOCKED_EITHER_WAY.format(a="?", b="u.id")
-    return await conn.fetch_one(f"SELECT username, status, last_seen FROM chatx_users u WHERE id = ? "
-                                f"AND NOT {blocked}", user_id, seen_by, seen_by)
+    """A user's presence if `seen_by` sees it, else None."""
+    return await conn.fetch_one(
+        "SELECT p.username, p.status, p.last_seen FROM chatx_conversations c JOIN chatx_users p ON p.id = c.peer_id "
+        f"WHERE c.user_id = ? AND c.peer_id = ? AND {SEES_PRESENCE}", seen_by, user_id)
 
 
 async def presence_changes(conn: Connection, process_id: str, since: int) -> list[tuple[int, str, str, int]]:
-    """Changes since `since` of the partners of this process's users: (whose
-    socket, username, status, last_seen). What a lost publish left untold."""
-    blocked = BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
+    """Changes since `since` seen by this process's users: (whose socket,
+    username, status, last_seen). What a lost publish left untold."""
     return await conn.fetch(
         "SELECT DISTINCT c.user_id, p.username, p.status, p.last_seen FROM chatx_users p "
         "JOIN chatx_conversations c ON c.peer_id = p.id "
         "JOIN chatx_sockets s ON s.user_id = c.user_id AND s.process_id = ? "
-        f"WHERE p.last_seen >= ? AND c.peer_id <> c.user_id AND NOT {blocked} ORDER BY p.last_seen",
+        f"WHERE p.last_seen >= ? AND {SEES_PRESENCE} ORDER BY p.last_seen",
         process_id, since)
 
 
@@ -2177,7 +2185,7 @@ class TooManyAttempts(Exception):
 
 
 class Accounts:
-    """Users, their passwords, sessions and blocks, and the limits on signing in and up."""
+    """Users, their passwords and sessions, and the limits on signing in and up."""
 
     def __init__(self, storage: Storage, fanout: Fanout, settings: Settings) -> None:
         self.storage, self.fanout, self.settings = storage, fanout, settings
@@ -2188,6 +2196,7 @@ class Accounts:
         self.hashes_by_address: dict[str, int] = {}
         self.idle_ms = int(settings.session_idle_days * 86_400_000) or 2**62
         self.purger: asyncio.Task | None = None
+        self.deleting: list[Callable[[User], Awaitable[None]]] = []  # run as an account is deleted
 
     async def start(self) -> None:
         self.secret = self.settings.secret_key or await self.storage.write(ensure_secret, secrets.token_urlsafe(32))
@@ -2313,15 +2322,14 @@ class Accounts:
         self.fanout.deliver(session.user.id, Revoke(None, keep=session.id))
 
     async def delete(self, user: User) -> None:
-        """The account and all its messages go; partners see it go offline, and
-        every process forgets the name, which may be registered again."""
-        partners = await self.storage.read(partners_online, user.username)
+        """The account and all its messages go; the `deleting` callbacks run
+        first (Presence: partners see it go offline), and every process
+        forgets the name, which may be registered again."""
+        for callback in self.deleting:
+            await callback(user)
         await self.storage.write(delete_account, user.id)
         self.storage.erase_soon()
         self.fanout.deliver(user.id, Revoke(None))
-        gone = PresenceFrame(user.username, "offline", iso(now_ms()))
-        for partner in partners:
-            self.fanout.deliver(partner, gone)
         self.fanout.deliver_everywhere(UserGone(user.username.lower()))
 
     def forget(self, item: UserGone) -> None:
@@ -2338,16 +2346,10 @@ class Accounts:
 
     async def directory(self, me: User, prefix: str, after: str, limit: int) -> dict[str, Any]:
         rows = await self.storage.read(directory_page, me.id, prefix.lower(), after.lower(), limit + 1)
-        found = [{"id": user_id, "username": username, "status": "offline" if blocked else status,
-                  "last_seen": None if blocked else iso(last_seen)}
-                 for user_id, username, status, last_seen, blocked in rows[:limit]]
+        found = [{"id": user_id, "username": username, "status": status if seen else None,
+                  "last_seen": iso(last_seen) if seen else None}
+                 for user_id, username, status, last_seen, seen in rows[:limit]]
         return {"users": found, "has_more": len(rows) > limit}
-
-    async def block(self, me: User, other: User) -> None:
-        await self.storage.write(insert_block, me.id, other.id)
-
-    async def unblock(self, me: User, other: User) -> None:
-        await self.storage.write(delete_block, me.id, other.id)
 
     async def blocked(self, me: User) -> list[User]:
         return await self.storage.read(blocked_users, me.id)
@@ -2365,6 +2367,9 @@ class Fanout:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.local: dict[int, set[Any]] = {}  # user id -> this process's open sockets
+        # user id -> partner key -> (status, last_seen) that the user's sockets here were told:
+        # one per user, not per socket, so that a socket's memory does not grow with partners.
+        self.presence_told: dict[int, dict[str, tuple[str, str | None]]] = {}
         self.relays: dict[int, tuple[asyncio.Task, asyncio.Future]] = {}  # user id -> relay, subscribed
         self.ending_relays: dict[int, asyncio.Task] = {}
         self.resync_callbacks: list[Callable[[int], Awaitable[None]]] = []
@@ -2430,8 +2435,25 @@ class Fanout:
             self.backend.publish_elsewhere(f"{self.namespace}:process", functools.partial(encode_item, item))
 
     def deliver_here(self, user_id: int, item: OutboxItem) -> None:
+        if isinstance(item, PresenceFrame) and not self.news(user_id, item.username, item.status, item.last_seen):
+            return
         for socket in list(self.local.get(user_id, ())):
             socket.enqueue(item)
+
+    def news(self, user_id: int, username: str, status: str, last_seen: str | None) -> bool:
+        """Record a presence the user's sockets here are told; False for a
+        repeat or one older than what they were told (a heartbeat's refresh).
+        A presence without a time (a block starting) is news unless repeated."""
+        told = self.presence_told.get(user_id)
+        if told is None:
+            return False  # no socket of the user here
+        key = username.lower()
+        known = told.get(key)
+        state = ("online" if status == "online" else "offline", last_seen)
+        if known == state or (known is not None and last_seen is not None and (known[1] or "") > last_seen):
+            return False  # fixed-width ISO times sort as strings
+        told[key] = state
+        return True
 
     def channel(self, user_id: int) -> str:
         return f"{self.namespace}:user:{user_id}"
@@ -2441,6 +2463,7 @@ class Fanout:
         user_id = socket.user.id
         if user_id not in self.local:
             self.local[user_id] = set()
+            self.presence_told[user_id] = {}
             subscribed = asyncio.get_running_loop().create_future()
             self.relays[user_id] = (asyncio.create_task(self.relay_user(user_id, subscribed)), subscribed)
         self.local[user_id].add(socket)
@@ -2454,6 +2477,7 @@ class Fanout:
         group.discard(socket)
         if not group:
             del self.local[user_id]
+            del self.presence_told[user_id]
             relay, subscribed = self.relays.pop(user_id)
             relay.cancel()
             subscribed.cancel()
@@ -2517,9 +2541,12 @@ class StatusHook:
 
 
 class Presence:
-    """Who is online, told to their partners. The socket rows are the truth;
+    """Who is online, told to their partners, never across a block: the whole
+    rule of who sees whose presence lives here (and in SEES_PRESENCE, the
+    audience every presence query is built on). The socket rows are the truth;
     each status change is committed, then passes through the status hook,
-    whose first callback delivers it to the partners who are online.
+    whose first callback delivers it to the partners who are online. Blocks
+    start and end here too, since each changes what two people see.
 
     A user's last socket closing takes effect `presence_grace` seconds later,
     so a quick reconnect changes nothing. A process that dies is swept by the
@@ -2535,7 +2562,7 @@ class Presence:
         self.unclosed: dict[str, User] = {}  # socket rows a failed write left behind: the heartbeat retries
 
     async def start(self) -> None:
-        await self.storage.write(heartbeat, self.process_id, [])
+        await self.change(heartbeat, self.process_id, [])
         self.fanout.resync_callbacks.append(self.refresh)
         self.upkeep = asyncio.create_task(self.keep())
 
@@ -2545,7 +2572,7 @@ class Presence:
                 task.cancel()
         await asyncio.gather(*[task for task in [self.upkeep, *self.pending] if task], return_exceptions=True)
         try:
-            await self.announce(await self.storage.write(unregister_process, self.process_id))
+            await self.change(unregister_process, self.process_id)
         except Exception:
             logger.exception("could not unregister this process; the sweep will")
 
@@ -2556,17 +2583,13 @@ class Presence:
 
     async def socket_opened(self, socket_id: str, session: Session) -> bool:
         """False, recording nothing, when the user has the most sockets allowed open already."""
-        transitions = await self.storage.write(open_socket, socket_id, self.process_id, session.user.id,
-                                               self.settings.max_sockets_per_user, session.id)
-        if transitions is None:
-            return False
-        await self.announce(transitions)
-        return True
+        return await self.change(open_socket, socket_id, self.process_id, session.user.id,
+                                 self.settings.max_sockets_per_user, session.id) is not None
 
     async def socket_closed(self, socket_id: str, user: User) -> None:
         """Never raises: a row that cannot be deleted now is retried by the heartbeat."""
         try:
-            await self.announce(await self.storage.write(close_socket, socket_id, user.id, self.grace_ms))
+            await self.change(close_socket, socket_id, user.id, self.grace_ms)
         except Exception as exc:
             logger.warning("could not record that a socket of %s closed (%s); retrying", user.username, exc)
             self.unclosed[socket_id] = user
@@ -2578,7 +2601,7 @@ class Presence:
     async def expire(self, user: User) -> None:
         await asyncio.sleep(self.grace_ms / 1000 + 0.05)
         try:
-            await self.announce(await self.storage.write(offline_if_gone, user.id, now_ms(), self.grace_ms))
+            await self.change(offline_if_gone, user.id, now_ms(), self.grace_ms)
         except Unavailable as exc:
             logger.warning("could not take %s offline (%s); the heartbeat will", user.username, exc)
 
@@ -2593,15 +2616,38 @@ class Presence:
             if found is not None:
                 self.fanout.deliver(user_id, PresenceFrame(found[0], found[1], iso(found[2])))
 
-    async def announce(self, transitions: list[Transition]) -> None:
-        for username, status, last_seen in transitions:
+    async def blocked(self, me: User, other: User) -> None:
+        """Block `other`: from now on neither sees the other's presence, and
+        each one's open sockets are told at once that the other is offline,
+        with no time: the last one they saw is no longer theirs to know."""
+        await self.storage.write(insert_block, me.id, other.id)
+        self.fanout.deliver(me.id, PresenceFrame(other.username, "offline", None))
+        self.fanout.deliver(other.id, PresenceFrame(me.username, "offline", None))
+
+    async def unblocked(self, me: User, other: User) -> None:
+        """End my block of `other`: each who sees the other's presence again
+        (partners, and no block the other way) is told it as it is now."""
+        await self.storage.write(delete_block, me.id, other.id)
+        await self.introduce(me.id, other.id)
+
+    async def account_deleted(self, user: User) -> None:
+        """An account is being deleted: whoever sees its presence sees it go
+        offline now, through the status hook like any other change."""
+        await self.change(mark_offline, user.id, now_ms())
+
+    async def change(self, job: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Commit a write job that returns the status changes it made (None:
+        it did nothing), then announce them: the one way a status changes."""
+        transitions = await self.storage.write(job, *args)
+        for username, status, last_seen in transitions or ():
             await self.hook.send(username, status, datetime.fromtimestamp(last_seen / 1000, timezone.utc))
+        return transitions
 
     async def publish(self, username: str, status: str, last_seen: datetime) -> None:
-        """The hook's first callback: the change goes to every online partner."""
+        """The hook's first callback: the change goes to its audience, the partners who are online."""
         frame = PresenceFrame(username, status, iso_time(last_seen))
-        for partner in await self.storage.read(partners_online, username):
-            self.fanout.deliver(partner, frame)
+        for watcher in await self.storage.read(audience, username):
+            self.fanout.deliver(watcher, frame)
 
     async def refresh(self, since: int) -> None:
         """Tell this process's sockets every partner's change since `since`
@@ -2622,9 +2668,8 @@ class Presence:
             try:
                 open_sockets = {socket.socket_id: socket for socket in self.fanout.sockets()}
                 live = [(socket.socket_id, socket.user.id, socket.session.id) for socket in open_sockets.values()]
-                transitions = await self.storage.write(heartbeat, self.process_id, live)
-                transitions += await self.storage.write(sweep, int(ttl * 500), self.grace_ms)
-                await self.announce(transitions)
+                await self.change(heartbeat, self.process_id, live)
+                await self.change(sweep, int(ttl * 500), self.grace_ms)
                 for socket_id, user in list(self.unclosed.items()):
                     await self.socket_closed(socket_id, user)
                 for socket_id in await self.storage.read(sockets_of_ended_sessions, self.process_id):
@@ -2855,7 +2900,6 @@ class ChatSocket:
         self.seq = 0  # the newest event of the stream this socket has sent or skipped
         self.disconnect_code: int | None = None  # as the server reported the connection's end
         self.sending_since = 0.0  # when the frame being sent was handed to the server
-        self.presence: dict[str, tuple[str, str | None]] = {}  # partner key -> status, last_seen it knows
         loop = asyncio.get_running_loop()
         self.finished = loop.create_future()
         self.ended = loop.create_future()  # the first task to end, or a close code
@@ -2877,7 +2921,8 @@ class ChatSocket:
                     # After attaching: every later event arrives live, every earlier one is in the database.
                     newest = await chat.messenger.newest_seq(self.user)
                     partners = await chat.presence.partners(self.user)
-                    self.presence = {name.lower(): (status, iso(seen)) for name, status, seen in partners}
+                    for name, status, seen in partners:  # what hello tells is not told again
+                        chat.fanout.news(self.user.id, name, status, iso(seen))
                     await self.send_text(hello_frame(self.user, newest, partners))
                     self.seq = newest
                     if since is not None:
@@ -2989,9 +3034,8 @@ class ChatSocket:
                 self.seq = item.seq
         elif isinstance(item, Frame):
             await self.send_text(item.text)
-        elif isinstance(item, PresenceFrame):
-            if self.news(item):
-                await self.send_text(item.text)
+        elif isinstance(item, PresenceFrame):  # Fanout dropped the ones the user's sockets know
+            await self.send_text(item.text)
         elif isinstance(item, Revoke):
             return CLOSE_REVOKED if item.ends(self.session.id) else None
         elif isinstance(item, Resync):
@@ -2999,18 +3043,6 @@ class ChatSocket:
                 return CLOSE_REVOKED
             await self.catch_up()
         return None
-
-    def news(self, frame: PresenceFrame) -> bool:
-        """Record a partner's presence; False for a repeat or one older than what this socket knows."""
-        key = frame.username.lower()
-        known = self.presence.get(key)
-        if known is not None:
-            if known == (frame.status, frame.last_seen):
-                return False
-            if (known[1] or "") > (frame.last_seen or ""):  # fixed-width ISO times sort as strings
-                return False
-        self.presence[key] = (frame.status, frame.last_seen)
-        return True
 
     async def catch_up(self) -> None:
         """Send every event of the stream above `seq`, in order, from the database."""
@@ -3593,11 +3625,11 @@ async def block(request: Request) -> Response:
     check_origin(request)
     session = await signed_in(request)
     other = await named_user(request)
-    accounts = chat_of(request).accounts
+    presence = chat_of(request).presence
     if request.method == "PUT":
-        await accounts.block(session.user, other)
+        await presence.blocked(session.user, other)
     else:
-        await accounts.unblock(session.user, other)
+        await presence.unblocked(session.user, other)
     return Response(status_code=204)
 
 
@@ -3751,6 +3783,7 @@ class ChatX:
         self.accounts = Accounts(self.storage, self.fanout, settings)
         self.presence = Presence(self.storage, self.fanout, settings, self.process_id)
         self.messenger = Messenger(self.storage, self.fanout, self.presence, settings)
+        self.accounts.deleting.append(self.presence.account_deleted)
         self.closed_for_restart = 0
 
     def on_status_change(self, callback: StatusCallback) -> StatusCallback:
