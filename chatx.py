@@ -97,10 +97,15 @@ HTTP_BODY_MAX = 64 * 1024
 PAGE_DEFAULT, PAGE_MAX = 50, 200  # conversation history and the conversation list
 DIRECTORY_DEFAULT, DIRECTORY_MAX = 20, 100
 QUERY_MAX = 32
-REPLAY_PAGE = 100  # events read and held at once by a socket catching up
+REPLAY_PAGE = 50  # events read and held at once by a socket catching up (at most 16 kB each)
 SEND_STALL_S = 10  # a socket whose client has not taken a frame for this long is closed with CLOSE_TRY_LATER
-BACKLOG_FRAMES = 1000  # a socket further behind than this is closed with CLOSE_TRY_LATER
-BACKLOG_BYTES = 4 * 1024 * 1024
+# A socket with more queued than this (frames, or UTF-8 bytes of their text)
+# reads its stream from the database instead, at its reader's pace (see ChatSocket).
+BACKLOG_FRAMES = 1000
+BACKLOG_BYTES = 1024 * 1024
+# What stays queued then (acks and errors: answers to a client that sends
+# without reading) past this, or past BACKLOG_FRAMES, closes it with CLOSE_TRY_LATER.
+REPLIES_BYTES_MAX = 4 * 1024 * 1024
 SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
 SESSION_COOKIE = "chatx_session"
 SESSION_DAYS = 30  # a session ends this long after sign-in, or after CHATX_SESSION_IDLE_DAYS unused
@@ -2875,6 +2880,11 @@ def corked(connection: Any | None) -> Iterator[None]:
         set_option(connection, IPPROTO_TCP, TCP_CORK, 0)  # sends what is held
 
 
+def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8, without encoding the common case."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 class ChatSocket:
     """One open /ws connection of a signed-in user.
 
@@ -2883,7 +2893,15 @@ class ChatSocket:
     means another process committed events this socket has not been handed
     yet, which are read from the database first. Local-first delivery,
     publishes from other processes and catch-up after a broadcast outage may
-    interleave in any way."""
+    interleave in any way.
+
+    A reader that falls behind (more queued than BACKLOG_FRAMES or
+    BACKLOG_BYTES) is not buffered for: its queued stream frames are dropped
+    and, while it is `behind`, its stream is read from the database a page at
+    a time as it takes them, live frames dropped meanwhile, until it has
+    everything up to the newest frame it dropped. Each event is committed
+    before its frame is handed out, so the database always has what was
+    dropped. Only a reader that takes nothing for SEND_STALL_S is closed."""
 
     def __init__(self, chat: ChatX, websocket: WebSocket, send: Send, session: Session) -> None:
         self.chat, self.ws, self.session, self.user = chat, websocket, session, session.user
@@ -2893,8 +2911,10 @@ class ChatSocket:
         # A list and a future rather than an asyncio.Queue: a Queue costs 3 kB per idle socket.
         self.outbox: list[OutboxItem] = []
         self.outbox_ready: asyncio.Future | None = None
-        self.backlog_bytes = 0
-        self.unsent = 0  # of the batch send_outbox is writing
+        self.backlog_bytes = 0  # UTF-8 bytes of the frames in the outbox
+        self.sending: list[OutboxItem | None] | tuple = ()  # the batch send_outbox is writing
+        self.behind = False  # reading the stream from the database (catch-up mode)
+        self.dropped_seq = 0  # the newest stream frame dropped while behind
         self.sends_in_flight = 0
         self.socket_id = uuid.uuid4().hex
         self.seq = 0  # the newest event of the stream this socket has sent or skipped
@@ -2993,16 +3013,45 @@ class ChatSocket:
         return None
 
     def enqueue(self, item: OutboxItem) -> None:
-        """Queue an item for this socket; a reader too far behind is cut off."""
+        """Queue an item for this socket; past the backlog's bound, catch up from the database."""
         if self.ended.done():
+            return
+        if isinstance(item, StreamFrame) and self.behind:
+            self.dropped_seq = max(self.dropped_seq, item.seq)
             return
         self.outbox.append(item)
         if isinstance(item, (Frame, StreamFrame)):
-            self.backlog_bytes += len(item.text)
-        if len(self.outbox) + self.unsent > BACKLOG_FRAMES or self.backlog_bytes > BACKLOG_BYTES:
-            self.end(CLOSE_TRY_LATER)
+            self.backlog_bytes += utf8_size(item.text)
+        if self.backlog_full():
+            self.fall_behind()
         if self.outbox_ready is not None and not self.outbox_ready.done():
             self.outbox_ready.set_result(None)
+
+    def backlog_full(self) -> bool:
+        return len(self.outbox) > BACKLOG_FRAMES or self.backlog_bytes > BACKLOG_BYTES
+
+    def fall_behind(self) -> None:
+        """Drop the queued stream frames, to be read from the database (catch-up
+        mode). What cannot be read again stays: answers to the client's own
+        frames (acks, errors) past REPLIES_BYTES_MAX are a client that sends
+        without reading, cut off."""
+        if self.behind:
+            if len(self.outbox) > BACKLOG_FRAMES or self.backlog_bytes > REPLIES_BYTES_MAX:
+                self.end(CLOSE_TRY_LATER)
+            return
+        self.behind = True
+        kept: list[OutboxItem] = []
+        for item in self.outbox:
+            if isinstance(item, StreamFrame):
+                self.dropped_seq = max(self.dropped_seq, item.seq)
+            else:
+                kept.append(item)
+        for index, item in enumerate(self.sending):
+            if isinstance(item, StreamFrame):
+                self.dropped_seq = max(self.dropped_seq, item.seq)
+                self.sending[index] = None
+        self.outbox = kept
+        self.backlog_bytes = sum(utf8_size(item.text) for item in kept if isinstance(item, Frame))
 
     def reply(self, frame: dict[str, Any]) -> None:
         self.enqueue(Frame(dumps(frame)))
@@ -3012,17 +3061,20 @@ class ChatSocket:
 
     async def send_outbox(self) -> int | None:
         while True:
-            if not self.outbox:
+            if self.behind:
+                if await self.send_page() < REPLAY_PAGE and self.seq >= self.dropped_seq:
+                    self.behind = False  # caught up: no await between the check and this
+            elif not self.outbox:
                 self.outbox_ready = asyncio.get_running_loop().create_future()
                 await self.outbox_ready
             batch, self.outbox = self.outbox, []
             self.backlog_bytes = 0
+            self.sending = batch
             with corked(self.tcp if len(batch) > 1 else None):
-                for index, item in enumerate(batch):
-                    self.unsent = len(batch) - index
-                    if (code := await self.deliver(item)) is not None:
+                for item in batch:
+                    if item is not None and (code := await self.deliver(item)) is not None:
                         return code
-            self.unsent = 0
+            self.sending = ()
 
     async def deliver(self, item: OutboxItem) -> int | None:
         """Send one outbox item; a close code ends the socket."""
@@ -3046,13 +3098,16 @@ class ChatSocket:
 
     async def catch_up(self) -> None:
         """Send every event of the stream above `seq`, in order, from the database."""
-        while True:
-            page = await self.chat.messenger.replay(self.user, self.seq, REPLAY_PAGE)
-            for frame in page:
-                await self.send_text(frame.text)
-                self.seq = frame.seq
-            if len(page) < REPLAY_PAGE:
-                return
+        while await self.send_page() == REPLAY_PAGE:
+            pass
+
+    async def send_page(self) -> int:
+        """Send the next page of the stream above `seq` from the database; how many events it had."""
+        page = await self.chat.messenger.replay(self.user, self.seq, REPLAY_PAGE)
+        for frame in page:
+            await self.send_text(frame.text)
+            self.seq = frame.seq
+        return len(page)
 
     async def receive_frames(self) -> int | None:
         while True:
