@@ -3899,17 +3899,39 @@ def tune_collector() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-class TrustedHosts(TrustedHostMiddleware):
-    """Starlette's check of the Host header, its refusal in ChatX's error shape."""
+# Served whatever the Host header to a peer on this host or allowed to read
+# metrics, asking directly (not through a proxy): a scrape or health check
+# names the process by address and port (127.0.0.1:8001), not by the chat's
+# name. Both only read.
+ANY_HOST_PATHS = ("/healthz", "/metrics")
+PROXY_HEADERS = (b"x-forwarded-for", b"forwarded")
 
-    def __init__(self, app: ASGIApp, allowed_hosts: list[str]) -> None:
+
+class TrustedHosts(TrustedHostMiddleware):
+    """Starlette's check of the Host header, its refusal in ChatX's error shape.
+    It sees the client address CHATX_TRUSTED_PROXIES made (ChatXApp): a request
+    through the proxy is the browser's, not the host's own."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str], monitors: tuple[str, ...] = ()) -> None:
         async def allowed(scope: Scope, receive: Receive, send: Send) -> None:
             scope["chatx.host_allowed"] = True
             await app(scope, receive, send)
 
         super().__init__(allowed, allowed_hosts=allowed_hosts)
+        self.monitors = ("127.0.0.0/8", "::1", *monitors)
+
+    def monitoring(self, scope: Scope) -> bool:
+        """A request for a path of ANY_HOST_PATHS, straight from a peer on this host or in `monitors`."""
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        client = scope.get("client")
+        return (path in ANY_HOST_PATHS and client is not None and address_allowed(client[0], self.monitors)
+                and not any(name in PROXY_HEADERS for name, _ in scope["headers"]))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.monitoring(scope):
+            await self.app(scope, receive, send)
+            return
+
         async def answer(message: Message) -> None:
             if scope.get("chatx.host_allowed") or scope["type"] != "http":
                 await send(message)
@@ -3971,7 +3993,8 @@ def create_app(**settings: Any) -> Starlette:
         lifespan=chat.lifespan,
         exception_handlers={ApiError: api_error, Busy: api_error, TooManyAttempts: api_error, Unavailable: api_error,
                             HTTPException: http_error, Exception: server_error},
-        middleware=[Middleware(TrustedHosts, allowed_hosts=list(chat.settings.allowed_hosts))],
+        middleware=[Middleware(TrustedHosts, allowed_hosts=list(chat.settings.allowed_hosts),
+                               monitors=chat.settings.metrics_allow)],
     )
     app.state.chat = chat
     return app
