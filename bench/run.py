@@ -291,7 +291,13 @@ async def measure(server: Server, sizes: Sizes, workloads: list[str]) -> dict:
         first = users[:len(users) - sizes.partner_storm_users]
         pairs = pair_up(first, sizes.pairs)
         if "connections" in workloads:
-            await step("connections", idle_connections(target, first[:IDLE_SOCKET_USERS], sizes.sockets))
+            idle_users = first[:IDLE_SOCKET_USERS]
+            await step("connections", idle_connections(target, idle_users, sizes.sockets))
+            # The same again once each of those users is a partner of every other (99 partners each):
+            # what a socket holds must not grow with its user's partners.
+            partners, edges = everyone_partners([u.username for u in idle_users])
+            if await step("connections_partners_made", make_partners(target, idle_users, edges, each_way=False)):
+                await step("connections_partners", idle_connections(target, idle_users, sizes.sockets))
         if "presence_storm" in workloads:
             # v2: presence reaches conversation partners only, so everyone first exchanges a message with everyone
             people = first[:sizes.storm_users]
