@@ -1751,9 +1751,9 @@ def replayed_frame(row: tuple) -> StreamFrame:
     return stream_frame(kind, seq, dumps(message_object(*row[2:11])), None)
 
 
-def hello_frame(user: User, seq: int, presence: list[tuple[str, str, int | None]]) -> str:
+def hello_frame(user: User, seq: int, presence: list[tuple[str, str, str | None]]) -> str:
     return dumps({"type": "hello", "user": user.public(), "seq": seq,
-                  "presence": [{"username": name, "status": status, "last_seen": iso(last_seen)}
+                  "presence": [{"username": name, "status": status, "last_seen": last_seen}
                                for name, status, last_seen in presence]})
 
 
@@ -2372,9 +2372,10 @@ class Fanout:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.local: dict[int, set[Any]] = {}  # user id -> this process's open sockets
-        # user id -> partner key -> (status, last_seen) that the user's sockets here were told:
-        # one per user, not per socket, so that a socket's memory does not grow with partners.
-        self.presence_told: dict[int, dict[str, tuple[str, str | None]]] = {}
+        # user id -> partner key -> (username, status, last_seen) that the user's sockets here were
+        # told: one per user, not per socket, so that a socket's memory does not grow with partners.
+        self.presence_told: dict[int, dict[str, tuple[str, str, str | None]]] = {}
+        self.presence_complete: set[int] = set()  # users whose presence_told began with a hello from storage
         self.relays: dict[int, tuple[asyncio.Task, asyncio.Future]] = {}  # user id -> relay, subscribed
         self.ending_relays: dict[int, asyncio.Task] = {}
         self.resync_callbacks: list[Callable[[int], Awaitable[None]]] = []
@@ -2454,11 +2455,27 @@ class Fanout:
             return False  # no socket of the user here
         key = username.lower()
         known = told.get(key)
-        state = ("online" if status == "online" else "offline", last_seen)
-        if known == state or (known is not None and last_seen is not None and (known[1] or "") > last_seen):
+        status = "online" if status == "online" else "offline"
+        if known is not None and (known[1:] == (status, last_seen)
+                                  or (last_seen is not None and (known[2] or "") > last_seen)):
             return False  # fixed-width ISO times sort as strings
-        told[key] = state
+        told[key] = (username, status, last_seen)
         return True
+
+    def learn(self, user_id: int, online: list[tuple[str, str, str | None]]) -> None:
+        """What a hello read from storage told: the user's next sockets here say the same without reading it."""
+        for username, status, last_seen in online:
+            self.news(user_id, username, status, last_seen)
+        if user_id in self.presence_told:
+            self.presence_complete.add(user_id)
+
+    def online_told(self, user_id: int) -> list[tuple[str, str, str | None]] | None:
+        """The user's partners online as this process's sockets of the user were
+        last told (kept current by every presence frame, and each heartbeat's
+        refresh); None before a hello read them from storage."""
+        if user_id not in self.presence_complete:
+            return None
+        return [state for state in self.presence_told[user_id].values() if state[1] == "online"]
 
     def channel(self, user_id: int) -> str:
         return f"{self.namespace}:user:{user_id}"
@@ -2483,6 +2500,7 @@ class Fanout:
         if not group:
             del self.local[user_id]
             del self.presence_told[user_id]
+            self.presence_complete.discard(user_id)
             relay, subscribed = self.relays.pop(user_id)
             relay.cancel()
             subscribed.cancel()
@@ -2940,9 +2958,11 @@ class ChatSocket:
                 try:
                     # After attaching: every later event arrives live, every earlier one is in the database.
                     newest = await chat.messenger.newest_seq(self.user)
-                    partners = await chat.presence.partners(self.user)
-                    for name, status, seen in partners:  # what hello tells is not told again
-                        chat.fanout.news(self.user.id, name, status, iso(seen))
+                    partners = chat.fanout.online_told(self.user.id)  # as the user's other sockets here know it
+                    if partners is None:
+                        partners = [(name, status, iso(seen)) for name, status, seen in
+                                    await chat.presence.partners(self.user)]
+                        chat.fanout.learn(self.user.id, partners)  # what hello tells is not told again
                     await self.send_text(hello_frame(self.user, newest, partners))
                     self.seq = newest
                     if since is not None:
