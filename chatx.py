@@ -106,10 +106,15 @@ PAGE_DEFAULT, PAGE_MAX = 50, 200  # conversation history and the conversation li
 PAGE_BYTES_MAX = 256 * 1024  # a page stops short of this many bytes of JSON (always holding one item)
 DIRECTORY_DEFAULT, DIRECTORY_MAX = 20, 100
 QUERY_MAX = 32
-REPLAY_PAGE = 100  # events read and held at once by a socket catching up
+REPLAY_PAGE = 50  # events read and held at once by a socket catching up (at most 16 kB each)
 SEND_STALL_S = 10  # a socket whose client has not taken a frame for this long is closed with CLOSE_TRY_LATER
-BACKLOG_FRAMES = 1000  # a socket further behind than this is closed with CLOSE_TRY_LATER
-BACKLOG_BYTES = 4 * 1024 * 1024
+# A socket with more queued than this (frames, or UTF-8 bytes of their text)
+# reads its stream from the database instead, at its reader's pace (see ChatSocket).
+BACKLOG_FRAMES = 1000
+BACKLOG_BYTES = 1024 * 1024
+# What stays queued then (acks and errors: answers to a client that sends
+# without reading) past this, or past BACKLOG_FRAMES, closes it with CLOSE_TRY_LATER.
+REPLIES_BYTES_MAX = 4 * 1024 * 1024
 SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
 SESSION_COOKIE = "chatx_session"
 JWT_SECRET_MIN = 32  # bytes, the length of HS256's hash (RFC 7518 section 3.2)
@@ -1430,17 +1435,22 @@ async def ensure_secret(conn: Connection, candidate: str) -> str:
 # A blocked pair, either way round: neither sees the other's presence.
 BLOCKED_EITHER_WAY = ("EXISTS (SELECT 1 FROM chatx_blocks b WHERE (b.user_id = {a} AND b.blocked_id = {b}) "
                       "OR (b.user_id = {b} AND b.blocked_id = {a}))")
+# The audience of presence, the one rule every presence query is built on:
+# the two people of a row `c` of chatx_conversations (partners) see each
+# other's presence unless one blocks the other. It holds both ways round.
+SEES_PRESENCE = "c.peer_id <> c.user_id AND NOT " + BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
 
 
 async def directory_page(conn: Connection, me: int, prefix: str, after: str, limit: int) -> list[tuple]:
-    """Users but me whose key starts with `prefix`, after `after`, by key: a range of the key's index."""
-    blocked = BLOCKED_EITHER_WAY.format(a="?", b="u.id")
+    """Users but me whose key starts with `prefix`, after `after`, by key: a
+    range of the key's index. Status and last seen only where I see their presence."""
+    seen = f"EXISTS (SELECT 1 FROM chatx_conversations c WHERE c.user_id = ? AND c.peer_id = u.id AND {SEES_PRESENCE})"
     # One lower bound: given two, SQLite ranges over the index from the first only.
     lower, start = ("u.username_key > ?", after) if after >= prefix else ("u.username_key >= ?", prefix)
     return await conn.fetch(
-        f"SELECT u.id, u.username, u.status, u.last_seen, {blocked} FROM chatx_users u "
+        f"SELECT u.id, u.username, u.status, u.last_seen, {seen} FROM chatx_users u "
         f"WHERE {lower} AND u.username_key < ? AND u.id <> ? "
-        "ORDER BY u.username_key LIMIT ?", me, me, start, prefix + "\U0010ffff", me, limit)
+        "ORDER BY u.username_key LIMIT ?", me, start, prefix + "\U0010ffff", me, limit)
 
 
 async def insert_block(conn: Connection, me: int, other: int) -> None:
@@ -1998,6 +2008,12 @@ async def mark_online(conn: Connection, user_id: int, now: int) -> list[Transiti
     return [(rows[0][0], "online", now)] if rows else []
 
 
+async def mark_offline(conn: Connection, user_id: int, now: int) -> list[Transition]:
+    rows = await conn.fetch("UPDATE chatx_users SET status = 'offline', last_seen = ? "
+                            "WHERE id = ? AND status = 'online' RETURNING username", now, user_id)
+    return [(rows[0][0], "offline", now)] if rows else []
+
+
 async def offline_if_gone(conn: Connection, user_id: int, now: int, grace_ms: int) -> list[Transition]:
     """Offline, if no socket of theirs is open anywhere and the last one closed at least `grace_ms` ago."""
     rows = await conn.fetch(
@@ -2070,40 +2086,37 @@ async def offline_unconnected(conn: Connection, now: int, grace_ms: int) -> list
     return transitions
 
 
-async def partners_online(conn: Connection, username: str) -> list[int]:
-    """Ids of the online partners of a user, blocked pairs left out."""
-    blocked = BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
+async def audience(conn: Connection, username: str) -> list[int]:
+    """Ids of the online users who see a user's presence."""
     rows = await conn.fetch(
         "SELECT c.peer_id FROM chatx_users u JOIN chatx_conversations c ON c.user_id = u.id "
-        f"JOIN chatx_users p ON p.id = c.peer_id WHERE u.username_key = ? AND c.peer_id <> c.user_id "
-        f"AND p.status = 'online' AND NOT {blocked}", username.lower())
+        f"JOIN chatx_users p ON p.id = c.peer_id WHERE u.username_key = ? AND p.status = 'online' "
+        f"AND {SEES_PRESENCE}", username.lower())
     return [row[0] for row in rows]
 
 
 async def partner_presence(conn: Connection, user_id: int) -> list[tuple[str, str, int | None]]:
-    """(username, status, last_seen) of my online partners, blocked pairs left out."""
-    blocked = BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
+    """(username, status, last_seen) of the online users whose presence I see."""
     return await conn.fetch(
         "SELECT p.username, p.status, p.last_seen FROM chatx_conversations c JOIN chatx_users p ON p.id = c.peer_id "
-        f"WHERE c.user_id = ? AND c.peer_id <> c.user_id AND p.status = 'online' AND NOT {blocked}", user_id)
+        f"WHERE c.user_id = ? AND p.status = 'online' AND {SEES_PRESENCE}", user_id)
 
 
 async def presence_of(conn: Connection, user_id: int, seen_by: int) -> tuple[str, str, int | None] | None:
-    """A user's presence as `seen_by` may see it: None for a blocked pair."""
-    blocked = BLOCKED_EITHER_WAY.format(a="?", b="u.id")
-    return await conn.fetch_one(f"SELECT username, status, last_seen FROM chatx_users u WHERE id = ? "
-                                f"AND NOT {blocked}", user_id, seen_by, seen_by)
+    """A user's presence if `seen_by` sees it, else None."""
+    return await conn.fetch_one(
+        "SELECT p.username, p.status, p.last_seen FROM chatx_conversations c JOIN chatx_users p ON p.id = c.peer_id "
+        f"WHERE c.user_id = ? AND c.peer_id = ? AND {SEES_PRESENCE}", seen_by, user_id)
 
 
 async def presence_changes(conn: Connection, process_id: str, since: int) -> list[tuple[int, str, str, int]]:
-    """Changes since `since` of the partners of this process's users: (whose
-    socket, username, status, last_seen). What a lost publish left untold."""
-    blocked = BLOCKED_EITHER_WAY.format(a="c.user_id", b="c.peer_id")
+    """Changes since `since` seen by this process's users: (whose socket,
+    username, status, last_seen). What a lost publish left untold."""
     return await conn.fetch(
         "SELECT DISTINCT c.user_id, p.username, p.status, p.last_seen FROM chatx_users p "
         "JOIN chatx_conversations c ON c.peer_id = p.id "
         "JOIN chatx_sockets s ON s.user_id = c.user_id AND s.process_id = ? "
-        f"WHERE p.last_seen >= ? AND c.peer_id <> c.user_id AND NOT {blocked} ORDER BY p.last_seen",
+        f"WHERE p.last_seen >= ? AND {SEES_PRESENCE} ORDER BY p.last_seen",
         process_id, since)
 
 
@@ -2237,9 +2250,9 @@ def replayed_frame(row: tuple) -> StreamFrame:
     return stream_frame(kind, seq, dumps(message_object(*row[2:2 + MESSAGE_WIDTH])), None)
 
 
-def hello_frame(user: User, seq: int, presence: list[tuple[str, str, int | None]]) -> str:
+def hello_frame(user: User, seq: int, presence: list[tuple[str, str, str | None]]) -> str:
     return dumps({"type": "hello", "user": user.public(), "seq": seq,
-                  "presence": [{"username": name, "status": status, "last_seen": iso(last_seen)}
+                  "presence": [{"username": name, "status": status, "last_seen": last_seen}
                                for name, status, last_seen in presence]})
 
 
@@ -2758,7 +2771,7 @@ def session_cookie(conn: HTTPConnection) -> str:
 
 
 class Accounts:
-    """Users, their passwords, sessions and blocks, and the limits on signing in and up."""
+    """Users, their passwords and sessions, and the limits on signing in and up."""
 
     def __init__(self, storage: Storage, fanout: Fanout, settings: Settings) -> None:
         self.storage, self.fanout, self.settings = storage, fanout, settings
@@ -2772,6 +2785,7 @@ class Accounts:
         self.idle_ms = int(settings.session_idle_days * 86_400_000) or 2**62
         self.purger: asyncio.Task | None = None
         self.fanout.gone_callbacks.append(self.forget)
+        self.deleting: list[Callable[[User], Awaitable[None]]] = []  # run as an account is deleted
 
     async def start(self) -> None:
         self.secret = self.settings.secret_key or await self.storage.write(ensure_secret, secrets.token_urlsafe(32))
@@ -2918,15 +2932,14 @@ class Accounts:
         self.fanout.deliver(session.user.id, Revoke(None, keep=session.id))
 
     async def delete(self, user: User) -> None:
-        """The account and all its messages go; partners see it go offline, and
-        every process forgets the name, which may be registered again."""
-        partners = await self.storage.read(partners_online, user.username)
+        """The account and all its messages go; the `deleting` callbacks run
+        first (Presence: partners see it go offline), and every process
+        forgets the name, which may be registered again."""
+        for callback in self.deleting:
+            await callback(user)
         await self.storage.write(delete_account, user.id)
         self.storage.erase_soon()
         self.fanout.deliver(user.id, Revoke(None))
-        gone = PresenceFrame(user.username, "offline", iso(now_ms()))
-        for partner in partners:
-            self.fanout.deliver(partner, gone)
         self.fanout.deliver_everywhere(UserGone(user.username.lower()))
 
     def forget(self, item: UserGone) -> None:
@@ -2960,16 +2973,10 @@ class Accounts:
 
     async def directory(self, me: User, prefix: str, after: str, limit: int) -> dict[str, Any]:
         rows = await self.storage.read(directory_page, me.id, prefix.lower(), after.lower(), limit + 1)
-        found = [{"id": user_id, "username": username, "status": "offline" if blocked else status,
-                  "last_seen": None if blocked else iso(last_seen)}
-                 for user_id, username, status, last_seen, blocked in rows[:limit]]
+        found = [{"id": user_id, "username": username, "status": status if seen else None,
+                  "last_seen": iso(last_seen) if seen else None}
+                 for user_id, username, status, last_seen, seen in rows[:limit]]
         return {"users": found, "has_more": len(rows) > limit}
-
-    async def block(self, me: User, other: User) -> None:
-        await self.storage.write(insert_block, me.id, other.id)
-
-    async def unblock(self, me: User, other: User) -> None:
-        await self.storage.write(delete_block, me.id, other.id)
 
     async def blocked(self, me: User) -> list[User]:
         return await self.storage.read(blocked_users, me.id)
@@ -3051,6 +3058,10 @@ class Fanout:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.local: dict[int, set[Any]] = {}  # user id -> this process's open sockets
+        # user id -> partner key -> (username, status, last_seen) that the user's sockets here were
+        # told: one per user, not per socket, so that a socket's memory does not grow with partners.
+        self.presence_told: dict[int, dict[str, tuple[str, str, str | None]]] = {}
+        self.presence_complete: set[int] = set()  # users whose presence_told began with a hello from storage
         self.relays: dict[int, tuple[asyncio.Task, asyncio.Future]] = {}  # user id -> relay, subscribed
         self.ending_relays: dict[int, asyncio.Task] = {}
         self.resync_callbacks: list[Callable[[int], Awaitable[None]]] = []
@@ -3118,8 +3129,41 @@ class Fanout:
             self.backend.publish_elsewhere(f"{self.namespace}:process", functools.partial(encode_item, item))
 
     def deliver_here(self, user_id: int, item: OutboxItem) -> None:
+        if isinstance(item, PresenceFrame) and not self.news(user_id, item.username, item.status, item.last_seen):
+            return
         for socket in list(self.local.get(user_id, ())):
             socket.enqueue(item)
+
+    def news(self, user_id: int, username: str, status: str, last_seen: str | None) -> bool:
+        """Record a presence the user's sockets here are told; False for a
+        repeat or one older than what they were told (a heartbeat's refresh).
+        A presence without a time (a block starting) is news unless repeated."""
+        told = self.presence_told.get(user_id)
+        if told is None:
+            return False  # no socket of the user here
+        key = username.lower()
+        known = told.get(key)
+        status = "online" if status == "online" else "offline"
+        if known is not None and (known[1:] == (status, last_seen)
+                                  or (last_seen is not None and (known[2] or "") > last_seen)):
+            return False  # fixed-width ISO times sort as strings
+        told[key] = (username, status, last_seen)
+        return True
+
+    def learn(self, user_id: int, online: list[tuple[str, str, str | None]]) -> None:
+        """What a hello read from storage told: the user's next sockets here say the same without reading it."""
+        for username, status, last_seen in online:
+            self.news(user_id, username, status, last_seen)
+        if user_id in self.presence_told:
+            self.presence_complete.add(user_id)
+
+    def online_told(self, user_id: int) -> list[tuple[str, str, str | None]] | None:
+        """The user's partners online as this process's sockets of the user were
+        last told (kept current by every presence frame, and each heartbeat's
+        refresh); None before a hello read them from storage."""
+        if user_id not in self.presence_complete:
+            return None
+        return [state for state in self.presence_told[user_id].values() if state[1] == "online"]
 
     def channel(self, user_id: int) -> str:
         return f"{self.namespace}:user:{user_id}"
@@ -3129,6 +3173,7 @@ class Fanout:
         user_id = socket.user.id
         if user_id not in self.local:
             self.local[user_id] = set()
+            self.presence_told[user_id] = {}
             subscribed = asyncio.get_running_loop().create_future()
             self.relays[user_id] = (asyncio.create_task(self.relay_user(user_id, subscribed)), subscribed)
         self.local[user_id].add(socket)
@@ -3142,6 +3187,8 @@ class Fanout:
         group.discard(socket)
         if not group:
             del self.local[user_id]
+            del self.presence_told[user_id]
+            self.presence_complete.discard(user_id)
             relay, subscribed = self.relays.pop(user_id)
             relay.cancel()
             subscribed.cancel()
@@ -3207,9 +3254,12 @@ class Hook:
 
 
 class Presence:
-    """Who is online, told to their partners. The socket rows are the truth;
+    """Who is online, told to their partners, never across a block: the whole
+    rule of who sees whose presence lives here (and in SEES_PRESENCE, the
+    audience every presence query is built on). The socket rows are the truth;
     each status change is committed, then passes through the status hook,
-    whose first callback delivers it to the partners who are online.
+    whose first callback delivers it to the partners who are online. Blocks
+    start and end here too, since each changes what two people see.
 
     A user's last socket closing takes effect `presence_grace` seconds later,
     so a quick reconnect changes nothing. A process that dies is swept by the
@@ -3226,7 +3276,7 @@ class Presence:
         self.fanout.resync_callbacks.append(self.refresh)
 
     async def start(self) -> None:
-        await self.storage.write(heartbeat, self.process_id, [])
+        await self.change(heartbeat, self.process_id, [])
         self.upkeep = asyncio.create_task(self.keep())
 
     async def stop(self) -> None:
@@ -3235,7 +3285,7 @@ class Presence:
                 task.cancel()
         await asyncio.gather(*[task for task in [self.upkeep, *self.pending] if task], return_exceptions=True)
         try:
-            await self.announce(await self.storage.write(unregister_process, self.process_id))
+            await self.change(unregister_process, self.process_id)
         except Unavailable as exc:
             logger.warning("could not unregister this process (%s); the sweep will", exc)
         except Exception:
@@ -3248,17 +3298,13 @@ class Presence:
 
     async def socket_opened(self, socket_id: str, session: Session) -> bool:
         """False, recording nothing, when the user has the most sockets allowed open already."""
-        transitions = await self.storage.write(open_socket, socket_id, self.process_id, session.user.id,
-                                               self.settings.max_sockets_per_user, session.id)
-        if transitions is None:
-            return False
-        await self.announce(transitions)
-        return True
+        return await self.change(open_socket, socket_id, self.process_id, session.user.id,
+                                 self.settings.max_sockets_per_user, session.id) is not None
 
     async def socket_closed(self, socket_id: str, user: User) -> None:
         """Never raises: a row that cannot be deleted now is retried by the heartbeat."""
         try:
-            await self.announce(await self.storage.write(close_socket, socket_id, user.id, self.grace_ms))
+            await self.change(close_socket, socket_id, user.id, self.grace_ms)
         except Exception as exc:
             logger.warning("could not record that a socket of %s closed (%s); retrying", user.username, exc)
             self.unclosed[socket_id] = user
@@ -3270,7 +3316,7 @@ class Presence:
     async def expire(self, user: User) -> None:
         await asyncio.sleep(self.grace_ms / 1000 + 0.05)
         try:
-            await self.announce(await self.storage.write(offline_if_gone, user.id, now_ms(), self.grace_ms))
+            await self.change(offline_if_gone, user.id, now_ms(), self.grace_ms)
         except Unavailable as exc:
             logger.warning("could not take %s offline (%s); the heartbeat will", user.username, exc)
 
@@ -3285,15 +3331,38 @@ class Presence:
             if found is not None:
                 self.fanout.deliver(user_id, PresenceFrame(found[0], found[1], iso(found[2])))
 
-    async def announce(self, transitions: list[Transition]) -> None:
-        for username, status, last_seen in transitions:
+    async def blocked(self, me: User, other: User) -> None:
+        """Block `other`: from now on neither sees the other's presence, and
+        each one's open sockets are told at once that the other is offline,
+        with no time: the last one they saw is no longer theirs to know."""
+        await self.storage.write(insert_block, me.id, other.id)
+        self.fanout.deliver(me.id, PresenceFrame(other.username, "offline", None))
+        self.fanout.deliver(other.id, PresenceFrame(me.username, "offline", None))
+
+    async def unblocked(self, me: User, other: User) -> None:
+        """End my block of `other`: each who sees the other's presence again
+        (partners, and no block the other way) is told it as it is now."""
+        await self.storage.write(delete_block, me.id, other.id)
+        await self.introduce(me.id, other.id)
+
+    async def account_deleted(self, user: User) -> None:
+        """An account is being deleted: whoever sees its presence sees it go
+        offline now, through the status hook like any other change."""
+        await self.change(mark_offline, user.id, now_ms())
+
+    async def change(self, job: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Commit a write job that returns the status changes it made (None:
+        it did nothing), then announce them: the one way a status changes."""
+        transitions = await self.storage.write(job, *args)
+        for username, status, last_seen in transitions or ():
             await self.hook.send(username, status, datetime.fromtimestamp(last_seen / 1000, timezone.utc))
+        return transitions
 
     async def publish(self, username: str, status: str, last_seen: datetime) -> None:
-        """The hook's first callback: the change goes to every online partner."""
+        """The hook's first callback: the change goes to its audience, the partners who are online."""
         frame = PresenceFrame(username, status, iso_time(last_seen))
-        for partner in await self.storage.read(partners_online, username):
-            self.fanout.deliver(partner, frame)
+        for watcher in await self.storage.read(audience, username):
+            self.fanout.deliver(watcher, frame)
 
     async def refresh(self, since: int) -> None:
         """Tell this process's sockets every partner's change since `since`
@@ -3314,9 +3383,8 @@ class Presence:
             try:
                 open_sockets = {socket.socket_id: socket for socket in self.fanout.sockets()}
                 live = [(socket.socket_id, socket.user.id, socket.session.id) for socket in open_sockets.values()]
-                transitions = await self.storage.write(heartbeat, self.process_id, live)
-                transitions += await self.storage.write(sweep, int(ttl * 500), self.grace_ms)
-                await self.announce(transitions)
+                await self.change(heartbeat, self.process_id, live)
+                await self.change(sweep, int(ttl * 500), self.grace_ms)
                 for socket_id, user in list(self.unclosed.items()):
                     await self.socket_closed(socket_id, user)
                 for socket_id in await self.storage.read(sockets_of_ended_sessions, self.process_id):
@@ -3703,8 +3771,17 @@ def reset(transport: Any) -> None:
     """Drop a connection and whatever waits to be written to it."""
     connection = transport.get_extra_info("socket")
     if connection is not None:  # a reset, not a FIN the client would wait behind unread data for
-        connection.setsockopt(SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
+        set_option(connection, SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
+
+
+def set_option(connection: Any, level: int, option: int, value: int | bytes) -> None:
+    """setsockopt on a connection the client may have reset meanwhile: a closed
+    socket has no descriptor (ValueError) and a dead one says OSError."""
+    try:
+        connection.setsockopt(level, option, value)
+    except (OSError, ValueError):
+        pass  # the connection is gone; writing to it ends the socket as a disconnect
 
 
 @contextmanager
@@ -3715,14 +3792,16 @@ def corked(connection: Any | None) -> Iterator[None]:
     if connection is None or TCP_CORK is None:
         yield
         return
-    connection.setsockopt(IPPROTO_TCP, TCP_CORK, 1)
+    set_option(connection, IPPROTO_TCP, TCP_CORK, 1)
     try:
         yield
     finally:
-        try:
-            connection.setsockopt(IPPROTO_TCP, TCP_CORK, 0)  # sends what is held
-        except OSError:
-            pass  # the connection is gone
+        set_option(connection, IPPROTO_TCP, TCP_CORK, 0)  # sends what is held
+
+
+def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8, without encoding the common case."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 class ChatSocket:
@@ -3733,7 +3812,15 @@ class ChatSocket:
     means another process committed events this socket has not been handed
     yet, which are read from the database first. Local-first delivery,
     publishes from other processes and catch-up after a broadcast outage may
-    interleave in any way."""
+    interleave in any way.
+
+    A reader that falls behind (more queued than BACKLOG_FRAMES or
+    BACKLOG_BYTES) is not buffered for: its queued stream frames are dropped
+    and, while it is `behind`, its stream is read from the database a page at
+    a time as it takes them, live frames dropped meanwhile, until it has
+    everything up to the newest frame it dropped. Each event is committed
+    before its frame is handed out, so the database always has what was
+    dropped. Only a reader that takes nothing for SEND_STALL_S is closed."""
 
     def __init__(self, chat: ChatX, websocket: WebSocket, send: Send, session: Session) -> None:
         self.chat, self.ws, self.session, self.user = chat, websocket, session, session.user
@@ -3743,15 +3830,16 @@ class ChatSocket:
         # A list and a future rather than an asyncio.Queue: a Queue costs 3 kB per idle socket.
         self.outbox: list[OutboxItem] = []
         self.outbox_ready: asyncio.Future | None = None
-        self.backlog_bytes = 0
-        self.unsent = 0  # of the batch send_outbox is writing
+        self.backlog_bytes = 0  # UTF-8 bytes of the frames in the outbox
+        self.sending: list[OutboxItem | None] | tuple = ()  # the batch send_outbox is writing
+        self.behind = False  # reading the stream from the database (catch-up mode)
+        self.dropped_seq = 0  # the newest stream frame dropped while behind
         self.sends_in_flight = 0
         self.throttled = False  # the last frame was over the frame bucket
         self.socket_id = uuid.uuid4().hex
         self.seq = 0  # the newest event of the stream this socket has sent or skipped
         self.disconnect_code: int | None = None  # as the server reported the connection's end
         self.sending_since = 0.0  # when the frame being sent was handed to the server
-        self.presence: dict[str, tuple[str, str | None]] = {}  # partner key -> status, last_seen it knows
         loop = asyncio.get_running_loop()
         self.finished = loop.create_future()
         self.ended = loop.create_future()  # the first task to end, or a close code
@@ -3772,8 +3860,11 @@ class ChatSocket:
                 try:
                     # After attaching: every later event arrives live, every earlier one is in the database.
                     newest = await chat.messenger.newest_seq(self.user)
-                    partners = await chat.presence.partners(self.user)
-                    self.presence = {name.lower(): (status, iso(seen)) for name, status, seen in partners}
+                    partners = chat.fanout.online_told(self.user.id)  # as the user's other sockets here know it
+                    if partners is None:
+                        partners = [(name, status, iso(seen)) for name, status, seen in
+                                    await chat.presence.partners(self.user)]
+                        chat.fanout.learn(self.user.id, partners)  # what hello tells is not told again
                     await self.send_text(hello_frame(self.user, newest, partners))
                     self.seq = newest
                     if since is not None:
@@ -3851,16 +3942,45 @@ class ChatSocket:
         return None
 
     def enqueue(self, item: OutboxItem) -> None:
-        """Queue an item for this socket; a reader too far behind is cut off."""
+        """Queue an item for this socket; past the backlog's bound, catch up from the database."""
         if self.ended.done():
+            return
+        if isinstance(item, StreamFrame) and self.behind:
+            self.dropped_seq = max(self.dropped_seq, item.seq)
             return
         self.outbox.append(item)
         if isinstance(item, (Frame, StreamFrame)):
-            self.backlog_bytes += len(item.text)
-        if len(self.outbox) + self.unsent > BACKLOG_FRAMES or self.backlog_bytes > BACKLOG_BYTES:
-            self.end(CLOSE_TRY_LATER)
+            self.backlog_bytes += utf8_size(item.text)
+        if self.backlog_full():
+            self.fall_behind()
         if self.outbox_ready is not None and not self.outbox_ready.done():
             self.outbox_ready.set_result(None)
+
+    def backlog_full(self) -> bool:
+        return len(self.outbox) > BACKLOG_FRAMES or self.backlog_bytes > BACKLOG_BYTES
+
+    def fall_behind(self) -> None:
+        """Drop the queued stream frames, to be read from the database (catch-up
+        mode). What cannot be read again stays: answers to the client's own
+        frames (acks, errors) past REPLIES_BYTES_MAX are a client that sends
+        without reading, cut off."""
+        if self.behind:
+            if len(self.outbox) > BACKLOG_FRAMES or self.backlog_bytes > REPLIES_BYTES_MAX:
+                self.end(CLOSE_TRY_LATER)
+            return
+        self.behind = True
+        kept: list[OutboxItem] = []
+        for item in self.outbox:
+            if isinstance(item, StreamFrame):
+                self.dropped_seq = max(self.dropped_seq, item.seq)
+            else:
+                kept.append(item)
+        for index, item in enumerate(self.sending):
+            if isinstance(item, StreamFrame):
+                self.dropped_seq = max(self.dropped_seq, item.seq)
+                self.sending[index] = None
+        self.outbox = kept
+        self.backlog_bytes = sum(utf8_size(item.text) for item in kept if isinstance(item, Frame))
 
     def reply(self, frame: dict[str, Any]) -> None:
         self.enqueue(Frame(dumps(frame)))
@@ -3870,17 +3990,20 @@ class ChatSocket:
 
     async def send_outbox(self) -> int | None:
         while True:
-            if not self.outbox:
+            if self.behind:
+                if await self.send_page() < REPLAY_PAGE and self.seq >= self.dropped_seq:
+                    self.behind = False  # caught up: no await between the check and this
+            elif not self.outbox:
                 self.outbox_ready = asyncio.get_running_loop().create_future()
                 await self.outbox_ready
             batch, self.outbox = self.outbox, []
             self.backlog_bytes = 0
+            self.sending = batch
             with corked(self.tcp if len(batch) > 1 else None):
-                for index, item in enumerate(batch):
-                    self.unsent = len(batch) - index
-                    if (code := await self.deliver(item)) is not None:
+                for item in batch:
+                    if item is not None and (code := await self.deliver(item)) is not None:
                         return code
-            self.unsent = 0
+            self.sending = ()
 
     async def deliver(self, item: OutboxItem) -> int | None:
         """Send one outbox item; a close code ends the socket."""
@@ -3892,9 +4015,8 @@ class ChatSocket:
                 self.seq = item.seq
         elif isinstance(item, Frame):
             await self.send_text(item.text)
-        elif isinstance(item, PresenceFrame):
-            if self.news(item):
-                await self.send_text(item.text)
+        elif isinstance(item, PresenceFrame):  # Fanout dropped the ones the user's sockets know
+            await self.send_text(item.text)
         elif isinstance(item, Revoke):
             return CLOSE_REVOKED if item.ends(self.session.id) else None
         elif isinstance(item, Resync):
@@ -3903,27 +4025,18 @@ class ChatSocket:
             await self.catch_up()
         return None
 
-    def news(self, frame: PresenceFrame) -> bool:
-        """Record a partner's presence; False for a repeat or one older than what this socket knows."""
-        key = frame.username.lower()
-        known = self.presence.get(key)
-        if known is not None:
-            if known == (frame.status, frame.last_seen):
-                return False
-            if (known[1] or "") > (frame.last_seen or ""):  # fixed-width ISO times sort as strings
-                return False
-        self.presence[key] = (frame.status, frame.last_seen)
-        return True
-
     async def catch_up(self) -> None:
         """Send every event of the stream above `seq`, in order, from the database."""
-        while True:
-            page = await self.chat.messenger.replay(self.user, self.seq, REPLAY_PAGE)
-            for frame in page:
-                await self.send_text(frame.text)
-                self.seq = frame.seq
-            if len(page) < REPLAY_PAGE:
-                return
+        while await self.send_page() == REPLAY_PAGE:
+            pass
+
+    async def send_page(self) -> int:
+        """Send the next page of the stream above `seq` from the database; how many events it had."""
+        page = await self.chat.messenger.replay(self.user, self.seq, REPLAY_PAGE)
+        for frame in page:
+            await self.send_text(frame.text)
+            self.seq = frame.seq
+        return len(page)
 
     async def receive_frames(self) -> int | None:
         while True:
@@ -4575,11 +4688,11 @@ async def block(request: Request) -> Response:
     check_origin(request)
     session = await signed_in(request)
     other = await named_user(request)
-    accounts = chat_of(request).accounts
+    presence = chat_of(request).presence
     if request.method == "PUT":
-        await accounts.block(session.user, other)
+        await presence.blocked(session.user, other)
     else:
-        await accounts.unblock(session.user, other)
+        await presence.unblocked(session.user, other)
     return Response(status_code=204)
 
 
@@ -5039,6 +5152,7 @@ class ChatX:
         self.attachments = Attachments(self.storage, settings)
         self.serving = False  # started; until then requests get 503 (Starting)
         self.shutdown_by: float | None = None
+        self.accounts.deleting.append(self.presence.account_deleted)
 
     def on_status_change(self, callback: StatusCallback) -> StatusCallback:
         """Register `callback(username, status, last_seen)`, plain or async; it
@@ -5177,17 +5291,39 @@ def tune_collector() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-class TrustedHosts(TrustedHostMiddleware):
-    """Starlette's check of the Host header, its refusal in ChatX's error shape."""
+# Served whatever the Host header to a peer on this host or allowed to read
+# metrics, asking directly (not through a proxy): a scrape or health check
+# names the process by address and port (127.0.0.1:8001), not by the chat's
+# name. Both only read.
+ANY_HOST_PATHS = ("/healthz", "/metrics")
+PROXY_HEADERS = (b"x-forwarded-for", b"forwarded")
 
-    def __init__(self, app: ASGIApp, allowed_hosts: list[str]) -> None:
+
+class TrustedHosts(TrustedHostMiddleware):
+    """Starlette's check of the Host header, its refusal in ChatX's error shape.
+    It sees the client address CHATX_TRUSTED_PROXIES made (ChatXApp): a request
+    through the proxy is the browser's, not the host's own."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str], monitors: tuple[str, ...] = ()) -> None:
         async def allowed(scope: Scope, receive: Receive, send: Send) -> None:
             scope["chatx.host_allowed"] = True
             await app(scope, receive, send)
 
         super().__init__(allowed, allowed_hosts=allowed_hosts)
+        self.monitors = ("127.0.0.0/8", "::1", *monitors)
+
+    def monitoring(self, scope: Scope) -> bool:
+        """A request for a path of ANY_HOST_PATHS, straight from a peer on this host or in `monitors`."""
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        client = scope.get("client")
+        return (path in ANY_HOST_PATHS and client is not None and address_allowed(client[0], self.monitors)
+                and not any(name in PROXY_HEADERS for name, _ in scope["headers"]))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.monitoring(scope):
+            await self.app(scope, receive, send)
+            return
+
         async def answer(message: Message) -> None:
             if scope.get("chatx.host_allowed") or scope["type"] != "http":
                 await send(message)
@@ -5340,7 +5476,8 @@ def create_app(authenticate: Authenticate | None = None, **settings: Any) -> Sta
         lifespan=chat.lifespan,
         exception_handlers={ApiError: api_error, Busy: api_error, TooManyAttempts: api_error, Unavailable: api_error,
                             HTTPException: http_error, Exception: server_error},
-        middleware=[Middleware(TrustedHosts, allowed_hosts=list(chat.settings.allowed_hosts)), *cors(chat.settings),
+        middleware=[Middleware(TrustedHosts, allowed_hosts=list(chat.settings.allowed_hosts),
+                               monitors=chat.settings.metrics_allow), *cors(chat.settings),
                     Middleware(Starting, chat=chat)],
     )
     app.state.chat = chat

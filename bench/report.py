@@ -69,6 +69,7 @@ ROWS = [
     Row("  failed / dropped", "connections.failed"),
     Row("  connects/s", "connections.connects_per_s", ratio="%"),
     Row("  RSS per socket (kB)", "connections.rss_per_socket_kb", "{:.1f}", "x"),
+    Row("  with 99 partners each (kB)", "connections_partners.rss_per_socket_kb", "{:.1f}", "x"),
     Row("presence storm (all partners)", "presence_storm_partners.messages", "{:,.0f} msgs first"),
     *[Row(label, f"presence_storm.{key}", fmt, "x" if key.endswith("_s") else "") for label, key, fmt in STORM_ROWS],
     Row("partner storm", "partner_storm_partners.messages", "{:,.0f} msgs first"),
@@ -173,6 +174,8 @@ def ratios(data: dict) -> dict:
         if name != "relay":
             for key, path in (("msgs_per_s_vs_relay", "throughput.msgs_per_s"),
                               ("rss_per_idle_socket_vs_relay", "connections.rss_per_socket_kb"),
+                              ("rss_per_idle_socket_with_partners_vs_relay",
+                               "connections_partners.rss_per_socket_kb"),
                               ("cpu_per_msg_vs_relay", "throughput.server_cpu_us_per_msg")):
                 value, base = get(result, path), get(relay, path)
                 mine[key] = value / base if measured(value, base) and base else None
@@ -190,7 +193,7 @@ def checks(data: dict) -> list[dict]:
     servers = {NAMES[k]: v for k, v in data["servers"].items()}
     relay = servers.get("relay", {})
     found = []
-    for rule in (ran_everything, throughput_share, idle_memory, ten_thousand_sockets,
+    for rule in (ran_everything, throughput_share, idle_memory, idle_memory_with_partners, ten_thousand_sockets,
                  dense_storm, partner_storm, directory_conversations, directory_search, sign_in_latency,
                  upload_latency):
         for name in CHATX:
@@ -227,6 +230,15 @@ def idle_memory(name: str, result: dict, relay: dict, sizes: dict) -> dict:
     if not measured(mine, base):
         return check(title, None, "not measured")
     return check(title, mine <= 0.85 * base, f"{mine:.1f} kB vs {base:.1f} kB = x{mine / base:.2f}")
+
+
+def idle_memory_with_partners(name: str, result: dict, relay: dict, sizes: dict) -> dict:
+    path = "connections_partners.rss_per_socket_kb"
+    mine, base = get(result, path), get(relay, path)
+    title = f"{name}: RSS per idle socket, 99 partners per user, <= 1.0 x relay"
+    if not measured(mine, base):
+        return check(title, None, "not measured")
+    return check(title, mine <= base, f"{mine:.1f} kB vs {base:.1f} kB = x{mine / base:.2f}")
 
 
 def ten_thousand_sockets(name: str, result: dict, relay: dict, sizes: dict) -> dict:

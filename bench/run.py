@@ -366,6 +366,30 @@ async def measure_directory(server: Server, spec: ServerSpec, sizes: Sizes) -> d
                 return {"directory": {"error": short_error(exc)}}
 
 
+async def measure_connections_partners(server: Server, sizes: Sizes) -> dict:
+    """The connections workload again, on a server of its own (fresh: RSS that
+    earlier sockets left behind would hide the growth), once each of its 100
+    users is a partner of every other (99 partners each): what a socket holds
+    must not grow with its user's partners."""
+    print("  connections with partners ...", file=sys.stderr, flush=True)
+    target = Target(server.url, server)
+    async with http_client(server.url) as http:
+        users = await server.watch(register_users(http, f"p{secrets.token_hex(3)}_", IDLE_SOCKET_USERS))
+        partners, edges = everyone_partners([u.username for u in users])
+        made = await server.watch(make_partners(target, users, edges, each_way=False))
+        await asyncio.sleep(1)  # every partner socket closed and gone offline before counting
+        with collector_paused():
+            meter = CpuMeter(server)
+            try:
+                result = await server.watch(idle_connections(target, users, sizes.sockets))
+                return {"connections_partners": {**meter.busy(), **result, "partners_each": len(users) - 1,
+                                                 "partner_messages": made["messages"]}}
+            except ServerDied:
+                raise
+            except Exception as exc:
+                return {"connections_partners": {"error": short_error(exc)}}
+
+
 def on_fresh_server(name: str, server_cpu: int | None, fd_limit: int, work) -> dict:
     """Start `name` on an empty database, run work(server, spec) on it, stop it."""
     try:
@@ -393,6 +417,11 @@ def bench_server(name: str, sizes: Sizes, server_cpu: int | None, fd_limit: int,
     if set(workloads) - {"directory"}:
         result = on_fresh_server(name, server_cpu, fd_limit,
                                  lambda server, spec: measure(server, sizes, workloads))
+    if "connections" in workloads and result["status"] != "skipped":
+        found = on_fresh_server(name, server_cpu, fd_limit,
+                                lambda server, spec: measure_connections_partners(server, sizes))
+        result["connections_partners"] = (found.get("connections_partners")
+                                          or {"error": found.get("error", "").split("\n")[0]})
     if "directory" in workloads and result["status"] != "skipped":
         found = on_fresh_server(name, server_cpu, fd_limit,
                                 lambda server, spec: measure_directory(server, spec, sizes))

@@ -3,7 +3,6 @@
 // (a block asks first, saying what it does) and the banner saying who blocked
 // whom.
 import { api, goToSignIn } from "./api.js";
-import { findUser } from "./people.js";
 import { keyOf } from "./store.js";
 import { stopTyping } from "./roster.js";
 
@@ -77,13 +76,15 @@ export class Blocks {
     button.disabled = true;
     try {
       await api(block ? "PUT" : "DELETE", `/api/blocks/${encodeURIComponent(contact.username)}`);
+      // The socket's presence frames tell the rest: offline with no time when a
+      // block starts, the presence as it is now when it ends.
       if (block) {
         this.keys.add(key);
         stopTyping(contact);
         contact.status = "offline"; // no presence either way while the block lasts
+        contact.lastSeen = null;
       } else {
         this.keys.delete(key);
-        this.#refreshPresence(contact);
       }
     } catch (error) {
       if (error.status === 401) goToSignIn();
@@ -94,20 +95,6 @@ export class Blocks {
     if (this.roster.openKey === key) {
       if (block) this.unblock.focus();
       else this.handlers.focusComposer();
-    }
-  }
-
-  // After an unblock: presence is shared again from now on.
-  async #refreshPresence(contact) {
-    try {
-      const user = await findUser(contact.username);
-      if (user && !this.keys.has(contact.key)) {
-        contact.status = user.status;
-        contact.lastSeen = user.last_seen;
-        this.handlers.onChange();
-      }
-    } catch {
-      // the next presence frame tells
     }
   }
 }

@@ -181,9 +181,10 @@ function renderHeader() {
   fillAvatar($("peer-avatar"), contact.username);
   const status = $("peer-status");
   const blocked = blocks.has(contact.key);
-  // While the connection is down nobody's presence is known.
+  // While the connection is down nobody's presence is known; with no time
+  // (a block, or not a partner yet) only "offline" is.
   status.textContent = blocked ? "blocked" : !connected ? "waiting for the connection…"
-    : contact.status === "online" ? "online" : lastSeen(contact.lastSeen);
+    : contact.status === "online" ? "online" : contact.lastSeen ? lastSeen(contact.lastSeen) : "offline";
   status.classList.toggle("online", connected && !blocked && contact.status === "online");
   $("typing").textContent = contact.typing && connected ? `${contact.username} is typing…` : "";
   blocks.render(contact, blocked);

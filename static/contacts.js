@@ -103,7 +103,7 @@ export class ContactList {
     const status = connected ? contact.status : "unknown";
     item.presence.className = `presence ${status}`;
     item.label.textContent = connected ? status : "presence unknown";
-    item.button.title = status === "offline" ? lastSeen(contact.lastSeen) : "";
+    item.button.title = status === "offline" && contact.lastSeen ? lastSeen(contact.lastSeen) : "";
     const { who, text, deleted } = contact.typing
       ? { who: "", text: "typing…", deleted: false } : previewOf(contact.last, contact.lastMine);
     item.preview.classList.toggle("typing-now", contact.typing);

@@ -128,10 +128,11 @@ export class FrameHandler {
     // Only the people of my conversations (or someone becoming one) have presence.
     const contact = this.roster.contactFor(frame.username);
     // Frames from different server processes can arrive out of order: the later change wins.
+    // One with no last_seen is a block starting: offline, and the time seen before is not ours to know.
     if (frame.last_seen && contact.lastSeen && frame.last_seen < contact.lastSeen) return;
     contact.presenceLive = true;
     contact.status = frame.status;
-    contact.lastSeen = frame.last_seen ?? contact.lastSeen;
+    contact.lastSeen = frame.last_seen;
     if (frame.status === "offline") stopTyping(contact);
     this.handlers.onChange();
   }

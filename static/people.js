@@ -121,7 +121,8 @@ export class PeopleSearch {
     const presence = el("span", { class: `presence${online ? " online" : ""}` },
       el("span", { class: "dot", "aria-hidden": "true" }),
       el("span", { class: `presence-label${online ? "" : " visually-hidden"}`, text: online ? "online" : "offline" }));
-    const detail = el("span", { class: "detail", text: online ? "" : lastSeen(user.last_seen) });
+    // No status: not my partner, or a block between us; nothing to tell.
+    const detail = el("span", { class: "detail", text: online || !user.status ? "" : lastSeen(user.last_seen) });
     const button = el("button", { type: "button", class: "contact" },
       avatar,
       el("span", { class: "who" }, el("span", { class: "name", text: user.username }),

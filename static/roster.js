@@ -70,9 +70,10 @@ export class Roster {
 }
 
 // A status from HTTP (conversation list, search, a link): kept unless the socket said more.
+// The directory says null for someone whose presence I do not see: offline, with no time.
 export function applyStatus(contact, status, lastSeenAt) {
   if (contact.presenceLive) return;
-  contact.status = status;
+  contact.status = status ?? "offline";
   contact.lastSeen = lastSeenAt;
 }
 

@@ -926,6 +926,27 @@ def test_a_block_asks_first_shows_a_banner_and_is_seen_from_both_sides_and_an_un
     expect(alice_page.get_by_text(f"{bob} isn't accepting messages from you.")).to_be_hidden()
 
 
+def test_a_block_shows_each_side_the_other_offline_at_once_and_an_unblock_shows_them_online_again(
+        chat_server, new_context):
+    alice, bob, alice_page, bob_page = chatting(chat_server, new_context, "hello bob")
+    expect(bubble(bob_page, "hello bob")).to_be_visible()
+    expect_presence(alice_page, bob, "online")
+    expect_presence(bob_page, alice, "online")
+    expect(alice_page.locator("#peer-status")).to_have_text("online")
+
+    bob_page.get_by_role("button", name=f"Block {alice}").click()
+    # Both pages, without a reload, while both people are still online.
+    expect_presence(alice_page, bob, "offline")
+    expect(alice_page.locator("#peer-status")).to_have_text("offline")  # no last seen either
+    expect_presence(bob_page, alice, "offline")
+
+    bob_page.get_by_role("button", name=f"Unblock {alice}").first.click()
+    expect_presence(alice_page, bob, "online")
+    expect(alice_page.locator("#peer-status")).to_have_text("online")
+    expect_presence(bob_page, alice, "online")
+    expect(bob_page.locator("#peer-status")).to_have_text("online")
+
+
 BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 

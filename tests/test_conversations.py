@@ -480,13 +480,19 @@ def test_directory_is_a_case_insensitive_prefix_search_excluding_me_by_lowercase
     assert [u["username"] for u in directory(alice, q="b")["users"]] == ["bob", "Bobby", "BOBCAT", "bobo.x"]
 
 
-def test_directory_shows_status_and_last_seen(chat):
+def test_directory_shows_status_and_last_seen_of_partners(chat):
     client, alice, bob, carol, dave = chat
+    make_partners(alice, bob)
+    make_partners(alice, carol)
     with bob.ws() as b:
         next_frame(b, "hello")
         user = directory(alice, q="bob")["users"][0]
         assert user["id"] == bob.id and user["status"] == "online" and user["last_seen"].endswith("Z")
-    assert directory(alice, q="carol")["users"][0]["last_seen"] is None
+    carol_found = directory(alice, q="carol")["users"][0]
+    assert carol_found["status"] == "offline" and carol_found["last_seen"] is None  # a partner never seen
+    # v3: of someone who is not my partner, nothing.
+    assert {k: v for k, v in directory(dave, q="bob")["users"][0].items() if k != "id"} == {
+        "username": "bob", "status": None, "last_seen": None}
 
 
 def test_directory_pages_with_after_and_limit(chat):
@@ -722,10 +728,10 @@ def test_a_blocked_pair_sees_each_other_offline_with_no_last_seen_in_conversatio
         assert seen(alice, "bob") == (("online", False), ("online", False))  # the control
         assert seen(bob, "alice") == (("online", False), ("online", False))
         assert put(alice, "/api/blocks/bob").status_code == 204
-        assert seen(alice, "bob") == (("offline", True), ("offline", True))
-        assert seen(bob, "alice") == (("offline", True), ("offline", True))
+        assert seen(alice, "bob") == (("offline", True), (None, True))  # v3: the directory says null
+        assert seen(bob, "alice") == (("offline", True), (None, True))
         assert seen(alice, "carol") == (("online", False), ("online", False))  # others are untouched
-        assert found(carol, "bob") == ("online", False)
+        assert found(carol, "bob") == (None, True)  # v3: not her partner, block or none
 
         # and neither one's hello lists the other
         with alice.ws() as a2, bob.ws() as b2:

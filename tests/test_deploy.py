@@ -345,3 +345,48 @@ def test_two_people_chat_through_nginx_over_https_with_secure_cookies_and_foreig
     assert own.status_code == 204
     assert httpx.get(f"{proxy.base}/api/me", headers=headers, verify=False, timeout=10).status_code == 401
 
+
+
+# ---- the documented scrape ---------------------------------------------------------------
+
+
+def documented_settings() -> dict[str, str]:
+    """The variables of docs/deploy.md's /etc/chatx/chatx.env."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    [block] = [b for b in re.findall(r"```\n(.*?)```", doc, re.S) if b.startswith("# /etc/chatx/chatx.env")]
+    return dict(line.split("=", 1) for line in block.splitlines() if line and not line.startswith("#"))
+
+
+def documented_scrape_targets() -> list[str]:
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    [config] = re.findall(r"```yaml\n# prometheus.yml\n(.*?)```", doc, re.S)
+    return re.findall(r'"(127\.0\.0\.1:\d+)"', config)
+
+
+def test_the_documented_prometheus_scrape_and_health_check_work_with_the_documented_settings(tmp_path):
+    """Issue 23.9: with CHATX_ALLOWED_HOSTS=chat.example.com the scrape of
+    127.0.0.1:8001 that the same document configures was answered 400."""
+    settings = documented_settings()
+    assert settings["CHATX_ALLOWED_HOSTS"] == "chat.example.com" and settings["CHATX_METRICS"] == "true"
+    targets = documented_scrape_targets()
+    assert targets[0] == "127.0.0.1:8001", targets
+    server = ChatServer({**settings, "CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}",
+                         "CHATX_BROADCAST_URL": "memory://", "CHATX_LOG_FORMAT": "text"}, tmp_path)
+    server.start()  # its readiness check is a GET /healthz with Host 127.0.0.1:<port>, as Prometheus's
+    try:
+        # As Prometheus asks: the target's address and port as the Host.
+        scrape = httpx.get(f"{server.base}/metrics", timeout=10)
+        assert scrape.status_code == 200, scrape.text
+        assert "chatx_open_sockets" in scrape.text
+        assert httpx.get(f"{server.base}/healthz", timeout=10).status_code == 200
+        # Anything else still needs the chat's name...
+        assert httpx.get(f"{server.base}/login", timeout=10).status_code == 400
+        assert httpx.get(f"{server.base}/login", headers={"Host": "chat.example.com"}, timeout=10).status_code == 200
+        # ... and so does what comes through the proxy (nginx adds X-Forwarded-For), /metrics and /healthz too.
+        via_proxy = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
+        for path in ("/metrics", "/healthz"):
+            assert httpx.get(f"{server.base}{path}", headers=via_proxy, timeout=10).status_code == 400
+        named = httpx.get(f"{server.base}/metrics", headers={**via_proxy, "Host": "chat.example.com"}, timeout=10)
+        assert named.status_code == 403  # the browser's address may not read metrics
+    finally:
+        server.stop()

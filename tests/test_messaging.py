@@ -517,7 +517,7 @@ def test_the_directory_finds_users_but_me_by_username_prefix_in_username_order(c
     assert [u["username"] for u in found["users"]] == ["aaron", "ALBERT", "Alfred"]  # not alice herself
     assert found["has_more"] is False
     assert set(found["users"][0]) == {"id", "username", "status", "last_seen"}
-    assert found["users"][0]["status"] == "offline" and found["users"][0]["last_seen"] is None
+    assert found["users"][0]["status"] is None and found["users"][0]["last_seen"] is None  # v3: not a partner
     assert [u["username"] for u in directory(bob, q="bO")["users"]] == ["bobby"]
     assert [u["username"] for u in directory(bob, q="alice")["users"]] == ["alice"]
     assert directory(alice, q="zed") == {"users": [], "has_more": False}

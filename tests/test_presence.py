@@ -110,7 +110,7 @@ def test_my_own_presence_never_reaches_me(people):
         assert presence_frames(quiet(first)) == []
 
 
-def test_a_user_never_seen_is_offline_with_no_last_seen(people):
+def test_a_partner_never_seen_is_offline_with_no_last_seen(people):
     client, alice, bob = people
     found = status_of(alice, "bob")
     assert found["status"] == "offline" and found["last_seen"] is None
@@ -131,8 +131,25 @@ def test_presence_reaches_partners_and_not_strangers(database_url, make_client):
             assert presence_frames(quiet(ws)) == []  # nothing of carol, who is online
         assert (next_presence_of(partner, "alice")["status"]) == "offline"
         assert presence_frames(quiet(stranger)) == []
-    # The directory still tells anyone's status; only the frames are for partners.
-    assert status_of(carol, "alice")["status"] == "offline" and status_of(carol, "alice")["last_seen"]
+    # v3: the directory tells a stranger nothing of it either.
+    assert status_of(carol, "alice")["status"] is None and status_of(carol, "alice")["last_seen"] is None
+
+
+def test_the_directory_shows_presence_only_to_partners_neither_of_whom_blocks_the_other(database_url, make_client):
+    client = make_client(database_url=database_url, presence_grace=0)
+    alice, bob, carol = sign_up(client, "alice"), sign_up(client, "bob"), sign_up(client, "carol")
+    make_partners(bob, alice)
+    with alice.ws() as ws:
+        settle(ws)
+        online = status_of(bob, "alice")
+        assert online["status"] == "online" and online["last_seen"]  # a partner sees it
+        assert status_of(carol, "alice") == {"id": alice.id, "username": "alice", "status": None, "last_seen": None}
+        for blocker, blocked in ((bob, "alice"), (alice, "bob")):  # a block either way hides it
+            assert blocker.put(f"/api/blocks/{blocked}").status_code == 204
+            assert status_of(bob, "alice")["status"] is None and status_of(bob, "alice")["last_seen"] is None
+            assert status_of(alice, "bob")["status"] is None
+            assert blocker.delete(f"/api/blocks/{blocked}").status_code == 204
+        assert status_of(bob, "alice") == online
 
 
 def test_registering_sends_nothing_to_anyone(database_url, make_client):
@@ -257,7 +274,7 @@ def test_blocking_stops_presence_both_ways_and_unblocking_restores_it(database_u
             assert hello_of(ws)["presence"] == []  # bob is online, but blocked
             settle(ws)
             assert presence_frames(quiet(watcher)) == []
-            assert status_of(bob, "alice")["status"] == "offline"  # nor does the directory tell him
+            assert status_of(bob, "alice")["status"] is None  # nor does the directory tell him
         settle(watcher)
         assert presence_frames(quiet(watcher)) == []
     # ...nor bob's alice: the block works both ways.
@@ -278,6 +295,38 @@ def test_blocking_stops_presence_both_ways_and_unblocking_restores_it(database_u
             assert listed(hello_of(ws)) == ["bob"]  # hello lists him again
             assert next_presence_of(watcher, "alice")["status"] == "online"  # and changes reach him again
         assert next_presence_of(watcher, "alice")["status"] == "offline"
+
+
+def test_a_block_tells_both_sides_at_once_the_other_is_offline_and_an_unblock_tells_the_presence_again(
+        database_url, make_client):
+    client = make_client(database_url=database_url, presence_grace=0)
+    alice, bob, carol = sign_up(client, "alice"), sign_up(client, "bob"), sign_up(client, "carol")
+    make_partners(alice, bob)
+    with alice.ws() as a, bob.ws() as b, carol.ws() as stranger:
+        settle(a, b, stranger)
+        for ws in (a, b, stranger):
+            quiet(ws)  # hello, and bob coming online
+        shown = status_of(alice, "bob")
+        assert shown["status"] == "online"
+
+        assert bob.put("/api/blocks/alice").status_code == 204
+        # At once, both ways, with no last_seen: the one shown before is not theirs to know any more.
+        assert presence_frames(quiet(a)) == [
+            {"type": "presence", "username": "bob", "status": "offline", "last_seen": None}]
+        assert presence_frames(quiet(b)) == [
+            {"type": "presence", "username": "alice", "status": "offline", "last_seen": None}]
+        assert presence_frames(quiet(stranger)) == []
+        with alice.ws() as second:  # a new socket's hello leaves him out too
+            assert listed(hello_of(second)) == []
+            settle(second)
+            assert presence_frames(quiet(second)) == []
+
+        assert bob.delete("/api/blocks/alice").status_code == 204
+        # Each, a partner of the other again, gets the other's presence as it is now.
+        assert presence_frames(quiet(a)) == [{"type": "presence", "username": "bob", "status": "online",
+                                              "last_seen": shown["last_seen"]}]
+        assert [(f["username"], f["status"]) for f in presence_frames(quiet(b))] == [("alice", "online")]
+        assert presence_frames(quiet(stranger)) == []
 
 
 @pytest.mark.validation
@@ -384,9 +433,8 @@ def test_a_dead_processs_sockets_stop_counting_after_the_ttl(database_url, make_
     # a word: its heartbeat stops now.
     chat = client.app.state.chat
     run_job(client, chatx.heartbeat, "dead-process", [])
-    transitions = run_job(client, chatx.open_socket, "dead-socket", "dead-process", bob.id)
+    transitions = client.portal.call(chat.presence.change, chatx.open_socket, "dead-socket", "dead-process", bob.id)
     assert transitions and transitions[0][:2] == ("bob", "online")
-    client.portal.call(chat.presence.announce, transitions)
     with alice.ws() as ws:
         hello = next_frame(ws, "hello")
         assert listed(hello) == ["bob"]

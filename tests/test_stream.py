@@ -7,6 +7,7 @@ Redis restart; `since=S` resumes it and `after=N` (v1) still works."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -300,6 +301,60 @@ def test_every_socket_receives_its_stream_in_seq_order_once_under_concurrent_sen
             for tab in tabs.values():
                 if tab.person is person:
                     check_live(tab, newest, stream)
+
+
+# ---- a reader far behind -------------------------------------------------------------------
+
+
+def slow_socket(person: Remote, server: ChatServer) -> ClientConnection:
+    """A socket whose client reads only when told to: with a receive buffer as
+    small as the kernel allows and websockets' queue of 16 frames, what it does
+    not take waits on the server."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", server.port))
+    return connect(server.ws_base + "/ws", sock=raw, additional_headers=person.headers(), open_timeout=10,
+                   max_size=2**20, max_queue=16)
+
+
+BEHIND = 5000
+
+
+def test_a_reader_thousands_of_events_behind_stays_open_and_gets_every_one_in_seq_order(tmp_path):
+    """v3 §4: past a bounded backlog a socket's stream is read from storage at
+    its reader's pace (v2 closed it with 1013 past 1,000 frames)."""
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_METRICS": "true", **FAST},
+                        tmp_path)
+    server.start()
+    try:
+        alice, bob = remote_sign_up(server, "alice"), remote_sign_up(server, "bob")
+        sender = Tab(bob, server)
+        with slow_socket(alice, server) as slow:
+            assert json.loads(slow.recv(timeout=10))["type"] == "hello"
+            fast = Tab(alice, server)  # a second socket of hers that keeps up
+            body = "x" * 1000
+            for start in range(0, BEHIND, 500):  # alice's slow socket takes nothing meanwhile
+                send_and_collect_acks(sender, [message("alice", body, f"m-{n}")
+                                               for n in range(start, start + 500)], timeout=120)
+            fast.until_seq(BEHIND, timeout=60)
+            assert seqs_of(fast.stream) == list(range(1, BEHIND + 1))
+            fast.close()
+            seqs = []
+            while len(seqs) < BEHIND:
+                frame = json.loads(slow.recv(timeout=20))
+                if is_stream(frame):
+                    seqs.append(frame["seq"])
+            assert seqs == list(range(1, BEHIND + 1))
+            # Still open, and live again.
+            sender.send(message("alice", "caught up?", "last"))
+            frame = json.loads(slow.recv(timeout=20))
+            while frame["type"] == "presence":
+                frame = json.loads(slow.recv(timeout=20))
+            assert (frame["seq"], frame["message"]["body"]) == (BEHIND + 1, "caught up?")
+        sender.close()
+        assert server.metric('chatx_sockets_closed_total{code="1013"}') == 0
+    finally:
+        server.stop()
 
 
 # ---- a Redis restart under open sockets ---------------------------------------------------
