@@ -2,13 +2,43 @@
 
 Run it with `uvicorn chatx:app`; build more apps with `create_app(**settings)`.
 docs/protocol.md describes the interface: HTTP, WebSocket frames, presence,
-embedding. Each section below uses only the sections above it:
+embedding. Each section below uses only the sections above it (so
+tests/test_layering.py checks):
 
-    limits and close codes, settings and logging, schema, storage front,
-    queries and write jobs, wire frames, broadcast transport, services
-    (Metrics, Limits, Accounts, Identity, Fanout, Presence, Messenger,
-    Attachments), requests and sockets alike, the WebSocket, HTTP, the
-    composition root and the app, and the command line (`python -m chatx`).
+    helpers: time and JSON, limits and close codes, settings and logging,
+    schema, storage front (Connection, Writer, Storage), queries and write
+    jobs, wire frames, broadcast transport, services (Metrics, Limits,
+    Accounts, Identity, Fanout, Presence, Messenger, Attachments), requests
+    and sockets alike, the WebSocket (ChatSocket, the frame handlers), HTTP,
+    the composition root and the app (ChatX, create_app), and the command
+    line (`python -m chatx`).
+
+Where each rule lives:
+
+    a stream's order, one seq per event   Writer, Connection.begin, append_events, number_messages
+    who sees whose presence               Presence, the queries audience/partner_presence, SEES_PRESENCE
+    blocks                                Presence.blocked/unblocked, BLOCKED_EITHER_WAY
+    rate and size limits                  Limits (TokenBucket), the constants in "limits and close codes"
+    the first-contact budget              Messenger.first_contact, check_first_contact
+    sessions, passwords, revocation       Accounts (Revoke goes out through Fanout)
+    a host's own sign-in                  Identity
+    attachments: upload, check, read      Attachments, AttachmentStore, readable_attachment
+    who may read a message or a page      the read queries, given the reader (history_page, ...)
+    frames a client may send              FRAME_HANDLERS and the *_field checks
+    a slow or lagging reader              ChatSocket (outbox, backlog, catch-up), Fanout.close_stalled
+    Origin and Host checks                origin_allowed, TrustedHosts
+    the schema and its upgrades           migrate, which ChatX.start hands to Storage.start
+
+How to add an event kind (one that is stored in people's streams, like an
+edit): a member of EventKind; a write job in "queries and write jobs" that
+changes the rows, calls append_events with the kind and returns Stored (as
+change_message and advance_read_cursor do); its frame in stream_frame
+(STREAM_TYPES) and, read back from EVENT_QUERY's row, in replayed_frame; a
+Messenger method that writes the job and announces the result; the frame
+handler in FRAME_HANDLERS (or a route) that calls it; on the page, a case in
+static/frames.js FrameHandler.apply; and docs/protocol.md and tests. A frame
+that is not stored (like typing) needs only the handler, a Frame delivered
+through Fanout, the case in frames.js, the docs and a test.
 """
 
 from __future__ import annotations
@@ -92,6 +122,37 @@ logger = logging.getLogger("chatx")
 HERE = Path(__file__).resolve().parent
 # templates/ and static/ sit beside chatx.py in a clone, and in chatx_assets/ beside it once installed.
 ASSETS = HERE / "chatx_assets" if (HERE / "chatx_assets").is_dir() else HERE
+
+
+# ---- helpers: time and JSON ---------------------------------------------------------
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def iso_time(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@functools.lru_cache(maxsize=1024)  # the messages of one commit share their sent_at
+def iso(ms: int | None) -> str | None:
+    return None if ms is None else iso_time(datetime.fromtimestamp(ms / 1000, timezone.utc))
+
+
+# json.dumps with options other than its defaults builds a new encoder for
+# every call, and a message is encoded several times on its way: the encoder
+# is built once here, the only place that goes around json's public API.
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_encode_chunks = None if json.encoder.c_make_encoder is None else json.encoder.c_make_encoder(
+    None, _encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text, non-ASCII characters as they are."""
+    if _encode_chunks is None:
+        return _encoder.encode(value)
+    return "".join(_encode_chunks(value, 0))
 
 
 # ---- limits and close codes -----------------------------------------------------
@@ -493,10 +554,6 @@ settings_table = sa.Table(
 # The only code that goes around `databases` to its drivers. databases compiles
 # every statement anew, which was most of the CPU of storing a message or
 # opening a socket; the SQL below is written once, with SQLite's `?` marks.
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @functools.lru_cache(maxsize=256)
@@ -1051,7 +1108,9 @@ class Storage:
         self._vacuum: asyncio.Task | None = None
         self._probe: asyncio.Task | None = None
 
-    async def start(self) -> None:
+    async def start(self, schema_job: Callable[[Connection], Awaitable[None]]) -> None:
+        """Open the database and bring its schema up to date with `schema_job`
+        (`migrate`, which the composition root passes in)."""
         await self.database.connect()
         try:
             await self.writer.start()
@@ -1059,7 +1118,7 @@ class Storage:
             await close_database(self.database)
             raise
         try:
-            await self.migrate()
+            await self.migrate(schema_job)
             if self._held:  # opened once the writer put the file in WAL mode
                 await self._held.connect()
         except BaseException:
@@ -1077,12 +1136,12 @@ class Storage:
             await self._held.disconnect()
         await close_database(self.database)
 
-    async def migrate(self) -> None:
+    async def migrate(self, schema_job: Callable[[Connection], Awaitable[None]]) -> None:
         """On PostgreSQL, on a connection of its own without STATEMENT_TIMEOUT_S:
         upgrading a large database may take minutes. Connection.begin
         serialises it with the writers of other processes all the same."""
         if not self.postgres:
-            await self.write(migrate)
+            await self.write(schema_job)
             return
         database = Database(str(self.database.url), min_size=1, max_size=1, timeout=CONNECT_TIMEOUT_S,
                             init=watch_silence)
@@ -1092,7 +1151,7 @@ class Storage:
                 conn = Connection(connection)
                 await conn.begin()
                 try:
-                    await migrate(conn)
+                    await schema_job(conn)
                 except BaseException:
                     await conn.rollback()
                     raise
@@ -1482,15 +1541,6 @@ async def blocked_either_way(conn: Connection, me: int, other: int) -> bool:
 
 
 # -- messages, streams and conversations
-
-
-def iso_time(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@functools.lru_cache(maxsize=1024)  # the messages of one commit share their sent_at
-def iso(ms: int | None) -> str | None:
-    return None if ms is None else iso_time(datetime.fromtimestamp(ms / 1000, timezone.utc))
 
 
 def attachment_object(attachment_id: str | None, name: str | None = None, kind: str | None = None,
@@ -2140,21 +2190,6 @@ async def database_figures(conn: Connection) -> dict[str, int]:
 # processes are encoded as a JSON array whose first element names the type.
 
 
-# json.dumps with options other than its defaults builds a new encoder for
-# every call, and a message is encoded several times on its way: the encoder
-# is built once here, the only place that goes around json's public API.
-_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-_encode_chunks = None if json.encoder.c_make_encoder is None else json.encoder.c_make_encoder(
-    None, _encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
-
-
-def dumps(value: Any) -> str:
-    """Compact JSON text, non-ASCII characters as they are."""
-    if _encode_chunks is None:
-        return _encoder.encode(value)
-    return "".join(_encode_chunks(value, 0))
-
-
 @dataclass(frozen=True, slots=True)
 class Frame:
     """A frame sent as it is: ack, typing, error, pong."""
@@ -2208,8 +2243,14 @@ class UserGone:
 
 @dataclass(frozen=True, slots=True)
 class Resync:
-    """The broadcast connection came back: what was published while it was
-    away is gone, and each socket reads its stream again from the database."""
+    """Read the stream from the database, past what the socket has sent: what
+    was published may be lost, or never was. Three producers: the broadcast
+    connection came back (RedisPubSubBackend._resync_subscribers, `lost_at`
+    is when it went; on the process channel Fanout's resync callbacks tell
+    presence again since then), the heartbeat found a socket behind its
+    stream (Messenger.watch), and a socket starts with its replay
+    (ChatSocket.serve). ChatSocket.send_item checks the session is alive,
+    then catches up."""
 
     lost_at: int
 
@@ -2557,7 +2598,8 @@ class RedisPubSubBackend(BroadcastBackend):
 # ---- services -------------------------------------------------------------------------
 #
 # Each owns one concern and its state. Sockets (ChatSocket, below) are
-# referred to only through the methods they are called with here.
+# referred to only through what is used here: the methods enqueue, end and
+# pong_overdue, and the attributes user, session, socket_id, seq and sending_since.
 
 
 class Metrics:
@@ -2713,7 +2755,7 @@ DUMMY_HASH = "scrypt$16384$8$5$" + "00" * 16 + "$" + "00" * 64
 NO_PASSWORD = "scrypt$16384$8$5$" + "00" * 16 + "$"
 
 
-def yield_to_the_event_loop() -> None:
+def lower_thread_priority() -> None:
     """A lower CPU priority for a hashing or image thread (Linux gives threads
     their own nice value): where the server has one core, sign-ins and uploads
     must not slow chat.
@@ -2790,7 +2832,7 @@ class Accounts:
     async def start(self) -> None:
         self.secret = self.settings.secret_key or await self.storage.write(ensure_secret, secrets.token_urlsafe(32))
         self.hashers = {lane: ThreadPoolExecutor(threads, thread_name_prefix=f"chatx-{lane}",
-                                                 initializer=yield_to_the_event_loop)
+                                                 initializer=lower_thread_priority)
                         for lane, threads in (("sign-in", 2), ("sign-up", 1))}
         self.purger = asyncio.create_task(self.purge())
 
@@ -3474,13 +3516,15 @@ class Messenger:
         outcome = future.exception() or future.result()
         acknowledge(outcome)
         if isinstance(outcome, Stored):
-            self.deliver(outcome)
+            self.announce(outcome)
             if outcome.seqs and self.message_hook.callbacks:  # a new message, not a retry's ack
                 task = asyncio.ensure_future(self.message_hook.send(dict(outcome.message)))
                 self.pending.add(task)
                 task.add_done_callback(self.pending.discard)
 
-    def deliver(self, stored: Stored) -> None:
+    def announce(self, stored: Stored) -> None:
+        """A committed event goes to the streams of both people (and new
+        partners see each other's presence)."""
         for user_id, seq in stored.seqs.items():
             self.fanout.deliver(user_id, stream_frame(stored.kind, seq, stored.message_text, stored.read))
         if stored.new_partners:
@@ -3491,13 +3535,13 @@ class Messenger:
         outcome = await self.storage.write(change_message, me.id, message_id, body)
         if isinstance(outcome, Stored):
             self.storage.erase_soon()
-            self.deliver(outcome)
+            self.announce(outcome)
         return outcome
 
     async def read(self, me: User, peer: User, up_to: int) -> None:
         moved = await self.storage.write(advance_read_cursor, me, peer, up_to)
         if moved is not None:
-            self.deliver(moved)
+            self.announce(moved)
 
     async def first_contact(self, sender: User, recipient: User) -> bool:
         """Whether the recipient never wrote to the sender. An answer stays
@@ -3651,7 +3695,7 @@ class Attachments:
 
     async def start(self) -> None:
         self.decoders = ThreadPoolExecutor(IMAGES_DECODED_AT_ONCE, thread_name_prefix="chatx-image",
-                                           initializer=yield_to_the_event_loop)
+                                           initializer=lower_thread_priority)
         self.sweeper = asyncio.create_task(self.sweep())
 
     async def stop(self) -> None:
@@ -4001,11 +4045,11 @@ class ChatSocket:
             self.sending = batch
             with corked(self.tcp if len(batch) > 1 else None):
                 for item in batch:
-                    if item is not None and (code := await self.deliver(item)) is not None:
+                    if item is not None and (code := await self.send_item(item)) is not None:
                         return code
             self.sending = ()
 
-    async def deliver(self, item: OutboxItem) -> int | None:
+    async def send_item(self, item: OutboxItem) -> int | None:
         """Send one outbox item; a close code ends the socket."""
         if isinstance(item, StreamFrame):
             if item.seq > self.seq + 1:
@@ -4065,7 +4109,7 @@ class ChatSocket:
                 continue
             await handle_frame(self, text)
 
-    def message_stored(self, client_id: str | None, outcome: Stored | Refused | BaseException) -> None:
+    def acknowledge(self, client_id: str | None, outcome: Stored | Refused | BaseException) -> None:
         """Acknowledge a send once its commit is done (or say why not)."""
         self.sends_in_flight -= 1
         if isinstance(outcome, Refused):
@@ -4177,7 +4221,7 @@ async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
     # sends of a socket; the writer's queue keeps their order.
     socket.sends_in_flight += 1
     stored = socket.chat.messenger.send(NewMessage(socket.user, recipient, body, client_id, reply_to, attachment),
-                                        functools.partial(socket.message_stored, client_id))
+                                        functools.partial(socket.acknowledge, client_id))
     if socket.sends_in_flight > SENDS_IN_FLIGHT_MAX:
         await asyncio.wait([stored])
 
@@ -5216,9 +5260,10 @@ class ChatX:
     async def start(self, started: AsyncExitStack) -> None:
         """Start the services in order; when one fails, stop those started."""
         async with AsyncExitStack() as services:
-            for service in (self.storage, self.accounts):
-                await service.start()
-                services.push_async_callback(self.stop_within, service.stop)
+            await self.storage.start(migrate)
+            services.push_async_callback(self.stop_within, self.storage.stop)
+            await self.accounts.start()
+            services.push_async_callback(self.stop_within, self.accounts.stop)
             await self.fanout.start("chatx:" + hashlib.sha256(self.accounts.secret.encode()).hexdigest()[:16])
             services.push_async_callback(self.stop_within, self.fanout.stop)
             for service in (self.presence, self.messenger, self.attachments):
@@ -5510,7 +5555,7 @@ async def accounts_of(settings: Settings) -> AsyncIterator[Accounts]:
     that running servers hear of ended sessions."""
     chat = ChatX(settings)
     async with AsyncExitStack() as started:
-        await chat.storage.start()
+        await chat.storage.start(migrate)
         started.push_async_callback(chat.storage.stop)
         await chat.accounts.start()
         started.push_async_callback(chat.accounts.stop)
@@ -5560,7 +5605,7 @@ async def delete_user_command(settings: Settings, username: str) -> str:
 
 async def stats_command(settings: Settings) -> str:
     storage = Storage(settings.database_url)
-    await storage.start()
+    await storage.start(migrate)
     try:
         figures = await storage.read(database_figures)
     finally:

@@ -190,7 +190,7 @@ def make_partners(a: Any, b: Any, body: str = "hello, partner", server: ChatServ
 
     async def on_shared_database() -> dict[str, Any]:
         storage = chatx.Storage(server.env["CHATX_DATABASE_URL"])
-        await storage.start()
+        await storage.start(chatx.migrate)
         try:
             return await store_message(storage, sender, recipient, body)
         finally:

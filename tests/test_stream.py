@@ -603,7 +603,7 @@ def test_a_socket_handed_a_later_seq_first_sends_the_missing_events_from_the_dat
         # The late live frames of 2 and 3 (the broadcast catching up) are repeats: nothing is sent.
         async def deliver_late() -> None:
             for stored in quiet_ones:
-                chat.messenger.deliver(stored)
+                chat.messenger.announce(stored)
 
         client.portal.call(deliver_late)
         for ws in (alice_ws, bob_ws):
