@@ -2,8 +2,8 @@
 
 Run it with `uvicorn chatx:app`; build more apps with `create_app(**settings)`.
 docs/protocol.md describes the interface: HTTP, WebSocket frames, presence,
-embedding. Each section below uses only the sections above it (so
-tests/test_layering.py checks):
+embedding. Each section below uses only the sections above it
+(tests/test_layering.py checks it):
 
     helpers: time and JSON, limits and close codes, settings and logging,
     schema, storage front (Connection, Writer, Storage), queries and write
