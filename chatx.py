@@ -5609,6 +5609,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--ws-ping-interval", type=float, default=20.0, help="seconds between protocol pings")
+    serve.add_argument("--ws-ping-timeout", type=float, default=20.0,
+                       help="seconds a ping may go unanswered (ChatX closes the socket with 1013 at half of it)")
     for name, text in (("create-user", "make an account (the password is read from the terminal or stdin)"),
                        ("set-password", "set a password (read likewise); every session of the user ends"),
                        ("delete-user", "delete an account and every message it sent or received")):
@@ -5621,7 +5624,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if problem := serving_problem(load_settings(), args.host):
             logger.warning(problem)
-        uvicorn.run("chatx:app", host=args.host, port=args.port, workers=args.workers, **SERVE_OPTIONS)
+        uvicorn.run("chatx:app", host=args.host, port=args.port, workers=args.workers,
+                    ws_ping_interval=args.ws_ping_interval, ws_ping_timeout=args.ws_ping_timeout, **SERVE_OPTIONS)
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(**({"database_url": args.database_url} if args.database_url else {}))

@@ -423,8 +423,8 @@ class ChatServer:
     another ASGI app (`app`, a module in `workdir`), ready when `ready` answers 200."""
 
     def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None, app: str = "chatx:app",
-                 ready: str = "/healthz") -> None:
-        self.app, self.ready = app, ready
+                 ready: str = "/healthz", serve_args: tuple[str, ...] = ()) -> None:
+        self.app, self.ready, self.serve_args = app, ready, serve_args
         self.port = port or free_port()
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
         self.workdir = workdir
@@ -447,7 +447,8 @@ class ChatServer:
         """Start the process without waiting for it to be healthy."""
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "chatx", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+                [sys.executable, "-m", "chatx", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                 *self.serve_args]
                 if self.app == "chatx:app" else
                 [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1", "--port", str(self.port),
                  "--ws-max-size", "65536", "--ws-per-message-deflate", "false"],
