@@ -556,7 +556,8 @@ class Job:
 
 class Writer:
     """Runs every write transaction of this process, in order, on one task
-    that holds one connection; jobs queued together share one commit.
+    that holds one connection; jobs queued together share one commit (on
+    PostgreSQL, a run of sends does: _leading_run).
 
     databases binds connections to tasks, and concurrent SQLite writers fail
     with "database is locked"; one writer per process avoids both, and group
@@ -672,7 +673,8 @@ class Writer:
                 await self._jobs_waiting
             if time.monotonic() - last_commit < COMMIT_BUSY_S:
                 await asyncio.sleep(COMMIT_LINGER_S)
-            batch, self._jobs = self._jobs[:JOBS_PER_COMMIT], self._jobs[JOBS_PER_COMMIT:]
+            size = JOBS_PER_COMMIT if self.sqlite else self._leading_run(self._jobs)
+            batch, self._jobs = self._jobs[:size], self._jobs[size:]
             jobs = [job for job in batch if job is not None]
             if jobs:
                 started = time.monotonic()
@@ -683,6 +685,21 @@ class Writer:
                     self.checkpointer.written()
             if len(jobs) < len(batch):  # stop() was called
                 return
+
+    @staticmethod
+    def _leading_run(jobs: list[Job | None]) -> int:
+        """How many queued jobs PostgreSQL commits together: a run of bulk jobs
+        of one function (sends, locking all their users at once), or one job.
+        Each locks its users in one go, in id order, so no two commits can
+        wait for each other; two jobs in one commit could, one after the other."""
+        first = jobs[0]
+        if first is None or not first.bulk:
+            return 1
+        count = 1
+        while count < min(JOBS_PER_COMMIT, len(jobs)) and (job := jobs[count]) is not None and job.bulk \
+                and job.function is first.function:
+            count += 1
+        return count
 
     async def _commit(self, connection: Connection, batch: list[Job]) -> None:
         try:
@@ -716,9 +733,9 @@ class Writer:
                 job.future.set_result(result)
 
     async def _retried(self, connection: Connection, batch: list[Job]) -> list[Any]:
-        """PostgreSQL ends one of two transactions that wait for each other's
-        rows (jobs of one batch lock their users one job after the other, so
-        two batches can meet in opposite orders): the batch runs again."""
+        """PostgreSQL ends a transaction for a deadlock or serialization
+        failure (none of ChatX's own writes should cause one: _leading_run):
+        the batch runs again."""
         attempt = 1
         while True:
             try:
@@ -1039,6 +1056,7 @@ async def delete_sessions(conn: Connection, user_id: int, keep_session: str | No
 async def delete_account(conn: Connection, user_id: int) -> None:
     """The user and everything of theirs: messages sent or received (and their
     places in both streams), conversations, blocks, sessions, sockets."""
+    await lock_users(conn, [user_id])
     mine = "SELECT id FROM chatx_messages WHERE sender_id = ? OR recipient_id = ?"
     await conn.execute(f"DELETE FROM chatx_events WHERE message_id IN ({mine})", user_id, user_id)
     await conn.execute("DELETE FROM chatx_events WHERE user_id = ? OR reader_id = ? OR with_id = ?",
@@ -1694,7 +1712,7 @@ async def heartbeat(conn: Connection, process_id: str, live: list[tuple[str, int
         return []
     await conn.execute("INSERT INTO chatx_processes (id, heartbeat_at) VALUES (?, ?)", process_id, now)
     transitions: list[Transition] = []
-    for socket_id, user_id, session_id in live:
+    for socket_id, user_id, session_id in sorted(live, key=lambda socket: socket[1]):  # users in id order
         transitions += await open_socket(conn, socket_id, process_id, user_id, session_id=session_id)
     return transitions
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -236,6 +237,51 @@ def fresh_postgres_database() -> Iterator[str]:
         run_async(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+class RowLock:
+    """A user's row of chatx_users locked (SELECT … FOR UPDATE in an open
+    transaction) by a connection of the test's own, as a write transaction
+    of that user holds it; on an event loop in a thread of its own."""
+
+    def __init__(self, database_url: str, user_id: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.connection = self.call(asyncpg.connect(database_url))
+        self.call(self.connection.execute("BEGIN"))
+        self.call(self.connection.execute("SELECT FROM chatx_users WHERE id = $1 FOR UPDATE", user_id))
+
+    def call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
+
+    def lock_waiters(self) -> int:
+        """Other connections of this database waiting for a lock now."""
+        return self.call(self.connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"))
+
+    def release(self) -> None:
+        if self.thread.is_alive():
+            self.call(self.connection.close())  # ends the transaction: the row is free
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+
+
+@contextmanager
+def user_row_locked(database_url: str, user_id: int) -> Iterator[RowLock]:
+    lock = RowLock(database_url, user_id)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+@pytest.fixture
+def shared_postgres() -> Iterator[dict[str, str]]:
+    """Settings for a cluster on a fresh PostgreSQL database (request it before
+    `cluster`, so that it is dropped after the processes stop)."""
+    with fresh_postgres_database() as url:
+        yield {"CHATX_DATABASE_URL": url}
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Each test that takes this runs once on SQLite and once on PostgreSQL."""
@@ -368,6 +414,11 @@ class ChatServer:
     def health(self) -> tuple[int, dict[str, Any]]:
         response = httpx.get(f"{self.base}/healthz", timeout=3)
         return response.status_code, response.json()
+
+    def metric(self, name: str) -> float:
+        """The sum of a metric's samples at /metrics (CHATX_METRICS must be on)."""
+        text = httpx.get(f"{self.base}/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process and self.process.poll() is None:

@@ -136,12 +136,21 @@ def test_a_burst_mixing_retries_and_sends_without_client_id_acks_each_with_its_o
     assert [m["body"] for m in history(bob, "alice")["messages"]] == ["original", "a", "b", "c", "d"]
 
 
+async def insert_message_rows_through_postgres(conn: chatx.Connection, rows: list[tuple]) -> list[int | None]:
+    """PostgreSQL stores message rows only within insert_messages (one call of
+    chatx_insert_messages()): the rows as sends, each one's new id or None."""
+    items = [chatx.NewMessage(chatx.User(sender, f"user{sender}"), chatx.User(recipient, f"user{recipient}"), body,
+                              client_id, reply_to) for sender, recipient, body, _, client_id, reply_to in rows]
+    return [outcome.message["id"] if isinstance(outcome, chatx.Stored) and outcome.seqs else None
+            for outcome in await chatx.insert_messages(conn, items)]
+
+
 def on_new_schema(database_url: str, scenario):
     """`scenario(conn, insert)` on a new schema, with the database's own insert
     of message rows: the writer would hide a wrong answer of it by retrying
     each send alone, so these tests call it themselves."""
     postgres = database_url.startswith("postgresql")
-    insert = chatx.insert_message_rows_postgres if postgres else chatx.insert_message_rows_sqlite
+    insert = insert_message_rows_through_postgres if postgres else chatx.insert_message_rows_sqlite
 
     async def run():
         database = chatx.open_database(database_url)
