@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
 import time
 
+import asyncpg
 import chatx
 import pytest
 from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
-from conftest import PASSWORD, Person, make_partners, next_frame, quiet, run_async, settle, sign_up
+from conftest import (PASSWORD, Person, fresh_postgres_database, make_partners, next_frame, quiet, run_async, settle,
+                      sign_up)
 
 
 @pytest.fixture
@@ -209,6 +212,43 @@ def test_a_message_naming_a_user_id_that_does_not_exist_is_refused_and_stores_no
     postgres = database_url.startswith("postgresql")
     assert refused == ["ForeignKeyViolationError" if postgres else "IntegrityError"] * 2
     assert stored == 0
+
+
+def test_a_commit_of_sends_is_one_statement_to_postgresql_whatever_it_holds(monkeypatch):
+    """Refusals, retries, ids, both streams and the conversation rows of a
+    commit go in one call, outside BEGIN and COMMIT: one round trip."""
+    statements: list[str] = []
+    for name in ("execute", "fetch", "fetchrow", "fetchval", "executemany"):
+        def counted(self, query, *args, _send=getattr(asyncpg.connection.Connection, name), **kwargs):
+            statements.append(query)
+            return _send(self, query, *args, **kwargs)
+        monkeypatch.setattr(asyncpg.connection.Connection, name, counted)
+
+    async def scenario(url: str) -> list[tuple[list[str], list]]:
+        storage = chatx.Storage(url)
+        await storage.start()
+        try:
+            people = [await storage.write(chatx.insert_user, f"user{i}", "hash", 0) for i in range(6)]
+            await storage.write(chatx.insert_block, people[5].id, people[4].id)
+            first = await storage.write_bulk(chatx.insert_messages, chatx.NewMessage(*people[:2], "first", "c", None))
+            commits = []
+            for sends in ([(0, 1, "c", None)], [(0, 1, "c", None), (0, 2, "d", None), (1, 0, "e", first.message["id"]),
+                                                (4, 5, "f", None), (2, 3, None, None), (3, 3, "g", None)]):
+                del statements[:]
+                outcomes = await asyncio.gather(*[storage.write_bulk(chatx.insert_messages, chatx.NewMessage(
+                    people[sender], people[recipient], f"body {n}", client_id, reply_to))
+                    for n, (sender, recipient, client_id, reply_to) in enumerate(sends)])
+                commits.append((list(statements), outcomes))
+            return commits
+        finally:
+            await storage.stop()
+
+    with fresh_postgres_database() as url:
+        commits = run_async(scenario, url)
+    for sent, outcomes in commits:
+        assert len(sent) == 1 and "chatx_insert_messages" in sent[0], sent
+    assert [type(outcome).__name__ for outcome in commits[1][1]] == [
+        "Refused", "Stored", "Stored", "Refused", "Stored", "Stored"]
 
 
 def test_sqlite_copies_stored_messages_into_the_database_file_in_the_background(make_client, sqlite_url):
