@@ -1152,7 +1152,7 @@ def check_upgrade(url: str) -> None:
             settle(a, b)
         assert conversations(bob)["conversations"][0]["unread"] == 0
 
-    assert raw.query("SELECT value FROM chatx_settings WHERE name = 'schema_version'") == [("2",)]
+    assert raw.query("SELECT value FROM chatx_settings WHERE name = 'schema_version'") == [(str(chatx.SCHEMA_VERSION),)]
     assert raw.query("SELECT value FROM chatx_settings WHERE name = 'secret_key'") == [("v1-secret-" + "k" * 20,)]
     first = stored_state(raw)
     with TestClient(chatx.create_app(database_url=url)) as client:
