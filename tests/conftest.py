@@ -274,6 +274,17 @@ def user_row_locked(database_url: str, user_id: int) -> Iterator[RowLock]:
         lock.release()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_database(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """Settings for a cluster: its default SQLite file, or a fresh PostgreSQL
+    database (requested before `cluster`, so dropped after its processes stop)."""
+    if request.param == "sqlite":
+        yield {}
+    else:
+        with fresh_postgres_database() as url:
+            yield {"CHATX_DATABASE_URL": url}
+
+
 @pytest.fixture
 def shared_postgres() -> Iterator[dict[str, str]]:
     """Settings for a cluster on a fresh PostgreSQL database (request it before

@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import httpx2 as httpx
 import pytest
@@ -20,8 +20,7 @@ from starlette.websockets import WebSocketDisconnect
 from websockets.sync.client import ClientConnection, connect
 
 import chatx
-from conftest import (PASSWORD, ChatServer, Person, Remote, fresh_postgres_database, quiet, sign_up, user_row_locked,
-                      wait_until)
+from conftest import PASSWORD, ChatServer, Person, Remote, quiet, sign_up, user_row_locked, wait_until
 
 Frame = dict[str, Any]
 STREAM_TYPES = ("message", "read", "edit", "delete")
@@ -203,17 +202,6 @@ def check_live(tab: Tab, newest: int, replayed: list[Frame]) -> None:
     live = tab.stream
     assert seqs_of(live) == list(range(tab.hello["seq"] + 1, newest + 1)), (tab, seqs_of(live))
     assert [key(f) for f in live] == [key(f) for f in replayed if f["seq"] > tab.hello["seq"]], tab
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def shared_database(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
-    """Settings for a cluster: its default SQLite file, or a fresh PostgreSQL
-    database (requested before `cluster`, so dropped after its processes stop)."""
-    if request.param == "sqlite":
-        yield {}
-    else:
-        with fresh_postgres_database() as url:
-            yield {"CHATX_DATABASE_URL": url}
 
 
 # ---- many processes committing at once --------------------------------------------------
