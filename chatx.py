@@ -1480,12 +1480,13 @@ BEGIN
         WHERE e.role = 0 OR recipients[kept.n] <> senders[kept.n]
     ), numbered AS (
         SELECT mine.*, u.seq + row_number() OVER (PARTITION BY mine.user_id ORDER BY mine.n, mine.role) AS seq
-        FROM mine JOIN chatx_users u ON u.id = mine.user_id
+        FROM mine, LATERAL (SELECT seq FROM chatx_users WHERE id = mine.user_id) AS u
     ), events AS (
         INSERT INTO chatx_events (user_id, seq, kind, message_id) SELECT user_id, seq, 1, id FROM numbered
     ), newest AS (
         UPDATE chatx_users u SET seq = t.seq
-        FROM (SELECT user_id, max(seq) AS seq FROM numbered GROUP BY user_id) AS t WHERE u.id = t.user_id
+        FROM (SELECT user_id, max(seq) AS seq FROM numbered GROUP BY user_id) AS t
+        WHERE u.id = t.user_id AND u.id = ANY(people)
     ), sides AS (
         SELECT senders[n] AS me, recipients[n] AS peer, id, (senders[n] = recipients[n])::integer AS unread FROM kept
         UNION ALL SELECT recipients[n], senders[n], id, 1 FROM kept WHERE senders[n] <> recipients[n]
@@ -1499,14 +1500,17 @@ BEGIN
            coalesce(kept.n = i.n AND kept.first_of_pair AND senders[i.n] <> recipients[i.n] AND NOT EXISTS (
                SELECT FROM chatx_conversations c WHERE c.user_id = senders[i.n] AND c.peer_id = recipients[i.n]),
                false),
-           ou.username::text, o.body, o.sent_at, o.edited_at, o.deleted, o.reply_to
+           o.recipient, o.body, o.sent_at, o.edited_at, o.deleted, o.reply_to
     FROM generate_subscripts(senders, 1) AS i(n)
     LEFT JOIN kept ON kept.n = owners[i.n]
     LEFT JOIN numbered s ON s.n = i.n AND s.role = 0
     LEFT JOIN numbered r ON r.n = i.n AND r.role = 1
-    LEFT JOIN chatx_messages o ON kept.id IS NULL AND owners[i.n] IS NOT NULL
-        AND o.sender_id = senders[i.n] AND o.client_id = client_ids[i.n]
-    LEFT JOIN chatx_users ou ON ou.id = o.recipient_id
+    -- Key lookups each (a join could scan every message and user per commit).
+    LEFT JOIN LATERAL (
+        SELECT m.id, ou.username::text AS recipient, m.body, m.sent_at, m.edited_at, m.deleted, m.reply_to
+        FROM chatx_messages m JOIN chatx_users ou ON ou.id = m.recipient_id
+        WHERE kept.id IS NULL AND owners[i.n] IS NOT NULL
+          AND m.sender_id = senders[i.n] AND m.client_id = client_ids[i.n]) AS o ON true
     ORDER BY i.n;
 END
 $$
