@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, SO_KEEPALIVE, SO_LINGER, SOL_SOCKET
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Union
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiosqlite
@@ -202,6 +202,7 @@ ID_MAX = 2**31 - 1  # message ids are 32-bit integers; a larger cursor means "pa
 COMMIT_BUSY_S = 0.005
 COMMIT_LINGER_S = 0.001
 JOBS_PER_COMMIT = 256
+COMMIT_RETRIES = 5  # a batch PostgreSQL ended for a deadlock or serialization failure runs again this often
 COMMIT_FAILURE_MEMORY_S = 5  # /healthz says the database fails this long after a commit failed
 # SQLite's log is copied into the database by a thread at most every
 # CHECKPOINT_INTERVAL_S while commits come, and by a commit only past WAL_BACKSTOP_PAGES.
@@ -624,15 +625,10 @@ class Connection:
         await self.connection.execute(statement)
 
     async def begin(self) -> None:
-        """Write transactions are serialised across processes on both databases:
-        SQLite's BEGIN IMMEDIATE takes the file's write lock, and on PostgreSQL
-        an advisory lock does the same. Stream numbers and message ids then
-        commit in the order they were given, and no two writers deadlock."""
-        if self.postgres:
-            await self.driver.execute("BEGIN")
-            await self.driver.execute("SELECT pg_advisory_xact_lock(734216)")
-        else:
-            await self.driver.execute("BEGIN IMMEDIATE")
+        """On SQLite, BEGIN IMMEDIATE takes the file's write lock: one writer at
+        a time. On PostgreSQL writers run side by side; a write job locks the
+        rows of the users it numbers events for (lock_users)."""
+        await self.driver.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
 
     async def commit(self) -> None:
         await self.driver.execute("COMMIT")
@@ -822,6 +818,17 @@ async def watch_silence(connection: asyncpg.Connection) -> None:
     sock.setsockopt(IPPROTO_TCP, TCP_USER_TIMEOUT, TCP_SILENCE_S * 1000)
 
 
+def one_statement_on_postgres(when: Callable[[list[Any]], bool]) -> Callable[[Callable], Callable]:
+    """Mark a bulk write job that sends PostgreSQL a single statement for the
+    items for which `when(items)` holds: a batch of it alone then runs as that
+    statement's own transaction, one round trip with no BEGIN and COMMIT."""
+    def mark(function: Callable[..., Awaitable[list]]) -> Callable[..., Awaitable[list]]:
+        function.one_statement_on_postgres = when  # type: ignore[attr-defined]
+        return function
+
+    return mark
+
+
 def open_database(url: str, connections: int = 10) -> Database:
     if url.startswith("sqlite"):
         return Database(url, factory=SQLiteWithPragmas, timeout=5.0)
@@ -856,7 +863,8 @@ class Job:
 
 class Writer:
     """Runs every write transaction of this process, in order, on one task
-    that holds one connection; jobs queued together share one commit.
+    that holds one connection; jobs queued together share one commit (on
+    PostgreSQL, a run of sends does: _leading_run).
 
     databases binds connections to tasks, and concurrent SQLite writers fail
     with "database is locked"; one writer per process avoids both, and group
@@ -865,10 +873,12 @@ class Writer:
     had dropped marked as in use, so a restart of the database stopped every
     write until ChatX itself restarted."""
 
-    def __init__(self, url: str, observe: Callable[[float], None] = lambda seconds: None) -> None:
+    def __init__(self, url: str, observe: Callable[[float], None] = lambda seconds: None,
+                 retried: Callable[[], None] = lambda: None) -> None:
         # A one-connection pool of its own: the writer holds it, readers never queue behind it.
         self.database = open_database(url, connections=1)
         self.observe = observe  # told each commit's duration
+        self.retried = retried  # told each batch run again after a deadlock or serialization failure
         self.sqlite = self.database.url.dialect == "sqlite"
         self.healthy = True  # connected, as far as the last attempt showed
         self.failed_at = -math.inf  # when a commit last failed for the database's sake
@@ -981,7 +991,8 @@ class Writer:
                 await self._jobs_waiting
             if time.monotonic() - last_commit < COMMIT_BUSY_S:
                 await asyncio.sleep(COMMIT_LINGER_S)
-            batch, self._jobs = self._jobs[:JOBS_PER_COMMIT], self._jobs[JOBS_PER_COMMIT:]
+            size = JOBS_PER_COMMIT if self.sqlite else self._leading_run(self._jobs)
+            batch, self._jobs = self._jobs[:size], self._jobs[size:]
             jobs = [job for job in batch if job is not None]
             if jobs:
                 started = time.monotonic()
@@ -993,9 +1004,24 @@ class Writer:
             if len(jobs) < len(batch):  # stop() was called
                 return
 
+    @staticmethod
+    def _leading_run(jobs: list[Job | None]) -> int:
+        """How many queued jobs PostgreSQL commits together: a run of bulk jobs
+        of one function (sends, locking all their users at once), or one job.
+        Each locks its users in one go, in id order, so no two commits can
+        wait for each other; two jobs in one commit could, one after the other."""
+        first = jobs[0]
+        if first is None or not first.bulk:
+            return 1
+        count = 1
+        while count < min(JOBS_PER_COMMIT, len(jobs)) and (job := jobs[count]) is not None and job.bulk \
+                and job.function is first.function:
+            count += 1
+        return count
+
     async def _commit(self, connection: Connection, batch: list[Job]) -> None:
         try:
-            results = await self._transaction(connection, batch)
+            results = await self._retried(connection, batch)
         except Exception as failure:
             try:
                 await connection.fetch("SELECT 1")
@@ -1008,7 +1034,7 @@ class Writer:
             failed = 0
             for job in batch:
                 try:
-                    (result,) = await self._transaction(connection, [job])
+                    (result,) = await self._retried(connection, [job])
                 except Exception as exc:
                     failed += 1
                     if not job.future.done():
@@ -1026,7 +1052,27 @@ class Writer:
             if not job.future.done():
                 job.future.set_result(result)
 
+    async def _retried(self, connection: Connection, batch: list[Job]) -> list[Any]:
+        """PostgreSQL ends a transaction for a deadlock or serialization
+        failure (none of ChatX's own writes should cause one: _leading_run):
+        the batch runs again."""
+        attempt = 1
+        while True:
+            try:
+                return await self._transaction(connection, batch)
+            except asyncpg.exceptions.TransactionRollbackError:
+                if attempt == COMMIT_RETRIES:
+                    raise
+                self.retried()
+                await asyncio.sleep(0.005 * attempt * random.random())
+                attempt += 1
+
     async def _transaction(self, connection: Connection, batch: list[Job]) -> list[Any]:
+        one_statement = getattr(batch[0].function, "one_statement_on_postgres", None)
+        if (connection.postgres and one_statement is not None and all(
+                job.bulk and job.function is batch[0].function for job in batch)
+                and one_statement([job.args[0] for job in batch])):
+            return await self._run_jobs(connection, batch)  # one statement: a transaction of its own
         await connection.begin()
         try:
             results = await self._run_jobs(connection, batch)
@@ -1100,10 +1146,11 @@ class Storage:
     """The database: writes through the Writer, reads through connections of
     their own (held ones on SQLite, asyncpg's pool on PostgreSQL)."""
 
-    def __init__(self, url: str, observe_commit: Callable[[float], None] = lambda seconds: None) -> None:
+    def __init__(self, url: str, observe_commit: Callable[[float], None] = lambda seconds: None,
+                 commit_retried: Callable[[], None] = lambda: None) -> None:
         self.database = open_database(url)
         self.postgres = self.database.url.dialect == "postgresql"
-        self.writer = Writer(url, observe_commit)
+        self.writer = Writer(url, observe_commit, commit_retried)
         self._held = None if self.postgres else HeldConnections(self.database)
         self._vacuum: asyncio.Task | None = None
         self._probe: asyncio.Task | None = None
@@ -1243,6 +1290,8 @@ async def schema_version(conn: Connection) -> int:
 
 async def migrate(conn: Connection) -> None:
     """Create the schema, or bring an older one up to SCHEMA_VERSION, keeping everything in it."""
+    if conn.postgres:  # processes starting together migrate one at a time; nothing else takes this lock
+        await conn.execute("SELECT pg_advisory_xact_lock(734216)")
     version = await schema_version(conn)
     if version > SCHEMA_VERSION:
         raise RuntimeError(f"the database has schema version {version}; this ChatX knows {SCHEMA_VERSION}")
@@ -1258,6 +1307,8 @@ async def migrate(conn: Connection) -> None:
         await fill_version_2_tables(conn)
     if 0 < version < 3:
         await autoincrement_ids(conn)
+    if conn.postgres and 0 < version < 3:
+        await per_user_ordering(conn)
     if conn.postgres:
         await conn.execute(INSERT_MESSAGES_POSTGRES)
     await conn.execute("DELETE FROM chatx_settings WHERE name = 'schema_version'")
@@ -1340,6 +1391,12 @@ async def autoincrement_ids(conn: Connection) -> None:
                              await conn.fetch("SELECT id, username FROM chatx_users")])
 
 
+async def per_user_ordering(conn: Connection) -> None:
+    """Version 3 on PostgreSQL: the message insert that took a lock shared by
+    all users gives way to chatx_insert_messages() of INSERT_MESSAGES_POSTGRES."""
+    await conn.execute("DROP FUNCTION IF EXISTS chatx_insert_messages(integer[], integer[], text[], bigint[], text[])")
+
+
 # -- accounts and sessions
 
 
@@ -1408,6 +1465,7 @@ async def delete_sessions(conn: Connection, user_id: int, keep_session: str | No
 async def delete_account(conn: Connection, user_id: int) -> None:
     """The user and everything of theirs: messages sent or received (and their
     places in both streams), conversations, blocks, sessions, sockets."""
+    await lock_users(conn, [user_id])
     mine = "SELECT id FROM chatx_messages WHERE sender_id = ? OR recipient_id = ?"
     theirs = await conn.fetch(f"SELECT id FROM chatx_attachments WHERE uploader_id = ? OR message_id IN ({mine})",
                               user_id, user_id, user_id)
@@ -1513,6 +1571,7 @@ async def directory_page(conn: Connection, me: int, prefix: str, after: str, lim
 
 
 async def insert_block(conn: Connection, me: int, other: int) -> None:
+    await lock_users(conn, [me])  # a send to me commits wholly before the block or wholly after it
     await conn.execute("INSERT INTO chatx_blocks (user_id, blocked_id) VALUES (?, ?) ON CONFLICT DO NOTHING", me, other)
 
 
@@ -1602,11 +1661,18 @@ class Stored:
         return None if self.message is None else dumps(self.message)
 
 
+async def lock_users(conn: Connection, user_ids: Iterable[int]) -> None:
+    """Lock these users' rows until the commit, in id order. On SQLite the
+    writer holds the whole file already (Connection.begin)."""
+    if conn.postgres:
+        await conn.execute("SELECT FROM chatx_users WHERE id = ANY(?) ORDER BY id FOR UPDATE", sorted(set(user_ids)))
+
+
 async def append_events(conn: Connection, rows: list[tuple[int, EventKind, int | None, int | None, int | None,
                                                             int | None]]) -> list[int]:
     """Number events (user_id, kind, message_id, reader_id, with_id, up_to) in
-    their users' streams and store them; return each one's seq. Safe because
-    write transactions are serialised (Connection.begin)."""
+    their users' streams and store them; return each one's seq. The caller
+    holds those users' rows (lock_users)."""
     user_ids = sorted({row[0] for row in rows})
     newest = dict(await conn.fetch(f"SELECT id, seq FROM chatx_users WHERE id IN ({marks(len(user_ids))})",
                                    *user_ids))
@@ -1623,10 +1689,13 @@ async def append_events(conn: Connection, rows: list[tuple[int, EventKind, int |
     return seqs
 
 
+@one_statement_on_postgres(when=lambda items: not any(item.attachment for item in items))
 async def insert_messages(conn: Connection, items: list[NewMessage]) -> list[Stored | Refused]:
     """Store the messages of one commit; number them in both streams; bring the
     conversation rows up to date. A (sender, client_id) stored before, or
     earlier in the same list, stores nothing and gets the original."""
+    if conn.postgres:
+        return await insert_messages_postgres(conn, items)
     refusals = await send_refusals(conn, items)
     attached = await attachments_to_send(conn, items)
     refusals.update(attachment_refusals(items, attached, refusals))
@@ -1638,7 +1707,7 @@ async def insert_messages(conn: Connection, items: list[NewMessage]) -> list[Sto
     sent_at = now_ms()
     rows = [(items[i].sender.id, items[i].recipient.id, items[i].body, sent_at, items[i].client_id,
              items[i].reply_to) for i in fresh]
-    inserted = await (insert_message_rows_postgres if conn.postgres else insert_message_rows_sqlite)(conn, rows)
+    inserted = await insert_message_rows_sqlite(conn, rows)
     ids = dict(zip(fresh, inserted))
     stored = {index: message_id for index, message_id in ids.items() if message_id is not None}
     originals = await messages_by_client_id(conn, {keys[index] for index in fresh if ids[index] is None})
@@ -1662,15 +1731,20 @@ async def insert_messages(conn: Connection, items: list[NewMessage]) -> list[Sto
                                       *attached.get(first.attachment, ())[3:])
         else:
             seqs, partners, original = {}, None, originals[keys[owner]]
-        retry = owner != index or owner not in stored  # the original's ack, nothing delivered again
-        if retry and (original["to"], original["body"], (original["attachment"] or {}).get("id")) != (
-                item.recipient.username, item.body, item.attachment):
-            results.append(Refused("invalid_field", "This client_id belongs to another message."))
-        elif retry:
-            results.append(Stored(EventKind.MESSAGE, {}, original))
+        if owner != index or owner not in stored:
+            results.append(retry_outcome(original, item))
         else:
             results.append(Stored(EventKind.MESSAGE, seqs, original, new_partners=partners))
     return results
+
+
+def retry_outcome(original: dict[str, Any], item: NewMessage) -> Stored | Refused:
+    """A client_id stored before: the original's ack and nothing delivered
+    again, unless the item is another message under the same client_id."""
+    if (original["to"], original["body"], (original["attachment"] or {}).get("id")) != (
+            item.recipient.username, item.body, item.attachment):
+        return Refused("invalid_field", "This client_id belongs to another message.")
+    return Stored(EventKind.MESSAGE, {}, original)
 
 
 async def send_refusals(conn: Connection, items: list[NewMessage]) -> dict[int, Refused]:
@@ -1689,10 +1763,10 @@ async def send_refusals(conn: Connection, items: list[NewMessage]) -> dict[int, 
             f"SELECT id, sender_id, recipient_id FROM chatx_messages WHERE id IN ({marks(len(replied))})", *replied)}
     for index, item in enumerate(items):
         if (item.recipient.id, item.sender.id) in blocked:
-            refusals[index] = Refused("blocked", f"{item.recipient.username} does not accept your messages.")
+            refusals[index] = send_refusal("blocked", item)
         elif item.reply_to is not None and sorted(targets.get(item.reply_to, ())) != sorted(
                 (item.sender.id, item.recipient.id)):
-            refusals[index] = Refused("invalid_field", "'reply_to' must name a message of this conversation.")
+            refusals[index] = send_refusal("reply_to", item)
     return refusals
 
 
@@ -1704,7 +1778,9 @@ async def attachments_to_send(conn: Connection, items: list[NewMessage]) -> dict
         return {}
     rows = await conn.fetch(f"SELECT a.uploader_id, a.message_id, m.client_id, {ATTACHMENT_COLUMNS} "
                             "FROM chatx_attachments a LEFT JOIN chatx_messages m ON m.id = a.message_id "
-                            f"WHERE a.id IN ({marks(len(ids))})", *ids)
+                            f"WHERE a.id IN ({marks(len(ids))})"
+                            # Until the commit: a send of the same upload on another process waits, then sees it sent.
+                            + (" FOR UPDATE OF a" if conn.postgres else ""), *ids)
     return {row[3]: tuple(row) for row in rows}
 
 
@@ -1723,6 +1799,12 @@ def attachment_refusals(items: list[NewMessage], attached: dict[str, tuple],
                 or claimed.setdefault(item.attachment, owner) != owner):
             refusals[index] = Refused("unknown_attachment", "There is no such upload of yours to send.")
     return refusals
+
+
+def send_refusal(reason: str, item: NewMessage) -> Refused:
+    if reason == "blocked":
+        return Refused("blocked", f"{item.recipient.username} does not accept your messages.")
+    return Refused("invalid_field", "'reply_to' must name a message of this conversation.")
 
 
 async def number_messages(conn: Connection, stored: list[tuple[NewMessage, int]]
@@ -1802,45 +1884,164 @@ async def insert_message_rows_sqlite(conn: Connection, rows: list[tuple]) -> lis
     return [next(ids) if row[4] is None or (row[0], row[4]) in new_keys else None for row in rows]
 
 
-# Ids are taken in order under the write lock: ids then commit in id order, as
-# under SQLite's single writer. A function, so that the insert is one round
-# trip. It checks the user ids first, in place of foreign keys (see chatx_messages).
+# The ordering rule of every stream on PostgreSQL. Writers run side by side,
+# and a commit first locks the rows (chatx_users) of every user it numbers
+# events for, in id order, so two writers never wait for each other in a
+# circle; other write jobs do the same through lock_users(). That is enough
+# because every promise of a stream is about one user: a user's seq is read
+# and raised under that user's lock, so it is gap-free and each seq commits
+# before the next is handed out (commit order is seq order per user), and a
+# message id, taken from the sequence after both people's locks, grows in
+# both streams' order. Commits of other users may interleave in any way: no
+# socket sees them, since a socket shows one user's stream, publishes per
+# user, and reads a gap from the database (ChatSocket.deliver), where every
+# event below a delivered seq is committed. A function, so that a commit of
+# messages is one round trip: refusals, ids, the messages, both streams and
+# the conversation rows. It checks the user ids, in place of foreign keys (see
+# chatx_messages). Per item it returns: the refusal, the item whose
+# (sender, client_id) it is (which alone stores it), whether that one stored
+# it now, the message id, both seqs, whether it made two people partners, and
+# for a client_id stored before, that message's recipient, body, sent_at,
+# edited_at, deleted and reply_to.
 INSERT_MESSAGES_POSTGRES = """
 CREATE OR REPLACE FUNCTION chatx_insert_messages(
-    senders integer[], recipients integer[], bodies text[], sent_ats bigint[], client_ids text[],
-    OUT ids integer[], OUT inserted integer[]
-) LANGUAGE plpgsql AS $$
+    senders integer[], recipients integer[], bodies text[], client_ids text[], reply_tos integer[], sent bigint
+) RETURNS TABLE (refusal text, owner integer, fresh boolean, message_id integer, sender_seq bigint,
+                 recipient_seq bigint, introduced boolean, recipient text, body text, sent_at bigint,
+                 edited_at bigint, deleted boolean, reply_to integer)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    people integer[] := ARRAY(SELECT DISTINCT unnest(senders || recipients) ORDER BY 1);
+    locked integer;
+    refusals text[];
+    owners integer[];
+    news integer[];
+    ids integer[];
 BEGIN
-    IF EXISTS (SELECT FROM unnest(senders || recipients) AS u(id)
-               WHERE NOT EXISTS (SELECT FROM chatx_users WHERE chatx_users.id = u.id)) THEN
+    PERFORM FROM chatx_users WHERE id = ANY(people) ORDER BY id FOR UPDATE;
+    GET DIAGNOSTICS locked = ROW_COUNT;
+    IF locked < cardinality(people) THEN
         RAISE foreign_key_violation USING MESSAGE = 'chatx_messages: no such user';
     END IF;
-    PERFORM pg_advisory_xact_lock(734216);
+    SELECT array_agg(i.refusal ORDER BY i.n),
+           array_agg(CASE WHEN i.refusal IS NULL THEN coalesce(i.first, i.n) END ORDER BY i.n)
+    INTO refusals, owners
+    FROM (SELECT u.n::integer AS n, v.refusal, CASE WHEN u.c IS NOT NULL THEN
+                 (min(u.n) FILTER (WHERE v.refusal IS NULL) OVER (PARTITION BY u.s, u.c))::integer END AS first
+          FROM unnest(senders, recipients, client_ids, reply_tos) WITH ORDINALITY AS u(s, r, c, p, n),
+          LATERAL (SELECT CASE
+              WHEN EXISTS (SELECT FROM chatx_blocks b WHERE b.user_id = u.r AND b.blocked_id = u.s) THEN 'blocked'
+              WHEN u.p IS NOT NULL AND NOT EXISTS (SELECT FROM chatx_messages m WHERE m.id = u.p
+                   AND (m.sender_id, m.recipient_id) IN ((u.s, u.r), (u.r, u.s))) THEN 'reply_to'
+              END) AS v(refusal)) AS i;
+    news := ARRAY(SELECT n FROM generate_subscripts(senders, 1) AS n WHERE owners[n] = n ORDER BY n);
     ids := ARRAY(SELECT nextval(pg_get_serial_sequence('chatx_messages', 'id'))::integer
-                 FROM generate_series(1, cardinality(senders)) ORDER BY 1);
+                 FROM generate_series(1, cardinality(news)) ORDER BY 1);
+    RETURN QUERY
     WITH stored AS (
-        INSERT INTO chatx_messages (id, sender_id, recipient_id, body, sent_at, client_id)
-        SELECT ids[n::integer], s, r, b, t, c
-        FROM unnest(senders, recipients, bodies, sent_ats, client_ids) WITH ORDINALITY AS u(s, r, b, t, c, n)
+        INSERT INTO chatx_messages (id, sender_id, recipient_id, body, sent_at, client_id, reply_to)
+        SELECT ids[k], senders[n], recipients[n], bodies[n], sent, client_ids[n], reply_tos[n]
+        FROM unnest(news) WITH ORDINALITY AS f(n, k)
         ON CONFLICT (sender_id, client_id) DO NOTHING
         RETURNING id
-    ) SELECT array_agg(id) INTO inserted FROM stored;
+    ), kept AS (
+        SELECT f.n, f.id, f.n = min(f.n) OVER (PARTITION BY least(senders[f.n], recipients[f.n]),
+                                                            greatest(senders[f.n], recipients[f.n])) AS first_of_pair
+        FROM unnest(news, ids) AS f(n, id) JOIN stored ON stored.id = f.id
+    ), mine AS (
+        SELECT kept.n, kept.id, e.user_id, e.role
+        FROM kept, LATERAL (VALUES (senders[kept.n], 0), (recipients[kept.n], 1)) AS e(user_id, role)
+        WHERE e.role = 0 OR recipients[kept.n] <> senders[kept.n]
+    ), numbered AS (
+        SELECT mine.*, u.seq + row_number() OVER (PARTITION BY mine.user_id ORDER BY mine.n, mine.role) AS seq
+        FROM mine, LATERAL (SELECT seq FROM chatx_users WHERE id = mine.user_id) AS u
+    ), events AS (
+        INSERT INTO chatx_events (user_id, seq, kind, message_id) SELECT user_id, seq, 1, id FROM numbered
+    ), newest AS (
+        UPDATE chatx_users u SET seq = t.seq
+        FROM (SELECT user_id, max(seq) AS seq FROM numbered GROUP BY user_id) AS t
+        WHERE u.id = t.user_id AND u.id = ANY(people)
+    ), sides AS (
+        SELECT senders[n] AS me, recipients[n] AS peer, id, (senders[n] = recipients[n])::integer AS unread FROM kept
+        UNION ALL SELECT recipients[n], senders[n], id, 1 FROM kept WHERE senders[n] <> recipients[n]
+    ), conversations AS (
+        INSERT INTO chatx_conversations (user_id, peer_id, last_message_id, unread, read_up_to)
+        SELECT me, peer, max(id), sum(unread), 0 FROM sides GROUP BY me, peer
+        ON CONFLICT (user_id, peer_id) DO UPDATE SET last_message_id = excluded.last_message_id,
+            unread = chatx_conversations.unread + excluded.unread
+    )
+    SELECT refusals[i.n], owners[i.n], kept.id IS NOT NULL, coalesce(kept.id, o.id), s.seq, r.seq,
+           coalesce(kept.n = i.n AND kept.first_of_pair AND senders[i.n] <> recipients[i.n] AND NOT EXISTS (
+               SELECT FROM chatx_conversations c WHERE c.user_id = senders[i.n] AND c.peer_id = recipients[i.n]),
+               false),
+           o.recipient, o.body, o.sent_at, o.edited_at, o.deleted, o.reply_to
+    FROM generate_subscripts(senders, 1) AS i(n)
+    LEFT JOIN kept ON kept.n = owners[i.n]
+    LEFT JOIN numbered s ON s.n = i.n AND s.role = 0
+    LEFT JOIN numbered r ON r.n = i.n AND r.role = 1
+    -- Key lookups each (a join could scan every message and user per commit).
+    LEFT JOIN LATERAL (
+        SELECT m.id, ou.username::text AS recipient, m.body, m.sent_at, m.edited_at, m.deleted, m.reply_to
+        FROM chatx_messages m JOIN chatx_users ou ON ou.id = m.recipient_id
+        WHERE kept.id IS NULL AND owners[i.n] IS NOT NULL
+          AND m.sender_id = senders[i.n] AND m.client_id = client_ids[i.n]) AS o ON true
+    ORDER BY i.n;
 END
 $$
 """
 
 
-async def insert_message_rows_postgres(conn: Connection, rows: list[tuple]) -> list[int | None]:
-    """As insert_message_rows_sqlite, in one call of chatx_insert_messages()."""
-    if not rows:
+async def insert_messages_postgres(conn: Connection, items: list[NewMessage]) -> list[Stored | Refused]:
+    """insert_messages in one call of chatx_insert_messages(). Attachments are
+    checked before it and linked after it, in the batch's transaction (the
+    Writer opens one where an item carries an attachment)."""
+    attached = await attachments_to_send(conn, items)
+    results: dict[int, Stored | Refused] = attachment_refusals(items, attached, {})
+    kept = [index for index in range(len(items)) if index not in results]
+    results.update(zip(kept, await call_insert_messages(conn, [items[index] for index in kept], attached)))
+    attaching = [(items[i].attachment, results[i].message["id"]) for i in kept
+                 if items[i].attachment and isinstance(results[i], Stored) and results[i].seqs]
+    await conn.execute_many("UPDATE chatx_messages SET attachment_id = ? WHERE id = ?", attaching)
+    await conn.execute_many("UPDATE chatx_attachments SET message_id = ? WHERE id = ?",
+                            [(message_id, attachment_id) for attachment_id, message_id in attaching])
+    return [results[index] for index in range(len(items))]
+
+
+async def call_insert_messages(conn: Connection, items: list[NewMessage],
+                               attached: dict[str, tuple]) -> list[Stored | Refused]:
+    if not items:
         return []
-    record = await conn.fetch_one("SELECT ids, inserted FROM chatx_insert_messages(?, ?, ?, ?, ?)",
-                                  *map(list, zip(*[row[:5] for row in rows])))
-    inserted = set(record[1] or ())
-    ids = [message_id if message_id in inserted else None for message_id in record[0]]
-    replies = [(row[5], message_id) for row, message_id in zip(rows, ids) if message_id and row[5] is not None]
-    await conn.execute_many("UPDATE chatx_messages SET reply_to = ? WHERE id = ?", replies)
-    return ids
+    sent_at = now_ms()
+    rows = await conn.fetch("SELECT * FROM chatx_insert_messages(?, ?, ?, ?, ?, ?)",
+                            [item.sender.id for item in items], [item.recipient.id for item in items],
+                            [item.body for item in items], [item.client_id for item in items],
+                            [item.reply_to for item in items], sent_at)
+    results: list[Stored | Refused] = []
+    for index, (item, row) in enumerate(zip(items, rows)):
+        refusal, owner, fresh, message_id, sender_seq, recipient_seq, introduced = row[:7]
+        if refusal is not None:
+            results.append(send_refusal(refusal, item))
+            continue
+        if fresh:
+            first = items[owner - 1]
+            original = message_object(message_id, first.sender.username, first.recipient.username, first.body,
+                                      sent_at, first.client_id, None, False, first.reply_to,
+                                      *attached.get(first.attachment, ())[3:])
+        elif item.attachment:  # a retry of a send with an attachment: the original as stored, attachment too
+            original = await message_by_id(conn, message_id)
+        else:
+            recipient, body, stored_at, edited_at, deleted, reply_to = row[7:]
+            original = message_object(message_id, item.sender.username, recipient, body, stored_at, item.client_id,
+                                      edited_at, deleted, reply_to)
+        if owner != index + 1 or not fresh:
+            results.append(retry_outcome(original, item))
+        else:
+            seqs = {item.sender.id: sender_seq} if recipient_seq is None else {
+                item.sender.id: sender_seq, item.recipient.id: recipient_seq}
+            results.append(Stored(EventKind.MESSAGE, seqs, original,
+                                  new_partners=(item.sender.id, item.recipient.id) if introduced else None))
+    return results
 
 
 async def messages_by_client_id(conn: Connection, keys: set[tuple[int, str | None]]) -> dict[tuple, dict[str, Any]]:
@@ -1864,24 +2065,29 @@ async def change_message(conn: Connection, me: int, message_id: int, body: str |
                                "WHERE id = ? AND NOT deleted", message_id)
     if row is None or row[0] != me:
         return Refused("unknown_message", "You have no such message.")
+    people = list(dict.fromkeys(row[:2]))
+    await lock_users(conn, people)  # then no other writer changes this message: only its sender may
     if row[1] != me and await blocks_me(conn, me, row[1]):
         return Refused("blocked", "The recipient blocks you: the message stays as they have it.")
     if body is None:
-        await conn.execute("UPDATE chatx_messages SET body = '', deleted = ?, attachment_id = NULL WHERE id = ?",
-                           True, message_id)
-        await erase_attachments(conn, [row[2]] if row[2] else [])
+        changed = await conn.execute("UPDATE chatx_messages SET body = '', deleted = ?, attachment_id = NULL "
+                                     "WHERE id = ? AND NOT deleted", True, message_id)
         kind = EventKind.DELETE
     else:
-        await conn.execute("UPDATE chatx_messages SET body = ?, edited_at = ? WHERE id = ?", body, now_ms(),
-                           message_id)
+        changed = await conn.execute("UPDATE chatx_messages SET body = ?, edited_at = ? WHERE id = ? AND NOT deleted",
+                                     body, now_ms(), message_id)
         kind = EventKind.EDIT
-    people = list(dict.fromkeys(row[:2]))
+    if not changed:  # deleted by another process meanwhile
+        return Refused("unknown_message", "You have no such message.")
+    if body is None:
+        await erase_attachments(conn, [row[2]] if row[2] else [])
     seqs = await append_events(conn, [(user_id, kind, message_id, None, None, None) for user_id in people])
     return Stored(kind, dict(zip(people, seqs)), await message_by_id(conn, message_id))
 
 
 async def advance_read_cursor(conn: Connection, me: User, peer: User, up_to: int) -> Stored | None:
     """Move my cursor to max(old, min(up_to, newest)); None if it did not move."""
+    await lock_users(conn, (me.id, peer.id))
     row = await conn.fetch_one("SELECT last_message_id, read_up_to FROM chatx_conversations "
                                "WHERE user_id = ? AND peer_id = ?", me.id, peer.id)
     if row is None or min(up_to, row[0]) <= row[1]:
@@ -2099,7 +2305,7 @@ async def heartbeat(conn: Connection, process_id: str, live: list[tuple[str, int
         return []
     await conn.execute("INSERT INTO chatx_processes (id, heartbeat_at) VALUES (?, ?)", process_id, now)
     transitions: list[Transition] = []
-    for socket_id, user_id, session_id in live:
+    for socket_id, user_id, session_id in sorted(live, key=lambda socket: socket[1]):  # users in id order
         transitions += await open_socket(conn, socket_id, process_id, user_id, session_id=session_id)
     return transitions
 
@@ -2129,7 +2335,7 @@ async def unregister_process(conn: Connection, process_id: str) -> list[Transiti
 
 async def offline_unconnected(conn: Connection, now: int, grace_ms: int) -> list[Transition]:
     orphaned = await conn.fetch("SELECT id FROM chatx_users u WHERE status = 'online' AND NOT EXISTS "
-                                "(SELECT 1 FROM chatx_sockets s WHERE s.user_id = u.id)")
+                                "(SELECT 1 FROM chatx_sockets s WHERE s.user_id = u.id) ORDER BY id")
     transitions: list[Transition] = []
     for (user_id,) in orphaned:
         transitions += await offline_if_gone(conn, user_id, now, grace_ms)
@@ -2613,6 +2819,8 @@ class Metrics:
         self.commit_seconds = Histogram("chatx_commit_seconds", "Duration of one write transaction",
                                         buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5),
                                         registry=self.registry)
+        self.commit_retries = Counter("chatx_commit_retries", "Batches run again after a deadlock or "
+                                      "serialization failure", registry=self.registry)
         self.sockets_closed = Counter("chatx_sockets_closed", "WebSocket connections closed, by close code",
                                       ["code"], registry=self.registry)
         self.refusals = Counter("chatx_refusals", "Requests and frames refused by a limit", ["limit"],
@@ -5185,7 +5393,8 @@ class ChatX:
         self.process_id = uuid.uuid4().hex
         self.templates = Jinja2Templates(directory=ASSETS / "templates")
         self.metrics = Metrics()
-        self.storage = Storage(settings.database_url, self.metrics.commit_seconds.observe)
+        self.storage = Storage(settings.database_url, self.metrics.commit_seconds.observe,
+                               self.metrics.commit_retries.inc)
         self.fanout = Fanout(settings)
         self.limits = Limits(settings)
         self.connections = ConnectionCounts(settings.http_connections_per_address, settings.trusted_proxies)
@@ -5654,6 +5863,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--ws-ping-interval", type=float, default=20.0, help="seconds between protocol pings")
+    serve.add_argument("--ws-ping-timeout", type=float, default=20.0,
+                       help="seconds a ping may go unanswered (ChatX closes the socket with 1013 at half of it)")
     for name, text in (("create-user", "make an account (the password is read from the terminal or stdin)"),
                        ("set-password", "set a password (read likewise); every session of the user ends"),
                        ("delete-user", "delete an account and every message it sent or received")):
@@ -5666,7 +5878,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if problem := serving_problem(load_settings(), args.host):
             logger.warning(problem)
-        uvicorn.run("chatx:app", host=args.host, port=args.port, workers=args.workers, **SERVE_OPTIONS)
+        uvicorn.run("chatx:app", host=args.host, port=args.port, workers=args.workers,
+                    ws_ping_interval=args.ws_ping_interval, ws_ping_timeout=args.ws_ping_timeout, **SERVE_OPTIONS)
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(**({"database_url": args.database_url} if args.database_url else {}))

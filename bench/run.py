@@ -47,8 +47,8 @@ CHATX_ENV = {"CHATX_BROADCAST_URL": REDIS_URL, "CHATX_SEND_RATE": "100000",
              "CHATX_MAX_SOCKETS_PER_USER": "0", "CHATX_SIGNUPS_PER_ADDRESS": "0",
              "CHATX_LOGIN_FAILURES_PER_ADDRESS": "0", "CHATX_LOGIN_FAILURES_PER_USER": "0",
              "CHATX_FIRST_CONTACTS_PER_SENDER": "0", "CHATX_FIRST_CONTACTS_PER_RECIPIENT": "0",
-             "CHATX_DIRECTORY_RATE": "0",
-             "CHATX_ATTACHMENT_BYTES_PER_DAY": "0"}
+             "CHATX_DIRECTORY_RATE": "0", "CHATX_FRAME_RATE": "0", "CHATX_READ_RATE": "0",
+             "CHATX_HTTP_CONNECTIONS_PER_ADDRESS": "0", "CHATX_ATTACHMENT_BYTES_PER_DAY": "0"}
 IDLE_SOCKET_USERS = 100  # idle sockets are spread over this many users
 WORKLOADS = ("connections", "presence_storm", "partner_storm", "throughput", "fixed_rate", "sign_in",
              "uploads", "directory")

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -322,6 +323,62 @@ def fresh_postgres_database() -> Iterator[str]:
         run_async(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+class RowLock:
+    """A user's row of chatx_users locked (SELECT … FOR UPDATE in an open
+    transaction) by a connection of the test's own, as a write transaction
+    of that user holds it; on an event loop in a thread of its own."""
+
+    def __init__(self, database_url: str, user_id: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.connection = self.call(asyncpg.connect(database_url))
+        self.call(self.connection.execute("BEGIN"))
+        self.call(self.connection.execute("SELECT FROM chatx_users WHERE id = $1 FOR UPDATE", user_id))
+
+    def call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
+
+    def lock_waiters(self) -> int:
+        """Other connections of this database waiting for a lock now."""
+        return self.call(self.connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"))
+
+    def release(self) -> None:
+        if self.thread.is_alive():
+            self.call(self.connection.close())  # ends the transaction: the row is free
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+
+
+@contextmanager
+def user_row_locked(database_url: str, user_id: int) -> Iterator[RowLock]:
+    lock = RowLock(database_url, user_id)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_database(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """Settings for a cluster: its default SQLite file, or a fresh PostgreSQL
+    database (requested before `cluster`, so dropped after its processes stop)."""
+    if request.param == "sqlite":
+        yield {}
+    else:
+        with fresh_postgres_database() as url:
+            yield {"CHATX_DATABASE_URL": url}
+
+
+@pytest.fixture
+def shared_postgres() -> Iterator[dict[str, str]]:
+    """Settings for a cluster on a fresh PostgreSQL database (request it before
+    `cluster`, so that it is dropped after the processes stop)."""
+    with fresh_postgres_database() as url:
+        yield {"CHATX_DATABASE_URL": url}
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Each test that takes this runs once on SQLite and once on PostgreSQL."""
@@ -423,8 +480,8 @@ class ChatServer:
     another ASGI app (`app`, a module in `workdir`), ready when `ready` answers 200."""
 
     def __init__(self, env: dict[str, str], workdir: Path, port: int | None = None, app: str = "chatx:app",
-                 ready: str = "/healthz") -> None:
-        self.app, self.ready = app, ready
+                 ready: str = "/healthz", serve_args: tuple[str, ...] = ()) -> None:
+        self.app, self.ready, self.serve_args = app, ready, serve_args
         self.port = port or free_port()
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
         self.workdir = workdir
@@ -447,7 +504,8 @@ class ChatServer:
         """Start the process without waiting for it to be healthy."""
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "chatx", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+                [sys.executable, "-m", "chatx", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                 *self.serve_args]
                 if self.app == "chatx:app" else
                 [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1", "--port", str(self.port),
                  "--ws-max-size", "65536", "--ws-per-message-deflate", "false"],

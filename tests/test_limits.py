@@ -716,8 +716,8 @@ def test_first_contacts_have_a_small_budget_and_answered_conversations_do_not(ma
 
 
 def test_a_socket_that_stops_answering_pings_is_closed_by_chatx_with_1013_before_the_server_s_1011(tmp_path):
-    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_METRICS": "true",
-                         "UVICORN_WS_PING_INTERVAL": "1", "UVICORN_WS_PING_TIMEOUT": "4"}, tmp_path)
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}", "CHATX_METRICS": "true"},
+                        tmp_path, serve_args=("--ws-ping-interval", "1", "--ws-ping-timeout", "4"))
     server.start()
     try:
         alice, bob, carol = (remote_sign_up(server, name) for name in ("alice", "bob", "carol"))

@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
 import time
 
+import asyncpg
 import chatx
 import pytest
 from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
-from conftest import PASSWORD, directory, history, make_partners, next_frame, quiet, run_async, settle, sign_in, sign_up
+from conftest import (PASSWORD, Person, directory, fresh_postgres_database, history, make_partners, next_frame, quiet,
+                      run_async, settle, sign_in, sign_up)
 
 
 @pytest.fixture
@@ -130,12 +133,21 @@ def test_a_burst_mixing_retries_and_sends_without_client_id_acks_each_with_its_o
     assert [m["body"] for m in history(bob, "alice")["messages"]] == ["original", "a", "b", "c", "d"]
 
 
+async def insert_message_rows_through_postgres(conn: chatx.Connection, rows: list[tuple]) -> list[int | None]:
+    """PostgreSQL stores message rows only within insert_messages (one call of
+    chatx_insert_messages()): the rows as sends, each one's new id or None."""
+    items = [chatx.NewMessage(chatx.User(sender, f"user{sender}"), chatx.User(recipient, f"user{recipient}"), body,
+                              client_id, reply_to) for sender, recipient, body, _, client_id, reply_to in rows]
+    return [outcome.message["id"] if isinstance(outcome, chatx.Stored) and outcome.seqs else None
+            for outcome in await chatx.insert_messages(conn, items)]
+
+
 def on_new_schema(database_url: str, scenario):
     """`scenario(conn, insert)` on a new schema, with the database's own insert
     of message rows: the writer would hide a wrong answer of it by retrying
     each send alone, so these tests call it themselves."""
     postgres = database_url.startswith("postgresql")
-    insert = chatx.insert_message_rows_postgres if postgres else chatx.insert_message_rows_sqlite
+    insert = insert_message_rows_through_postgres if postgres else chatx.insert_message_rows_sqlite
 
     async def run():
         database = chatx.open_database(database_url)
@@ -194,6 +206,43 @@ def test_a_message_naming_a_user_id_that_does_not_exist_is_refused_and_stores_no
     postgres = database_url.startswith("postgresql")
     assert refused == ["ForeignKeyViolationError" if postgres else "IntegrityError"] * 2
     assert stored == 0
+
+
+def test_a_commit_of_sends_is_one_statement_to_postgresql_whatever_it_holds(monkeypatch):
+    """Refusals, retries, ids, both streams and the conversation rows of a
+    commit go in one call, outside BEGIN and COMMIT: one round trip."""
+    statements: list[str] = []
+    for name in ("execute", "fetch", "fetchrow", "fetchval", "executemany"):
+        def counted(self, query, *args, _send=getattr(asyncpg.connection.Connection, name), **kwargs):
+            statements.append(query)
+            return _send(self, query, *args, **kwargs)
+        monkeypatch.setattr(asyncpg.connection.Connection, name, counted)
+
+    async def scenario(url: str) -> list[tuple[list[str], list]]:
+        storage = chatx.Storage(url)
+        await storage.start()
+        try:
+            people = [await storage.write(chatx.insert_user, f"user{i}", "hash", 0) for i in range(6)]
+            await storage.write(chatx.insert_block, people[5].id, people[4].id)
+            first = await storage.write_bulk(chatx.insert_messages, chatx.NewMessage(*people[:2], "first", "c", None))
+            commits = []
+            for sends in ([(0, 1, "c", None)], [(0, 1, "c", None), (0, 2, "d", None), (1, 0, "e", first.message["id"]),
+                                                (4, 5, "f", None), (2, 3, None, None), (3, 3, "g", None)]):
+                del statements[:]
+                outcomes = await asyncio.gather(*[storage.write_bulk(chatx.insert_messages, chatx.NewMessage(
+                    people[sender], people[recipient], f"body {n}", client_id, reply_to))
+                    for n, (sender, recipient, client_id, reply_to) in enumerate(sends)])
+                commits.append((list(statements), outcomes))
+            return commits
+        finally:
+            await storage.stop()
+
+    with fresh_postgres_database() as url:
+        commits = run_async(scenario, url)
+    for sent, outcomes in commits:
+        assert len(sent) == 1 and "chatx_insert_messages" in sent[0], sent
+    assert [type(outcome).__name__ for outcome in commits[1][1]] == [
+        "Refused", "Stored", "Stored", "Refused", "Stored", "Stored"]
 
 
 def test_sqlite_copies_stored_messages_into_the_database_file_in_the_background(make_client, sqlite_url):
@@ -308,6 +357,37 @@ def test_starting_on_a_version_1_database_keeps_everything_and_numbers_it_in_the
     assert "chatx_messages_sender" not in indexes and "chatx_messages_recipient" in indexes
     assert keys == (0 if postgres else 2)  # SQLite keeps its foreign keys: they cost no row lock there
     assert version == str(chatx.SCHEMA_VERSION)
+
+
+def test_a_version_2_postgresql_database_loses_the_insert_that_took_a_lock_shared_by_all_users():
+    """Version 3 drops version 2's chatx_insert_messages(), which took one
+    advisory lock for every commit: a process of version 2 left running
+    stores nothing rather than number streams under a lock no one else takes."""
+    async def scenario(url: str) -> tuple[list[str], list[str]]:
+        database = chatx.open_database(url)
+        await database.connect()
+        try:
+            async with database.connection() as connection:
+                conn = chatx.Connection(connection)
+                await chatx.migrate(conn)
+                await conn.execute("UPDATE chatx_settings SET value = '2' WHERE name = 'schema_version'")
+                await conn.execute("ALTER TABLE chatx_messages DROP COLUMN attachment_id")  # version 3's, too
+                await conn.execute(
+                    "CREATE FUNCTION chatx_insert_messages(integer[], integer[], text[], bigint[], text[]) "
+                    "RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_xact_lock(734216)'")
+                signatures = "SELECT oid::regprocedure::text FROM pg_proc WHERE proname = 'chatx_insert_messages' ORDER BY 1"
+                before = [row[0] for row in await conn.fetch(signatures)]
+                await chatx.migrate(conn)
+                return before, [row[0] for row in await conn.fetch(signatures)]
+        finally:
+            await database.disconnect()
+
+    with fresh_postgres_database() as url:
+        before, after = run_async(scenario, url)
+    version_3 = "chatx_insert_messages(integer[],integer[],text[],text[],integer[],bigint)"
+    assert before == ["chatx_insert_messages(integer[],integer[],text[],bigint[],text[])", version_3]
+    assert after == [version_3]
+
 
 
 def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat):

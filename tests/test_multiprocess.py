@@ -107,10 +107,11 @@ def history(person: Remote, server: ChatServer, peer: str) -> list[Frame]:
 
 
 @pytest.fixture
-def pair(cluster):
-    """Processes A and B on one database and one Redis, with no presence grace,
-    and alice, bob and carol: strangers until a test makes them partners."""
-    a, b = cluster(2, CHATX_PRESENCE_GRACE="0")
+def pair(shared_database, cluster):
+    """Processes A and B on one database (SQLite, then PostgreSQL) and one
+    Redis, with no presence grace, and alice, bob and carol: strangers until a
+    test makes them partners."""
+    a, b = cluster(2, CHATX_PRESENCE_GRACE="0", **shared_database)
     return a, b, remote_sign_up(a, "alice"), remote_sign_up(b, "bob"), remote_sign_up(a, "carol")
 
 

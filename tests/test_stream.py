@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 from starlette.testclient import TestClient
@@ -20,8 +20,8 @@ from starlette.websockets import WebSocketDisconnect
 from websockets.sync.client import ClientConnection, connect
 
 import chatx
-from conftest import (ChatServer, Person, Remote, fresh_postgres_database, health_is, hello_of, quiet, remote_sign_up,
-                      sign_up, wait_until, ws_query)
+from conftest import (PASSWORD, ChatServer, Person, Remote, fresh_postgres_database, health_is, hello_of, quiet,
+                      remote_sign_up, sign_up, user_row_locked, wait_until, ws_query)
 
 Frame = dict[str, Any]
 STREAM_TYPES = ("message", "read", "edit", "delete")
@@ -183,17 +183,6 @@ def check_live(tab: Tab, newest: int, replayed: list[Frame]) -> None:
     assert [key(f) for f in live] == [key(f) for f in replayed if f["seq"] > tab.hello["seq"]], tab
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def shared_database(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
-    """Settings for a cluster: its default SQLite file, or a fresh PostgreSQL
-    database (requested before `cluster`, so dropped after its processes stop)."""
-    if request.param == "sqlite":
-        yield {}
-    else:
-        with fresh_postgres_database() as url:
-            yield {"CHATX_DATABASE_URL": url}
-
-
 # ---- many processes committing at once --------------------------------------------------
 
 USERS, MESSAGES_PER_USER = 6, 60
@@ -250,6 +239,94 @@ def test_seq_is_gap_free_and_per_user_with_five_processes_committing_at_once(sha
         for tab in tabs:
             name = tab.person.username
             check_live(tab, newest[name], streams[name])
+
+
+# ---- PostgreSQL: ordering per user, not per cluster ------------------------------------
+
+
+def test_while_one_user_s_row_is_locked_a_commit_for_other_users_completes_and_one_for_that_user_waits(
+        shared_postgres, cluster):
+    """No write takes a lock that all users share: a transaction holding
+    alice's row (as a writer of hers would) holds up bob's message to her, on
+    process A, but not carol's to dave, committed meanwhile on process B."""
+    a, b = cluster(2, **FAST, **shared_postgres)
+    alice, bob, carol, dave = (remote_sign_up(server, name) for server, name in
+                               ((a, "alice"), (a, "bob"), (b, "carol"), (a, "dave")))
+    with ExitStack() as stack:
+        bob_tab, carol_tab, dave_tab = (Tab(person, server) for person, server in ((bob, a), (carol, b), (dave, a)))
+        for tab in (bob_tab, carol_tab, dave_tab):
+            stack.callback(tab.close)
+        with user_row_locked(shared_postgres["CHATX_DATABASE_URL"], alice.id) as lock:
+            bob_tab.send(message("alice", "held up", "held-1"))
+            wait_until(lambda: lock.lock_waiters() >= 1, what="bob's commit to wait for alice's row")
+            [meanwhile] = send_and_collect_acks(carol_tab, [message("dave", "meanwhile", "free-1")], timeout=20)
+            assert dave_tab.until(lambda f: f["type"] == "message")["message"] == meanwhile
+            assert [f for f in bob_tab.drain() if f["type"] in ("ack", "message", "error")] == []
+            assert lock.lock_waiters() >= 1, "bob's message no longer waits for alice's row"
+        [held] = collect_acks(bob_tab, ["held-1"], timeout=20)
+        assert held["id"] > meanwhile["id"]  # taken after alice's row was free: ids follow each user's commits
+        newest, stream = replay(alice, b)
+        assert newest == 1 and [(f["seq"], f["message"]) for f in stream] == [(1, held)]
+
+
+OVERLAPPING_USERS, PARTNERS, MESSAGES_EACH = 12, 3, 24
+
+
+def test_four_postgresql_processes_give_every_socket_its_whole_stream_in_order_with_overlapping_conversations(
+        shared_postgres, cluster):
+    """Each user talks to the next three at once, so everyone's partners talk
+    to each other too; each has two sockets on two of four processes and
+    sends, reads, edits and deletes through both. Commits of the four
+    writers interleave and lock users in every mix: no client sees an error
+    (a deadlock PostgreSQL reported would be retried, and counted here), and
+    every socket gets its user's stream gap-free, in order, once, all of it."""
+    servers = cluster(4, **FAST, **shared_postgres, CHATX_METRICS="1", CHATX_SIGNUPS_PER_ADDRESS="0")
+    names = [f"user{i}" for i in range(OVERLAPPING_USERS)]
+    # One sign-up at a time per process: a client address gets two hashes at once.
+    signed_up = in_parallel([lambda k=k, server=server: [remote_sign_up(server, name) for name in names[k::4]]
+                             for k, server in enumerate(servers)])
+    people = [signed_up[i % 4][i // 4] for i in range(OVERLAPPING_USERS)]
+    with ExitStack() as stack:
+        tabs, plans = [], []
+        for i, person in enumerate(people):
+            partners = [names[(i + 1 + k) % OVERLAPPING_USERS] for k in range(PARTNERS)]
+            for half, server in enumerate((servers[i % 4], servers[(i + 1 + i // 4) % 4])):
+                tab = Tab(person, server)
+                stack.callback(tab.close)
+                plan = []
+                for n in range(half, MESSAGES_EACH, 2):
+                    plan.append(message(partners[n % PARTNERS], f"{names[i]} #{n}", f"{names[i]}-{n}"))
+                    if n % 4 == 1:
+                        plan.append(read(partners[(n + 1) % PARTNERS]))
+                tabs.append(tab)
+                plans.append(plan)
+        acked = in_parallel([lambda tab=tab, plan=plan: send_and_collect_acks(tab, plan)
+                             for tab, plan in zip(tabs, plans)])
+        sent = {m["id"]: m for acks in acked for m in acks}
+        assert len(sent) == OVERLAPPING_USERS * MESSAGES_EACH
+
+        def change(tab: Tab, own: list[Frame]) -> None:  # through the other socket than the sends
+            for n, m in enumerate(own[:4]):
+                tab.send({"type": "edit", "id": m["id"], "body": f"edited {m['body']}"} if n % 2 else
+                         {"type": "delete", "id": m["id"]})
+                tab.send(read(m["to"]))
+            tab.drain()
+            assert tab.errors() == [], tab.errors()
+
+        in_parallel([lambda i=i: change(tabs[i ^ 1], acked[i]) for i in range(len(tabs))])
+
+        for i, person in enumerate(people):
+            newest, stream = replay(person, servers[(i + 2) % 4])
+            check_stream(person.username, newest, stream)
+            mine = sorted(m["id"] for m in sent.values() if person.username in (m["from"], m["to"]))
+            assert sorted(f["message"]["id"] for f in stream if f["type"] == "message") == mine, person.username
+            assert {f["type"] for f in stream} == set(STREAM_TYPES), person.username
+            for tab in tabs[2 * i:2 * i + 2]:
+                check_live(tab, newest, stream)
+    retries = sum(server.metric("chatx_commit_retries_total") for server in servers)
+    print(f"batches retried after a deadlock or serialization failure: {retries:.0f}")
+    for server in servers:
+        assert "Traceback" not in server.log.read_text(), server.log
 
 
 # ---- live delivery under concurrent senders ----------------------------------------------
