@@ -15,7 +15,7 @@ embedding. Each section below uses only the sections above it
 
 Where each rule lives:
 
-    a stream's order, one seq per event   Writer, Connection.begin, append_events, number_messages
+    a stream's order, one seq per event   Writer, Connection.begin, lock_users, append_events, number_messages
     who sees whose presence               Presence, the queries audience/partner_presence, SEES_PRESENCE
     blocks                                Presence.blocked/unblocked, BLOCKED_EITHER_WAY
     rate and size limits                  Limits (TokenBucket), the constants in "limits and close codes"
@@ -31,14 +31,15 @@ Where each rule lives:
 
 How to add an event kind (one that is stored in people's streams, like an
 edit): a member of EventKind; a write job in "queries and write jobs" that
-changes the rows, calls append_events with the kind and returns Stored (as
-change_message and advance_read_cursor do); its frame in stream_frame
-(STREAM_TYPES) and, read back from EVENT_QUERY's row, in replayed_frame; a
-Messenger method that writes the job and announces the result; the frame
-handler in FRAME_HANDLERS (or a route) that calls it; on the page, a case in
-static/frames.js FrameHandler.apply; and docs/protocol.md and tests. A frame
-that is not stored (like typing) needs only the handler, a Frame delivered
-through Fanout, the case in frames.js, the docs and a test.
+changes the rows, calls lock_users then append_events with the kind and
+returns Stored (as change_message and advance_read_cursor do); its frame in
+stream_frame (STREAM_TYPES) and, read back from EVENT_QUERY's row, in
+replayed_frame; a Messenger method that writes the job and announces the
+result; the frame handler in FRAME_HANDLERS (or a route) that calls it; on
+the page, a case in static/frames.js FrameHandler.apply; and
+docs/protocol.md and tests. A frame that is not stored (like typing) needs
+only the handler, a Frame delivered through Fanout, the case in frames.js,
+the docs and a test.
 """
 
 from __future__ import annotations

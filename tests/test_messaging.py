@@ -220,7 +220,7 @@ def test_a_commit_of_sends_is_one_statement_to_postgresql_whatever_it_holds(monk
 
     async def scenario(url: str) -> list[tuple[list[str], list]]:
         storage = chatx.Storage(url)
-        await storage.start()
+        await storage.start(chatx.migrate)
         try:
             people = [await storage.write(chatx.insert_user, f"user{i}", "hash", 0) for i in range(6)]
             await storage.write(chatx.insert_block, people[5].id, people[4].id)
