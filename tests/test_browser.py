@@ -934,7 +934,7 @@ def test_a_block_shows_each_side_the_other_offline_at_once_and_an_unblock_shows_
     expect_presence(bob_page, alice, "online")
     expect(alice_page.locator("#peer-status")).to_have_text("online")
 
-    bob_page.get_by_role("button", name=f"Block {alice}").click()
+    block(bob_page, alice)
     # Both pages, without a reload, while both people are still online.
     expect_presence(alice_page, bob, "offline")
     expect(alice_page.locator("#peer-status")).to_have_text("offline")  # no last seen either
