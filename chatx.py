@@ -5330,6 +5330,7 @@ class HTTPProtocol(HttpToolsProtocol):
         self.stop_request_deadline()
         self.stop_send_deadline()
         self.release()
+        self.disconnect_cycles()
         super().connection_lost(exc)
 
     def start_request(self) -> None:
@@ -5351,12 +5352,18 @@ class HTTPProtocol(HttpToolsProtocol):
 
     def send_late(self) -> None:
         self.send_deadline = None
-        for cycle in (self.running, self.cycle):  # its writer returns, rather than write to a closed transport
+        self.disconnect_cycles()
+        self.flow.resume_writing()
+        reset(self.transport)
+
+    def disconnect_cycles(self) -> None:
+        """Every request of this connection, the one answered, the newest and
+        those pipelined behind them, returns rather than write to a closed
+        transport: uvicorn tells only its newest cycle."""
+        for cycle in (self.running, self.cycle, *(cycle for cycle, _ in self.pipeline)):
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.message_event.set()
-        self.flow.resume_writing()
-        reset(self.transport)
 
     def stop_request_deadline(self) -> None:
         if self.request_deadline is not None:
