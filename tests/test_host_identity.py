@@ -1,4 +1,4 @@
-"""Host identity (CONTRACT §6): the host names the signed-in person
+"""Host identity (docs/protocol.md, Host identity and tokens): the host names the signed-in person
 (`authenticate`), or a token it signed (CHATX_JWT_SECRET) does; the
 server-side API (`chat.send`, `chat.on_message`)."""
 
