@@ -2859,6 +2859,14 @@ class TokenBucket:
         return max(0.0, (1 - self.tokens) / self.rate)
 
 
+def bucket_of(buckets: dict[int, TokenBucket], key: int, rate: float, burst: float) -> TokenBucket:
+    """The key's bucket, full when first used."""
+    bucket = buckets.get(key)
+    if bucket is None:
+        bucket = buckets[key] = TokenBucket(rate, burst, burst)
+    return bucket
+
+
 class Limits:
     """How often one account may act on this process, so that it cannot hurt others."""
 
@@ -2884,11 +2892,7 @@ class Limits:
 
     def allow_send(self, user_id: int) -> bool:
         """`send`, `read`, `edit` and `delete` frames share one bucket per user."""
-        bucket = self.buckets.get(user_id)
-        if bucket is None:
-            burst = self.settings.send_burst
-            bucket = self.buckets[user_id] = TokenBucket(self.settings.send_rate, burst, burst)
-        return bucket.take()
+        return bucket_of(self.buckets, user_id, self.settings.send_rate, self.settings.send_burst).take()
 
     def allow_frame(self, user_id: int) -> bool:
         """Every frame a user's sockets send, whatever it is, costs a token: a
@@ -2896,21 +2900,15 @@ class Limits:
         than the send bucket, so that it is not the one sends run into."""
         if not self.settings.frame_rate:
             return True
-        bucket = self.frame_buckets.get(user_id)
-        if bucket is None:
-            rate = max(self.settings.frame_rate, self.settings.send_rate)
-            burst = max(self.settings.frame_burst, self.settings.send_burst)
-            bucket = self.frame_buckets[user_id] = TokenBucket(rate, burst, burst)
-        return bucket.take()
+        return bucket_of(self.frame_buckets, user_id, max(self.settings.frame_rate, self.settings.send_rate),
+                         max(self.settings.frame_burst, self.settings.send_burst)).take()
 
     def directory_wait(self, user_id: int) -> float:
         """0 if the user may search the directory now, else the seconds until they may."""
         rate, burst = self.settings.directory_rate, self.settings.directory_burst
         if not rate:
             return 0.0
-        bucket = self.directory_buckets.get(user_id)
-        if bucket is None:
-            bucket = self.directory_buckets[user_id] = TokenBucket(rate, burst, burst)
+        bucket = bucket_of(self.directory_buckets, user_id, rate, burst)
         return 0.0 if bucket.take() else bucket.wait()
 
     def allow_first_contact(self, sender: int, recipient: int) -> bool:
@@ -2922,9 +2920,7 @@ class Limits:
                 (self.first_contacts_sent, sender, self.settings.first_contacts_per_sender),
                 (self.first_contacts_received, recipient, self.settings.first_contacts_per_recipient)):
             if per_minute:
-                if user_id not in buckets:
-                    buckets[user_id] = TokenBucket(per_minute / 60, per_minute, per_minute)
-                budgets.append(buckets[user_id])
+                budgets.append(bucket_of(buckets, user_id, per_minute / 60, per_minute))
         if not all(bucket.has_one() for bucket in budgets):
             return False
         for bucket in budgets:
@@ -2936,11 +2932,7 @@ class Limits:
         (CHATX_READ_RATE / CHATX_READ_BURST; a rate of 0 means no limit)."""
         if not self.settings.read_rate:
             return True
-        bucket = self.read_buckets.get(user_id)
-        if bucket is None:
-            burst = self.settings.read_burst
-            bucket = self.read_buckets[user_id] = TokenBucket(self.settings.read_rate, burst, burst)
-        return bucket.take()
+        return bucket_of(self.read_buckets, user_id, self.settings.read_rate, self.settings.read_burst).take()
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
