@@ -1263,8 +1263,9 @@ class Storage:
             return False
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(self.database.fetch_val("SELECT 1"))
-        done, _ = await asyncio.wait([self._probe], timeout=HEALTH_TIMEOUT_S)
-        return bool(done) and not self._probe.cancelled() and self._probe.exception() is None
+        probe = self._probe  # a concurrent check may start the next probe while this one waits
+        done, _ = await asyncio.wait([probe], timeout=HEALTH_TIMEOUT_S)
+        return bool(done) and not probe.cancelled() and probe.exception() is None
 
 
 # ---- queries and write jobs ---------------------------------------------------------
