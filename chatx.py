@@ -181,6 +181,8 @@ SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it sto
 SESSION_COOKIE = "chatx_session"
 JWT_SECRET_MIN = 32  # bytes, the length of HS256's hash (RFC 7518 section 3.2)
 SECURE_SESSION_COOKIE = "__Host-chatx_session"  # over HTTPS: only this origin can set it, no sibling subdomain
+THEME_COOKIE = "chatx_theme"  # set by static/theme.js; not a secret
+THEMES = ("light", "dark")  # "system" is the absence of a choice
 SESSION_DAYS = 30  # a session ends this long after sign-in, or after CHATX_SESSION_IDLE_DAYS unused
 SESSION_TOUCH_MS = 3_600_000  # how stale a session's last use may be recorded
 LOGIN_WINDOW_MS = 15 * 60_000
@@ -5142,7 +5144,10 @@ async def healthz(request: Request) -> Response:
 
 
 def page_context(request: Request, **extra: Any) -> dict[str, Any]:
-    return {"base": request.scope.get("root_path", ""), **extra}
+    """The page's base path, and the theme the browser chose (static/theme.js
+    keeps it in a cookie), so that the first paint is already in that theme."""
+    theme = request.cookies.get(THEME_COOKIE)
+    return {"base": request.scope.get("root_path", ""), "theme": theme if theme in THEMES else None, **extra}
 
 
 async def chat_page(request: Request) -> Response:

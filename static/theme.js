@@ -1,8 +1,10 @@
 // The theme: the system's (by default), light or dark, remembered in this
-// browser. Applied as soon as a page's script runs; the stylesheet follows the
-// system while no theme is set.
+// browser. The stylesheet follows the system while no theme is set. A chosen
+// theme is also kept in a cookie, so that the server writes it into the page
+// and a dark theme does not flash light while the page loads.
 
 const KEY = "chatx.theme";
+const COOKIE = "chatx_theme";
 export const THEMES = ["system", "light", "dark"];
 
 export function savedTheme() {
@@ -22,6 +24,13 @@ export function setTheme(theme) {
     // storage disabled: the choice holds for this page
   }
   applyTheme(theme);
+  keepInCookie(theme);
+}
+
+function keepInCookie(theme) {
+  const path = `${document.body?.dataset.base ?? ""}/`;
+  const age = theme === "system" ? 0 : 400 * 24 * 3600;
+  document.cookie = `${COOKIE}=${theme}; path=${path}; max-age=${age}; SameSite=Lax`;
 }
 
 function applyTheme(theme) {
@@ -30,5 +39,6 @@ function applyTheme(theme) {
 }
 
 applyTheme(savedTheme());
+if (savedTheme() !== "system") keepInCookie(savedTheme()); // chosen before the cookie existed, or about to expire
 // Another tab of this browser chose a theme.
 window.addEventListener("storage", (event) => event.key === KEY && applyTheme(savedTheme()));

@@ -1372,6 +1372,8 @@ def test_the_theme_chosen_in_the_account_dialog_is_remembered_and_system_follows
     login.goto(chat_server.base + "/login")
     expect(login.get_by_role("button", name="Sign in")).to_be_visible()
     assert background_of(login) == DARK_BACKGROUND
+    # The page arrives in the chosen theme, before any script runs: no light flash.
+    assert '<html lang="en" data-theme="dark">' in context.request.get(chat_server.base + "/login").text()
 
     # Light wins over a dark system; System follows the system again.
     page.emulate_media(color_scheme="dark")
@@ -1381,6 +1383,7 @@ def test_the_theme_chosen_in_the_account_dialog_is_remembered_and_system_follows
     assert background_of(page) == DARK_BACKGROUND
     page.emulate_media(color_scheme="light")
     assert background_of(page) == LIGHT_BACKGROUND
+    assert '<html lang="en">' in context.request.get(chat_server.base + "/login").text()
     page.reload()
     expect(page.get_by_text("Connecting…")).to_be_hidden()
     assert background_of(page) == LIGHT_BACKGROUND

@@ -450,3 +450,13 @@ def test_trusted_proxies_and_allowed_hosts_come_from_the_environment(tmp_path, m
     monkeypatch.delenv("CHATX_ALLOWED_HOSTS")
     defaults = chatx.load_settings()
     assert defaults.trusted_proxies == () and defaults.allowed_hosts == ("*",)
+
+
+@pytest.mark.parametrize("path", ["/login", "/register", "/"])
+def test_the_theme_cookie_is_written_into_the_page_only_when_it_names_a_theme(client, path):
+    alice = sign_up(client, "alice")
+    dark = client.get(path, headers={**alice.headers, "cookie": f"{alice.headers['cookie']}; chatx_theme=dark"})
+    assert '<html lang="en" data-theme="dark">' in dark.text
+    forged = f'dark"><script>alert(1)</script>'
+    page = client.get(path, headers={**alice.headers, "cookie": f"{alice.headers['cookie']}; chatx_theme={forged}"})
+    assert page.status_code == 200 and '<html lang="en">' in page.text and "alert(1)" not in page.text
