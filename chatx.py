@@ -344,6 +344,8 @@ def load_settings(**overrides: Any) -> Settings:
         raise ValueError("CHATX_REGISTRATION is 'open' or 'closed'")
     if values["log_format"] not in ("text", "json"):
         raise ValueError("CHATX_LOG_FORMAT is 'text' or 'json'")
+    if values["unsent_upload_s"] <= 0:
+        raise ValueError("CHATX_UNSENT_UPLOAD_S is a number of seconds above 0")
     if values["jwt_secret"] and len(values["jwt_secret"].encode()) < JWT_SECRET_MIN:
         raise ValueError(f"CHATX_JWT_SECRET is at least {JWT_SECRET_MIN} bytes: a shorter one can be guessed")
     return Settings(**values)

@@ -477,6 +477,13 @@ def test_an_upload_cut_off_by_a_killed_process_leaves_no_chunk_once_the_sweep_ha
         restarted.stop()
 
 
+def test_an_unsent_upload_deadline_of_zero_or_less_stops_the_server_from_starting():
+    for seconds in (0, -1):
+        with pytest.raises(ValueError, match="CHATX_UNSENT_UPLOAD_S"):
+            chatx.load_settings(unsent_upload_s=seconds)
+    assert chatx.load_settings(unsent_upload_s=0.5).unsent_upload_s == 0.5
+
+
 # ---- several processes ----------------------------------------------------------------------------
 
 
