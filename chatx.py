@@ -229,8 +229,7 @@ SHUTDOWN_S = 4  # the services' share of a shutdown, after uvicorn's --timeout-g
 ATTACHMENT_CHUNK_BYTES = 128 * 1024  # an attachment is stored, and read back, this much at a time
 ATTACHMENT_NAME_MAX = 255
 UPLOAD_SPOOL_BYTES = 256 * 1024  # an upload larger than this waits in a temporary file, not in memory
-UNSENT_UPLOAD_MS = 3_600_000  # an upload no message used for this long is erased
-UPLOAD_SWEEP_S = 60
+UPLOAD_SWEEP_S = 60  # at most this long between sweeps of unsent uploads
 THUMBNAIL_MAX = 320  # pixels on the long side
 IMAGE_PIXELS_MAX = 50_000_000  # a larger image is a file: decoding it would cost too much memory
 IMAGES_DECODED_AT_ONCE = 2  # uploads whose image is checked and thumbnailed at once, off the event loop
@@ -286,6 +285,7 @@ class Settings:
     login_url: str = ""
     max_attachment_bytes: int = 10 * 1024 * 1024
     attachment_bytes_per_day: int = 200 * 1024 * 1024
+    unsent_upload_s: float = 3600.0  # an upload no message used for this long is erased
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -335,6 +335,7 @@ def load_settings(**overrides: Any) -> Settings:
         "max_attachment_bytes": config("MAX_ATTACHMENT_BYTES", cast=int, default=Settings.max_attachment_bytes),
         "attachment_bytes_per_day": config("ATTACHMENT_BYTES_PER_DAY", cast=int,
                                            default=Settings.attachment_bytes_per_day),
+        "unsent_upload_s": config("UNSENT_UPLOAD_S", cast=float, default=Settings.unsent_upload_s),
     }
     values.update(overrides)
     for name in ("allowed_origins", "allowed_hosts", "trusted_proxies", "metrics_allow"):
@@ -345,6 +346,8 @@ def load_settings(**overrides: Any) -> Settings:
         raise ValueError("CHATX_REGISTRATION is 'open' or 'closed'")
     if values["log_format"] not in ("text", "json"):
         raise ValueError("CHATX_LOG_FORMAT is 'text' or 'json'")
+    if values["unsent_upload_s"] <= 0:
+        raise ValueError("CHATX_UNSENT_UPLOAD_S is a number of seconds above 0")
     if values["jwt_secret"] and len(values["jwt_secret"].encode()) < JWT_SECRET_MIN:
         raise ValueError(f"CHATX_JWT_SECRET is at least {JWT_SECRET_MIN} bytes: a shorter one can be guessed")
     return Settings(**values)
@@ -2196,10 +2199,12 @@ async def conversation_rows(conn: Connection, me: int, before: int | None, limit
 
 
 async def erase_attachments(conn: Connection, ids: list[str]) -> None:
-    """Attachments and their bytes, in the transaction that made them unwanted."""
+    """Attachments and their bytes, in the transaction that made them unwanted.
+    The rows go first: on PostgreSQL that waits for a chunk being written
+    (insert_attachment_chunk), which the chunks' DELETE then sees."""
     if ids:
-        await conn.execute(f"DELETE FROM chatx_attachment_chunks WHERE attachment_id IN ({marks(len(ids))})", *ids)
         await conn.execute(f"DELETE FROM chatx_attachments WHERE id IN ({marks(len(ids))})", *ids)
+        await conn.execute(f"DELETE FROM chatx_attachment_chunks WHERE attachment_id IN ({marks(len(ids))})", *ids)
 
 
 async def uploaded_on(conn: Connection, user_id: int, day: int) -> int:
@@ -2209,8 +2214,8 @@ async def uploaded_on(conn: Connection, user_id: int, day: int) -> int:
 
 async def insert_attachment(conn: Connection, uploader_id: int, columns: tuple, thumbnail: bytes | None,
                             day: int, quota: int) -> bool:
-    """Record an upload whose bytes are stored, counting them against the day's
-    quota; False (nothing recorded) if they would go over it (0: no quota)."""
+    """Record an upload before its bytes are stored, counting them against the
+    day's quota; False (nothing recorded) if they would go over it (0: no quota)."""
     attachment_id, name, kind, size, width, height = columns
     used = await uploaded_on(conn, uploader_id, day)
     if quota and used + size > quota:
@@ -2224,9 +2229,14 @@ async def insert_attachment(conn: Connection, uploader_id: int, columns: tuple, 
     return True
 
 
-async def insert_attachment_chunk(conn: Connection, attachment_id: str, n: int, data: bytes) -> None:
-    await conn.execute("INSERT INTO chatx_attachment_chunks (attachment_id, n, data) VALUES (?, ?, ?)",
-                       attachment_id, n, data)
+async def insert_attachment_chunk(conn: Connection, attachment_id: str, n: int, data: bytes) -> bool:
+    """Store a chunk if its attachment is still recorded; False if it was
+    erased. On PostgreSQL the row is locked until the chunk commits, so an
+    erasure waits for it (on SQLite the writer runs one job at a time)."""
+    lock = " FOR KEY SHARE" if conn.postgres else ""
+    return bool(await conn.execute("INSERT INTO chatx_attachment_chunks (attachment_id, n, data) "
+                                   f"SELECT id, ?, ? FROM chatx_attachments WHERE id = ?{lock}",
+                                   n, data, attachment_id))
 
 
 async def attachment_chunk(conn: Connection, attachment_id: str, n: int) -> bytes | None:
@@ -3804,7 +3814,8 @@ class AttachmentStore:
     one store today; an S3-compatible one would implement these three."""
 
     async def put(self, attachment_id: str, source: Any) -> None:
-        """Store everything `source` (a binary file) holds from where it stands."""
+        """Store everything `source` (a binary file) holds from where it stands,
+        for an attachment already recorded; raise UploadErased if it was erased meanwhile."""
         raise NotImplementedError
 
     def read(self, attachment_id: str, start: int, end: int) -> AsyncIterator[bytes]:
@@ -3815,11 +3826,17 @@ class AttachmentStore:
         raise NotImplementedError
 
 
+class UploadErased(Exception):
+    """The attachment whose bytes were being stored was erased meanwhile."""
+
+
 class DatabaseAttachmentStore(AttachmentStore):
     """Bytes in chatx_attachment_chunks, ATTACHMENT_CHUNK_BYTES a row, so that
     every process and host sees them, a backup holds them, and no file is ever
     in memory whole. Deleting a message or an account erases its attachments'
-    chunks in the same transaction (erase_attachments)."""
+    chunks in the same transaction (erase_attachments). A chunk is written only
+    while its attachment's row exists (insert_attachment_chunk), so erasing the
+    row and its chunks leaves nothing, even of an upload still being written."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
@@ -3830,7 +3847,8 @@ class DatabaseAttachmentStore(AttachmentStore):
         n = 0
         while chunk := await asyncio.to_thread(source.read, ATTACHMENT_CHUNK_BYTES):  # a file on disk, maybe
             async with self.queued:
-                await self.storage.write_apart(insert_attachment_chunk, attachment_id, n, chunk)
+                if not await self.storage.write_apart(insert_attachment_chunk, attachment_id, n, chunk):
+                    raise UploadErased(attachment_id)
             n += 1
 
     async def read(self, attachment_id: str, start: int, end: int) -> AsyncIterator[bytes]:
@@ -3889,7 +3907,11 @@ def today() -> int:
 
 
 class Attachments:
-    """Uploads: checked and stored, read back, and erased when no message used them within the hour."""
+    """Uploads: checked and stored, read back, and erased when no message
+    used them within settings.unsent_upload_s. An upload is recorded before its
+    bytes are stored: one a killed process left half written is an unsent
+    upload like any other, and the sweep erases it with its chunks. Its id is
+    told to no one until it is whole, so no one can read or send it before."""
 
     def __init__(self, storage: Storage, settings: Settings) -> None:
         self.storage, self.settings = storage, settings
@@ -3911,14 +3933,15 @@ class Attachments:
 
     async def sweep(self) -> None:
         while True:
-            await asyncio.sleep(UPLOAD_SWEEP_S)
+            await asyncio.sleep(min(UPLOAD_SWEEP_S, self.settings.unsent_upload_s))
             try:
                 await self.expire(now_ms())
             except Exception as exc:
                 logger.warning("erasing unsent uploads failed: %s", exc)
 
     async def expire(self, now: int) -> None:
-        if await self.storage.write(expire_uploads, now - UNSENT_UPLOAD_MS, now // 86_400_000 - 1):
+        made_before = now - int(self.settings.unsent_upload_s * 1000)
+        if await self.storage.write(expire_uploads, made_before, now // 86_400_000 - 1):
             self.storage.erase_soon()
 
     async def allowance(self, user: User) -> int | None:
@@ -3931,16 +3954,14 @@ class Attachments:
         kind, width, height, thumbnail = await asyncio.get_running_loop().run_in_executor(
             self.decoders, inspect_upload, source, declared)
         columns = (secrets.token_urlsafe(18), name, kind, size, width, height)
+        if not await self.storage.write(insert_attachment, user.id, columns, thumbnail, today(),
+                                        self.settings.attachment_bytes_per_day):
+            return None
         try:
             await self.store.put(columns[0], source)
-            recorded = await self.storage.write(insert_attachment, user.id, columns, thumbnail, today(),
-                                                self.settings.attachment_bytes_per_day)
         except BaseException:
             await asyncio.shield(self.store.delete([columns[0]]))
             raise
-        if not recorded:
-            await self.store.delete([columns[0]])
-            return None
         return attachment_object(*columns)
 
     async def readable(self, attachment_id: str, me: User) -> tuple | None:
@@ -5006,7 +5027,11 @@ async def upload_attachment(request: Request) -> Response:
             await asyncio.to_thread(spool.write, chunk)  # past UPLOAD_SPOOL_BYTES, a write to disk
         if size == 0:
             raise ApiError(400, "bad_request", "The file is empty.")
-        attachment = await chat.attachments.add(session.user, name, declared, spool, size)
+        try:
+            attachment = await chat.attachments.add(session.user, name, declared, spool, size)
+        except UploadErased:  # the account was deleted meanwhile (401), or storing took past the deadline
+            await signed_in(request)
+            raise ApiError(408, "timeout", "The upload was erased before it was stored whole.") from None
     if attachment is None:
         raise over_quota
     return JSONResponse({"attachment": attachment}, status_code=201)

@@ -73,8 +73,9 @@ class Sizes:
     upload_clients: int = 20
     upload_pairs: int = 20
     upload_rate: float = 200.0
-    upload_baseline: float = 4.0
+    upload_baseline: float = 8.0
     upload_duration: float = 8.0
+    upload_rounds: int = 3
     directory_users: int = 100_000
     directory_small: int = 100
     directory_conversations: int = 20
@@ -111,8 +112,9 @@ SIZE_HELP = {
     "upload_clients": "clients each uploading 1 MiB images one after another (ChatX only)",
     "upload_pairs": "pairs chatting meanwhile",
     "upload_rate": "msgs/s those pairs send in all",
-    "upload_baseline": "seconds of chat measured before the uploads",
-    "upload_duration": "seconds of uploads",
+    "upload_baseline": "seconds of chat measured without uploads, each round",
+    "upload_duration": "seconds of uploads, each round",
+    "upload_rounds": "rounds of chat without and then with uploads (the median ratio is reported)",
     "directory_users": "users in all in the directory workload's second half; the target is 100000",
     "directory_small": "users in all in its first half; the target is 100",
     "directory_conversations": "conversations of the user whose requests are timed",
@@ -344,7 +346,8 @@ async def measure(server: Server, sizes: Sizes, workloads: list[str]) -> dict:
             chatters = 2 * sizes.upload_pairs
             await step("uploads", uploads_under_load(
                 target, pair_up(first, sizes.upload_pairs), first[chatters:chatters + sizes.upload_clients],
-                one_mib_image(), sizes.upload_rate, sizes.upload_baseline, sizes.upload_duration, sizes.body_size))
+                one_mib_image(), sizes.upload_rate, sizes.upload_baseline, sizes.upload_duration, sizes.body_size,
+                sizes.upload_rounds))
     return results
 
 

@@ -10,8 +10,10 @@ import json
 import re
 import secrets
 import socket
+import sqlite3
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -413,9 +415,10 @@ def test_deleting_the_message_its_sender_s_account_or_leaving_an_upload_unsent_e
     assert bob.get("/api/conversations/alice/messages").json()["messages"][0]["attachment"] is None
 
     # An hour unsent: the sweep erases it, and leaves what was sent.
-    run_job(client, chatx.expire_uploads, chatx.now_ms() - chatx.UNSENT_UPLOAD_MS + 60_000, 0)
+    hour = int(chatx.Settings.unsent_upload_s * 1000)
+    run_job(client, chatx.expire_uploads, chatx.now_ms() - hour + 60_000, 0)
     assert alice.get(f"/api/attachments/{ids['unsent']}").status_code == 200  # not an hour old yet
-    client.portal.call(client.app.state.chat.attachments.expire, chatx.now_ms() + chatx.UNSENT_UPLOAD_MS + 1)
+    client.portal.call(client.app.state.chat.attachments.expire, chatx.now_ms() + hour + 1)
     gone_from_the_database(database_url, [markers["unsent"]])
     assert alice.get(f"/api/attachments/{ids['kept']}").status_code == 200
 
@@ -425,6 +428,60 @@ def test_deleting_the_message_its_sender_s_account_or_leaving_an_upload_unsent_e
     gone_from_the_database(database_url, [markers["carol"], markers["to carol"]])
     assert markers["kept"] in database_bytes(database_url)
     assert bob.get(f"/api/attachments/{ids['kept']}").status_code == 200
+
+
+def stored_uploads(url: str) -> tuple[int, int]:
+    """How many attachment rows and chunk rows the database holds."""
+    queries = ("SELECT count(*) FROM chatx_attachments", "SELECT count(*) FROM chatx_attachment_chunks")
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///"), timeout=10) as connection:
+            return tuple(connection.execute(query).fetchone()[0] for query in queries)
+
+    async def counts() -> tuple[int, int]:
+        connection = await asyncpg.connect(url)
+        try:
+            return tuple([await connection.fetchval(query) for query in queries])
+        finally:
+            await connection.close()
+
+    return run_async(counts)
+
+
+def test_an_upload_cut_off_by_a_killed_process_leaves_no_chunk_once_the_sweep_has_run(database_url, tmp_path):
+    env = {"CHATX_DATABASE_URL": database_url, "CHATX_MAX_ATTACHMENT_BYTES": str(64 * 1024 * 1024)}
+    server = ChatServer(env, tmp_path)
+    server.start()
+    try:
+        alice = remote_sign_up(server, "alice")
+        size = 48 * 1024 * 1024
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, f"{server.base}/api/attachments?name=big.bin", headers=alice.headers(),
+                                 content=secrets.token_bytes(size), timeout=120)
+            wait_until(lambda: stored_uploads(database_url)[1] > 0, timeout=60, interval=0.005,
+                       what="the upload's first chunks")
+            server.process.kill()
+            server.process.wait()
+            with pytest.raises(httpx.HTTPError):
+                answer.result()
+    finally:
+        server.stop()
+    uploads, chunks = stored_uploads(database_url)
+    assert uploads == 1 and 0 < chunks < size // chatx.ATTACHMENT_CHUNK_BYTES, (uploads, chunks)
+
+    restarted = ChatServer({**env, "CHATX_UNSENT_UPLOAD_S": "1"}, tmp_path)
+    restarted.start()
+    try:
+        wait_until(lambda: stored_uploads(database_url) == (0, 0), timeout=20, interval=0.2,
+                   what="the sweep to erase the cut-off upload")
+    finally:
+        restarted.stop()
+
+
+def test_an_unsent_upload_deadline_of_zero_or_less_stops_the_server_from_starting():
+    for seconds in (0, -1):
+        with pytest.raises(ValueError, match="CHATX_UNSENT_UPLOAD_S"):
+            chatx.load_settings(unsent_upload_s=seconds)
+    assert chatx.load_settings(unsent_upload_s=0.5).unsent_upload_s == 0.5
 
 
 # ---- several processes ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ makes them): `CHATX_SCREENSHOTS=docs .venv/bin/python -m pytest
 tests/test_browser.py -k screenshots`.
 """
 
+import io
 import json
 import os
 import re
@@ -1392,16 +1393,71 @@ def test_the_theme_chosen_in_the_account_dialog_is_remembered_and_system_follows
 # ---- the screenshots of the README and docs -------------------------------------------
 
 
-def say(server, remote, to, body, at, reply_to=None):
+def say(server, remote, to, body, at, reply_to=None, attachment=None):
     """A scripted client sends one message; it is then dated `at` in the database."""
     frame = {"type": "send", "to": to, "body": body, "client_id": uuid.uuid4().hex}
     if reply_to:
         frame["reply_to"] = reply_to
+    if attachment:
+        frame["attachment"] = attachment
     with remote.ws(server) as ws:
         ws.send(json.dumps(frame))
         message = receive(ws, "ack")["message"]
     set_sent_at(server, {body: at})
     return message
+
+
+def uploaded(server, remote, name: str, kind: str, data: bytes) -> str:
+    response = httpx.post(f"{server.base}/api/attachments", params={"name": name}, content=data,
+                          headers={**remote.headers(), "content-type": kind}, timeout=30)
+    assert response.status_code == 201, response.text
+    return response.json()["attachment"]["id"]
+
+
+def mountain_photo() -> bytes:
+    """A photo-like JPEG: a dawn sky over three ridges of mountains and a lake."""
+    import random
+
+    from PIL import Image, ImageDraw, ImageFilter
+
+    width, height, horizon = 1200, 800, 560
+    rng = random.Random(12)
+    image = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(image)
+    for y in range(horizon):  # dawn: warm near the horizon, blue above
+        t = y / horizon
+        draw.line([(0, y), (width, y)], fill=(int(70 + 185 * t), int(110 + 90 * t), int(190 - 60 * t)))
+    glow = Image.new("L", (width, height))
+    ImageDraw.Draw(glow).ellipse([760, 330, 920, 490], fill=255)
+    image.paste((255, 236, 180), mask=glow.filter(ImageFilter.GaussianBlur(30)))
+    draw.ellipse([800, 370, 880, 450], fill=(255, 248, 220))
+    for base, rough, colour in ((400, 90, (92, 96, 140)), (460, 70, (58, 66, 104)), (520, 50, (34, 44, 70))):
+        y, ridge = base, []
+        for x in range(0, width + 40, 40):
+            y = min(max(y + rng.randint(-rough, rough) // 2, base - 2 * rough), horizon - 10)
+            ridge.append((x, y))
+        draw.polygon([(0, horizon), *ridge, (width, horizon)], fill=colour)
+    lake = image.crop((0, horizon - 240, width, horizon)).transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    image.paste(Image.blend(lake, Image.new("RGB", lake.size, (30, 60, 90)), 0.45), (0, horizon))
+    noise = Image.effect_noise((width, height), 12).convert("RGB")
+    image = Image.blend(image, noise, 0.04).filter(ImageFilter.GaussianBlur(0.6))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=88)
+    return out.getvalue()
+
+
+def menu_pdf() -> bytes:
+    """A one-page PDF of a dinner menu."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    page = Image.new("RGB", (1240, 1754), "white")
+    draw = ImageDraw.Draw(page)
+    draw.text((120, 140), "Trattoria da Luca", fill="black", font=ImageFont.load_default(72))
+    for i, dish in enumerate(("Bruschetta", "Risotto ai funghi", "Pizza margherita", "Tiramisù")):
+        draw.text((120, 320 + 90 * i), dish, fill=(60, 60, 60), font=ImageFont.load_default(44))
+    out = io.BytesIO()
+    page.save(out, "PDF", resolution=150)
+    return out.getvalue()
 
 
 def emoji_in_colour(page, emoji):
@@ -1446,12 +1502,18 @@ def test_the_screenshots_show_people_by_name_in_daytime_with_emoji_in_colour(tmp
         say(server, people["maya"], "jonas", "Yes! 7 pm works for me 🧗", day(12, 10, 4))
         say(server, people["maya"], "jonas", "Can you bring the spare chalk bag?", day(12, 10, 5))
         lena = say(server, people["jonas"], "maya", "Sure. Lena might join too 🙌", day(12, 10, 31))
+        photo = uploaded(server, people["jonas"], "crag-at-dawn.jpg", "image/jpeg", mountain_photo())
+        view = say(server, people["jonas"], "maya", "The view from the crag on Sunday ⛰️", day(12, 10, 33),
+                   attachment=photo)
         say(server, people["maya"], "jonas", "Great 🙂 I'll book a table for dinner afterwards.", day(12, 10, 38),
             reply_to=lena["id"])
+        menu = uploaded(server, people["maya"], "trattoria-menu.pdf", "application/pdf", menu_pdf())
+        say(server, people["maya"], "jonas", "The menu, if you want to choose ahead", day(12, 10, 39),
+            attachment=menu)
         people["maya"].put(server, "/api/blocks/sam").raise_for_status()
         # maya has read all but priya's question.
         with people["maya"].ws(server) as ws:
-            read = {"omar": omar["id"], "sam": sam["id"], "lena": market["id"], "jonas": lena["id"]}
+            read = {"omar": omar["id"], "sam": sam["id"], "lena": market["id"], "jonas": view["id"]}
             for peer, up_to in read.items():
                 ws.send(json.dumps({"type": "read", "with": peer, "up_to": up_to}))
                 assert receive(ws, "read")["up_to"] == up_to
@@ -1476,6 +1538,8 @@ def test_the_screenshots_show_people_by_name_in_daytime_with_emoji_in_colour(tmp
         last = bubble(page, "Great 🙂 I'll book a table for dinner afterwards.")
         expect(last.locator(".tick")).to_have_text("✓✓")
         expect(last.locator("time")).to_have_text("10:38 AM")
+        expect(page.get_by_role("img", name="crag-at-dawn.jpg")).to_be_visible()
+        expect(page.get_by_role("link", name=re.compile("trattoria-menu.pdf"))).to_be_visible()
         expect(contact(page, "priya").locator(".badge")).to_contain_text("1")
         expect(contact(page, "priya").locator("time")).to_have_text("Yesterday")
         jonas_page.get_by_role("textbox", name="Message").press_sequentially("On my")
