@@ -1974,20 +1974,26 @@ BEGIN
             unread = chatx_conversations.unread + excluded.unread
     )
     SELECT refusals[i.n], owners[i.n], kept.id IS NOT NULL, coalesce(kept.id, o.id), s.seq, r.seq,
-           coalesce(kept.n = i.n AND kept.first_of_pair AND senders[i.n] <> recipients[i.n] AND NOT EXISTS (
-               SELECT FROM chatx_conversations c WHERE c.user_id = senders[i.n] AND c.peer_id = recipients[i.n]),
-               false),
+           coalesce(kept.n = i.n AND kept.first_of_pair AND senders[i.n] <> recipients[i.n] AND known.user_id IS NULL,
+                    false),
            o.recipient, o.body, o.sent_at, o.edited_at, o.deleted, o.reply_to
     FROM generate_subscripts(senders, 1) AS i(n)
     LEFT JOIN kept ON kept.n = owners[i.n]
     LEFT JOIN numbered s ON s.n = i.n AND s.role = 0
     LEFT JOIN numbered r ON r.n = i.n AND r.role = 1
-    -- Key lookups each (a join could scan every message and user per commit).
+    -- Key lookups each, for the rows that need one. LIMIT keeps the planner
+    -- from making either a join, which read and sorted every message (or
+    -- conversation) of the database in every commit.
+    LEFT JOIN LATERAL (
+        SELECT c.user_id FROM chatx_conversations c
+        WHERE kept.n = i.n AND kept.first_of_pair AND c.user_id = senders[i.n] AND c.peer_id = recipients[i.n]
+        LIMIT 1) AS known ON true
     LEFT JOIN LATERAL (
         SELECT m.id, ou.username::text AS recipient, m.body, m.sent_at, m.edited_at, m.deleted, m.reply_to
         FROM chatx_messages m JOIN chatx_users ou ON ou.id = m.recipient_id
         WHERE kept.id IS NULL AND owners[i.n] IS NOT NULL
-          AND m.sender_id = senders[i.n] AND m.client_id = client_ids[i.n]) AS o ON true
+          AND m.sender_id = senders[i.n] AND m.client_id = client_ids[i.n]
+        LIMIT 1) AS o ON true
     ORDER BY i.n;
 END
 $$
