@@ -200,6 +200,7 @@ REQUEST_BYTES_PER_S = 16 * 1024
 RESPONSE_STALL_S = 10  # a client that takes nothing of its response for this long is cut off (HTTPProtocol)
 RESPONSE_SLICE_BYTES = 64 * 1024  # response bodies go out in slices, each written once the last was taken
 ID_MAX = 2**31 - 1  # message ids are 32-bit integers; a larger cursor means "past the end"
+COUNTED_CHANNELS_MAX = 100_000  # channels the publisher remembers another process on (RedisPubSubBackend)
 # A writer that committed less than COMMIT_BUSY_S ago waits COMMIT_LINGER_S
 # before the next commit, so that one commit takes the sends of many sockets.
 COMMIT_BUSY_S = 0.005
@@ -1979,20 +1980,26 @@ BEGIN
             unread = chatx_conversations.unread + excluded.unread
     )
     SELECT refusals[i.n], owners[i.n], kept.id IS NOT NULL, coalesce(kept.id, o.id), s.seq, r.seq,
-           coalesce(kept.n = i.n AND kept.first_of_pair AND senders[i.n] <> recipients[i.n] AND NOT EXISTS (
-               SELECT FROM chatx_conversations c WHERE c.user_id = senders[i.n] AND c.peer_id = recipients[i.n]),
-               false),
+           coalesce(kept.n = i.n AND kept.first_of_pair AND senders[i.n] <> recipients[i.n] AND known.user_id IS NULL,
+                    false),
            o.recipient, o.body, o.sent_at, o.edited_at, o.deleted, o.reply_to
     FROM generate_subscripts(senders, 1) AS i(n)
     LEFT JOIN kept ON kept.n = owners[i.n]
     LEFT JOIN numbered s ON s.n = i.n AND s.role = 0
     LEFT JOIN numbered r ON r.n = i.n AND r.role = 1
-    -- Key lookups each (a join could scan every message and user per commit).
+    -- Key lookups each, for the rows that need one. LIMIT keeps the planner
+    -- from making either a join, which read and sorted every message (or
+    -- conversation) of the database in every commit.
+    LEFT JOIN LATERAL (
+        SELECT c.user_id FROM chatx_conversations c
+        WHERE kept.n = i.n AND kept.first_of_pair AND c.user_id = senders[i.n] AND c.peer_id = recipients[i.n]
+        LIMIT 1) AS known ON true
     LEFT JOIN LATERAL (
         SELECT m.id, ou.username::text AS recipient, m.body, m.sent_at, m.edited_at, m.deleted, m.reply_to
         FROM chatx_messages m JOIN chatx_users ou ON ou.id = m.recipient_id
         WHERE kept.id IS NULL AND owners[i.n] IS NOT NULL
-          AND m.sender_id = senders[i.n] AND m.client_id = client_ids[i.n]) AS o ON true
+          AND m.sender_id = senders[i.n] AND m.client_id = client_ids[i.n]
+        LIMIT 1) AS o ON true
     ORDER BY i.n;
 END
 $$
@@ -2559,7 +2566,8 @@ class RedisPubSubBackend(BroadcastBackend):
     Each payload travels as "<origin> <message>": a message its own process
     has delivered already is published with that process's origin, and the
     process drops it when it comes back. Such a message is not published at
-    all when Redis counts no subscriber of its channel but this process."""
+    all when Redis counts no subscriber of its channel but this process
+    (_send_pipeline says why no other process misses one)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -2576,6 +2584,9 @@ class RedisPubSubBackend(BroadcastBackend):
         self._subscribed_here: set[str] = set()
         self._unsubscribing: dict[str, int] = {}
         self._outgoing: list[Outgoing] = []
+        # Channel -> subscribers PUBSUB NUMSUB last counted, kept while that is more
+        # than this process: the next batch publishes to them without waiting for its count.
+        self._counted_elsewhere: dict[str, int] = {}
 
     async def connect(self) -> None:
         # No client retries: failures surface at once and the loops below back off.
@@ -2684,28 +2695,60 @@ class RedisPubSubBackend(BroadcastBackend):
                     future.set_result(None)
 
     async def _send_pipeline(self, batch: list[Outgoing]) -> None:
-        """The batch in one write, then its replies, on the publisher's own
-        connection; first, when it holds publish_elsewhere() items, one
-        PUBSUB NUMSUB of their channels. A process not counted there subscribed
-        after this batch's commits, and reads the database after subscribing:
-        it misses nothing. A redis-py Pipeline per batch, or its command
-        packing, took a tenth of the server's CPU when messages came one at a time."""
+        """The batch's commands on the publisher's own connection: one PUBSUB
+        NUMSUB of its channels, and with it, in the same write, the publishes
+        to channels another process was counted on last time; then, once
+        NUMSUB answers, those to the channels it counts another process on.
+
+        Why nothing is missed: a publish nobody reads is harmless, so only
+        leaving a frame out needs a reason, and the only reason is this
+        batch's own NUMSUB, sent after the commits of the batch's frames. A
+        process it does not count subscribed after those commits, and reads
+        the database after subscribing. A remembered count only ever lets a
+        frame out early, never keeps one back: a process that joins a channel
+        while frames flow costs at most one batch's wait, never a frame.
+        A redis-py Pipeline per batch, or its command packing, took a tenth
+        of the server's CPU when messages came one at a time."""
         connection = self._publishing  # reconnects by itself once disconnected
-        channels = list(dict.fromkeys(channel for channel, _, _, mine in batch if mine is not None))
-        subscribers: dict[str, int] = {}
-        if channels:
-            await connection.send_packed_command(redis_command("PUBSUB", "NUMSUB", *channels), check_health=False)
-            subscribers = dict(zip(channels, (await connection.read_response())[1::2]))
-        commands: list[bytes] = []
-        for channel, message, _, mine in batch:
+        highest: dict[str, int] = {}  # channel -> the most this process counted itself as subscribed
+        for channel, _, _, mine in batch:
+            if mine is not None and highest.get(channel, -1) < mine:
+                highest[channel] = mine
+        counted = self._counted_elsewhere
+        early = {channel for channel, mine in highest.items() if counted.get(channel, 0) > mine}
+        first: list[bytes] = [redis_command("PUBSUB", "NUMSUB", *highest)] if highest else []
+        then: list[bytes] = []
+        late: list[Outgoing] = []
+        for item in batch:
+            channel, message, _, _ = item
             if channel is None:
-                commands.append(redis_command("PING"))
-            elif subscribers[channel] > mine:
-                commands.append(redis_command("PUBLISH", channel, f"{self.origin} {message()}"))
-        if commands:
-            await connection.send_packed_command(b"".join(commands), check_health=False)
-            for _ in commands:
-                await connection.read_response()
+                then.append(redis_command("PING"))
+            elif channel in early:
+                first.append(redis_command("PUBLISH", channel, f"{self.origin} {message()}"))
+            else:
+                late.append(item)
+        if first:
+            await connection.send_packed_command(b"".join(first), check_health=False)
+        if highest:
+            subscribers = dict(zip(highest, (await connection.read_response())[1::2]))
+            self._remember(subscribers, highest)
+            then[:0] = [redis_command("PUBLISH", channel, f"{self.origin} {message()}")
+                        for channel, message, _, mine in late if subscribers[channel] > mine]
+        if then:
+            await connection.send_packed_command(b"".join(then), check_health=False)
+        for _ in range(len(first) - (1 if highest else 0) + len(then)):
+            await connection.read_response()
+
+    def _remember(self, subscribers: dict[str, int], highest: dict[str, int]) -> None:
+        """Keep the channels another process subscribes to, for the next batch (bounded: forgetting is safe)."""
+        counted = self._counted_elsewhere
+        for channel, count in subscribers.items():
+            if count > highest[channel]:
+                counted[channel] = count
+            else:
+                counted.pop(channel, None)
+        if len(counted) > COUNTED_CHANNELS_MAX:
+            counted.clear()
 
     async def _listen_forever(self) -> None:
         backoff = 0.1

@@ -245,6 +245,43 @@ def test_a_commit_of_sends_is_one_statement_to_postgresql_whatever_it_holds(monk
         "Refused", "Stored", "Stored", "Refused", "Stored", "Stored"]
 
 
+def test_a_commit_of_sends_on_postgresql_reads_no_stored_message_or_conversation_it_does_not_need():
+    """A commit's cost must not grow with the database: the lookups of a
+    retried client_id and of whether two people were partners are by key.
+    Counted by PostgreSQL inside the commit's own transaction (rows read by
+    sequential scans), after 2,048 messages between 40 people, every pair of
+    whom has a conversation."""
+    async def scenario(url: str) -> list:
+        storage = chatx.Storage(url)
+        await storage.start(chatx.migrate)
+        try:
+            people = [await storage.write(chatx.insert_user, f"user{i}", "hash", 0) for i in range(40)]
+            pairs = [(a, b) for a in people for b in people if a is not b]
+            for start in range(0, 2048, 256):
+                await asyncio.gather(*[storage.write_bulk(chatx.insert_messages, chatx.NewMessage(
+                    *pairs[n % len(pairs)], "body", f"fill{n}", None)) for n in range(start, start + 256)])
+        finally:
+            await storage.stop()
+        connection = await asyncpg.connect(url)
+        try:
+            await connection.execute("ANALYZE")
+            async with connection.transaction():
+                senders, recipients = [p.id for p in people[:10]] * 5, [p.id for p in people[10:20]] * 5
+                rows = await connection.fetch("SELECT * FROM chatx_insert_messages($1, $2, $3, $4, $5, $6)",
+                                              senders, recipients, ["hi"] * 50,
+                                              [f"new{n}" for n in range(49)] + ["fill351"], [None] * 50, 0)
+                assert len(rows) == 50 and rows[-1]["fresh"] is False  # people[9] stored fill351 before: a retry
+                return await connection.fetch(
+                    "SELECT relname, seq_tup_read FROM pg_stat_xact_user_tables "
+                    "WHERE relname IN ('chatx_messages', 'chatx_conversations') ORDER BY relname")
+        finally:
+            await connection.close()
+
+    with fresh_postgres_database() as url:
+        read = run_async(scenario, url)
+    assert [tuple(row) for row in read] == [("chatx_conversations", 0), ("chatx_messages", 0)]
+
+
 def test_sqlite_copies_stored_messages_into_the_database_file_in_the_background(make_client, sqlite_url):
     # The commit that stores them does not wait for that copy (a checkpoint);
     # immutable=1 reads the file alone, without its write-ahead log.

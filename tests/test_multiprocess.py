@@ -154,6 +154,31 @@ def test_a_message_sent_on_one_process_reaches_every_socket_on_both_processes_on
     assert history(bob, a, "alice") == [message, fence]
 
 
+def test_a_socket_opened_on_another_process_mid_conversation_gets_every_later_message_live(pair):
+    """Process A published nothing for bob while his only socket was on A;
+    once a socket of his opens on B, each message after its hello reaches it
+    through the broadcast, in order, well inside the heartbeat's catch-up
+    (CHATX_PRESENCE_TTL / 4 = 7.5 s): what a publisher remembers of other
+    processes' subscriptions never keeps a frame back."""
+    a, b, alice, bob, carol = pair
+    make_partners(bob, alice, server=a)  # bob answered: alice's sends are no first contacts
+    with alice.ws(a) as alice_a, bob.ws(a) as bob_a:
+        hello(alice_a)
+        hello(bob_a)
+        for n in range(10):
+            send(alice_a, "bob", f"before {n}", f"before-{n}")
+        frames_until(bob_a, is_message_with("before-9"))
+        with bob.ws(b) as bob_b:
+            seq = hello(bob_b)["seq"]
+            for n in range(10):
+                send(alice_a, "bob", f"after {n}", f"after-{n}")
+                frames_until(alice_a, lambda f, n=n: f["type"] == "ack" and f["client_id"] == f"after-{n}")
+            frames = frames_until(bob_b, is_message_with("after-9"), timeout=5)
+            assert [f["message"]["client_id"] for f in frames if f["type"] == "message"] == [
+                f"after-{n}" for n in range(10)]
+            assert [f["seq"] for f in frames if f["type"] == "message"] == list(range(seq + 1, seq + 11))
+
+
 def test_an_idle_subscriber_outlives_the_redis_socket_timeout(pair):
     """redis-py 8 reads with a 5 s socket timeout by default; a quiet chat must
     not lose its subscription to it."""
