@@ -16,6 +16,7 @@ embedding. Each section below uses only the sections above it
 Where each rule lives:
 
     a stream's order, one seq per event   Writer, Connection.begin, lock_users, append_events, number_messages
+    a stream event's frame                STREAM_KINDS (MessageEvent, ReadEvent), EVENT_QUERY
     who sees whose presence               Presence, the queries audience/partner_presence, SEES_PRESENCE
     blocks                                Presence.blocked/unblocked, BLOCKED_EITHER_WAY
     rate and size limits                  Limits (TokenBucket), the constants in "limits and close codes"
@@ -30,16 +31,18 @@ Where each rule lives:
     the schema and its upgrades           migrate, which ChatX.start hands to Storage.start
 
 How to add an event kind (one that is stored in people's streams, like an
-edit): a member of EventKind; a write job in "queries and write jobs" that
-changes the rows, calls lock_users then append_events with the kind and
-returns Stored (as change_message and advance_read_cursor do); its frame in
-stream_frame (STREAM_TYPES) and, read back from EVENT_QUERY's row, in
-replayed_frame; a Messenger method that writes the job and announces the
-result; the frame handler in FRAME_HANDLERS (or a route) that calls it; on
-the page, a case in static/frames.js FrameHandler.apply; and
-docs/protocol.md and tests. A frame that is not stored (like typing) needs
-only the handler, a Frame delivered through Fanout, the case in frames.js,
-the docs and a test.
+edit) takes six places: (1) a member of EventKind; (2) a write job in
+"queries and write jobs" that changes the rows, calls lock_users then
+append_events with the kind and returns Stored, its own values in `fields`
+(as change_message and advance_read_cursor do); (3) its entry in
+STREAM_KINDS, which makes its frame from the Stored when live and from its
+named row of EVENT_QUERY when replayed; (4) a Messenger method that writes the
+job and announces the result; (5) its handler in FRAME_HANDLERS (or a route)
+that calls it; (6) a case in static/frames.js FrameHandler.apply. Then
+docs/protocol.md and tests. A kind with values of its own (not a message's)
+also needs their columns: in chatx_events, a step of migrate, and EVENT_QUERY.
+A frame that is not stored (like typing) needs only the handler, a Frame
+delivered through Fanout, the case in frames.js, the docs and a test.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, SO_KEEPALIVE, SO_LINGER, SOL_SOCKET
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, Union
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiosqlite
@@ -594,6 +597,15 @@ class Connection:
         if self.postgres:
             return await self.driver.fetch(postgres_marks(sql), *args)
         return list(await self.driver.execute_fetchall(sql, args))
+
+    async def fetch_named(self, sql: str, *args: Any) -> list[Any]:
+        """Rows whose columns are read by name (`row["seq"]`): asyncpg's records,
+        sqlite3.Row on SQLite."""
+        if self.postgres:
+            return await self.driver.fetch(postgres_marks(sql), *args)
+        cursor = await self.driver.execute(sql, args)
+        cursor.row_factory = sqlite3.Row
+        return await cursor.fetchall()
 
     async def fetch_one(self, sql: str, *args: Any) -> Any:
         rows = await self.fetch(sql, *args)
@@ -1619,9 +1631,20 @@ def message_object(message_id: int, sender: str, recipient: str, body: str, sent
             "attachment": attachment_object(*attachment) if attachment else None}
 
 
-MESSAGE_COLUMNS = ("m.id, s.username, r.username, m.body, m.sent_at, m.client_id, m.edited_at, m.deleted, "
-                   "m.reply_to, a.id, a.name, a.type, a.size, a.width, a.height")
-MESSAGE_WIDTH = 15  # columns in MESSAGE_COLUMNS
+def message_of(row: Any) -> dict[str, Any]:
+    """message_object() of a named row holding NAMED_MESSAGE_COLUMNS."""
+    return message_object(*[row[name] for name in MESSAGE_FIELDS])
+
+
+# The columns message_object() takes, in its order, by the names a named row has them under.
+MESSAGE_FIELDS = {"id": "m.id", "sender": "s.username", "recipient": "r.username", "body": "m.body",
+                  "sent_at": "m.sent_at", "client_id": "m.client_id", "edited_at": "m.edited_at",
+                  "deleted": "m.deleted", "reply_to": "m.reply_to", "attachment_id": "a.id",
+                  "attachment_name": "a.name", "attachment_type": "a.type", "attachment_size": "a.size",
+                  "attachment_width": "a.width", "attachment_height": "a.height"}
+MESSAGE_COLUMNS = ", ".join(MESSAGE_FIELDS.values())
+NAMED_MESSAGE_COLUMNS = ", ".join(f"{column} AS {name}" for name, column in MESSAGE_FIELDS.items())
+MESSAGE_WIDTH = len(MESSAGE_FIELDS)
 ATTACHMENT_COLUMNS = "a.id, a.name, a.type, a.size, a.width, a.height"
 MESSAGE_JOINS = ("JOIN chatx_users s ON s.id = m.sender_id JOIN chatx_users r ON r.id = m.recipient_id "
                  "LEFT JOIN chatx_attachments a ON a.id = m.attachment_id")
@@ -1648,12 +1671,13 @@ class Refused:
 @dataclass(frozen=True)
 class Stored:
     """A message, edit, delete or read as committed, with each person's place in
-    their stream; `seqs` is empty for a retry that stored nothing new."""
+    their stream; `seqs` is empty for a retry that stored nothing new. Its frame
+    is made by its kind's entry in STREAM_KINDS."""
 
     kind: EventKind
     seqs: dict[int, int]  # user id -> seq
     message: dict[str, Any] | None = None
-    read: dict[str, Any] | None = None  # reader, with, up_to
+    fields: dict[str, Any] | None = None  # of a kind that is not about a message (a read: reader, with, up_to)
     new_partners: tuple[int, int] | None = None  # a first message made these two partners
 
     @functools.cached_property
@@ -2103,11 +2127,12 @@ async def advance_read_cursor(conn: Connection, me: User, peer: User, up_to: int
     people = [me.id] if hidden else list(dict.fromkeys((me.id, peer.id)))
     seqs = await append_events(conn, [(user_id, EventKind.READ, None, me.id, peer.id, target) for user_id in people])
     return Stored(EventKind.READ, dict(zip(people, seqs)),
-                  read={"reader": me.username, "with": peer.username, "up_to": target})
+                  fields={"reader": me.username, "with": peer.username, "up_to": target})
 
 
 EVENT_QUERY = (
-    f"SELECT e.seq, e.kind, {MESSAGE_COLUMNS}, rd.username, w.username, e.up_to FROM chatx_events e "
+    f"SELECT e.seq AS seq, e.kind AS kind, {NAMED_MESSAGE_COLUMNS}, rd.username AS reader, w.username AS read_with, "
+    "e.up_to AS up_to FROM chatx_events e "
     "LEFT JOIN chatx_messages m ON m.id = e.message_id "
     "LEFT JOIN chatx_users s ON s.id = m.sender_id LEFT JOIN chatx_users r ON r.id = m.recipient_id "
     "LEFT JOIN chatx_attachments a ON a.id = m.attachment_id "
@@ -2115,9 +2140,9 @@ EVENT_QUERY = (
     "WHERE e.user_id = ? AND e.seq > ? ORDER BY e.seq LIMIT ?")
 
 
-async def events_after(conn: Connection, user_id: int, seq: int, limit: int) -> list[tuple]:
-    """Rows of (seq, kind, message columns…, reader, with, up_to) of a stream, by seq."""
-    return await conn.fetch(EVENT_QUERY, user_id, seq, limit)
+async def events_after(conn: Connection, user_id: int, seq: int, limit: int) -> list[Any]:
+    """Named rows of a stream, by seq: seq, kind, NAMED_MESSAGE_COLUMNS, reader, read_with, up_to."""
+    return await conn.fetch_named(EVENT_QUERY, user_id, seq, limit)
 
 
 async def newest_seq(conn: Connection, user_id: int) -> int:
@@ -2480,22 +2505,50 @@ def decode_item(text: str) -> Published:
     return WIRE_TYPES[name](*fields)
 
 
-STREAM_TYPES = {EventKind.MESSAGE: "message", EventKind.EDIT: "edit", EventKind.DELETE: "delete"}
+# -- stream events: each kind of EventKind makes its frame, live from what was
+# Stored and replayed from its named row of events_after().
 
 
-def stream_frame(kind: EventKind, seq: int, encoded_message: str | None, read: dict[str, Any] | None) -> StreamFrame:
-    if kind is EventKind.READ:
-        return StreamFrame(seq, dumps({"type": "read", "seq": seq, **read}))
-    return StreamFrame(seq, f'{{"type":"{STREAM_TYPES[kind]}","seq":{seq},"message":{encoded_message}}}')
+class StreamKind(Protocol):
+    def frame(self, seq: int, stored: Stored) -> StreamFrame: ...
+
+    def replayed(self, row: Any) -> StreamFrame: ...
 
 
-def replayed_frame(row: tuple) -> StreamFrame:
-    """A row of events_after() as the frame it was sent as, with the message as it is now."""
-    seq, kind = row[0], EventKind(row[1])
-    if kind is EventKind.READ:
-        reader, with_, up_to = row[2 + MESSAGE_WIDTH:]
-        return stream_frame(kind, seq, None, {"reader": reader, "with": with_, "up_to": up_to})
-    return stream_frame(kind, seq, dumps(message_object(*row[2:2 + MESSAGE_WIDTH])), None)
+class MessageEvent:
+    """A message, edit or delete: the frame carries the message, as it is now
+    when replayed (an erased one replays erased)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def frame(self, seq: int, stored: Stored) -> StreamFrame:
+        return StreamFrame(seq, f'{{"type":"{self.name}","seq":{seq},"message":{stored.message_text}}}')
+
+    def replayed(self, row: Any) -> StreamFrame:
+        seq = row["seq"]
+        return StreamFrame(seq, f'{{"type":"{self.name}","seq":{seq},"message":{dumps(message_of(row))}}}')
+
+
+class ReadEvent:
+    """A read receipt: `reader` read the conversation with `with` up to message `up_to`."""
+
+    __slots__ = ()
+
+    def frame(self, seq: int, stored: Stored) -> StreamFrame:
+        return StreamFrame(seq, dumps({"type": "read", "seq": seq, **stored.fields}))
+
+    def replayed(self, row: Any) -> StreamFrame:
+        seq = row["seq"]
+        return StreamFrame(seq, dumps({"type": "read", "seq": seq, "reader": row["reader"],
+                                       "with": row["read_with"], "up_to": row["up_to"]}))
+
+
+STREAM_KINDS: dict[EventKind, StreamKind] = {
+    EventKind.MESSAGE: MessageEvent("message"), EventKind.READ: ReadEvent(), EventKind.EDIT: MessageEvent("edit"),
+    EventKind.DELETE: MessageEvent("delete")}
 
 
 def hello_frame(user: User, seq: int, presence: list[tuple[str, str, str | None]]) -> str:
@@ -3726,8 +3779,9 @@ class Messenger:
     def announce(self, stored: Stored) -> None:
         """A committed event goes to the streams of both people (and new
         partners see each other's presence)."""
+        kind = STREAM_KINDS[stored.kind]
         for user_id, seq in stored.seqs.items():
-            self.fanout.deliver(user_id, stream_frame(stored.kind, seq, stored.message_text, stored.read))
+            self.fanout.deliver(user_id, kind.frame(seq, stored))
         if stored.new_partners:
             self.presence.spawn(self.presence.introduce(*stored.new_partners))
 
@@ -3762,7 +3816,8 @@ class Messenger:
             self.fanout.deliver(peer.id, Frame(dumps({"type": "typing", "from": me.username})))
 
     async def replay(self, user: User, seq: int, limit: int) -> list[StreamFrame]:
-        return [replayed_frame(row) for row in await self.storage.read(events_after, user.id, seq, limit)]
+        rows = await self.storage.read(events_after, user.id, seq, limit)
+        return [STREAM_KINDS[row["kind"]].replayed(row) for row in rows]
 
     async def newest_seq(self, user: User) -> int:
         return await self.storage.read(newest_seq, user.id)
