@@ -62,6 +62,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -603,7 +604,7 @@ class Connection:
         """Rows whose columns are read by name (`row["seq"]`): asyncpg's records,
         sqlite3.Row on SQLite."""
         if self.postgres:
-            return await self.driver.fetch(postgres_marks(sql), *args)
+            return await self.fetch(sql, *args)
         cursor = await self.driver.execute(sql, args)
         cursor.row_factory = sqlite3.Row
         return await cursor.fetchall()
@@ -1634,7 +1635,7 @@ def message_object(message_id: int, sender: str, recipient: str, body: str, sent
 
 def message_of(row: Any) -> dict[str, Any]:
     """message_object() of a named row holding NAMED_MESSAGE_COLUMNS."""
-    return message_object(*[row[name] for name in MESSAGE_FIELDS])
+    return message_object(*MESSAGE_VALUES(row))
 
 
 # The columns message_object() takes, in its order, by the names a named row has them under.
@@ -1646,6 +1647,7 @@ MESSAGE_FIELDS = {"id": "m.id", "sender": "s.username", "recipient": "r.username
 MESSAGE_COLUMNS = ", ".join(MESSAGE_FIELDS.values())
 NAMED_MESSAGE_COLUMNS = ", ".join(f"{column} AS {name}" for name, column in MESSAGE_FIELDS.items())
 MESSAGE_WIDTH = len(MESSAGE_FIELDS)
+MESSAGE_VALUES = operator.itemgetter(*MESSAGE_FIELDS)  # of a named row, in message_object()'s order
 ATTACHMENT_COLUMNS = "a.id, a.name, a.type, a.size, a.width, a.height"
 MESSAGE_JOINS = ("JOIN chatx_users s ON s.id = m.sender_id JOIN chatx_users r ON r.id = m.recipient_id "
                  "LEFT JOIN chatx_attachments a ON a.id = m.attachment_id")
