@@ -2508,11 +2508,26 @@ def decode_item(text: str) -> Published:
     return WIRE_TYPES[name](*fields)
 
 
+def hello_frame(user: User, seq: int, presence: list[tuple[str, str, str | None]]) -> str:
+    return dumps({"type": "hello", "user": user.public(), "seq": seq,
+                  "presence": [{"username": name, "status": status, "last_seen": last_seen}
+                               for name, status, last_seen in presence]})
+
+
+def error_frame(code: str, detail: str, client_id: str | None = None) -> Frame:
+    frame = {"type": "error", "code": code, "detail": detail}
+    if client_id is not None:
+        frame["client_id"] = client_id
+    return Frame(dumps(frame))
+
+
 # -- stream events: each kind of EventKind makes its frame, live from what was
 # Stored and replayed from its named row of events_after().
 
 
 class StreamKind(Protocol):
+    """One kind of event: its frame, live and replayed."""
+
     def frame(self, seq: int, stored: Stored) -> StreamFrame: ...
 
     def replayed(self, row: Any) -> StreamFrame: ...
@@ -2552,19 +2567,6 @@ class ReadEvent:
 STREAM_KINDS: dict[EventKind, StreamKind] = {
     EventKind.MESSAGE: MessageEvent("message"), EventKind.READ: ReadEvent(), EventKind.EDIT: MessageEvent("edit"),
     EventKind.DELETE: MessageEvent("delete")}
-
-
-def hello_frame(user: User, seq: int, presence: list[tuple[str, str, str | None]]) -> str:
-    return dumps({"type": "hello", "user": user.public(), "seq": seq,
-                  "presence": [{"username": name, "status": status, "last_seen": last_seen}
-                               for name, status, last_seen in presence]})
-
-
-def error_frame(code: str, detail: str, client_id: str | None = None) -> Frame:
-    frame = {"type": "error", "code": code, "detail": detail}
-    if client_id is not None:
-        frame["client_id"] = client_id
-    return Frame(dumps(frame))
 
 
 # ---- broadcast transport ----------------------------------------------------------------
