@@ -7,15 +7,17 @@ embedding. Each section below uses only the sections above it
 
     helpers: time and JSON, limits and close codes, settings and logging,
     schema, storage front (Connection, Writer, Storage), queries and write
-    jobs, wire frames, broadcast transport, services (Metrics, Limits,
-    Accounts, Identity, Fanout, Presence, Messenger, Attachments), requests
-    and sockets alike, the WebSocket (ChatSocket, the frame handlers), HTTP,
+    jobs, wire frames (and STREAM_KINDS), broadcast transport, services
+    (OpenSocket, Metrics, Limits, Accounts, Identity, Fanout, Presence, a
+    message's fields, Messenger, Attachments), requests and sockets alike,
+    the WebSocket (SocketServices, ChatSocket, the frame handlers), HTTP,
     the composition root and the app (ChatX, create_app), and the command
     line (`python -m chatx`).
 
 Where each rule lives:
 
     a stream's order, one seq per event   Writer, Connection.begin, lock_users, append_events, number_messages
+    a stream event's frame                STREAM_KINDS (MessageEvent, ReadEvent), EVENT_QUERY
     who sees whose presence               Presence, the queries audience/partner_presence, SEES_PRESENCE
     blocks                                Presence.blocked/unblocked, BLOCKED_EITHER_WAY
     rate and size limits                  Limits (TokenBucket), the constants in "limits and close codes"
@@ -24,22 +26,24 @@ Where each rule lives:
     a host's own sign-in                  Identity
     attachments: upload, check, read      Attachments, AttachmentStore, readable_attachment
     who may read a message or a page      the read queries, given the reader (history_page, ...)
-    frames a client may send              FRAME_HANDLERS and the *_field checks
+    frames a client may send              FRAME_HANDLERS, and the *_field checks (also of ChatX.send)
     a slow or lagging reader              ChatSocket (outbox, backlog, catch-up), Fanout.close_stalled
     Origin and Host checks                origin_allowed, TrustedHosts
     the schema and its upgrades           migrate, which ChatX.start hands to Storage.start
 
 How to add an event kind (one that is stored in people's streams, like an
-edit): a member of EventKind; a write job in "queries and write jobs" that
-changes the rows, calls lock_users then append_events with the kind and
-returns Stored (as change_message and advance_read_cursor do); its frame in
-stream_frame (STREAM_TYPES) and, read back from EVENT_QUERY's row, in
-replayed_frame; a Messenger method that writes the job and announces the
-result; the frame handler in FRAME_HANDLERS (or a route) that calls it; on
-the page, a case in static/frames.js FrameHandler.apply; and
-docs/protocol.md and tests. A frame that is not stored (like typing) needs
-only the handler, a Frame delivered through Fanout, the case in frames.js,
-the docs and a test.
+edit) takes six places: (1) a member of EventKind; (2) a write job in
+"queries and write jobs" that changes the rows, calls lock_users then
+append_events with the kind and returns Stored, its own values in `fields`
+(as change_message and advance_read_cursor do); (3) its entry in
+STREAM_KINDS, which makes its frame from the Stored when live and from its
+named row of EVENT_QUERY when replayed; (4) a Messenger method that writes the
+job and announces the result; (5) its handler in FRAME_HANDLERS (or a route)
+that calls it; (6) a case in static/frames.js FrameHandler.apply. Then
+docs/protocol.md and tests. A kind with values of its own (not a message's)
+also needs their columns: in chatx_events, a step of migrate, and EVENT_QUERY.
+A frame that is not stored (like typing) needs only the handler, a Frame
+delivered through Fanout, the case in frames.js, the docs and a test.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -77,7 +82,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, SO_KEEPALIVE, SO_LINGER, SOL_SOCKET
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, Union
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiosqlite
@@ -600,6 +605,15 @@ class Connection:
         if self.postgres:
             return await self.driver.fetch(postgres_marks(sql), *args)
         return list(await self.driver.execute_fetchall(sql, args))
+
+    async def fetch_named(self, sql: str, *args: Any) -> list[Any]:
+        """Rows whose columns are read by name (`row["seq"]`): asyncpg's records,
+        sqlite3.Row on SQLite."""
+        if self.postgres:
+            return await self.fetch(sql, *args)
+        cursor = await self.driver.execute(sql, args)
+        cursor.row_factory = sqlite3.Row
+        return await cursor.fetchall()
 
     async def fetch_one(self, sql: str, *args: Any) -> Any:
         rows = await self.fetch(sql, *args)
@@ -1626,9 +1640,21 @@ def message_object(message_id: int, sender: str, recipient: str, body: str, sent
             "attachment": attachment_object(*attachment) if attachment else None}
 
 
-MESSAGE_COLUMNS = ("m.id, s.username, r.username, m.body, m.sent_at, m.client_id, m.edited_at, m.deleted, "
-                   "m.reply_to, a.id, a.name, a.type, a.size, a.width, a.height")
-MESSAGE_WIDTH = 15  # columns in MESSAGE_COLUMNS
+def message_of(row: Any) -> dict[str, Any]:
+    """message_object() of a named row holding NAMED_MESSAGE_COLUMNS."""
+    return message_object(*MESSAGE_VALUES(row))
+
+
+# The columns message_object() takes, in its order, by the names a named row has them under.
+MESSAGE_FIELDS = {"id": "m.id", "sender": "s.username", "recipient": "r.username", "body": "m.body",
+                  "sent_at": "m.sent_at", "client_id": "m.client_id", "edited_at": "m.edited_at",
+                  "deleted": "m.deleted", "reply_to": "m.reply_to", "attachment_id": "a.id",
+                  "attachment_name": "a.name", "attachment_type": "a.type", "attachment_size": "a.size",
+                  "attachment_width": "a.width", "attachment_height": "a.height"}
+MESSAGE_COLUMNS = ", ".join(MESSAGE_FIELDS.values())
+NAMED_MESSAGE_COLUMNS = ", ".join(f"{column} AS {name}" for name, column in MESSAGE_FIELDS.items())
+MESSAGE_WIDTH = len(MESSAGE_FIELDS)
+MESSAGE_VALUES = operator.itemgetter(*MESSAGE_FIELDS)  # of a named row, in message_object()'s order
 ATTACHMENT_COLUMNS = "a.id, a.name, a.type, a.size, a.width, a.height"
 MESSAGE_JOINS = ("JOIN chatx_users s ON s.id = m.sender_id JOIN chatx_users r ON r.id = m.recipient_id "
                  "LEFT JOIN chatx_attachments a ON a.id = m.attachment_id")
@@ -1655,12 +1681,13 @@ class Refused:
 @dataclass(frozen=True)
 class Stored:
     """A message, edit, delete or read as committed, with each person's place in
-    their stream; `seqs` is empty for a retry that stored nothing new."""
+    their stream; `seqs` is empty for a retry that stored nothing new. Its frame
+    is made by its kind's entry in STREAM_KINDS."""
 
     kind: EventKind
     seqs: dict[int, int]  # user id -> seq
     message: dict[str, Any] | None = None
-    read: dict[str, Any] | None = None  # reader, with, up_to
+    fields: dict[str, Any] | None = None  # of a kind that is not about a message (a read: reader, with, up_to)
     new_partners: tuple[int, int] | None = None  # a first message made these two partners
 
     @functools.cached_property
@@ -2116,11 +2143,12 @@ async def advance_read_cursor(conn: Connection, me: User, peer: User, up_to: int
     people = [me.id] if hidden else list(dict.fromkeys((me.id, peer.id)))
     seqs = await append_events(conn, [(user_id, EventKind.READ, None, me.id, peer.id, target) for user_id in people])
     return Stored(EventKind.READ, dict(zip(people, seqs)),
-                  read={"reader": me.username, "with": peer.username, "up_to": target})
+                  fields={"reader": me.username, "with": peer.username, "up_to": target})
 
 
 EVENT_QUERY = (
-    f"SELECT e.seq, e.kind, {MESSAGE_COLUMNS}, rd.username, w.username, e.up_to FROM chatx_events e "
+    f"SELECT e.seq AS seq, e.kind AS kind, {NAMED_MESSAGE_COLUMNS}, rd.username AS reader, w.username AS read_with, "
+    "e.up_to AS up_to FROM chatx_events e "
     "LEFT JOIN chatx_messages m ON m.id = e.message_id "
     "LEFT JOIN chatx_users s ON s.id = m.sender_id LEFT JOIN chatx_users r ON r.id = m.recipient_id "
     "LEFT JOIN chatx_attachments a ON a.id = m.attachment_id "
@@ -2128,9 +2156,9 @@ EVENT_QUERY = (
     "WHERE e.user_id = ? AND e.seq > ? ORDER BY e.seq LIMIT ?")
 
 
-async def events_after(conn: Connection, user_id: int, seq: int, limit: int) -> list[tuple]:
-    """Rows of (seq, kind, message columns…, reader, with, up_to) of a stream, by seq."""
-    return await conn.fetch(EVENT_QUERY, user_id, seq, limit)
+async def events_after(conn: Connection, user_id: int, seq: int, limit: int) -> list[Any]:
+    """Named rows of a stream, by seq: seq, kind, NAMED_MESSAGE_COLUMNS, reader, read_with, up_to."""
+    return await conn.fetch_named(EVENT_QUERY, user_id, seq, limit)
 
 
 async def newest_seq(conn: Connection, user_id: int) -> int:
@@ -2500,24 +2528,6 @@ def decode_item(text: str) -> Published:
     return WIRE_TYPES[name](*fields)
 
 
-STREAM_TYPES = {EventKind.MESSAGE: "message", EventKind.EDIT: "edit", EventKind.DELETE: "delete"}
-
-
-def stream_frame(kind: EventKind, seq: int, encoded_message: str | None, read: dict[str, Any] | None) -> StreamFrame:
-    if kind is EventKind.READ:
-        return StreamFrame(seq, dumps({"type": "read", "seq": seq, **read}))
-    return StreamFrame(seq, f'{{"type":"{STREAM_TYPES[kind]}","seq":{seq},"message":{encoded_message}}}')
-
-
-def replayed_frame(row: tuple) -> StreamFrame:
-    """A row of events_after() as the frame it was sent as, with the message as it is now."""
-    seq, kind = row[0], EventKind(row[1])
-    if kind is EventKind.READ:
-        reader, with_, up_to = row[2 + MESSAGE_WIDTH:]
-        return stream_frame(kind, seq, None, {"reader": reader, "with": with_, "up_to": up_to})
-    return stream_frame(kind, seq, dumps(message_object(*row[2:2 + MESSAGE_WIDTH])), None)
-
-
 def hello_frame(user: User, seq: int, presence: list[tuple[str, str, str | None]]) -> str:
     return dumps({"type": "hello", "user": user.public(), "seq": seq,
                   "presence": [{"username": name, "status": status, "last_seen": last_seen}
@@ -2529,6 +2539,54 @@ def error_frame(code: str, detail: str, client_id: str | None = None) -> Frame:
     if client_id is not None:
         frame["client_id"] = client_id
     return Frame(dumps(frame))
+
+
+# -- stream events: each kind of EventKind makes its frame, live from what was
+# Stored and replayed from its named row of events_after().
+
+
+class StreamKind(Protocol):
+    """One kind of event: its frame, live and replayed."""
+
+    def frame(self, seq: int, stored: Stored) -> StreamFrame: ...
+
+    def replayed(self, row: Any) -> StreamFrame: ...
+
+
+class MessageEvent:
+    """A message, edit or delete: the frame carries the message, as it is now
+    when replayed (an erased one replays erased)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def frame(self, seq: int, stored: Stored) -> StreamFrame:
+        return StreamFrame(seq, f'{{"type":"{self.name}","seq":{seq},"message":{stored.message_text}}}')
+
+    def replayed(self, row: Any) -> StreamFrame:
+        seq = row["seq"]
+        return StreamFrame(seq, f'{{"type":"{self.name}","seq":{seq},"message":{dumps(message_of(row))}}}')
+
+
+class ReadEvent:
+    """A read receipt: `reader` read the conversation with `with` up to message `up_to`."""
+
+    __slots__ = ()
+
+    def frame(self, seq: int, stored: Stored) -> StreamFrame:
+        return StreamFrame(seq, dumps({"type": "read", "seq": seq, **stored.fields}))
+
+    def replayed(self, row: Any) -> StreamFrame:
+        seq = row["seq"]
+        return StreamFrame(seq, dumps({"type": "read", "seq": seq, "reader": row["reader"],
+                                       "with": row["read_with"], "up_to": row["up_to"]}))
+
+
+STREAM_KINDS: dict[EventKind, StreamKind] = {
+    EventKind.MESSAGE: MessageEvent("message"), EventKind.READ: ReadEvent(), EventKind.EDIT: MessageEvent("edit"),
+    EventKind.DELETE: MessageEvent("delete")}
 
 
 # ---- broadcast transport ----------------------------------------------------------------
@@ -2861,8 +2919,23 @@ class RedisPubSubBackend(BroadcastBackend):
 # ---- services -------------------------------------------------------------------------
 #
 # Each owns one concern and its state. Sockets (ChatSocket, below) are
-# referred to only through what is used here: the methods enqueue, end and
-# pong_overdue, and the attributes user, session, socket_id, seq and sending_since.
+# referred to only as an OpenSocket: what is used of them here.
+
+
+class OpenSocket(Protocol):
+    """What the services read of an open socket and call on it."""
+
+    user: User
+    session: Session
+    socket_id: str
+    seq: int  # the newest event of its stream it has sent or skipped
+    sending_since: float  # when the frame being sent was handed to the server; 0 when none is
+
+    def enqueue(self, item: OutboxItem) -> None: ...
+
+    def end(self, outcome: asyncio.Task | int) -> None: ...
+
+    def pong_overdue(self) -> bool: ...
 
 
 class Metrics:
@@ -3356,7 +3429,7 @@ class Fanout:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.local: dict[int, set[Any]] = {}  # user id -> this process's open sockets
+        self.local: dict[int, set[OpenSocket]] = {}  # user id -> this process's open sockets
         # user id -> partner key -> (username, status, last_seen) that the user's sockets here were
         # told: one per user, not per socket, so that a socket's memory does not grow with partners.
         self.presence_told: dict[int, dict[str, tuple[str, str, str | None]]] = {}
@@ -3398,7 +3471,7 @@ class Fanout:
     def healthy(self) -> bool:
         return self.backend is None or self.backend.healthy
 
-    def sockets(self) -> list[Any]:
+    def sockets(self) -> list[OpenSocket]:
         return [socket for group in self.local.values() for socket in group]
 
     def deliver(self, user_id: int, item: Frame | StreamFrame | PresenceFrame | Revoke) -> None:
@@ -3467,7 +3540,7 @@ class Fanout:
     def channel(self, user_id: int) -> str:
         return f"{self.namespace}:user:{user_id}"
 
-    async def attach(self, socket: Any) -> None:
+    async def attach(self, socket: OpenSocket) -> None:
         """Hand `socket` everything delivered to its user; return once subscribed."""
         user_id = socket.user.id
         if user_id not in self.local:
@@ -3478,7 +3551,7 @@ class Fanout:
         self.local[user_id].add(socket)
         await asyncio.shield(self.relays[user_id][1])
 
-    def detach(self, socket: Any) -> None:
+    def detach(self, socket: OpenSocket) -> None:
         user_id = socket.user.id
         group = self.local.get(user_id)
         if group is None:
@@ -3722,12 +3795,78 @@ def page_body(name: str, items: bytes, **fields: Any) -> bytes:
     return b'{"' + name.encode() + b'":' + items + b"," + dumps(fields)[1:].encode()
 
 
+# -- a message's fields, checked alike in a send frame and in the host's ChatX.send
+
+
+def storable(text: str) -> bool:
+    """JSON admits lone surrogates and NUL; neither UTF-8 nor PostgreSQL text does."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+class FrameError(ChatError):
+    """A frame refused: the socket replies with an error frame of its code."""
+
+
+def frame_field(frame: dict[str, Any], name: str, kind: type) -> Any:
+    value = frame.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not storable(value)):
+        raise FrameError("invalid_field", f"'{name}' is required and must be a {kind.__name__}.")
+    return value
+
+
+# Characters that show nothing: white space, format and control characters,
+# variation selectors, the default-ignorable ranges, and the blank letters of
+# Hangul and Braille. What this leaves is checked by its category (visible()).
+VISIBLE_RE = re.compile("[^\\s\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5"
+                        "\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u2800\u3164\ufe00-\ufe0f"
+                        "\ufeff\uffa0\ufff0-\ufff8\U000e0000-\U000e0fff]")
+# Format characters anywhere in Unicode (U+1D173, U+13430, ...), separators,
+# and combining marks, which show nothing without a letter to sit on.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Mc", "Me"})
+
+
+def visible(text: str) -> bool:
+    """Some character of the text shows: in ordinary text the first one looked at."""
+    return any(unicodedata.category(found.group()) not in INVISIBLE_CATEGORIES
+               for found in VISIBLE_RE.finditer(text))
+
+
+def body_field(frame: dict[str, Any]) -> str:
+    body = frame_field(frame, "body", str)
+    if not visible(body):
+        raise FrameError("empty_body", "The message is empty.")
+    if len(body) > BODY_MAX:
+        raise FrameError("body_too_long", f"Messages are at most {BODY_MAX} characters.")
+    return body
+
+
+def client_id_field(frame: dict[str, Any]) -> str | None:
+    client_id = frame.get("client_id")
+    if client_id is not None and (
+        not isinstance(client_id, str) or not 0 < len(client_id) <= CLIENT_ID_MAX or not storable(client_id)
+    ):
+        raise FrameError("invalid_field", f"'client_id' must be a string of 1 to {CLIENT_ID_MAX} characters.")
+    return client_id
+
+
+def caption_field(frame: dict[str, Any], attachment: str | None) -> str:
+    """The body of a send: with an attachment it may be empty."""
+    return body_field(frame) if attachment is None or VISIBLE_RE.search(frame.get("body", "")) else ""
+
+
 class Messenger:
     """Stores and delivers: a send, edit, delete or read is committed with its
-    place in each person's stream, then handed to Fanout for both people."""
+    place in each person's stream, then handed to Fanout for both people. It
+    counts the new messages, sent by sockets or by the host (send_as)."""
 
-    def __init__(self, storage: Storage, fanout: Fanout, presence: Presence, settings: Settings) -> None:
+    def __init__(self, storage: Storage, fanout: Fanout, presence: Presence, accounts: Accounts, metrics: Metrics,
+                 settings: Settings) -> None:
         self.storage, self.fanout, self.presence, self.settings = storage, fanout, presence, settings
+        self.accounts, self.metrics = accounts, metrics  # the host's senders are named on first sight
         self.watcher: asyncio.Task | None = None
         self.message_hook = Hook()  # each new message, once, on the process that stored it
         self.pending: set[asyncio.Task] = set()
@@ -3771,6 +3910,8 @@ class Messenger:
         if future.cancelled():
             return
         outcome = future.exception() or future.result()
+        if isinstance(outcome, Stored) and outcome.seqs:  # a new message, not a retry's ack
+            self.metrics.messages_stored.inc()
         acknowledge(outcome)
         if isinstance(outcome, Stored):
             self.announce(outcome)
@@ -3782,10 +3923,40 @@ class Messenger:
     def announce(self, stored: Stored) -> None:
         """A committed event goes to the streams of both people (and new
         partners see each other's presence)."""
+        kind = STREAM_KINDS[stored.kind]
         for user_id, seq in stored.seqs.items():
-            self.fanout.deliver(user_id, stream_frame(stored.kind, seq, stored.message_text, stored.read))
+            self.fanout.deliver(user_id, kind.frame(seq, stored))
         if stored.new_partners:
             self.presence.spawn(self.presence.introduce(*stored.new_partners))
+
+    async def send_as(self, sender: str, to: str, body: str, client_id: str | None,
+                      attachment: str | None) -> dict[str, Any]:
+        """The host's send (ChatX.send): checked as a send frame is, from a
+        sender named on first sight; a refusal raises ChatError."""
+        frame = {"to": to, "body": body, "client_id": client_id, "attachment": attachment}
+        frame_field(frame, "to", str)
+        frame_field(frame, "body", str)
+        if attachment is not None:
+            frame_field(frame, "attachment", str)
+        body = caption_field(frame, attachment)
+        client_id = client_id_field(frame)
+        if not isinstance(sender, str):
+            raise ChatError("invalid_username", "The sender's username is a string.")
+        try:
+            author = await self.accounts.named(sender)
+            recipient = await self.accounts.find_user(to)
+        except Unavailable as exc:
+            raise ChatError("unavailable", "The database is not answering; send it again.") from exc
+        if recipient is None:
+            raise ChatError("unknown_user", f"There is no user {to!r}.")
+        try:
+            outcome = await self.send(NewMessage(author, recipient, body, client_id, None, attachment),
+                                      lambda outcome: None)
+        except Exception as exc:
+            raise ChatError("unavailable", "The message could not be stored; send it again.") from exc
+        if isinstance(outcome, Refused):
+            raise ChatError(outcome.code, outcome.detail)
+        return outcome.message
 
     async def change(self, me: User, message_id: int, body: str | None) -> Stored | Refused:
         """Edit (a new body) or delete (None) a message of mine."""
@@ -3818,7 +3989,8 @@ class Messenger:
             self.fanout.deliver(peer.id, Frame(dumps({"type": "typing", "from": me.username})))
 
     async def replay(self, user: User, seq: int, limit: int) -> list[StreamFrame]:
-        return [replayed_frame(row) for row in await self.storage.read(events_after, user.id, seq, limit)]
+        rows = await self.storage.read(events_after, user.id, seq, limit)
+        return [STREAM_KINDS[row["kind"]].replayed(row) for row in rows]
 
     async def newest_seq(self, user: User) -> int:
         return await self.storage.read(newest_seq, user.id)
@@ -4037,15 +4209,6 @@ def client_address(conn: HTTPConnection) -> str:
     return conn.client.host if conn.client else ""
 
 
-def storable(text: str) -> bool:
-    """JSON admits lone surrogates and NUL; neither UTF-8 nor PostgreSQL text does."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text
-
-
 # ---- the WebSocket ------------------------------------------------------------------
 #
 # ChatSocket is the connection: hello, replay, the outbox, reading frames.
@@ -4057,10 +4220,6 @@ CURSOR_RE = re.compile(r"[0-9]+")
 def cursor_value(text: str) -> int:
     """A cursor's digits as a number: one beyond any id (19 digits or 20) is ID_MAX, past the end."""
     return ID_MAX if len(text) > 18 else min(int(text), ID_MAX)
-
-
-class FrameError(ChatError):
-    """A frame refused: the socket replies with an error frame of its code."""
 
 
 def transport_of(scope: Scope) -> Any | None:
@@ -4116,6 +4275,19 @@ def utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode())
 
 
+@dataclass(frozen=True, slots=True)
+class SocketServices:
+    """The services a socket and its frame handlers use; ChatX makes one."""
+
+    settings: Settings
+    metrics: Metrics
+    limits: Limits
+    accounts: Accounts
+    fanout: Fanout
+    presence: Presence
+    messenger: Messenger
+
+
 class ChatSocket:
     """One open /ws connection of a signed-in user.
 
@@ -4134,8 +4306,8 @@ class ChatSocket:
     before its frame is handed out, so the database always has what was
     dropped. Only a reader that takes nothing for SEND_STALL_S is closed."""
 
-    def __init__(self, chat: ChatX, websocket: WebSocket, send: Send, session: Session) -> None:
-        self.chat, self.ws, self.session, self.user = chat, websocket, session, session.user
+    def __init__(self, services: SocketServices, websocket: WebSocket, send: Send, session: Session) -> None:
+        self.services, self.ws, self.session, self.user = services, websocket, session, session.user
         self.send = send
         transport = transport_of(websocket.scope)
         self.tcp = None if transport is None else transport.get_extra_info("socket")  # to cork
@@ -4157,40 +4329,40 @@ class ChatSocket:
         self.ended = loop.create_future()  # the first task to end, or a close code
 
     async def serve(self, since: int | None, after: int | None) -> None:
-        chat = self.chat
+        services = self.services
         code: int | None = None
         try:
-            await chat.fanout.attach(self)  # from here on, everything for this user reaches this socket
+            await services.fanout.attach(self)  # from here on, everything for this user reaches this socket
             try:
-                if not await chat.accounts.session_alive(self.session.id):  # signed out before we listened
+                if not await services.accounts.session_alive(self.session.id):  # signed out before we listened
                     code = CLOSE_REVOKED
                     return
-                if not await chat.presence.socket_opened(self.socket_id, self.session):
-                    chat.metrics.refusals.labels("sockets").inc()
+                if not await services.presence.socket_opened(self.socket_id, self.session):
+                    services.metrics.refusals.labels("sockets").inc()
                     code = CLOSE_TOO_MANY
                     return
                 try:
                     # After attaching: every later event arrives live, every earlier one is in the database.
-                    newest = await chat.messenger.newest_seq(self.user)
-                    partners = chat.fanout.online_told(self.user.id)  # as the user's other sockets here know it
+                    newest = await services.messenger.newest_seq(self.user)
+                    partners = services.fanout.online_told(self.user.id)  # as the user's other sockets here know it
                     if partners is None:
                         partners = [(name, status, iso(seen)) for name, status, seen in
-                                    await chat.presence.partners(self.user)]
-                        chat.fanout.learn(self.user.id, partners)  # what hello tells is not told again
+                                    await services.presence.partners(self.user)]
+                        services.fanout.learn(self.user.id, partners)  # what hello tells is not told again
                     await self.send_text(hello_frame(self.user, newest, partners))
                     self.seq = newest
                     if since is not None:
                         self.seq = min(since, newest)
                     elif after is not None:
-                        found = await chat.messenger.seq_before_message(self.user, after)
+                        found = await services.messenger.seq_before_message(self.user, after)
                         self.seq = newest if found is None else found
                     # The replay runs first in the outbox, where a reader too far behind is cut off.
                     self.outbox.insert(0, Resync(now_ms()))
                     code = await self.run_until_closed()
                 finally:
-                    await asyncio.shield(chat.presence.socket_closed(self.socket_id, self.user))
+                    await asyncio.shield(services.presence.socket_closed(self.socket_id, self.user))
             finally:
-                chat.fanout.detach(self)
+                services.fanout.detach(self)
                 if code is not None:
                     await self.close(code)
         except (WebSocketDisconnect, OSError):
@@ -4201,7 +4373,7 @@ class ChatSocket:
         finally:
             if code is None and self.disconnect_code == CLOSE_RESTART:
                 code = CLOSE_RESTART  # uvicorn, shutting down, closed it before ChatX's lifespan ends
-            chat.metrics.sockets_closed.labels("client" if code is None else str(code)).inc()
+            services.metrics.sockets_closed.labels("client" if code is None else str(code)).inc()
             self.finished.set_result(None)
 
     async def send_text(self, text: str) -> None:
@@ -4332,7 +4504,7 @@ class ChatSocket:
         elif isinstance(item, Revoke):
             return CLOSE_REVOKED if item.ends(self.session.id) else None
         elif isinstance(item, Resync):
-            if not await self.chat.accounts.session_alive(self.session.id):
+            if not await self.services.accounts.session_alive(self.session.id):
                 return CLOSE_REVOKED
             await self.catch_up()
         return None
@@ -4344,7 +4516,7 @@ class ChatSocket:
 
     async def send_page(self) -> int:
         """Send the next page of the stream above `seq` from the database; how many events it had."""
-        page = await self.chat.messenger.replay(self.user, self.seq, REPLAY_PAGE)
+        page = await self.services.messenger.replay(self.user, self.seq, REPLAY_PAGE)
         for frame in page:
             await self.send_text(frame.text)
             self.seq = frame.seq
@@ -4363,10 +4535,10 @@ class ChatSocket:
                 size = len(text) if 4 * len(text) <= FRAME_MAX_BYTES else len(text.encode())
             if size > FRAME_MAX_BYTES:
                 return CLOSE_TOO_BIG
-            if not self.chat.limits.allow_frame(self.user.id):
+            if not self.services.limits.allow_frame(self.user.id):
                 # Dropped unread; one error per run of dropped frames, so that
                 # a flood costs no more than reading it.
-                self.chat.metrics.refusals.labels("frame_rate").inc()
+                self.services.metrics.refusals.labels("frame_rate").inc()
                 if not self.throttled:
                     self.reply_error("rate_limited", "Too many frames; slow down and send again.")
                 self.throttled = True
@@ -4386,46 +4558,11 @@ class ChatSocket:
             logger.warning("a message of %s could not be stored: %s", self.user.username, outcome)
             self.reply_error("unavailable", "The message could not be stored; send it again.", client_id)
         else:
-            if outcome.seqs:
-                self.chat.metrics.messages_stored.inc()
             self.enqueue(Frame('{"type":"ack","client_id":' + dumps(client_id) + ',"message":'
                                + outcome.message_text + "}"))
 
 
 # -- frame handlers
-
-
-def frame_field(frame: dict[str, Any], name: str, kind: type) -> Any:
-    value = frame.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not storable(value)):
-        raise FrameError("invalid_field", f"'{name}' is required and must be a {kind.__name__}.")
-    return value
-
-
-# Characters that show nothing: white space, format and control characters,
-# variation selectors, the default-ignorable ranges, and the blank letters of
-# Hangul and Braille. What this leaves is checked by its category (visible()).
-VISIBLE_RE = re.compile("[^\\s\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5"
-                        "\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u2800\u3164\ufe00-\ufe0f"
-                        "\ufeff\uffa0\ufff0-\ufff8\U000e0000-\U000e0fff]")
-# Format characters anywhere in Unicode (U+1D173, U+13430, ...), separators,
-# and combining marks, which show nothing without a letter to sit on.
-INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Mc", "Me"})
-
-
-def visible(text: str) -> bool:
-    """Some character of the text shows: in ordinary text the first one looked at."""
-    return any(unicodedata.category(found.group()) not in INVISIBLE_CATEGORIES
-               for found in VISIBLE_RE.finditer(text))
-
-
-def body_field(frame: dict[str, Any]) -> str:
-    body = frame_field(frame, "body", str)
-    if not visible(body):
-        raise FrameError("empty_body", "The message is empty.")
-    if len(body) > BODY_MAX:
-        raise FrameError("body_too_long", f"Messages are at most {BODY_MAX} characters.")
-    return body
 
 
 def id_field(frame: dict[str, Any], name: str) -> int:
@@ -4436,43 +4573,28 @@ def id_field(frame: dict[str, Any], name: str) -> int:
 
 
 async def peer_field(socket: ChatSocket, frame: dict[str, Any], name: str) -> User:
-    peer = await socket.chat.accounts.find_user(frame_field(frame, name, str))
+    peer = await socket.services.accounts.find_user(frame_field(frame, name, str))
     if peer is None:
         raise FrameError("unknown_user", f"There is no user {frame[name]!r}.")
     return peer
 
 
 def take_token(socket: ChatSocket) -> None:
-    if not socket.chat.limits.allow_send(socket.user.id):
-        socket.chat.metrics.refusals.labels("send_rate").inc()
+    if not socket.services.limits.allow_send(socket.user.id):
+        socket.services.metrics.refusals.labels("send_rate").inc()
         raise FrameError("rate_limited", "Too many frames; slow down and send again.")
 
 
 async def check_first_contact(socket: ChatSocket, recipient: User) -> None:
     """Messages to someone who never answered have a small budget of their own."""
-    chat = socket.chat
-    if not (chat.settings.first_contacts_per_sender or chat.settings.first_contacts_per_recipient):
+    services = socket.services
+    if not (services.settings.first_contacts_per_sender or services.settings.first_contacts_per_recipient):
         return
-    if await chat.messenger.first_contact(socket.user, recipient) and not chat.limits.allow_first_contact(
+    if await services.messenger.first_contact(socket.user, recipient) and not services.limits.allow_first_contact(
             socket.user.id, recipient.id):
-        chat.metrics.refusals.labels("first_contact").inc()
+        services.metrics.refusals.labels("first_contact").inc()
         raise FrameError("rate_limited", f"Too many messages to people who have not answered; "
                                          f"wait for {recipient.username} to answer, or try later.")
-
-
-
-def client_id_field(frame: dict[str, Any]) -> str | None:
-    client_id = frame.get("client_id")
-    if client_id is not None and (
-        not isinstance(client_id, str) or not 0 < len(client_id) <= CLIENT_ID_MAX or not storable(client_id)
-    ):
-        raise FrameError("invalid_field", f"'client_id' must be a string of 1 to {CLIENT_ID_MAX} characters.")
-    return client_id
-
-
-def caption_field(frame: dict[str, Any], attachment: str | None) -> str:
-    """The body of a send: with an attachment it may be empty."""
-    return body_field(frame) if attachment is None or VISIBLE_RE.search(frame.get("body", "")) else ""
 
 
 async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
@@ -4488,7 +4610,7 @@ async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
     # Not awaited: the next frames are read meanwhile, so one commit takes many
     # sends of a socket; the writer's queue keeps their order.
     socket.sends_in_flight += 1
-    stored = socket.chat.messenger.send(NewMessage(socket.user, recipient, body, client_id, reply_to, attachment),
+    stored = socket.services.messenger.send(NewMessage(socket.user, recipient, body, client_id, reply_to, attachment),
                                         functools.partial(socket.acknowledge, client_id))
     if socket.sends_in_flight > SENDS_IN_FLIGHT_MAX:
         await asyncio.wait([stored])
@@ -4498,7 +4620,7 @@ async def on_edit(socket: ChatSocket, frame: dict[str, Any]) -> None:
     message_id = id_field(frame, "id")
     body = body_field(frame)
     take_token(socket)
-    outcome = await socket.chat.messenger.change(socket.user, message_id, body)
+    outcome = await socket.services.messenger.change(socket.user, message_id, body)
     if isinstance(outcome, Refused):
         raise FrameError(outcome.code, outcome.detail)
 
@@ -4506,17 +4628,17 @@ async def on_edit(socket: ChatSocket, frame: dict[str, Any]) -> None:
 async def on_delete(socket: ChatSocket, frame: dict[str, Any]) -> None:
     message_id = id_field(frame, "id")
     take_token(socket)
-    outcome = await socket.chat.messenger.change(socket.user, message_id, None)
+    outcome = await socket.services.messenger.change(socket.user, message_id, None)
     if isinstance(outcome, Refused):
         raise FrameError(outcome.code, outcome.detail)
 
 
 async def on_typing(socket: ChatSocket, frame: dict[str, Any]) -> None:
     peer = await peer_field(socket, frame, "to")
-    if socket.chat.limits.allow_typing(socket.user.id, peer.id):
-        await socket.chat.messenger.typing(socket.user, peer)
+    if socket.services.limits.allow_typing(socket.user.id, peer.id):
+        await socket.services.messenger.typing(socket.user, peer)
     else:
-        socket.chat.metrics.refusals.labels("typing").inc()
+        socket.services.metrics.refusals.labels("typing").inc()
 
 
 async def on_read(socket: ChatSocket, frame: dict[str, Any]) -> None:
@@ -4525,7 +4647,7 @@ async def on_read(socket: ChatSocket, frame: dict[str, Any]) -> None:
     if up_to < 0:
         raise FrameError("invalid_field", "'up_to' must be at least 0.")
     take_token(socket)
-    await socket.chat.messenger.read(socket.user, peer, up_to)
+    await socket.services.messenger.read(socket.user, peer, up_to)
 
 
 async def on_ping(socket: ChatSocket, frame: dict[str, Any]) -> None:
@@ -4617,7 +4739,7 @@ class WebSocketEndpoint:
                 await websocket.close(CLOSE_POLICY)
                 return
         since, after = (None if value is None else cursor_value(value) for value in cursors.values())
-        socket = ChatSocket(chat, websocket, scope.get("chatx.server_send", send), session)
+        socket = ChatSocket(chat.socket_services, websocket, scope.get("chatx.server_send", send), session)
         await socket.serve(since, after)
 
 
@@ -5475,8 +5597,10 @@ class ChatX:
         self.accounts = Accounts(self.storage, self.fanout, settings)
         self.identity = Identity(self.accounts, settings, authenticate)
         self.presence = Presence(self.storage, self.fanout, settings, self.process_id)
-        self.messenger = Messenger(self.storage, self.fanout, self.presence, settings)
+        self.messenger = Messenger(self.storage, self.fanout, self.presence, self.accounts, self.metrics, settings)
         self.attachments = Attachments(self.storage, settings)
+        self.socket_services = SocketServices(settings, self.metrics, self.limits, self.accounts, self.fanout,
+                                              self.presence, self.messenger)
         self.serving = False  # started; until then requests get 503 (Starting)
         self.shutdown_by: float | None = None
         self.accounts.deleting.append(self.presence.account_deleted)
@@ -5496,32 +5620,7 @@ class ChatX:
         """Store and deliver a message from `sender` (made on first sight, as
         the host names them) as their `send` frame would, and return it; the
         frame's refusals raise ChatError. The host's code is not rate-limited."""
-        frame = {"to": to, "body": body, "client_id": client_id, "attachment": attachment}
-        frame_field(frame, "to", str)
-        frame_field(frame, "body", str)
-        if attachment is not None:
-            frame_field(frame, "attachment", str)
-        body = caption_field(frame, attachment)
-        client_id = client_id_field(frame)
-        if not isinstance(sender, str):
-            raise ChatError("invalid_username", "The sender's username is a string.")
-        try:
-            author = await self.accounts.named(sender)
-            recipient = await self.accounts.find_user(to)
-        except Unavailable as exc:
-            raise ChatError("unavailable", "The database is not answering; send it again.") from exc
-        if recipient is None:
-            raise ChatError("unknown_user", f"There is no user {to!r}.")
-        try:
-            outcome = await self.messenger.send(NewMessage(author, recipient, body, client_id, None, attachment),
-                                                lambda outcome: None)
-        except Exception as exc:
-            raise ChatError("unavailable", "The message could not be stored; send it again.") from exc
-        if isinstance(outcome, Refused):
-            raise ChatError(outcome.code, outcome.detail)
-        if outcome.seqs:
-            self.metrics.messages_stored.inc()
-        return outcome.message
+        return await self.messenger.send_as(sender, to, body, client_id, attachment)
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
