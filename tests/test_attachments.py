@@ -24,7 +24,6 @@ import chatx
 from conftest import (PASSWORD, ChatServer, error_code, next_frame, quiet, remote_sign_up, receive, run_async, run_job,
                       settle, sign_up, wait_until)
 
-pytestmark = pytest.mark.usefixtures("cheap_hashes")
 
 PDF = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj 2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\n"
        b"trailer<</Root 1 0 R>>\n%%EOF\n" + secrets.token_bytes(300_000))
