@@ -261,6 +261,14 @@ def next_frame(ws: Any, kind: str | None = None) -> dict[str, Any]:
             raise AssertionError(f"expected a {kind} frame, got {frame}")
 
 
+def ack_and_copy(ws: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """After a new send: its ack and the sending socket's own message frame,
+    which docs/protocol.md lets come in either order."""
+    ack, copy = sorted((next_frame(ws), next_frame(ws)), key=lambda frame: frame["type"] != "ack")
+    assert ack["type"] == "ack" and copy["type"] == "message" and copy["message"] == ack["message"], (ack, copy)
+    return ack, copy
+
+
 def quiet(ws: Any) -> list[dict[str, Any]]:
     """Everything the socket receives before the answer to a ping: proof that
     nothing else is on its way (frames to one socket arrive in order)."""

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import chatx
-from conftest import (PASSWORD, ChatServer, error_code, next_frame, quiet, remote_sign_up, receive, run_async, run_job,
+from conftest import (PASSWORD, ChatServer, ack_and_copy, error_code, next_frame, quiet, remote_sign_up, receive, run_async, run_job,
                       settle, sign_up, wait_until)
 
 
@@ -60,9 +60,7 @@ def send_attachment(ws, to: str, attachment_id: str, body: str | None = None, cl
 
 def sent_attachment(ws, to: str, attachment_id: str, body: str | None = None) -> dict[str, Any]:
     send_attachment(ws, to, attachment_id, body)
-    message = next_frame(ws, "ack")["message"]
-    assert next_frame(ws, "message")["message"] == message
-    return message
+    return ack_and_copy(ws)[0]["message"]
 
 
 @pytest.fixture
@@ -577,7 +575,7 @@ def test_a_version_2_database_gets_the_attachment_column_and_keeps_its_messages(
     with alice.ws() as a:
         next_frame(a, "hello")
         a.send_json({"type": "send", "to": "bob", "body": "from version 2", "client_id": "v2"})
-        next_frame(a, "ack")
+        ack_and_copy(a)
     client.__exit__(None, None, None)
 
     async def downgrade() -> None:

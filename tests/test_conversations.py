@@ -22,7 +22,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 from starlette.testclient import TestClient
 
-from conftest import (PASSWORD, Person, delete_me, directory, error_code, fresh_postgres_database, history,
+from conftest import (PASSWORD, Person, ack_and_copy, delete_me, directory, error_code, fresh_postgres_database, history,
                       make_partners, next_frame, quiet, run_async, settle, sign_in, sign_up, wait_until)
 
 PASSWORD_HASH = chatx.hash_password(PASSWORD)  # one slow hash, shared by every user inserted in bulk
@@ -41,12 +41,9 @@ def send(ws, to: str, body: str, client_id: str | None = None, **extra) -> None:
 
 
 def sent(ws, to: str, body: str, **extra) -> dict[str, Any]:
-    """Send, and return the acked message (the socket's own message frame is
-    consumed too, before or after the ack: docs/protocol.md leaves their order open)."""
+    """Send, and return the acked message (the socket's own message frame is consumed too)."""
     send(ws, to, body, **extra)
-    ack, copy = sorted((next_frame(ws), next_frame(ws)), key=lambda frame: frame["type"] != "ack")
-    assert ack["type"] == "ack" and copy["type"] == "message" and copy["message"] == ack["message"], (ack, copy)
-    return ack["message"]
+    return ack_and_copy(ws)[0]["message"]
 
 
 def received(ws, count: int) -> list[dict[str, Any]]:
@@ -749,9 +746,10 @@ def test_an_edit_changes_the_body_sets_edited_at_and_reaches_every_socket_of_bot
     with alice.ws() as a1, alice.ws() as a2, bob.ws() as b, carol.ws() as c:
         settle(a1, a2, b, c)
         send(a1, "bob", "orignal text")
-        original = next_frame(a1, "ack")["message"]
-        seqs = {}
-        for name, ws in (("a1", a1), ("a2", a2), ("b", b)):
+        ack, copy = ack_and_copy(a1)
+        original = ack["message"]
+        seqs = {"a1": copy["seq"]}
+        for name, ws in (("a2", a2), ("b", b)):
             frame = next_frame(ws, "message")
             assert frame["message"] == original
             seqs[name] = frame["seq"]
@@ -982,10 +980,9 @@ def test_a_reply_to_an_earlier_message_of_the_conversation_is_stored_and_carried
         assert question["reply_to"] is None
         next_frame(b, "message")
         send(b, "alice", "yes", client_id="r-1", reply_to=question["id"])
-        ack = next_frame(b, "ack")
+        ack, _ = ack_and_copy(b)
         answer = ack["message"]
         assert ack["client_id"] == "r-1" and answer["reply_to"] == question["id"]
-        assert next_frame(b, "message")["message"] == answer
         assert next_frame(a, "message")["message"] == answer
         own = sent(a, "bob", "my own thread", reply_to=question["id"])  # replying to my own message
         assert own["reply_to"] == question["id"]
@@ -1236,8 +1233,8 @@ def check_upgrade(url: str) -> None:
         with alice.ws() as a, bob.ws() as b:
             settle(a, b)
             send(a, "bob", "after the upgrade", client_id="new-1")
-            new = next_frame(a, "ack")["message"]
-            frame_a, frame_b = next_frame(a, "message"), next_frame(b, "message")
+            (ack, frame_a), frame_b = ack_and_copy(a), next_frame(b, "message")
+            new = ack["message"]
             assert new["id"] > rows[-1][0]
             counts = {name: sum(1 for m in messages if name in (m["from"], m["to"])) for name in ("alice", "bob")}
             assert counts == {"alice": 7, "bob": 6}

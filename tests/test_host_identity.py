@@ -16,7 +16,7 @@ from starlette.websockets import WebSocketDisconnect
 from websockets.sync.client import connect
 
 import chatx
-from conftest import (PASSWORD, ChatServer, acked, error_code, next_frame, quiet, receive, settle, sign_up,
+from conftest import (PASSWORD, ChatServer, ack_and_copy, acked, error_code, next_frame, quiet, receive, settle, sign_up,
                       wait_until)
 
 SECRET = "a host's secret of at least thirty-two bytes"
@@ -81,7 +81,7 @@ def test_people_the_host_names_chat_with_no_chatx_account_of_their_own(hosted):
             presence = next_frame(alice, "presence")
             assert (presence["username"], presence["status"]) == ("Bob", "online")
             bob.send_json({"type": "send", "to": "alice", "body": "hi back", "client_id": "b1"})
-            assert next_frame(bob, "ack")["message"]["body"] == "hi back"
+            assert ack_and_copy(bob)[0]["message"]["body"] == "hi back"
             assert next_frame(alice, "message")["message"]["body"] == "hi back"
     page = hosted.get("/", headers=as_host_user("alice"))
     assert page.status_code == 200 and "data-hosted" in page.text
