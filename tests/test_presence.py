@@ -446,15 +446,17 @@ def test_a_dead_processs_sockets_stop_counting_after_the_ttl(database_url, make_
 
 
 def test_a_live_process_keeps_its_users_online_past_the_ttl(database_url, make_client):
-    client = make_client(database_url=database_url, presence_ttl=0.5)
+    # A process silent for TTL/2 is dead, and it beats every TTL/4 (0.25 s at
+    # least): a TTL of 2 s leaves a loaded machine half a second of slack.
+    client = make_client(database_url=database_url, presence_ttl=2)
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
     make_partners(alice, bob)
     with bob.ws() as b:
         next_frame(b, "hello")
         with alice.ws() as a:
             assert listed(next_frame(a, "hello")) == ["bob"]
-            for _ in range(3):  # several TTLs pass while both stay connected
-                client.portal.call(asyncio.sleep, 0.5)
+            for _ in range(3):  # more than a TTL passes while both stay connected, in steps of over a heartbeat
+                client.portal.call(asyncio.sleep, 0.75)
                 assert [f for f in presence_frames(quiet(a)) if f["username"] == "bob"] == []
             assert status_of(alice, "bob")["status"] == "online"
 
