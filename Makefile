@@ -24,9 +24,11 @@ test: $(VENV)/dev.stamp redis-server chromium emoji-font nginx iptables node_mod
 	$(PY) -m pytest
 
 # The developer's loop: everything but the browser, deployment, fault and packaging tests, the
-# multi-process clusters and the long waits (tests/conftest.py marks them slow).
+# multi-process clusters, the long waits and the CPU floods (tests/conftest.py marks them slow), in
+# four pytest-xdist workers: most tests wait on sockets and databases, so four beat two on two cores.
+# `make test` stays serial: its fault tests time what a loaded machine would blur.
 test-fast: $(VENV)/dev.stamp redis-server
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n 4
 
 $(VENV)/bench.stamp: $(VENV)/runtime.stamp bench/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt

@@ -53,8 +53,17 @@ os.environ.setdefault("CHATX_FIRST_CONTACTS_PER_RECIPIENT", "0")
 SLOW_AREAS = {"test_browser.py", "test_deploy.py", "test_faults.py", "test_packaging.py"}
 SLOW_FIXTURES = {"browser", "cluster"}
 SLOW_TESTS = {
-    "test_slow_headers_idle_connections_and_slow_bodies_are_cut_off",  # waits out the head and body deadlines
-    "test_readers_that_stop_reading_cost_bounded_memory_are_closed_with_1013_and_lose_nothing",
+    # uvicorn processes waiting out ChatX's fixed deadlines
+    "test_slow_headers_idle_connections_and_slow_bodies_are_cut_off",  # the head and body deadlines
+    "test_trickled_requests_are_cut_off_and_a_real_user_is_served_under_a_low_open_file_limit",  # the same
+    "test_http_clients_that_do_not_read_their_responses_hold_bounded_memory_and_are_cut_off",  # the response stall
+    "test_readers_that_stop_reading_hold_a_bounded_backlog_and_are_closed_with_1013_after_10_s",  # the send stall
+    "test_a_socket_that_stops_answering_pings_is_closed_by_chatx_with_1013_before_the_server_s_1011",  # pings
+    # floods that take both cores for seconds: many real password hashes at once, eight readers at full speed
+    "test_a_heavy_reader_gets_429_while_a_person_using_the_page_normally_never_notices",
+    "test_a_real_sign_in_stays_fast_while_50_bad_ones_are_in_flight",
+    "test_a_real_sign_in_gets_a_hash_while_ten_addresses_flood_sign_up",
+    "test_the_command_line_refuses_bad_input_with_a_clear_error_and_status_1",
     "test_the_command_line_creates_resets_and_deletes_accounts_while_a_server_runs",
 }
 
@@ -204,12 +213,15 @@ def error_code(response: httpx.Response) -> str:
     return response.json()["error"]["code"]
 
 
-@pytest.fixture
-def cheap_hashes(monkeypatch):
-    """For tests that are not about the cost of a password hash: in-process
-    apps hash with scrypt at N=2^10 (the stored hash names its parameters, so
-    checking follows), which on a loaded two-core machine is the difference
-    between seconds and minutes. Servers run as subprocesses hash for real."""
+@pytest.fixture(autouse=True)
+def cheap_hashes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process apps hash with scrypt at N=2^10 (the stored hash names its
+    parameters, so checking follows), which on a loaded two-core machine is
+    the difference between seconds and minutes; a test about the cost of a
+    hash is marked `real_hashes`. Servers run as subprocesses hash for real."""
+    if request.node.get_closest_marker("real_hashes"):
+        return
+
     def cheap(password: str, salt: bytes | None = None) -> str:
         salt = salt or secrets.token_bytes(16)
         digest = hashlib.scrypt(password.encode(), salt=salt, n=2**10, r=8, p=1)
@@ -247,6 +259,14 @@ def next_frame(ws: Any, kind: str | None = None) -> dict[str, Any]:
             return frame
         if frame["type"] != "presence":
             raise AssertionError(f"expected a {kind} frame, got {frame}")
+
+
+def ack_and_copy(ws: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """After a new send: its ack and the sending socket's own message frame,
+    which docs/protocol.md lets come in either order."""
+    ack, copy = sorted((next_frame(ws), next_frame(ws)), key=lambda frame: frame["type"] != "ack")
+    assert ack["type"] == "ack" and copy["type"] == "message" and copy["message"] == ack["message"], (ack, copy)
+    return ack, copy
 
 
 def quiet(ws: Any) -> list[dict[str, Any]]:

@@ -122,6 +122,7 @@ def test_logout_closes_that_sessions_sockets_with_4401_and_no_others(client):
         assert next_frame(other) == {"type": "pong"}
 
 
+@pytest.mark.real_hashes
 def test_passwords_are_stored_only_as_slow_salted_hashes(client, sqlite_url):
     sign_up(client, "alice")
     sign_up(client, "bob")

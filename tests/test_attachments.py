@@ -23,10 +23,9 @@ import pytest
 from PIL import Image
 
 import chatx
-from conftest import (PASSWORD, ChatServer, error_code, next_frame, quiet, remote_sign_up, receive, run_async, run_job,
+from conftest import (PASSWORD, ChatServer, ack_and_copy, error_code, next_frame, quiet, remote_sign_up, receive, run_async, run_job,
                       settle, sign_up, wait_until)
 
-pytestmark = pytest.mark.usefixtures("cheap_hashes")
 
 PDF = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj 2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\n"
        b"trailer<</Root 1 0 R>>\n%%EOF\n" + secrets.token_bytes(300_000))
@@ -63,9 +62,7 @@ def send_attachment(ws, to: str, attachment_id: str, body: str | None = None, cl
 
 def sent_attachment(ws, to: str, attachment_id: str, body: str | None = None) -> dict[str, Any]:
     send_attachment(ws, to, attachment_id, body)
-    message = next_frame(ws, "ack")["message"]
-    assert next_frame(ws, "message")["message"] == message
-    return message
+    return ack_and_copy(ws)[0]["message"]
 
 
 @pytest.fixture
@@ -635,7 +632,7 @@ def test_a_version_2_database_gets_the_attachment_column_and_keeps_its_messages(
     with alice.ws() as a:
         next_frame(a, "hello")
         a.send_json({"type": "send", "to": "bob", "body": "from version 2", "client_id": "v2"})
-        next_frame(a, "ack")
+        ack_and_copy(a)
     client.__exit__(None, None, None)
 
     async def downgrade() -> None:

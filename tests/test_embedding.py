@@ -22,7 +22,7 @@ import chatx
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import PASSWORD, ROOT, ChatServer, free_port, next_frame, quiet, receive, sign_up
+from conftest import PASSWORD, ROOT, ChatServer, ack_and_copy, free_port, next_frame, quiet, receive, sign_up
 from test_browser import bubble, expect_presence, new_context, open_chat, send, start_chat  # noqa: F401
 
 
@@ -62,7 +62,7 @@ def test_mounted_at_chat_every_url_honours_the_prefix(sqlite_url):
         with alice.ws(prefix="/chat") as ws:
             assert next_frame(ws, "hello")["user"]["username"] == "alice"
             ws.send_json({"type": "send", "to": "bob", "body": "from the mounted app", "client_id": "m1"})
-            assert next_frame(ws, "ack")["message"]["body"] == "from the mounted app"
+            assert ack_and_copy(ws)[0]["message"]["body"] == "from the mounted app"
 
 
 def test_two_apps_in_one_process_share_nothing(make_client, tmp_path):

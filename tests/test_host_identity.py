@@ -16,7 +16,7 @@ from starlette.websockets import WebSocketDisconnect
 from websockets.sync.client import connect
 
 import chatx
-from conftest import (PASSWORD, ChatServer, acked, error_code, next_frame, quiet, receive, settle, sign_up,
+from conftest import (PASSWORD, ChatServer, ack_and_copy, acked, error_code, next_frame, quiet, receive, settle, sign_up,
                       wait_until)
 
 SECRET = "a host's secret of at least thirty-two bytes"
@@ -61,7 +61,7 @@ def refused_handshake(client, path: str, headers: dict[str, str] | None = None) 
 
 
 @pytest.fixture(params=[host_named, host_named_async], ids=["plain", "async"])
-def hosted(make_client, request, cheap_hashes):
+def hosted(make_client, request):
     return make_client(authenticate=request.param)
 
 
@@ -81,7 +81,7 @@ def test_people_the_host_names_chat_with_no_chatx_account_of_their_own(hosted):
             presence = next_frame(alice, "presence")
             assert (presence["username"], presence["status"]) == ("Bob", "online")
             bob.send_json({"type": "send", "to": "alice", "body": "hi back", "client_id": "b1"})
-            assert next_frame(bob, "ack")["message"]["body"] == "hi back"
+            assert ack_and_copy(bob)[0]["message"]["body"] == "hi back"
             assert next_frame(alice, "message")["message"]["body"] == "hi back"
     page = hosted.get("/", headers=as_host_user("alice"))
     assert page.status_code == 200 and "data-hosted" in page.text
@@ -137,7 +137,7 @@ def test_a_name_that_looks_like_another_user_s_is_refused_not_merged(hosted):
     assert response.status_code == 403 and error_code(response) == "username_taken"
 
 
-def test_origin_checks_blocks_and_limits_hold_where_the_host_names_people(make_client, cheap_hashes):
+def test_origin_checks_blocks_and_limits_hold_where_the_host_names_people(make_client):
     hosted = make_client(authenticate=host_named, max_sockets_per_user=1)
     alice, bob = as_host_user("alice"), as_host_user("bob")
     hosted.get("/api/me", headers=bob)
@@ -152,7 +152,7 @@ def test_origin_checks_blocks_and_limits_hold_where_the_host_names_people(make_c
         assert refused_handshake(hosted, "/ws", bob) == 403  # one socket each
 
 
-def test_a_chatx_session_cookie_comes_before_the_host_s_name(make_client, cheap_hashes):
+def test_a_chatx_session_cookie_comes_before_the_host_s_name(make_client):
     plain = make_client()
     carol = sign_up(plain, "carol")
     both = make_client(database_url=plain.app.state.chat.settings.database_url, authenticate=host_named)
@@ -177,7 +177,7 @@ def test_deleting_a_named_person_s_account_closes_their_sockets(hosted):
 
 
 @pytest.fixture
-def signed(make_client, cheap_hashes):
+def signed(make_client):
     return make_client(jwt_secret=SECRET)
 
 
@@ -235,7 +235,7 @@ def test_a_bearer_request_needs_no_origin_check_but_a_cookie_request_still_does(
         == ["bob"]
 
 
-def test_a_cookie_the_host_s_name_and_a_token_each_come_in_that_order(make_client, cheap_hashes):
+def test_a_cookie_the_host_s_name_and_a_token_each_come_in_that_order(make_client):
     app = make_client(jwt_secret=SECRET, authenticate=host_named)
     assert app.get("/api/me", headers={**as_host_user("dave"), **bearer(token("erin"))}).json()["user"][
         "username"] == "dave"
@@ -265,7 +265,7 @@ def test_the_token_of_a_socket_never_reaches_the_server_log(tmp_path):
 # ---- the server-side API -----------------------------------------------------------
 
 
-def test_chat_send_stores_and_delivers_as_a_send_frame_would(make_client, cheap_hashes):
+def test_chat_send_stores_and_delivers_as_a_send_frame_would(make_client):
     client = make_client(authenticate=host_named)
     chat = client.app.state.chat
     client.get("/api/me", headers=as_host_user("bob"))
@@ -299,7 +299,7 @@ def test_chat_send_stores_and_delivers_as_a_send_frame_would(make_client, cheap_
         assert [f for f in quiet(bob) if f["type"] != "presence"] == []
 
 
-def test_on_message_runs_once_per_stored_message_under_concurrent_sends(make_client, cheap_hashes):
+def test_on_message_runs_once_per_stored_message_under_concurrent_sends(make_client):
     client = make_client(authenticate=host_named, send_rate=1000, send_burst=1000)
     chat = client.app.state.chat
     plain, awaited = [], []
@@ -331,7 +331,7 @@ def test_on_message_runs_once_per_stored_message_under_concurrent_sends(make_cli
     assert sorted(plain) == stored and sorted(awaited) == stored
 
 
-def test_a_callback_that_raises_is_logged_and_changes_nothing_else(make_client, cheap_hashes, caplog):
+def test_a_callback_that_raises_is_logged_and_changes_nothing_else(make_client, caplog):
     client = make_client(authenticate=host_named)
     chat = client.app.state.chat
     seen = []
@@ -355,7 +355,7 @@ def test_a_callback_that_raises_is_logged_and_changes_nothing_else(make_client, 
 
 
 def test_chat_send_on_one_process_reaches_a_socket_on_another_and_on_message_runs_where_it_was_stored(
-        make_client, tmp_path, redis_server, cheap_hashes):
+        make_client, tmp_path, redis_server):
     database = f"sqlite:///{tmp_path / 'shared.db'}"
     here = make_client(database_url=database, broadcast_url=redis_server.url, jwt_secret=SECRET)
     chat = here.app.state.chat
@@ -377,7 +377,7 @@ def test_chat_send_on_one_process_reaches_a_socket_on_another_and_on_message_run
     assert seen_here == ["across processes"]  # the reply was stored, and its callbacks run, on the other process
 
 
-def test_pages_of_allowed_origins_may_read_answers_to_bearer_requests_and_no_others(make_client, cheap_hashes):
+def test_pages_of_allowed_origins_may_read_answers_to_bearer_requests_and_no_others(make_client):
     client = make_client(jwt_secret=SECRET, allowed_origins="https://app.example")
     preflight = {"access-control-request-method": "PUT", "access-control-request-headers": "authorization"}
     allowed = client.options("/api/blocks/bob", headers={"origin": "https://app.example", **preflight})

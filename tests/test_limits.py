@@ -30,7 +30,6 @@ from conftest import (acked, delete_me, error_code, PASSWORD, ChatServer, Docume
                       next_frame, quiet, receive, remote_sign_up, sign_up, silent, stalled_socket, wait_until)
 
 
-pytestmark = pytest.mark.usefixtures("cheap_hashes")
 ANY_STREAM_OR_TYPING = ("message", "read", "edit", "delete", "typing")
 CLOSED_1013 = 'chatx_sockets_closed_total{code="1013"}'
 

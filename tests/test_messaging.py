@@ -15,7 +15,7 @@ import pytest
 from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
-from conftest import (PASSWORD, Person, directory, fresh_postgres_database, history, make_partners, next_frame, quiet,
+from conftest import (PASSWORD, Person, ack_and_copy, directory, fresh_postgres_database, history, make_partners, next_frame, quiet,
                       run_async, settle, sign_in, sign_up)
 
 
@@ -34,8 +34,7 @@ def seed(ws, to: str, count: int, prefix: str = "m") -> list[int]:
     ids = []
     for n in range(count):
         send(ws, to, f"{prefix}{n}", client_id=f"{prefix}-{n}")
-        ids.append(next_frame(ws, "ack")["message"]["id"])
-        next_frame(ws, "message")
+        ids.append(ack_and_copy(ws)[0]["message"]["id"])
     return ids
 
 
@@ -61,13 +60,13 @@ def test_a_send_is_acked_and_reaches_every_socket_of_both_people_once(chat):
     with alice.ws() as a1, alice.ws() as a2, bob.ws() as b1, carol.ws() as c1:
         settle(a1, a2, b1, c1)
         send(a1, "BOB", "hi bob", client_id="c-1")
-        ack = next_frame(a1, "ack")
+        ack, copy = ack_and_copy(a1)
         message = ack["message"]
         assert ack["client_id"] == "c-1"
         assert message["from"] == "alice" and message["to"] == "bob" and message["body"] == "hi bob"
         assert message["client_id"] == "c-1" and message["sent_at"].endswith("Z") and isinstance(message["id"], int)
-        for ws in (a1, a2, b1):  # the first event of each stream (v2: frames carry the seq of the socket's user)
-            assert next_frame(ws, "message") == {"type": "message", "seq": 1, "message": message}
+        for ws, frame in ((a1, copy), (a2, next_frame(a2, "message")), (b1, next_frame(b1, "message"))):
+            assert frame == {"type": "message", "seq": 1, "message": message}  # the first event of each stream
             assert [f for f in quiet(ws) if f["type"] != "presence"] == []
         assert [f for f in quiet(c1) if f["type"] != "presence"] == []  # carol sees nothing
     assert history(bob, "alice")["messages"] == [message]
@@ -114,8 +113,7 @@ def test_a_burst_mixing_retries_and_sends_without_client_id_acks_each_with_its_o
     with alice.ws() as ws, bob.ws() as bob_ws:
         settle(ws, bob_ws)
         send(ws, "bob", "original", client_id="kept")
-        original = next_frame(ws, "ack")["message"]
-        next_frame(ws, "message")
+        original = ack_and_copy(ws)[0]["message"]
         burst = [("a", None), ("original", "kept"), ("b", None), ("c", "new-1"), ("d", None)]
         for body, client_id in burst:
             send(ws, "bob", body, client_id=client_id)
@@ -385,10 +383,10 @@ def test_starting_on_a_version_1_database_keeps_everything_and_numbers_it_in_the
         with alice.ws() as a:
             assert a.receive_json()["seq"] == 4  # one, two, three and her note, once
             send(a, "bob", "after the upgrade", client_id="new-1")
-            ack = next_frame(a, "ack")
+            ack, copy = ack_and_copy(a)
             assert ack["message"]["id"] > 5
             assert next_frame(b, "message") == {"type": "message", "seq": 5, "message": ack["message"]}
-            assert next_frame(a, "message")["seq"] == 5
+            assert copy["seq"] == 5
 
     indexes, keys, version = run_async(on_database, False)
     assert "chatx_messages_sender" not in indexes and "chatx_messages_recipient" in indexes
@@ -432,8 +430,7 @@ def test_the_same_client_id_again_stores_nothing_and_gets_the_original_ack(chat)
     with alice.ws() as ws, bob.ws() as bob_ws:
         settle(ws, bob_ws)
         send(ws, "bob", "once", client_id="dup")
-        first = next_frame(ws, "ack")
-        next_frame(ws, "message")
+        first, _ = ack_and_copy(ws)
         assert next_frame(bob_ws, "message")["message"] == first["message"]
         send(ws, "BOB", "once", client_id="dup")  # a retry: the same message
         again = next_frame(ws, "ack")
@@ -450,8 +447,7 @@ def test_a_client_id_reused_for_a_different_message_is_invalid_and_delivers_noth
     with alice.ws() as ws, bob.ws() as bob_ws, carol.ws() as carol_ws:
         settle(ws, bob_ws, carol_ws)
         send(ws, "bob", "once", client_id="dup")
-        next_frame(ws, "ack")
-        next_frame(ws, "message")
+        ack_and_copy(ws)
         next_frame(bob_ws, "message")
         for to, body in (("bob", "changed body"), ("carol", "once")):
             send(ws, to, body, client_id="dup")
@@ -469,7 +465,7 @@ def test_different_senders_may_use_the_same_client_id(chat):
         settle(a, b)
         send(a, "carol", "from alice", client_id="same")
         send(b, "carol", "from bob", client_id="same")
-        assert next_frame(a, "ack")["message"]["id"] != next_frame(b, "ack")["message"]["id"]
+        assert ack_and_copy(a)[0]["message"]["id"] != ack_and_copy(b)[0]["message"]["id"]
 
 
 def test_sending_to_yourself_delivers_once_per_socket(chat):
@@ -477,8 +473,7 @@ def test_sending_to_yourself_delivers_once_per_socket(chat):
     with alice.ws() as ws:
         next_frame(ws, "hello")
         send(ws, "alice", "note to self")
-        ack = next_frame(ws, "ack")
-        assert next_frame(ws, "message")["message"] == ack["message"]
+        ack_and_copy(ws)
         assert [f for f in quiet(ws) if f["type"] == "message"] == []
     assert len(history(alice, "alice")["messages"]) == 1
 
@@ -519,7 +514,7 @@ def test_bad_frames_get_an_error_keep_the_socket_open_and_store_nothing(chat, fr
         if '"client_id": "c-9"' in frame:
             assert error["client_id"] == "c-9"
         send(ws, "bob", "still here", client_id="after-error")
-        assert next_frame(ws, "ack")["message"]["body"] == "still here"
+        assert ack_and_copy(ws)[0]["message"]["body"] == "still here"
     assert [m["body"] for m in history(alice, "bob")["messages"]] == ["still here"]
 
 
@@ -528,7 +523,7 @@ def test_a_body_of_exactly_4000_characters_is_accepted(chat):
     with alice.ws() as ws:
         next_frame(ws, "hello")
         send(ws, "bob", "é" * 4000)
-        assert len(next_frame(ws, "ack")["message"]["body"]) == 4000
+        assert len(ack_and_copy(ws)[0]["message"]["body"]) == 4000
 
 
 def test_sends_over_the_token_bucket_are_rate_limited_and_not_stored(database_url, make_client):
@@ -538,8 +533,7 @@ def test_sends_over_the_token_bucket_are_rate_limited_and_not_stored(database_ur
         next_frame(ws, "hello")
         for n in range(3):
             send(ws, "bob", f"m{n}", client_id=f"c{n}")
-            next_frame(ws, "ack")
-            next_frame(ws, "message")
+            ack_and_copy(ws)
         send(ws, "bob", "one too many", client_id="c3")
         error = next_frame(ws, "error")
         assert error["code"] == "rate_limited" and error["client_id"] == "c3"
@@ -608,7 +602,7 @@ def test_unread_counts_messages_from_them_above_my_read_cursor(chat):
         ids = seed(a, "bob", 3)
         seed(c, "bob", 1)
         send(a, "carol", "not for bob", client_id="x")
-        next_frame(a, "ack")
+        ack_and_copy(a)
         with bob.ws() as b:
             next_frame(b, "hello")
             b.send_json({"type": "read", "with": "alice", "up_to": ids[0]})

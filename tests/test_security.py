@@ -22,7 +22,6 @@ from conftest import (acked, error_code, PASSWORD, ChatServer, DocumentedServer,
                       remote_sign_up, sign_up, silent)
 
 
-pytestmark = pytest.mark.usefixtures("cheap_hashes")
 
 
 @contextmanager

@@ -23,7 +23,6 @@ from conftest import (acked, delete_me, error_code, PASSWORD, ROOT, Person, logi
                       run_async, sign_in, sign_up, silent, wait_until)
 
 
-pytestmark = pytest.mark.usefixtures("cheap_hashes")
 
 NEW_PASSWORD = "a brand new passphrase"
 
