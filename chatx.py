@@ -4349,6 +4349,7 @@ class ChatSocket:
                         partners = [(name, status, iso(seen)) for name, status, seen in
                                     await services.presence.partners(self.user)]
                         services.fanout.learn(self.user.id, partners)  # what hello tells is not told again
+                    self.forget_queued_presence(partners)
                     await self.send_text(hello_frame(self.user, newest, partners))
                     self.seq = newest
                     if since is not None:
@@ -4439,6 +4440,13 @@ class ChatSocket:
             self.fall_behind()
         if self.outbox_ready is not None and not self.outbox_ready.done():
             self.outbox_ready.set_result(None)
+
+    def forget_queued_presence(self, told: list[tuple[str, str, str | None]]) -> None:
+        """Presence frames queued before the hello (a heartbeat's refresh can
+        come between attaching and the hello) that the hello tells as well."""
+        said = set(told)
+        self.outbox[:] = [item for item in self.outbox if not (
+            isinstance(item, PresenceFrame) and (item.username, item.status, item.last_seen) in said)]
 
     def backlog_full(self) -> bool:
         return len(self.outbox) > BACKLOG_FRAMES or self.backlog_bytes > BACKLOG_BYTES

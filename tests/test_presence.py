@@ -476,3 +476,22 @@ def test_a_change_committed_but_never_published_reaches_every_partner_within_a_h
             assert listed(next_frame(second, "hello")) == ["bob"]
         assert run_job(client, chatx.close_socket, "unannounced", bob.id, 0)[0][:2] == ("bob", "offline")
         assert next_presence_of(ws, "bob")["status"] == "offline"
+
+
+def test_a_presence_the_hello_tells_is_not_sent_again_after_it(database_url, make_client, monkeypatch):
+    client = make_client(database_url=database_url)
+    alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
+    make_partners(alice, bob)
+    presence = client.app.state.chat.presence
+    partners = presence.partners
+
+    async def refreshed_first(user):  # a heartbeat's refresh lands between the socket's attach and its hello
+        await presence.refresh(0)
+        return await partners(user)
+
+    with bob.ws() as b:
+        next_frame(b, "hello")
+        monkeypatch.setattr(presence, "partners", refreshed_first)
+        with alice.ws() as a:
+            assert listed(next_frame(a, "hello")) == ["bob"]
+            assert [f for f in presence_frames(quiet(a)) if f["username"] == "bob"] == []
