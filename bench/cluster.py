@@ -280,7 +280,8 @@ def measure(lab: Lab, config: Config, db_pids: list[int]) -> Row:
         driver = subprocess.run(in_host("load", sys.executable, "-m", "bench.cluster", "--drive", json.dumps(plan)),
                                 cwd=REPO, capture_output=True, text=True, timeout=600)
         if driver.returncode != 0:
-            raise RuntimeError(f"the load generator failed:\n{driver.stderr[-3000:]}")
+            logs = "".join(f"\n--- {log.name}:\n{log.read_text()[-2000:]}" for log in lab.logs[-len(servers):])
+            raise RuntimeError(f"the load generator failed:\n{driver.stderr[-3000:]}\nthe ChatX processes' logs:{logs}")
         return Row(**json.loads(driver.stdout.strip().splitlines()[-1]))
     finally:
         lab.stop(servers + forwarders)
