@@ -30,17 +30,15 @@ def test_healthz_answers_503_naming_the_database_when_it_is_gone(tmp_path):
 def test_health_checks_that_overlap_each_get_their_own_answer_never_an_error(tmp_path):
     """A check that waits on one probe while a later check starts the next must
     still read its own probe (a 500 from /healthz was seen under a request flood)."""
-    app = chatx.create_app(database_url=f"sqlite:///{tmp_path / 'chat.db'}")
-
     async def overlapping() -> list[bool]:
-        async with app.router.lifespan_context(app):
-            storage = app.state.chat.storage
-            first = asyncio.ensure_future(storage.healthy())
-            await asyncio.sleep(0)  # the first check waits on its probe
-            while not storage._probe.done():
-                await asyncio.sleep(0)
-            # the probe is done, the first check not yet resumed: a second check starts the next probe
-            second = asyncio.ensure_future(storage.healthy())
-            return list(await asyncio.gather(first, second))
+        storage = client.app.state.chat.storage
+        first = asyncio.ensure_future(storage.healthy())
+        await asyncio.sleep(0)  # the first check waits on its probe
+        while not storage._probe.done():
+            await asyncio.sleep(0)
+        # the probe is done, the first check not yet resumed: a second check starts the next probe
+        second = asyncio.ensure_future(storage.healthy())
+        return list(await asyncio.gather(first, second))
 
-    assert asyncio.run(overlapping()) == [True, True]
+    with TestClient(chatx.create_app(database_url=f"sqlite:///{tmp_path / 'chat.db'}")) as client:
+        assert client.portal.call(overlapping) == [True, True]
