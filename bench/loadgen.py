@@ -8,8 +8,11 @@ The server process is measured from outside through a `Probe` (/proc).
 import asyncio
 import contextlib
 import gc
+import json
 import resource
 import statistics
+import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -434,7 +437,9 @@ async def uploads_under_load(target: Target, pairs: Sequence[tuple[User, User]],
     A p99 of one short stretch of chat moves a lot on a shared machine, so the
     chat goes on through `rounds` rounds of `baseline_s` without uploads and
     then `upload_s` with them; each round gives a ratio of the two p99s, and
-    the median ratio (with the range) is the figure.
+    the median ratio (with the range) is the figure. The uploads come from a
+    process of their own (bench/uploader.py), so that this one's event loop
+    does only the chat; its longest stall is reported beside the figure.
     """
     traffic = Traffic(body_size)
     sockets = await connect_pairs(target, pairs, traffic)
@@ -444,11 +449,16 @@ async def uploads_under_load(target: Target, pairs: Sequence[tuple[User, User]],
     statuses: Counter[int] = Counter()
     spans: list[tuple[float, float, float]] = []  # (chat only from, uploads from, uploads until)
 
-    async def keep_uploading(http: httpx.AsyncClient, user: User, end: float) -> None:
-        while time.perf_counter() < end:
-            response = await http.post("/api/attachments", params={"name": "photo.png"}, content=image,
-                                       headers={"Cookie": user.cookie, "Content-Type": "image/png"})
-            statuses[response.status_code] += 1
+    async def uploading(image_file: str, seconds: float) -> None:
+        """The uploads of one round, from a process of their own (bench/uploader.py)."""
+        plan = {"url": target.url, "cookies": [user.cookie for user in uploaders], "image": image_file,
+                "seconds": seconds}
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.uploader", json.dumps(plan),
+                                                       stdout=asyncio.subprocess.PIPE)
+        out, _ = await process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"the uploader exited with {process.returncode}")
+        statuses.update({int(code): count for code, count in json.loads(out).items()})
 
     async def watch_memory(progress: Progress, begun: float, end: float) -> None:
         nonlocal rss_peak
@@ -458,17 +468,19 @@ async def uploads_under_load(target: Target, pairs: Sequence[tuple[User, User]],
             await asyncio.sleep(0.2)
         progress.finish()
 
-    async with httpx.AsyncClient(base_url=target.url, trust_env=False, timeout=120,
-                                 limits=httpx.Limits(max_connections=len(uploaders))) as http:
+    stalls = LoopStalls()
+    with tempfile.NamedTemporaryFile(suffix=".png") as image_file:
+        image_file.write(image)
+        image_file.flush()
         for n in range(1, rounds + 1):
             quiet = time.perf_counter() + 0.5  # what the round before left in flight settles
             await timed_progress(f"uploads {n}/{rounds}: chat only", baseline_s + 0.5)
             begun = time.perf_counter()
             end = begun + upload_s
             progress = Progress(f"uploads {n}/{rounds}: uploading while chatting", upload_s, " s")
-            await asyncio.gather(watch_memory(progress, begun, end),
-                                 *(keep_uploading(http, user, end) for user in uploaders))
+            await asyncio.gather(watch_memory(progress, begun, end), uploading(image_file.name, upload_s))
             spans.append((quiet, begun, time.perf_counter()))
+    stalled_ms = stalls.stop(since=spans[0][0], until=time.perf_counter())
     await asyncio.sleep(0.5)
     stop.set()
     await chatting
@@ -492,6 +504,7 @@ async def uploads_under_load(target: Target, pairs: Sequence[tuple[User, User]],
             "p99_ratio": known[len(known) // 2] if known else None,
             "p99_ratio_min": known[0] if known else None, "p99_ratio_max": known[-1] if known else None,
             "round_results": [{**r, "p99_ratio": ratio} for r, ratio in zip(measured, ratios)],
+            "loadgen_stall_max_ms": stalled_ms,
             **traffic.counts()}
 
 

@@ -84,6 +84,7 @@ ROWS = [
     Row("  chat p99 without / during (ms)", "uploads.before.p99_ms", "{:.1f}"),
     Row("  p99 during / without, median", "uploads.p99_ratio", "x{:.2f}"),
     Row("    lowest / highest round", "uploads.p99_ratio_min", "x{:.2f}"),
+    Row("  load generator stall (ms)", "uploads.loadgen_stall_max_ms", "{:.1f}"),
     Row("directory: users", "directory.users_small", "{:,.0f}"),
     *[row for key, label in DIRECTORY_QUERIES.items() for row in (
         Row(label[:29], f"directory.small.{key}.median_ms", "{:.2f}"),
