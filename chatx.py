@@ -611,9 +611,9 @@ class Connection:
         sqlite3.Row on SQLite."""
         if self.postgres:
             return await self.fetch(sql, *args)
-        cursor = await self.driver.execute(sql, args)
-        cursor.row_factory = sqlite3.Row
-        return await cursor.fetchall()
+        async with self.driver.execute(sql, args) as cursor:
+            cursor.row_factory = sqlite3.Row
+            return await cursor.fetchall()
 
     async def fetch_one(self, sql: str, *args: Any) -> Any:
         rows = await self.fetch(sql, *args)
@@ -1090,8 +1090,8 @@ class Writer:
 
     async def _transaction(self, connection: Connection, batch: list[Job]) -> list[Any]:
         one_statement = getattr(batch[0].function, "one_statement_on_postgres", None)
-        if (connection.postgres and one_statement is not None and all(
-                job.bulk and job.function is batch[0].function for job in batch)
+        # On PostgreSQL a batch led by a bulk job is a run of that one function (_leading_run).
+        if (connection.postgres and one_statement is not None and batch[0].bulk
                 and one_statement([job.args[0] for job in batch])):
             return await self._run_jobs(connection, batch)  # one statement: a transaction of its own
         await connection.begin()

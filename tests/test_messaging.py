@@ -398,27 +398,19 @@ def test_a_version_2_postgresql_database_loses_the_insert_that_took_a_lock_share
     """Version 3 drops version 2's chatx_insert_messages(), which took one
     advisory lock for every commit: a process of version 2 left running
     stores nothing rather than number streams under a lock no one else takes."""
-    async def scenario(url: str) -> tuple[list[str], list[str]]:
-        database = chatx.open_database(url)
-        await database.connect()
-        try:
-            async with database.connection() as connection:
-                conn = chatx.Connection(connection)
-                await chatx.migrate(conn)
-                await conn.execute("UPDATE chatx_settings SET value = '2' WHERE name = 'schema_version'")
-                await conn.execute("ALTER TABLE chatx_messages DROP COLUMN attachment_id")  # version 3's, too
-                await conn.execute(
-                    "CREATE FUNCTION chatx_insert_messages(integer[], integer[], text[], bigint[], text[]) "
-                    "RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_xact_lock(734216)'")
-                signatures = "SELECT oid::regprocedure::text FROM pg_proc WHERE proname = 'chatx_insert_messages' ORDER BY 1"
-                before = [row[0] for row in await conn.fetch(signatures)]
-                await chatx.migrate(conn)
-                return before, [row[0] for row in await conn.fetch(signatures)]
-        finally:
-            await database.disconnect()
+    async def scenario(conn, insert):
+        await conn.execute("UPDATE chatx_settings SET value = '2' WHERE name = 'schema_version'")
+        await conn.execute("ALTER TABLE chatx_messages DROP COLUMN attachment_id")  # version 3's, too
+        await conn.execute(
+            "CREATE FUNCTION chatx_insert_messages(integer[], integer[], text[], bigint[], text[]) "
+            "RETURNS void LANGUAGE sql AS 'SELECT pg_advisory_xact_lock(734216)'")
+        signatures = "SELECT oid::regprocedure::text FROM pg_proc WHERE proname = 'chatx_insert_messages' ORDER BY 1"
+        before = [row[0] for row in await conn.fetch(signatures)]
+        await chatx.migrate(conn)
+        return before, [row[0] for row in await conn.fetch(signatures)]
 
     with fresh_postgres_database() as url:
-        before, after = run_async(scenario, url)
+        before, after = on_new_schema(url, scenario)
     version_3 = "chatx_insert_messages(integer[],integer[],text[],text[],integer[],bigint)"
     assert before == ["chatx_insert_messages(integer[],integer[],text[],bigint[],text[])", version_3]
     assert after == [version_3]
