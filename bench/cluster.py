@@ -163,8 +163,10 @@ class Lab:
         ports = []
         for target in (PG_PORT, REDIS_PORT):
             port = target + 1000 + int(delay_ms * 10)
+            # Real-time priority: the forwarder stands for the wire, which does not wait
+            # for the hosts' CPUs; on two shared cores it otherwise queues behind them.
             self.start("db", f"delay-{target}-{delay_ms}", [
-                sys.executable, "-m", "bench.delayproxy", "--listen", f"{DB_IP}:{port}",
+                "chrt", "--fifo", "10", sys.executable, "-m", "bench.delayproxy", "--listen", f"{DB_IP}:{port}",
                 "--target", f"127.0.0.1:{target}", "--delay-ms", str(delay_ms)])
             ports.append(port)
         time.sleep(0.5)
@@ -238,6 +240,8 @@ class Row:
     flat_p50_ms: float | None = None
     rate_p50_ms: float | None = None
     rate_p99_ms: float | None = None
+    rate_ack_p50_ms: float | None = None  # send to the sender's ack: the commit
+    rate_hop_p50_ms: float | None = None  # the sender's ack to the recipient's delivery: the fan-out
     rate_delivered_per_s: float | None = None
     commits_per_s: float | None = None
     msgs_per_commit: float | None = None
@@ -380,8 +384,10 @@ async def drive(plan: dict) -> dict:
     await send_paced(sockets, traffic, plan["rate"], stop, plan["duration"], tag="r")
     await traffic.drain()
     rate_latency = latency_summary(traffic.latencies(since=start + warmup, until=start + plan["duration"]))
+    to_ack, after_ack = traffic.split_latencies(since=start + warmup, until=start + plan["duration"])
     delivered = [t for t in traffic.delivered_at.values() if start + warmup <= t <= start + plan["duration"]]
     row.update(rate_p50_ms=rate_latency["p50_ms"], rate_p99_ms=rate_latency["p99_ms"],
+               rate_ack_p50_ms=latency_summary(to_ack)["p50_ms"], rate_hop_p50_ms=latency_summary(after_ack)["p50_ms"],
                rate_delivered_per_s=len(delivered) / (plan["duration"] - warmup))
 
     metrics_client = http_client(urls[0])
@@ -432,8 +438,9 @@ def median_row(rows: list[Row]) -> Row:
         return statistics.median(values) if values else None
 
     merged = Row(rows[0].processes, rows[0].delay_ms)
-    for name in ("round_trip_ms", "flat_msgs_per_s", "flat_p50_ms", "rate_p50_ms", "rate_p99_ms",
-                 "rate_delivered_per_s", "commits_per_s", "msgs_per_commit", "chatx_cpu", "db_cpu", "machine_cpu"):
+    for name in ("round_trip_ms", "flat_msgs_per_s", "flat_p50_ms", "rate_p50_ms", "rate_p99_ms", "rate_ack_p50_ms",
+                 "rate_hop_p50_ms", "rate_delivered_per_s", "commits_per_s", "msgs_per_commit", "chatx_cpu", "db_cpu",
+                 "machine_cpu"):
         setattr(merged, name, med(name))
     merged.lost = sum(r.lost for r in rows)
     merged.duplicates = sum(r.duplicates for r in rows)
@@ -453,15 +460,17 @@ def fmt(value: float | None, digits: int = 0) -> str:
 
 
 def table(runs: dict[tuple[int, float], list[Row]], rate: float) -> str:
-    lines = [f"| processes | one-way delay | SELECT 1 | flat out msgs/s | p50 / p99 at {rate:.0f}/s | commits/s "
-             "| msgs/commit | ChatX CPU | db CPU | machine CPU | lost / dup / seq errors |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| processes | one-way delay | SELECT 1 | flat out msgs/s | p50 / p99 at {rate:.0f}/s "
+             "| p50 to ack + ack to delivery | commits/s | msgs/commit | ChatX CPU | db CPU | machine CPU "
+             "| lost / dup / seq errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (processes, delay), rows in sorted(runs.items(), key=lambda item: (item[0][1], item[0][0])):
         m = median_row(rows)
         lines.append(
             f"| {processes} | {delay:g} ms | {fmt(m.round_trip_ms, 2)} ms "
             f"| {fmt(m.flat_msgs_per_s)}{spread(rows, 'flat_msgs_per_s')} "
-            f"| {fmt(m.rate_p50_ms, 1)} / {fmt(m.rate_p99_ms, 1)} ms | {fmt(m.commits_per_s)} "
+            f"| {fmt(m.rate_p50_ms, 1)} / {fmt(m.rate_p99_ms, 1)} ms "
+            f"| {fmt(m.rate_ack_p50_ms, 1)} + {fmt(m.rate_hop_p50_ms, 1)} ms | {fmt(m.commits_per_s)} "
             f"| {fmt(m.msgs_per_commit, 1)} | {fmt(m.chatx_cpu, 2)} | {fmt(m.db_cpu, 2)} | {fmt(m.machine_cpu, 2)} "
             f"| {m.lost} / {m.duplicates} / {m.seq_errors} |")
     return "\n".join(lines)

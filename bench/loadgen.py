@@ -215,6 +215,7 @@ class Traffic:
         self.body = "x" * body_size
         self.sent_at: dict[str, float] = {}  # client_id -> time
         self.acked: set[str] = set()
+        self.acked_at: dict[str, float] = {}  # client_id -> arrival of its ack at the sender
         self.delivered_at: dict[str, float] = {}  # client_id -> arrival at the partner
         self.echoed: set[str] = set()  # message frames back on the sender's socket
         self.duplicates = 0
@@ -231,6 +232,7 @@ class Traffic:
             self.on_message(socket, frame["message"], now)
         elif kind == "ack":
             self.acked.add(frame["client_id"])
+            self.acked_at.setdefault(frame["client_id"], now)
             self.free_slot(socket)
         elif kind == "error":
             self.errors[frame.get("code", "?")] += 1
@@ -266,6 +268,16 @@ class Traffic:
     def latencies(self, since: float = 0.0, until: float = float("inf")) -> list[float]:
         return [self.delivered_at[c] - t for c, t in self.sent_at.items()
                 if since <= t < until and c in self.delivered_at]
+
+    def split_latencies(self, since: float = 0.0, until: float = float("inf")) -> tuple[list[float], list[float]]:
+        """The same sends' latency in two parts: due to ack (the sender's commit)
+        and ack to delivery (the fan-out; across processes, the broker's hop)."""
+        to_ack, after_ack = [], []
+        for c, t in self.sent_at.items():
+            if since <= t < until and c in self.delivered_at and c in self.acked_at:
+                to_ack.append(self.acked_at[c] - t)
+                after_ack.append(self.delivered_at[c] - self.acked_at[c])
+        return to_ack, after_ack
 
     def counts(self) -> dict:
         return {"sent": len(self.sent_at), "acked": len(self.acked),
