@@ -62,6 +62,7 @@ import ipaddress
 import json
 import logging
 import math
+import multiprocessing
 import operator
 import os
 import random
@@ -76,7 +77,8 @@ import threading
 import time
 import unicodedata
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -235,10 +237,13 @@ SHUTDOWN_S = 4  # the services' share of a shutdown, after uvicorn's --timeout-g
 ATTACHMENT_CHUNK_BYTES = 128 * 1024  # an attachment is stored, and read back, this much at a time
 ATTACHMENT_NAME_MAX = 255
 UPLOAD_SPOOL_BYTES = 256 * 1024  # an upload larger than this waits in a temporary file, not in memory
+UPLOAD_WRITE_BYTES = 256 * 1024  # a body is gathered into pieces this large before a thread writes it out
+CHUNKS_READ_AT_ONCE = 4  # attachment chunks a thread reads back from the temporary file at a time
 UPLOAD_SWEEP_S = 60  # at most this long between sweeps of unsent uploads
 THUMBNAIL_MAX = 320  # pixels on the long side
 IMAGE_PIXELS_MAX = 50_000_000  # a larger image is a file: decoding it would cost too much memory
-IMAGES_DECODED_AT_ONCE = 2  # uploads whose image is checked and thumbnailed at once, off the event loop
+IMAGES_DECODED_AT_ONCE = 2  # uploads whose image is checked and thumbnailed at once, each in a process of its own
+DECODER_NICE = 10  # the decoder processes' CPU priority below the server's
 CHUNKS_QUEUED_MAX = 1  # attachment chunks being written at once: on SQLite a commit of messages carries no more
 # Only these are shown in the page; everything else is downloaded (an HTML or SVG file never runs in ChatX's origin).
 INLINE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
@@ -3086,9 +3091,9 @@ NO_PASSWORD = "scrypt$16384$8$5$" + "00" * 16 + "$"
 
 
 def lower_thread_priority() -> None:
-    """A lower CPU priority for a hashing or image thread (Linux gives threads
-    their own nice value): where the server has one core, sign-ins and uploads
-    must not slow chat.
+    """A lower CPU priority for a hashing thread (Linux gives threads
+    their own nice value): where the server has one core, sign-ins must not
+    slow chat.
     Not the lowest: at 19 a busy machine left a sign-in waiting for seconds."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
@@ -4060,11 +4065,13 @@ class DatabaseAttachmentStore(AttachmentStore):
 
     async def put(self, attachment_id: str, source: Any) -> None:
         n = 0
-        while chunk := await asyncio.to_thread(source.read, ATTACHMENT_CHUNK_BYTES):  # a file on disk, maybe
-            async with self.queued:
-                if not await self.storage.write_apart(insert_attachment_chunk, attachment_id, n, chunk):
-                    raise UploadErased(attachment_id)
-            n += 1
+        while data := await asyncio.to_thread(source.read, CHUNKS_READ_AT_ONCE * ATTACHMENT_CHUNK_BYTES):  # a file
+            for start in range(0, len(data), ATTACHMENT_CHUNK_BYTES):
+                async with self.queued:
+                    chunk = data[start:start + ATTACHMENT_CHUNK_BYTES]
+                    if not await self.storage.write_apart(insert_attachment_chunk, attachment_id, n, chunk):
+                        raise UploadErased(attachment_id)
+                n += 1
 
     async def read(self, attachment_id: str, start: int, end: int) -> AsyncIterator[bytes]:
         for n in range(start // ATTACHMENT_CHUNK_BYTES, (end - 1) // ATTACHMENT_CHUNK_BYTES + 1):
@@ -4082,13 +4089,27 @@ EXIF_ORIENTATION = 0x0112
 MIME_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
 
 
-def inspect_upload(source: Any, declared: str) -> tuple[str, int | None, int | None, bytes | None]:
-    """The type the bytes really have, an image's width and height, and its
-    thumbnail. Only PNG, JPEG, GIF and WebP that decode are images; something
-    else that claims to be an image is application/octet-stream."""
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+
+
+def image_bytes(source: Any) -> bytes | None:
+    """All of `source` if its first bytes are a PNG's, JPEG's, GIF's or WebP's
+    (nothing else is shown as an image); None otherwise, without reading further."""
     source.seek(0)
+    head = source.read(12)
+    source.seek(0)
+    if not (head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
+        return None
+    data = source.read()
+    source.seek(0)
+    return data
+
+
+def inspect_image(data: bytes) -> tuple[str, int, int, bytes] | None:
+    """In a decoder process: the type an image really has, its width and
+    height, and its thumbnail; None if it is none of INLINE_TYPES that decodes."""
     try:
-        with Image.open(source) as image:
+        with Image.open(io.BytesIO(data)) as image:
             kind = INLINE_TYPES.get(image.format or "")
             if kind and image.width * image.height <= IMAGE_PIXELS_MAX:
                 width, height = image.size
@@ -4099,11 +4120,15 @@ def inspect_upload(source: Any, declared: str) -> tuple[str, int | None, int | N
                 return kind, width, height, thumbnail_bytes(ImageOps.exif_transpose(image))
     except Exception:  # any failure to decode untrusted bytes: not an image
         pass
-    finally:
-        source.seek(0)
+    return None
+
+
+def file_type(declared: str) -> str:
+    """The type a file that is not an image is served with: what the client
+    said, unless it claimed an image or is no MIME type at all."""
     if declared.startswith("image/") or not MIME_RE.fullmatch(declared):
-        return "application/octet-stream", None, None, None
-    return declared, None, None, None
+        return "application/octet-stream"
+    return declared
 
 
 def thumbnail_bytes(image: Image.Image) -> bytes:
@@ -4121,6 +4146,73 @@ def today() -> int:
     return now_ms() // 86_400_000
 
 
+class DecoderStopped(Exception):
+    """The process decoding an upload's image ended before it answered."""
+
+
+def start_decoder(server: int) -> None:
+    """In a decoder process: a lower CPU priority, and an exit once the server
+    is gone (a killed server leaves its pool's processes waiting for work)."""
+    with suppress(OSError):
+        os.nice(DECODER_NICE)
+    threading.Thread(target=exit_without, args=(server,), daemon=True).start()
+
+
+def exit_without(server: int) -> None:
+    while os.getppid() == server:
+        time.sleep(1)
+    os._exit(0)
+
+
+class Decoders:
+    """Image checks and thumbnails in IMAGES_DECODED_AT_ONCE processes at a
+    lower CPU priority, started on the first image and replaced if one dies.
+
+    Not threads: a decoding thread holds the GIL between Pillow's steps (the
+    reads, the pieces of the PNG decoder, the thumbnail's encoding), and one at
+    a lower priority that the kernel preempts while it holds the GIL stops the
+    event loop with it, so chat waited behind uploads. A process has a GIL of
+    its own, and its lower priority costs only itself. Spawned, not forked: a
+    fork would share the server's sockets and copy its threads' held locks. It
+    gets the file's bytes (image_bytes), so an image is in memory whole while
+    it is checked, IMAGES_DECODED_AT_ONCE of them at most; other files never are."""
+
+    def __init__(self) -> None:
+        self.pool: ProcessPoolExecutor | None = None
+        self.slots = asyncio.Semaphore(IMAGES_DECODED_AT_ONCE)
+
+    def stop(self) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+    def running(self) -> ProcessPoolExecutor:
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(IMAGES_DECODED_AT_ONCE, multiprocessing.get_context("spawn"),
+                                            initializer=start_decoder, initargs=(os.getpid(),))
+        return self.pool
+
+    async def inspect(self, source: Any) -> tuple[str, int, int, bytes] | None:
+        """inspect_image() of an upload, if it starts as an image does;
+        DecoderStopped if its process died while it decoded this one."""
+        async with self.slots:  # taken before the bytes are read: no more than that many in memory
+            data = await asyncio.to_thread(image_bytes, source)
+            if data is None:
+                return None
+            try:
+                decoded = self.running().submit(inspect_image, data)
+            except BrokenProcessPool:  # one died while idle, not of these bytes: a new pool
+                self.stop()
+                decoded = self.running().submit(inspect_image, data)
+            pool = self.pool
+            try:
+                return await asyncio.wrap_future(decoded)
+            except BrokenProcessPool:
+                if self.pool is pool:
+                    self.stop()
+                raise DecoderStopped() from None
+
+
 class Attachments:
     """Uploads: checked and stored, read back, and erased when no message
     used them within settings.unsent_upload_s. An upload is recorded before its
@@ -4131,20 +4223,17 @@ class Attachments:
     def __init__(self, storage: Storage, settings: Settings) -> None:
         self.storage, self.settings = storage, settings
         self.store: AttachmentStore = DatabaseAttachmentStore(storage)
-        self.decoders: ThreadPoolExecutor | None = None
+        self.decoders = Decoders()
         self.sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.decoders = ThreadPoolExecutor(IMAGES_DECODED_AT_ONCE, thread_name_prefix="chatx-image",
-                                           initializer=lower_thread_priority)
         self.sweeper = asyncio.create_task(self.sweep())
 
     async def stop(self) -> None:
         if self.sweeper:
             self.sweeper.cancel()
             await asyncio.gather(self.sweeper, return_exceptions=True)
-        if self.decoders:
-            self.decoders.shutdown(wait=False)
+        self.decoders.stop()
 
     async def sweep(self) -> None:
         while True:
@@ -4165,9 +4254,10 @@ class Attachments:
         return quota - await self.storage.read(uploaded_on, user.id, today()) if quota else None
 
     async def add(self, user: User, name: str, declared: str, source: Any, size: int) -> dict[str, Any] | None:
-        """Store an upload received into `source`; None if it is over the day's quota."""
-        kind, width, height, thumbnail = await asyncio.get_running_loop().run_in_executor(
-            self.decoders, inspect_upload, source, declared)
+        """Store an upload received into `source`; None if it is over the day's
+        quota; DecoderStopped if its image could not be checked."""
+        image = await self.decoders.inspect(source)
+        kind, width, height, thumbnail = image or (file_type(declared), None, None, None)
         columns = (secrets.token_urlsafe(18), name, kind, size, width, height)
         if not await self.storage.write(insert_attachment, user.id, columns, thumbnail, today(),
                                         self.settings.attachment_bytes_per_day):
@@ -5163,6 +5253,7 @@ async def upload_attachment(request: Request) -> Response:
       "401": {description: "not_authenticated"}
       "413": {description: "too_large"}
       "429": {description: "rate_limited: over the day's upload bytes"}
+      "503": {description: "busy: the process checking its image ended; try again"}
     """
     check_origin(request)
     session = await signed_in(request)
@@ -5181,6 +5272,7 @@ async def upload_attachment(request: Request) -> Response:
     declared = request.headers.get("content-type", "").split(";")[0].strip().lower()
     with tempfile.SpooledTemporaryFile(UPLOAD_SPOOL_BYTES) as spool:
         size = 0
+        pieces: list[bytes] = []  # a thread writes them out UPLOAD_WRITE_BYTES at a time: one hop, not one a piece
         chunks = request.stream().__aiter__()
         while True:
             try:
@@ -5197,7 +5289,12 @@ async def upload_attachment(request: Request) -> Response:
                 raise too_large
             if allowance is not None and size > allowance:
                 raise over_quota
-            await asyncio.to_thread(spool.write, chunk)  # past UPLOAD_SPOOL_BYTES, a write to disk
+            pieces.append(chunk)
+            if size - spool.tell() >= UPLOAD_WRITE_BYTES:
+                await asyncio.to_thread(spool.writelines, pieces)  # past UPLOAD_SPOOL_BYTES, a write to disk
+                pieces = []
+        if pieces:
+            await asyncio.to_thread(spool.writelines, pieces)
         if size == 0:
             raise ApiError(400, "bad_request", "The file is empty.")
         try:
@@ -5205,6 +5302,8 @@ async def upload_attachment(request: Request) -> Response:
         except UploadErased:  # the account was deleted meanwhile (401), or storing took past the deadline
             await signed_in(request)
             raise ApiError(408, "timeout", "The upload was erased before it was stored whole.") from None
+        except DecoderStopped:
+            raise ApiError(503, "busy", "Checking the image failed; try the upload again.", 1) from None
     if attachment is None:
         raise over_quota
     return JSONResponse({"attachment": attachment}, status_code=201)

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
+import os
 import re
 import secrets
+import signal
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -472,6 +476,70 @@ def test_an_upload_cut_off_by_a_killed_process_leaves_no_chunk_once_the_sweep_ha
                    what="the sweep to erase the cut-off upload")
     finally:
         restarted.stop()
+
+
+def decoders_of(pid: int) -> set[int]:
+    """The image decoder processes a server started (multiprocessing's spawn)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == pid and b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_an_image_whose_decoder_dies_gets_503_busy_and_the_decoder_is_replaced_and_leaves_with_the_server(
+        tmp_path):
+    server = ChatServer({"CHATX_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}"}, tmp_path)
+    server.start()
+    try:
+        alice = httpx.Client(base_url=server.base, headers=remote_sign_up(server, "alice").headers(), timeout=60)
+        photo = image_bytes(400, 300)
+        assert uploaded(alice, photo, "a.png", "image/png")["width"] == 400
+        idle = decoders_of(server.process.pid)
+        assert idle
+        kill_all(idle)  # between uploads: the next one finds a new decoder, and no error
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in idle), timeout=10,
+                   what="the pool to reap them")  # once reaped, the pool knows it is broken
+        assert uploaded(alice, photo, "b.png", "image/png")["width"] == 400
+
+        stop = threading.Event()
+
+        def keep_killing() -> None:
+            while not stop.is_set():
+                kill_all(decoders_of(server.process.pid))
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=keep_killing)
+        killer.start()
+        try:
+            wait_until(lambda: not decoders_of(server.process.pid), timeout=10, what="no decoder left")
+            response = upload(alice, photo, "c.png", "image/png")  # a new decoder dies before it answers
+        finally:
+            stop.set()
+            killer.join()
+        assert (response.status_code, error_code(response), response.headers.get("retry-after")) == \
+            (503, "busy", "1")
+        again = uploaded(alice, photo, "c.png", "image/png")
+        assert again["width"] == 400 and alice.get(f"/api/attachments/{again['id']}/thumbnail").status_code == 200
+        working = decoders_of(server.process.pid)
+        assert working
+        server.process.kill()
+        server.process.wait()
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in working), timeout=10,
+                   what="the decoders to leave with their server")
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
 
 
 def test_an_unsent_upload_deadline_of_zero_or_less_stops_the_server_from_starting():
