@@ -3519,7 +3519,8 @@ class Fanout:
         if known is not None and (known[1:] == (status, last_seen)
                                   or (last_seen is not None and (known[2] or "") > last_seen)):
             return False  # fixed-width ISO times sort as strings
-        told[key] = (username, status, last_seen)
+        # Interned: the users told of this partner share one copy of its name, key and time.
+        told[sys.intern(key)] = (sys.intern(username), status, None if last_seen is None else sys.intern(last_seen))
         return True
 
     def learn(self, user_id: int, online: list[tuple[str, str, str | None]]) -> None:
@@ -4306,6 +4307,10 @@ class ChatSocket:
     before its frame is handed out, so the database always has what was
     dropped. Only a reader that takes nothing for SEND_STALL_S is closed."""
 
+    __slots__ = ("services", "ws", "session", "user", "send", "tcp", "outbox", "outbox_ready", "backlog_bytes",
+                 "sending", "behind", "dropped_seq", "sends_in_flight", "throttled", "socket_id", "seq",
+                 "disconnect_code", "sending_since", "finished", "ended")
+
     def __init__(self, services: SocketServices, websocket: WebSocket, send: Send, session: Session) -> None:
         self.services, self.ws, self.session, self.user = services, websocket, session, session.user
         self.send = send
@@ -4342,23 +4347,7 @@ class ChatSocket:
                     code = CLOSE_TOO_MANY
                     return
                 try:
-                    # After attaching: every later event arrives live, every earlier one is in the database.
-                    newest = await services.messenger.newest_seq(self.user)
-                    partners = services.fanout.online_told(self.user.id)  # as the user's other sockets here know it
-                    if partners is None:
-                        partners = [(name, status, iso(seen)) for name, status, seen in
-                                    await services.presence.partners(self.user)]
-                        services.fanout.learn(self.user.id, partners)  # what hello tells is not told again
-                    self.forget_queued_presence(partners)
-                    await self.send_text(hello_frame(self.user, newest, partners))
-                    self.seq = newest
-                    if since is not None:
-                        self.seq = min(since, newest)
-                    elif after is not None:
-                        found = await services.messenger.seq_before_message(self.user, after)
-                        self.seq = newest if found is None else found
-                    # The replay runs first in the outbox, where a reader too far behind is cut off.
-                    self.outbox.insert(0, Resync(now_ms()))
+                    await self.say_hello(since, after)
                     code = await self.run_until_closed()
                 finally:
                     await asyncio.shield(services.presence.socket_closed(self.socket_id, self.user))
@@ -4376,6 +4365,28 @@ class ChatSocket:
                 code = CLOSE_RESTART  # uvicorn, shutting down, closed it before ChatX's lifespan ends
             services.metrics.sockets_closed.labels("client" if code is None else str(code)).inc()
             self.finished.set_result(None)
+
+    async def say_hello(self, since: int | None, after: int | None) -> None:
+        """Send hello and set `seq` where the replay starts. A method of its own
+        so that the partners it tells are not held by `serve` while the socket is open."""
+        services = self.services
+        # After attaching: every later event arrives live, every earlier one is in the database.
+        newest = await services.messenger.newest_seq(self.user)
+        partners = services.fanout.online_told(self.user.id)  # as the user's other sockets here know it
+        if partners is None:
+            partners = [(name, status, iso(seen)) for name, status, seen in
+                        await services.presence.partners(self.user)]
+            services.fanout.learn(self.user.id, partners)  # what hello tells is not told again
+        self.forget_queued_presence(partners)
+        await self.send_text(hello_frame(self.user, newest, partners))
+        self.seq = newest
+        if since is not None:
+            self.seq = min(since, newest)
+        elif after is not None:
+            found = await services.messenger.seq_before_message(self.user, after)
+            self.seq = newest if found is None else found
+        # The replay runs first in the outbox, where a reader too far behind is cut off.
+        self.outbox.insert(0, Resync(now_ms()))
 
     async def send_text(self, text: str) -> None:
         self.sending_since = time.monotonic()  # uvicorn holds a send while the client does not read
@@ -5392,10 +5403,15 @@ class SecurityHeaders:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine itself: what passes through is handed on as the next
+        layer's coroutine, so that an open socket does not hold a suspended
+        frame of this layer for its whole life."""
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)
+        return self.secured(scope, receive, send)
 
+    async def secured(self, scope: Scope, receive: Receive, send: Send) -> None:
         api = scope["path"].startswith(scope.get("root_path", "") + "/api/")
 
         async def send_with_headers(message: Message) -> None:
@@ -5745,6 +5761,9 @@ class TrustedHosts(TrustedHostMiddleware):
             await app(scope, receive, send)
 
         super().__init__(allowed, allowed_hosts=allowed_hosts)
+        # A handshake's refusal has no body to put in ChatX's shape: sockets
+        # get Starlette's check alone, without the layers an HTTP answer needs.
+        self.sockets = TrustedHostMiddleware(app, allowed_hosts=allowed_hosts)
         self.monitors = ("127.0.0.0/8", "::1", *monitors)
 
     def monitoring(self, scope: Scope) -> bool:
@@ -5754,13 +5773,18 @@ class TrustedHosts(TrustedHostMiddleware):
         return (path in ANY_HOST_PATHS and client is not None and address_allowed(client[0], self.monitors)
                 and not any(name in PROXY_HEADERS for name, _ in scope["headers"]))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.monitoring(scope):
-            await self.app(scope, receive, send)
-            return
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine itself, as SecurityHeaders.__call__. Sockets and the
+        lifespan go to Starlette's check alone."""
+        if scope["type"] != "http":
+            return self.sockets(scope, receive, send)
+        if self.monitoring(scope):
+            return self.app(scope, receive, send)
+        return self.checked(scope, receive, send)
 
+    async def checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def answer(message: Message) -> None:
-            if scope.get("chatx.host_allowed") or scope["type"] != "http":
+            if scope.get("chatx.host_allowed"):
                 await send(message)
             elif message["type"] == "http.response.start" and message["status"] == 400:
                 await error_response(400, "bad_request", "This server does not serve that host.")(
@@ -5780,10 +5804,13 @@ class Starting:
     def __init__(self, app: ASGIApp, chat: ChatX) -> None:
         self.app, self.chat = app, chat
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine itself, as SecurityHeaders.__call__."""
         if self.chat.serving or scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self.refuse(scope, receive, send)
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"].removeprefix(scope.get("root_path", ""))
         if path == "/healthz" or path.startswith("/static/"):
             await self.app(scope, receive, send)
@@ -5805,7 +5832,9 @@ def undo_server_proxy_headers(scope: Scope) -> None:
     if transport is None:
         return
     peer = transport.get_extra_info("peername")  # kept by the transport: no system call
-    scope["client"] = (str(peer[0]), int(peer[1])) if isinstance(peer, (list, tuple)) and len(peer) >= 2 else None
+    client = (str(peer[0]), int(peer[1])) if isinstance(peer, (list, tuple)) and len(peer) >= 2 else None
+    if scope.get("client") != client:  # else uvicorn's equal one stays, rather than a copy for the socket's life
+        scope["client"] = client
     secure = is_ssl(transport)
     if scope["type"] == "http":
         scope["scheme"] = "https" if secure else "http"
