@@ -173,6 +173,9 @@ PAGE_DEFAULT, PAGE_MAX = 50, 200  # conversation history and the conversation li
 PAGE_BYTES_MAX = 256 * 1024  # a page stops short of this many bytes of JSON (always holding one item)
 DIRECTORY_DEFAULT, DIRECTORY_MAX = 20, 100
 QUERY_MAX = 32
+# Rows of a heartbeat's presence refresh read and held at once: there is one
+# per user here and partner of theirs who changed, thousands when many come online together.
+REFRESH_PAGE = 500
 REPLAY_PAGE = 50  # events read and held at once by a socket catching up (at most 16 kB each)
 SEND_STALL_S = 10  # a socket whose client has not taken a frame for this long is closed with CLOSE_TRY_LATER
 # A socket with more queued than this (frames, or UTF-8 bytes of their text)
@@ -2414,15 +2417,19 @@ async def presence_of(conn: Connection, user_id: int, seen_by: int) -> tuple[str
         f"WHERE c.user_id = ? AND c.peer_id = ? AND {SEES_PRESENCE}", seen_by, user_id)
 
 
-async def presence_changes(conn: Connection, process_id: str, since: int) -> list[tuple[int, str, str, int]]:
-    """Changes since `since` seen by this process's users: (whose socket,
-    username, status, last_seen). What a lost publish left untold."""
+async def presence_changes(conn: Connection, process_id: str, since: int, after: tuple[int, int, int],
+                           limit: int) -> list[tuple[int, str, str, int, int]]:
+    """Changes since `since` seen by this process's users, a page of them
+    past `after` in the order (last_seen, whose socket, whose presence):
+    (whose socket, username, status, last_seen, whose presence). What a lost
+    publish left untold. A change made between pages moves its rows to a later page."""
     return await conn.fetch(
-        "SELECT DISTINCT c.user_id, p.username, p.status, p.last_seen FROM chatx_users p "
+        "SELECT DISTINCT c.user_id, p.username, p.status, p.last_seen, p.id FROM chatx_users p "
         "JOIN chatx_conversations c ON c.peer_id = p.id "
         "JOIN chatx_sockets s ON s.user_id = c.user_id AND s.process_id = ? "
-        f"WHERE p.last_seen >= ? AND {SEES_PRESENCE} ORDER BY p.last_seen",
-        process_id, since)
+        f"WHERE p.last_seen >= ? AND (p.last_seen, c.user_id, p.id) > (?, ?, ?) AND {SEES_PRESENCE} "
+        "ORDER BY p.last_seen, c.user_id, p.id LIMIT ?",
+        process_id, since, *after, limit)
 
 
 # -- administration
@@ -3742,8 +3749,15 @@ class Presence:
         again: after a broadcast outage, and every heartbeat in case a process
         died between committing a change and publishing it. Sockets drop what
         they know already."""
-        for user_id, username, status, last_seen in await self.storage.read(presence_changes, self.process_id, since):
-            self.fanout.deliver_here(user_id, PresenceFrame(username, status, iso(last_seen)))
+        after = (since, 0, 0)
+        while True:
+            page = await self.storage.read(presence_changes, self.process_id, since, after, REFRESH_PAGE)
+            for user_id, username, status, last_seen, _ in page:
+                self.fanout.deliver_here(user_id, PresenceFrame(username, status, iso(last_seen)))
+            if len(page) < REFRESH_PAGE:
+                return
+            user_id, _, _, last_seen, partner_id = page[-1]
+            after = (last_seen, user_id, partner_id)
 
     async def keep(self) -> None:
         """Heartbeat this process and sweep dead ones. Beats every TTL/4 and a
