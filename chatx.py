@@ -175,6 +175,9 @@ PAGE_DEFAULT, PAGE_MAX = 50, 200  # conversation history and the conversation li
 PAGE_BYTES_MAX = 256 * 1024  # a page stops short of this many bytes of JSON (always holding one item)
 DIRECTORY_DEFAULT, DIRECTORY_MAX = 20, 100
 QUERY_MAX = 32
+# Rows of a heartbeat's presence refresh read and held at once: there is one
+# per user here and partner of theirs who changed, thousands when many come online together.
+REFRESH_PAGE = 500
 REPLAY_PAGE = 50  # events read and held at once by a socket catching up (at most 16 kB each)
 SEND_STALL_S = 10  # a socket whose client has not taken a frame for this long is closed with CLOSE_TRY_LATER
 # A socket with more queued than this (frames, or UTF-8 bytes of their text)
@@ -2419,15 +2422,19 @@ async def presence_of(conn: Connection, user_id: int, seen_by: int) -> tuple[str
         f"WHERE c.user_id = ? AND c.peer_id = ? AND {SEES_PRESENCE}", seen_by, user_id)
 
 
-async def presence_changes(conn: Connection, process_id: str, since: int) -> list[tuple[int, str, str, int]]:
-    """Changes since `since` seen by this process's users: (whose socket,
-    username, status, last_seen). What a lost publish left untold."""
+async def presence_changes(conn: Connection, process_id: str, since: int, after: tuple[int, int, int],
+                           limit: int) -> list[tuple[int, str, str, int, int]]:
+    """Changes since `since` seen by this process's users, a page of them
+    past `after` in the order (last_seen, whose socket, whose presence):
+    (whose socket, username, status, last_seen, whose presence). What a lost
+    publish left untold. A change made between pages moves its rows to a later page."""
     return await conn.fetch(
-        "SELECT DISTINCT c.user_id, p.username, p.status, p.last_seen FROM chatx_users p "
+        "SELECT DISTINCT c.user_id, p.username, p.status, p.last_seen, p.id FROM chatx_users p "
         "JOIN chatx_conversations c ON c.peer_id = p.id "
         "JOIN chatx_sockets s ON s.user_id = c.user_id AND s.process_id = ? "
-        f"WHERE p.last_seen >= ? AND {SEES_PRESENCE} ORDER BY p.last_seen",
-        process_id, since)
+        f"WHERE p.last_seen >= ? AND (p.last_seen, c.user_id, p.id) > (?, ?, ?) AND {SEES_PRESENCE} "
+        "ORDER BY p.last_seen, c.user_id, p.id LIMIT ?",
+        process_id, since, *after, limit)
 
 
 # -- administration
@@ -3524,7 +3531,8 @@ class Fanout:
         if known is not None and (known[1:] == (status, last_seen)
                                   or (last_seen is not None and (known[2] or "") > last_seen)):
             return False  # fixed-width ISO times sort as strings
-        told[key] = (username, status, last_seen)
+        # Interned: the users told of this partner share one copy of its name, key and time.
+        told[sys.intern(key)] = (sys.intern(username), status, None if last_seen is None else sys.intern(last_seen))
         return True
 
     def learn(self, user_id: int, online: list[tuple[str, str, str | None]]) -> None:
@@ -3746,8 +3754,15 @@ class Presence:
         again: after a broadcast outage, and every heartbeat in case a process
         died between committing a change and publishing it. Sockets drop what
         they know already."""
-        for user_id, username, status, last_seen in await self.storage.read(presence_changes, self.process_id, since):
-            self.fanout.deliver_here(user_id, PresenceFrame(username, status, iso(last_seen)))
+        after = (since, 0, 0)
+        while True:
+            page = await self.storage.read(presence_changes, self.process_id, since, after, REFRESH_PAGE)
+            for user_id, username, status, last_seen, _ in page:
+                self.fanout.deliver_here(user_id, PresenceFrame(username, status, iso(last_seen)))
+            if len(page) < REFRESH_PAGE:
+                return
+            user_id, _, _, last_seen, partner_id = page[-1]
+            after = (last_seen, user_id, partner_id)
 
     async def keep(self) -> None:
         """Heartbeat this process and sweep dead ones. Beats every TTL/4 and a
@@ -4396,6 +4411,10 @@ class ChatSocket:
     before its frame is handed out, so the database always has what was
     dropped. Only a reader that takes nothing for SEND_STALL_S is closed."""
 
+    __slots__ = ("services", "ws", "session", "user", "send", "tcp", "outbox", "outbox_ready", "backlog_bytes",
+                 "sending", "behind", "dropped_seq", "sends_in_flight", "throttled", "socket_id", "seq",
+                 "disconnect_code", "sending_since", "finished", "ended")
+
     def __init__(self, services: SocketServices, websocket: WebSocket, send: Send, session: Session) -> None:
         self.services, self.ws, self.session, self.user = services, websocket, session, session.user
         self.send = send
@@ -4432,23 +4451,7 @@ class ChatSocket:
                     code = CLOSE_TOO_MANY
                     return
                 try:
-                    # After attaching: every later event arrives live, every earlier one is in the database.
-                    newest = await services.messenger.newest_seq(self.user)
-                    partners = services.fanout.online_told(self.user.id)  # as the user's other sockets here know it
-                    if partners is None:
-                        partners = [(name, status, iso(seen)) for name, status, seen in
-                                    await services.presence.partners(self.user)]
-                        services.fanout.learn(self.user.id, partners)  # what hello tells is not told again
-                    self.forget_queued_presence(partners)
-                    await self.send_text(hello_frame(self.user, newest, partners))
-                    self.seq = newest
-                    if since is not None:
-                        self.seq = min(since, newest)
-                    elif after is not None:
-                        found = await services.messenger.seq_before_message(self.user, after)
-                        self.seq = newest if found is None else found
-                    # The replay runs first in the outbox, where a reader too far behind is cut off.
-                    self.outbox.insert(0, Resync(now_ms()))
+                    await self.say_hello(since, after)
                     code = await self.run_until_closed()
                 finally:
                     await asyncio.shield(services.presence.socket_closed(self.socket_id, self.user))
@@ -4466,6 +4469,28 @@ class ChatSocket:
                 code = CLOSE_RESTART  # uvicorn, shutting down, closed it before ChatX's lifespan ends
             services.metrics.sockets_closed.labels("client" if code is None else str(code)).inc()
             self.finished.set_result(None)
+
+    async def say_hello(self, since: int | None, after: int | None) -> None:
+        """Send hello and set `seq` where the replay starts. A method of its own
+        so that the partners it tells are not held by `serve` while the socket is open."""
+        services = self.services
+        # After attaching: every later event arrives live, every earlier one is in the database.
+        newest = await services.messenger.newest_seq(self.user)
+        partners = services.fanout.online_told(self.user.id)  # as the user's other sockets here know it
+        if partners is None:
+            partners = [(name, status, iso(seen)) for name, status, seen in
+                        await services.presence.partners(self.user)]
+            services.fanout.learn(self.user.id, partners)  # what hello tells is not told again
+        self.forget_queued_presence(partners)
+        await self.send_text(hello_frame(self.user, newest, partners))
+        self.seq = newest
+        if since is not None:
+            self.seq = min(since, newest)
+        elif after is not None:
+            found = await services.messenger.seq_before_message(self.user, after)
+            self.seq = newest if found is None else found
+        # The replay runs first in the outbox, where a reader too far behind is cut off.
+        self.outbox.insert(0, Resync(now_ms()))
 
     async def send_text(self, text: str) -> None:
         self.sending_since = time.monotonic()  # uvicorn holds a send while the client does not read
@@ -5491,10 +5516,15 @@ class SecurityHeaders:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine itself: what passes through is handed on as the next
+        layer's coroutine, so that an open socket does not hold a suspended
+        frame of this layer for its whole life."""
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)
+        return self.secured(scope, receive, send)
 
+    async def secured(self, scope: Scope, receive: Receive, send: Send) -> None:
         api = scope["path"].startswith(scope.get("root_path", "") + "/api/")
 
         async def send_with_headers(message: Message) -> None:
@@ -5844,6 +5874,9 @@ class TrustedHosts(TrustedHostMiddleware):
             await app(scope, receive, send)
 
         super().__init__(allowed, allowed_hosts=allowed_hosts)
+        # A handshake's refusal has no body to put in ChatX's shape: sockets
+        # get Starlette's check alone, without the layers an HTTP answer needs.
+        self.sockets = TrustedHostMiddleware(app, allowed_hosts=allowed_hosts)
         self.monitors = ("127.0.0.0/8", "::1", *monitors)
 
     def monitoring(self, scope: Scope) -> bool:
@@ -5853,13 +5886,18 @@ class TrustedHosts(TrustedHostMiddleware):
         return (path in ANY_HOST_PATHS and client is not None and address_allowed(client[0], self.monitors)
                 and not any(name in PROXY_HEADERS for name, _ in scope["headers"]))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.monitoring(scope):
-            await self.app(scope, receive, send)
-            return
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine itself, as SecurityHeaders.__call__. Sockets and the
+        lifespan go to Starlette's check alone."""
+        if scope["type"] != "http":
+            return self.sockets(scope, receive, send)
+        if self.monitoring(scope):
+            return self.app(scope, receive, send)
+        return self.checked(scope, receive, send)
 
+    async def checked(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def answer(message: Message) -> None:
-            if scope.get("chatx.host_allowed") or scope["type"] != "http":
+            if scope.get("chatx.host_allowed"):
                 await send(message)
             elif message["type"] == "http.response.start" and message["status"] == 400:
                 await error_response(400, "bad_request", "This server does not serve that host.")(
@@ -5879,10 +5917,13 @@ class Starting:
     def __init__(self, app: ASGIApp, chat: ChatX) -> None:
         self.app, self.chat = app, chat
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Not a coroutine itself, as SecurityHeaders.__call__."""
         if self.chat.serving or scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
+        return self.refuse(scope, receive, send)
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"].removeprefix(scope.get("root_path", ""))
         if path == "/healthz" or path.startswith("/static/"):
             await self.app(scope, receive, send)
@@ -5904,7 +5945,9 @@ def undo_server_proxy_headers(scope: Scope) -> None:
     if transport is None:
         return
     peer = transport.get_extra_info("peername")  # kept by the transport: no system call
-    scope["client"] = (str(peer[0]), int(peer[1])) if isinstance(peer, (list, tuple)) and len(peer) >= 2 else None
+    client = (str(peer[0]), int(peer[1])) if isinstance(peer, (list, tuple)) and len(peer) >= 2 else None
+    if scope.get("client") != client:  # else uvicorn's equal one stays, rather than a copy for the socket's life
+        scope["client"] = client
     secure = is_ssl(transport)
     if scope["type"] == "http":
         scope["scheme"] = "https" if secure else "http"

@@ -478,6 +478,24 @@ def test_a_change_committed_but_never_published_reaches_every_partner_within_a_h
         assert next_presence_of(ws, "bob")["status"] == "offline"
 
 
+def test_a_heartbeat_refresh_reads_its_changes_a_page_at_a_time_and_misses_none(database_url, make_client,
+                                                                              monkeypatch):
+    monkeypatch.setattr(chatx, "REFRESH_PAGE", 2)
+    client = make_client(database_url=database_url)
+    alice = sign_up(client, "alice")
+    partners = [sign_up(client, name) for name in ("bob", "carol", "dave", "erin", "frank")]
+    for partner in partners:
+        make_partners(alice, partner)
+    chat = client.app.state.chat
+    with alice.ws() as ws:
+        next_frame(ws, "hello")
+        for partner in partners:  # committed by a process that died before publishing
+            run_job(client, chatx.open_socket, f"unannounced-{partner.username}", chat.process_id, partner.id)
+        client.portal.call(chat.presence.refresh, 0)
+        told = {frame["username"]: frame["status"] for frame in presence_frames(quiet(ws))}
+        assert told == {partner.username: "online" for partner in partners}
+
+
 def test_a_presence_the_hello_tells_is_not_sent_again_after_it(database_url, make_client, monkeypatch):
     client = make_client(database_url=database_url)
     alice, bob = sign_up(client, "alice"), sign_up(client, "bob")
