@@ -95,7 +95,8 @@ async def search_all(http: httpx.AsyncClient, viewer: User, q: str) -> list[dict
 
 
 async def statuses(http: httpx.AsyncClient, viewer: User, q: str) -> dict[str, str]:
-    """username -> "online"/"offline" for every user but `viewer` whose name starts with `q`."""
+    """username -> "online"/"offline" (None where `viewer` is no partner) for every user but `viewer`
+    whose name starts with `q`."""
     return {entry["username"]: entry["status"] for entry in await search_all(http, viewer, q)}
 
 

@@ -191,12 +191,13 @@ async def register_users(http: httpx.AsyncClient, prefix: str, count: int) -> li
 async def wait_all_offline(http: httpx.AsyncClient, viewer: User, users: Sequence[User], prefix: str,
                            timeout: float = 20.0) -> int:
     """Wait until the directory (GET /api/users?q=`prefix`, page after page) shows
-    all `users` offline; return how many never were."""
+    none of `users` online; return how many still were. It shows a status to
+    conversation partners only (null to others), so only `viewer`'s partners count."""
     names = {u.username for u in users if u.username != viewer.username}
     deadline = time.monotonic() + timeout
     while True:
         online = {n for n, status in (await statuses(http, viewer, prefix)).items()
-                  if n in names and status != "offline"}
+                  if n in names and status == "online"}
         if not online or time.monotonic() > deadline:
             return len(online)
         await asyncio.sleep(0.2)
