@@ -94,7 +94,7 @@ async def search_all(http: httpx.AsyncClient, viewer: User, q: str) -> list[dict
         params["after"] = page["users"][-1]["username"]
 
 
-async def statuses(http: httpx.AsyncClient, viewer: User, q: str) -> dict[str, str]:
+async def statuses(http: httpx.AsyncClient, viewer: User, q: str) -> dict[str, str | None]:
     """username -> "online"/"offline" (None where `viewer` is no partner) for every user but `viewer`
     whose name starts with `q`."""
     return {entry["username"]: entry["status"] for entry in await search_all(http, viewer, q)}
