@@ -2428,13 +2428,14 @@ async def presence_changes(conn: Connection, process_id: str, since: int, after:
     past `after` in the order (last_seen, whose socket, whose presence):
     (whose socket, username, status, last_seen, whose presence). What a lost
     publish left untold. A change made between pages moves its rows to a later page."""
+    # EXISTS, not a join with the sockets: a user with ten sockets here is one row, not ten to sort out.
     return await conn.fetch(
-        "SELECT DISTINCT c.user_id, p.username, p.status, p.last_seen, p.id FROM chatx_users p "
+        "SELECT c.user_id, p.username, p.status, p.last_seen, p.id FROM chatx_users p "
         "JOIN chatx_conversations c ON c.peer_id = p.id "
-        "JOIN chatx_sockets s ON s.user_id = c.user_id AND s.process_id = ? "
         f"WHERE p.last_seen >= ? AND (p.last_seen, c.user_id, p.id) > (?, ?, ?) AND {SEES_PRESENCE} "
+        "AND EXISTS (SELECT 1 FROM chatx_sockets s WHERE s.user_id = c.user_id AND s.process_id = ?) "
         "ORDER BY p.last_seen, c.user_id, p.id LIMIT ?",
-        process_id, since, *after, limit)
+        since, *after, process_id, limit)
 
 
 # -- administration
