@@ -82,7 +82,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, SO_KEEPALIVE, SO_LINGER, SOL_SOCKET
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, TypeVar, Union
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiosqlite
@@ -97,6 +97,7 @@ from PIL import Image, ImageOps
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from sqlalchemy.dialects.sqlite import pysqlite
 from sqlalchemy.schema import CreateIndex, CreateTable
 from starlette import status as codes
 from starlette.applications import Starlette
@@ -580,6 +581,10 @@ def marks(count: int) -> str:
     return ", ".join(["?"] * count)
 
 
+T = TypeVar("T")
+SQLITE_DIALECT = pysqlite.dialect(paramstyle="qmark")  # as databases compiles DDL for SQLite
+
+
 class SQLiteWithPragmas(sqlite3.Connection):
     """databases opens a connection per task and a PRAGMA sent through it does
     not stick, so every new SQLite connection applies the server settings here."""
@@ -659,6 +664,70 @@ class Connection:
             await self.driver.execute("ROLLBACK")
         except Exception:
             pass  # a broken connection has nothing to roll back
+
+    async def at_once(self, job: Callable[[Connection], Awaitable[T]]) -> T:
+        """SQLite: `job(connection)` whole on the driver's thread, its
+        statements handed over together rather than one at a time."""
+        # aiosqlite hands every statement to its thread and waits for the loop
+        # to be woken with the result, which cost more CPU than the statements
+        # of a commit of messages; its private _execute and _conn are the only
+        # way to run several statements in one hand-over.
+        return await self.driver._execute(run_to_end, job, SQLiteAtOnce(self.driver._conn))
+
+
+class SQLiteAtOnce(Connection):
+    """The calls of Connection, made at once on sqlite3 in the driver's thread (Connection.at_once)."""
+
+    def __init__(self, driver: sqlite3.Connection) -> None:
+        self.connection = None
+        self.driver = driver
+        self.postgres = False
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        return self.driver.execute(sql, args).fetchall()
+
+    async def fetch_named(self, sql: str, *args: Any) -> list[Any]:
+        cursor = self.driver.execute(sql, args)
+        cursor.row_factory = sqlite3.Row
+        try:
+            return cursor.fetchall()
+        finally:
+            cursor.close()
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return self.driver.execute(sql, args).rowcount
+
+    async def execute_many(self, sql: str, rows: list[tuple]) -> int | None:
+        return self.driver.executemany(sql, rows).rowcount if rows else 0
+
+    async def ddl(self, statement: Any) -> None:
+        self.driver.execute(str(statement.compile(dialect=SQLITE_DIALECT)))
+
+    async def begin(self) -> None:
+        self.driver.execute("BEGIN IMMEDIATE")
+
+    async def commit(self) -> None:
+        self.driver.execute("COMMIT")
+
+    async def rollback(self) -> None:
+        try:
+            self.driver.execute("ROLLBACK")
+        except Exception:
+            pass  # a broken connection has nothing to roll back
+
+    async def at_once(self, job: Callable[[Connection], Awaitable[T]]) -> T:
+        return await job(self)
+
+
+def run_to_end(job: Callable[[Connection], Awaitable[T]], connection: SQLiteAtOnce) -> T:
+    """Run `job(connection)`, whose awaits all finish at once on SQLiteAtOnce, to its result."""
+    coroutine = job(connection)
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("a write job waited for something other than SQLite")
 
 
 def is_unique_violation(exc: BaseException) -> bool:
@@ -1094,6 +1163,11 @@ class Writer:
         if (connection.postgres and one_statement is not None and batch[0].bulk
                 and one_statement([job.args[0] for job in batch])):
             return await self._run_jobs(connection, batch)  # one statement: a transaction of its own
+        if not connection.postgres:
+            return await connection.at_once(functools.partial(self._in_transaction, batch=batch))
+        return await self._in_transaction(connection, batch)
+
+    async def _in_transaction(self, connection: Connection, batch: list[Job]) -> list[Any]:
         await connection.begin()
         try:
             results = await self._run_jobs(connection, batch)
@@ -3830,9 +3904,14 @@ INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Mc", "Me"
 
 
 def visible(text: str) -> bool:
-    """Some character of the text shows: in ordinary text the first one looked at."""
-    return any(unicodedata.category(found.group()) not in INVISIBLE_CATEGORIES
-               for found in VISIBLE_RE.finditer(text))
+    """Some character of the text shows: in ordinary text the first one looked
+    at, which is checked without a generator over the rest."""
+    found = VISIBLE_RE.search(text)
+    if found is None:
+        return False
+    return unicodedata.category(found.group()) not in INVISIBLE_CATEGORIES or any(
+        unicodedata.category(later.group()) not in INVISIBLE_CATEGORIES
+        for later in VISIBLE_RE.finditer(text, found.end()))
 
 
 def body_field(frame: dict[str, Any]) -> str:
