@@ -77,12 +77,12 @@ import time
 import unicodedata
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, SO_KEEPALIVE, SO_LINGER, SOL_SOCKET
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, TypeVar, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, TypeVar, Union
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiosqlite
@@ -117,12 +117,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.protocols.utils import is_ssl
+from uvicorn.protocols.utils import ClientDisconnected, is_ssl
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
 
 try:
-    from socket import TCP_CORK, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT  # Linux
+    from socket import TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT  # Linux
 except ImportError:
-    TCP_CORK = TCP_KEEPCNT = TCP_KEEPIDLE = TCP_KEEPINTVL = TCP_USER_TIMEOUT = None
+    TCP_KEEPCNT = TCP_KEEPIDLE = TCP_KEEPINTVL = TCP_USER_TIMEOUT = None
 
 __version__ = "2.0.0"
 logger = logging.getLogger("chatx")
@@ -183,6 +185,7 @@ BACKLOG_BYTES = 1024 * 1024
 # What stays queued then (acks and errors: answers to a client that sends
 # without reading) past this, or past BACKLOG_FRAMES, closes it with CLOSE_TRY_LATER.
 REPLIES_BYTES_MAX = 4 * 1024 * 1024
+WRITE_BYTES = 64 * 1024  # a socket's frames written at once before the server's flow control is heeded again
 SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
 SESSION_COOKIE = "chatx_session"
 JWT_SECRET_MIN = 32  # bytes, the length of HS256's hash (RFC 7518 section 3.2)
@@ -4334,19 +4337,34 @@ def set_option(connection: Any, level: int, option: int, value: int | bytes) -> 
         pass  # the connection is gone; writing to it ends the socket as a disconnect
 
 
-@contextmanager
-def corked(connection: Any | None) -> Iterator[None]:
-    """Frames written meanwhile leave in as few TCP segments as they fill.
-    uvicorn turns Nagle's algorithm off, so each frame was a segment of its
-    own, and sending a segment cost more than writing the frame."""
-    if connection is None or TCP_CORK is None:
-        yield
-        return
-    set_option(connection, IPPROTO_TCP, TCP_CORK, 1)
-    try:
-        yield
-    finally:
-        set_option(connection, IPPROTO_TCP, TCP_CORK, 0)  # sends what is held
+async def send_frames(send: Send, texts: list[str]) -> None:
+    """Text frames in order through the server's `send`; where the server is
+    uvicorn's websockets-sansio protocol, in one write per WRITE_BYTES."""
+    protocol = getattr(send, "__self__", None)
+    start = 0
+    while start < len(texts) and isinstance(protocol, WebSocketsSansIOProtocol):
+        # The one place that goes around uvicorn's ASGI send: it writes every
+        # frame on its own, a system call and a TCP segment each, which cost
+        # more than making the frame. Here its websockets connection makes the
+        # frames as its send does, under its send's checks, and they are written
+        # together; anything but an open connection is left to its send.
+        await protocol.writable.wait()
+        if (protocol.disconnected or protocol.close_sent or not protocol.handshake_complete
+                or protocol.initial_response is not None):
+            break
+        size, end = 0, start
+        while end < len(texts) and size < WRITE_BYTES:
+            size += len(texts[end])
+            end += 1
+        try:
+            for text in texts[start:end]:
+                protocol.conn.send_text(text.encode())
+        except InvalidState:
+            raise ClientDisconnected() from None
+        protocol.transport.write(b"".join(protocol.conn.data_to_send()))
+        start = end
+    for text in texts[start:]:
+        await send({"type": "websocket.send", "text": text})
 
 
 def utf8_size(text: str) -> int:
@@ -4388,13 +4406,12 @@ class ChatSocket:
     def __init__(self, services: SocketServices, websocket: WebSocket, send: Send, session: Session) -> None:
         self.services, self.ws, self.session, self.user = services, websocket, session, session.user
         self.send = send
-        transport = transport_of(websocket.scope)
-        self.tcp = None if transport is None else transport.get_extra_info("socket")  # to cork
         # A list and a future rather than an asyncio.Queue: a Queue costs 3 kB per idle socket.
         self.outbox: list[OutboxItem] = []
         self.outbox_ready: asyncio.Future | None = None
         self.backlog_bytes = 0  # UTF-8 bytes of the frames in the outbox
         self.sending: list[OutboxItem | None] | tuple = ()  # the batch send_outbox is writing
+        self.unsent: list[str] = []  # its frames made ready, written together (send_unsent)
         self.behind = False  # reading the stream from the database (catch-up mode)
         self.dropped_seq = 0  # the newest stream frame dropped while behind
         self.sends_in_flight = 0
@@ -4457,8 +4474,13 @@ class ChatSocket:
             self.finished.set_result(None)
 
     async def send_text(self, text: str) -> None:
+        self.unsent.append(text)
+        await self.send_unsent()
+
+    async def send_unsent(self) -> None:
+        texts, self.unsent = self.unsent, []
         self.sending_since = time.monotonic()  # uvicorn holds a send while the client does not read
-        await self.send({"type": "websocket.send", "text": text})
+        await send_frames(self.send, texts)
         self.sending_since = 0.0
 
     async def close(self, code: int) -> None:
@@ -4570,27 +4592,29 @@ class ChatSocket:
             batch, self.outbox = self.outbox, []
             self.backlog_bytes = 0
             self.sending = batch
-            with corked(self.tcp if len(batch) > 1 else None):
-                for item in batch:
-                    if item is not None and (code := await self.send_item(item)) is not None:
-                        return code
+            for item in batch:
+                if item is not None and (code := await self.send_item(item)) is not None:
+                    await self.send_unsent()
+                    return code
+            await self.send_unsent()
             self.sending = ()
 
     async def send_item(self, item: OutboxItem) -> int | None:
-        """Send one outbox item; a close code ends the socket."""
+        """Make one outbox item's frame ready (`unsent`); what must wait for
+        the database sends the ready ones first. A close code ends the socket."""
         if isinstance(item, StreamFrame):
             if item.seq > self.seq + 1:
+                await self.send_unsent()
                 await self.catch_up()  # the events before it are committed: read them
             if item.seq > self.seq:
-                await self.send_text(item.text)
+                self.unsent.append(item.text)
                 self.seq = item.seq
-        elif isinstance(item, Frame):
-            await self.send_text(item.text)
-        elif isinstance(item, PresenceFrame):  # Fanout dropped the ones the user's sockets know
-            await self.send_text(item.text)
+        elif isinstance(item, (Frame, PresenceFrame)):  # Fanout dropped the presence the user's sockets know
+            self.unsent.append(item.text)
         elif isinstance(item, Revoke):
             return CLOSE_REVOKED if item.ends(self.session.id) else None
         elif isinstance(item, Resync):
+            await self.send_unsent()
             if not await self.services.accounts.session_alive(self.session.id):
                 return CLOSE_REVOKED
             await self.catch_up()
@@ -4605,8 +4629,9 @@ class ChatSocket:
         """Send the next page of the stream above `seq` from the database; how many events it had."""
         page = await self.services.messenger.replay(self.user, self.seq, REPLAY_PAGE)
         for frame in page:
-            await self.send_text(frame.text)
+            self.unsent.append(frame.text)
             self.seq = frame.seq
+        await self.send_unsent()
         return len(page)
 
     async def receive_frames(self) -> int | None:
