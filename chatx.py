@@ -185,7 +185,7 @@ BACKLOG_BYTES = 1024 * 1024
 # What stays queued then (acks and errors: answers to a client that sends
 # without reading) past this, or past BACKLOG_FRAMES, closes it with CLOSE_TRY_LATER.
 REPLIES_BYTES_MAX = 4 * 1024 * 1024
-WRITE_BYTES = 64 * 1024  # a socket's frames written at once before the server's flow control is heeded again
+WRITE_BYTES = 64 * 1024  # a socket writes its ready frames once this many UTF-8 bytes are ready, or at its batch's end
 SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
 SESSION_COOKIE = "chatx_session"
 JWT_SECRET_MIN = 32  # bytes, the length of HS256's hash (RFC 7518 section 3.2)
@@ -4339,31 +4339,25 @@ def set_option(connection: Any, level: int, option: int, value: int | bytes) -> 
 
 async def send_frames(send: Send, texts: list[str]) -> None:
     """Text frames in order through the server's `send`; where the server is
-    uvicorn's websockets-sansio protocol, in one write per WRITE_BYTES."""
+    uvicorn's websockets-sansio protocol, in one write."""
     protocol = getattr(send, "__self__", None)
-    start = 0
-    while start < len(texts) and isinstance(protocol, WebSocketsSansIOProtocol):
+    if isinstance(protocol, WebSocketsSansIOProtocol):
         # The one place that goes around uvicorn's ASGI send: it writes every
         # frame on its own, a system call and a TCP segment each, which cost
         # more than making the frame. Here its websockets connection makes the
         # frames as its send does, under its send's checks, and they are written
         # together; anything but an open connection is left to its send.
         await protocol.writable.wait()
-        if (protocol.disconnected or protocol.close_sent or not protocol.handshake_complete
+        if not (protocol.disconnected or protocol.close_sent or not protocol.handshake_complete
                 or protocol.initial_response is not None):
-            break
-        size, end = 0, start
-        while end < len(texts) and size < WRITE_BYTES:
-            size += len(texts[end])
-            end += 1
-        try:
-            for text in texts[start:end]:
-                protocol.conn.send_text(text.encode())
-        except InvalidState:
-            raise ClientDisconnected() from None
-        protocol.transport.write(b"".join(protocol.conn.data_to_send()))
-        start = end
-    for text in texts[start:]:
+            try:
+                for text in texts:
+                    protocol.conn.send_text(text.encode())
+            except InvalidState:
+                raise ClientDisconnected() from None
+            protocol.transport.write(b"".join(protocol.conn.data_to_send()))
+            return
+    for text in texts:
         await send({"type": "websocket.send", "text": text})
 
 
@@ -4411,7 +4405,8 @@ class ChatSocket:
         self.outbox_ready: asyncio.Future | None = None
         self.backlog_bytes = 0  # UTF-8 bytes of the frames in the outbox
         self.sending: list[OutboxItem | None] | tuple = ()  # the batch send_outbox is writing
-        self.unsent: list[str] = []  # its frames made ready, written together (send_unsent)
+        self.unsent: list[str] = []  # its frames made ready, written together (send_later, send_unsent)
+        self.unsent_bytes = 0
         self.behind = False  # reading the stream from the database (catch-up mode)
         self.dropped_seq = 0  # the newest stream frame dropped while behind
         self.sends_in_flight = 0
@@ -4477,8 +4472,19 @@ class ChatSocket:
         self.unsent.append(text)
         await self.send_unsent()
 
+    async def send_later(self, text: str) -> None:
+        """Make a frame ready; the ready ones go out together, at the latest
+        once WRITE_BYTES are ready (the rest of the batch stays where a reader
+        falling behind drops it)."""
+        self.unsent.append(text)
+        self.unsent_bytes += utf8_size(text)
+        if self.unsent_bytes >= WRITE_BYTES:
+            await self.send_unsent()
+
     async def send_unsent(self) -> None:
-        texts, self.unsent = self.unsent, []
+        if not self.unsent:
+            return
+        texts, self.unsent, self.unsent_bytes = self.unsent, [], 0
         self.sending_since = time.monotonic()  # uvicorn holds a send while the client does not read
         await send_frames(self.send, texts)
         self.sending_since = 0.0
@@ -4600,17 +4606,17 @@ class ChatSocket:
             self.sending = ()
 
     async def send_item(self, item: OutboxItem) -> int | None:
-        """Make one outbox item's frame ready (`unsent`); what must wait for
+        """Make one outbox item's frame ready (send_later); what must wait for
         the database sends the ready ones first. A close code ends the socket."""
         if isinstance(item, StreamFrame):
             if item.seq > self.seq + 1:
                 await self.send_unsent()
                 await self.catch_up()  # the events before it are committed: read them
             if item.seq > self.seq:
-                self.unsent.append(item.text)
                 self.seq = item.seq
+                await self.send_later(item.text)
         elif isinstance(item, (Frame, PresenceFrame)):  # Fanout dropped the presence the user's sockets know
-            self.unsent.append(item.text)
+            await self.send_later(item.text)
         elif isinstance(item, Revoke):
             return CLOSE_REVOKED if item.ends(self.session.id) else None
         elif isinstance(item, Resync):
@@ -4629,8 +4635,8 @@ class ChatSocket:
         """Send the next page of the stream above `seq` from the database; how many events it had."""
         page = await self.services.messenger.replay(self.user, self.seq, REPLAY_PAGE)
         for frame in page:
-            self.unsent.append(frame.text)
             self.seq = frame.seq
+            await self.send_later(frame.text)
         await self.send_unsent()
         return len(page)
 
