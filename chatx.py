@@ -79,12 +79,12 @@ import unicodedata
 import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from socket import AF_INET, AF_INET6, IPPROTO_TCP, SO_KEEPALIVE, SO_LINGER, SOL_SOCKET
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol, TypeVar, Union
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiosqlite
@@ -99,6 +99,7 @@ from PIL import Image, ImageOps
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from sqlalchemy.dialects.sqlite import pysqlite
 from sqlalchemy.schema import CreateIndex, CreateTable
 from starlette import status as codes
 from starlette.applications import Starlette
@@ -118,12 +119,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.protocols.utils import is_ssl
+from uvicorn.protocols.utils import ClientDisconnected, is_ssl
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
 
 try:
-    from socket import TCP_CORK, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT  # Linux
+    from socket import TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT  # Linux
 except ImportError:
-    TCP_CORK = TCP_KEEPCNT = TCP_KEEPIDLE = TCP_KEEPINTVL = TCP_USER_TIMEOUT = None
+    TCP_KEEPCNT = TCP_KEEPIDLE = TCP_KEEPINTVL = TCP_USER_TIMEOUT = None
 
 __version__ = "2.0.0"
 logger = logging.getLogger("chatx")
@@ -187,6 +190,7 @@ BACKLOG_BYTES = 1024 * 1024
 # What stays queued then (acks and errors: answers to a client that sends
 # without reading) past this, or past BACKLOG_FRAMES, closes it with CLOSE_TRY_LATER.
 REPLIES_BYTES_MAX = 4 * 1024 * 1024
+WRITE_BYTES = 64 * 1024  # a socket writes its ready frames once this many UTF-8 bytes are ready, or at its batch's end
 SENDS_IN_FLIGHT_MAX = 64  # a socket's sends awaiting their commit before it stops reading frames
 SESSION_COOKIE = "chatx_session"
 JWT_SECRET_MIN = 32  # bytes, the length of HS256's hash (RFC 7518 section 3.2)
@@ -588,6 +592,10 @@ def marks(count: int) -> str:
     return ", ".join(["?"] * count)
 
 
+T = TypeVar("T")
+SQLITE_DIALECT = pysqlite.dialect(paramstyle="qmark")  # as databases compiles DDL for SQLite
+
+
 class SQLiteWithPragmas(sqlite3.Connection):
     """databases opens a connection per task and a PRAGMA sent through it does
     not stick, so every new SQLite connection applies the server settings here."""
@@ -667,6 +675,70 @@ class Connection:
             await self.driver.execute("ROLLBACK")
         except Exception:
             pass  # a broken connection has nothing to roll back
+
+    async def at_once(self, job: Callable[[Connection], Awaitable[T]]) -> T:
+        """SQLite: `job(connection)` whole on the driver's thread, its
+        statements handed over together rather than one at a time."""
+        # aiosqlite hands every statement to its thread and waits for the loop
+        # to be woken with the result, which cost more CPU than the statements
+        # of a commit of messages; its private _execute and _conn are the only
+        # way to run several statements in one hand-over.
+        return await self.driver._execute(run_to_end, job, SQLiteAtOnce(self.driver._conn))
+
+
+class SQLiteAtOnce(Connection):
+    """The calls of Connection, made at once on sqlite3 in the driver's thread (Connection.at_once)."""
+
+    def __init__(self, driver: sqlite3.Connection) -> None:
+        self.connection = None
+        self.driver = driver
+        self.postgres = False
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        return self.driver.execute(sql, args).fetchall()
+
+    async def fetch_named(self, sql: str, *args: Any) -> list[Any]:
+        cursor = self.driver.execute(sql, args)
+        cursor.row_factory = sqlite3.Row
+        try:
+            return cursor.fetchall()
+        finally:
+            cursor.close()
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return self.driver.execute(sql, args).rowcount
+
+    async def execute_many(self, sql: str, rows: list[tuple]) -> int | None:
+        return self.driver.executemany(sql, rows).rowcount if rows else 0
+
+    async def ddl(self, statement: Any) -> None:
+        self.driver.execute(str(statement.compile(dialect=SQLITE_DIALECT)))
+
+    async def begin(self) -> None:
+        self.driver.execute("BEGIN IMMEDIATE")
+
+    async def commit(self) -> None:
+        self.driver.execute("COMMIT")
+
+    async def rollback(self) -> None:
+        try:
+            self.driver.execute("ROLLBACK")
+        except Exception:
+            pass  # a broken connection has nothing to roll back
+
+    async def at_once(self, job: Callable[[Connection], Awaitable[T]]) -> T:
+        return await job(self)
+
+
+def run_to_end(job: Callable[[Connection], Awaitable[T]], connection: SQLiteAtOnce) -> T:
+    """Run `job(connection)`, whose awaits all finish at once on SQLiteAtOnce, to its result."""
+    coroutine = job(connection)
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("a write job waited for something other than SQLite")
 
 
 def is_unique_violation(exc: BaseException) -> bool:
@@ -1102,6 +1174,11 @@ class Writer:
         if (connection.postgres and one_statement is not None and batch[0].bulk
                 and one_statement([job.args[0] for job in batch])):
             return await self._run_jobs(connection, batch)  # one statement: a transaction of its own
+        if not connection.postgres:
+            return await connection.at_once(functools.partial(self._in_transaction, batch=batch))
+        return await self._in_transaction(connection, batch)
+
+    async def _in_transaction(self, connection: Connection, batch: list[Job]) -> list[Any]:
         await connection.begin()
         try:
             results = await self._run_jobs(connection, batch)
@@ -3851,9 +3928,14 @@ INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Mc", "Me"
 
 
 def visible(text: str) -> bool:
-    """Some character of the text shows: in ordinary text the first one looked at."""
-    return any(unicodedata.category(found.group()) not in INVISIBLE_CATEGORIES
-               for found in VISIBLE_RE.finditer(text))
+    """Some character of the text shows: in ordinary text the first one looked
+    at, which is checked without a generator over the rest."""
+    found = VISIBLE_RE.search(text)
+    if found is None:
+        return False
+    return unicodedata.category(found.group()) not in INVISIBLE_CATEGORIES or any(
+        unicodedata.category(later.group()) not in INVISIBLE_CATEGORIES
+        for later in VISIBLE_RE.finditer(text, found.end()))
 
 
 def body_field(frame: dict[str, Any]) -> str:
@@ -4361,19 +4443,28 @@ def set_option(connection: Any, level: int, option: int, value: int | bytes) -> 
         pass  # the connection is gone; writing to it ends the socket as a disconnect
 
 
-@contextmanager
-def corked(connection: Any | None) -> Iterator[None]:
-    """Frames written meanwhile leave in as few TCP segments as they fill.
-    uvicorn turns Nagle's algorithm off, so each frame was a segment of its
-    own, and sending a segment cost more than writing the frame."""
-    if connection is None or TCP_CORK is None:
-        yield
-        return
-    set_option(connection, IPPROTO_TCP, TCP_CORK, 1)
-    try:
-        yield
-    finally:
-        set_option(connection, IPPROTO_TCP, TCP_CORK, 0)  # sends what is held
+async def send_frames(send: Send, texts: list[str]) -> None:
+    """Text frames in order through the server's `send`; where the server is
+    uvicorn's websockets-sansio protocol, in one write."""
+    protocol = getattr(send, "__self__", None)
+    if isinstance(protocol, WebSocketsSansIOProtocol):
+        # The one place that goes around uvicorn's ASGI send: it writes every
+        # frame on its own, a system call and a TCP segment each, which cost
+        # more than making the frame. Here its websockets connection makes the
+        # frames as its send does, under its send's checks, and they are written
+        # together; anything but an open connection is left to its send.
+        await protocol.writable.wait()
+        if not (protocol.disconnected or protocol.close_sent or not protocol.handshake_complete
+                or protocol.initial_response is not None):
+            try:
+                for text in texts:
+                    protocol.conn.send_text(text.encode())
+            except InvalidState:
+                raise ClientDisconnected() from None
+            protocol.transport.write(b"".join(protocol.conn.data_to_send()))
+            return
+    for text in texts:
+        await send({"type": "websocket.send", "text": text})
 
 
 def utf8_size(text: str) -> int:
@@ -4412,20 +4503,20 @@ class ChatSocket:
     before its frame is handed out, so the database always has what was
     dropped. Only a reader that takes nothing for SEND_STALL_S is closed."""
 
-    __slots__ = ("services", "ws", "session", "user", "send", "tcp", "outbox", "outbox_ready", "backlog_bytes",
-                 "sending", "behind", "dropped_seq", "sends_in_flight", "throttled", "socket_id", "seq",
+    __slots__ = ("services", "ws", "session", "user", "send", "outbox", "outbox_ready", "backlog_bytes",
+                 "sending", "unsent", "unsent_bytes", "behind", "dropped_seq", "sends_in_flight", "throttled", "socket_id", "seq",
                  "disconnect_code", "sending_since", "finished", "ended")
 
     def __init__(self, services: SocketServices, websocket: WebSocket, send: Send, session: Session) -> None:
         self.services, self.ws, self.session, self.user = services, websocket, session, session.user
         self.send = send
-        transport = transport_of(websocket.scope)
-        self.tcp = None if transport is None else transport.get_extra_info("socket")  # to cork
         # A list and a future rather than an asyncio.Queue: a Queue costs 3 kB per idle socket.
         self.outbox: list[OutboxItem] = []
         self.outbox_ready: asyncio.Future | None = None
         self.backlog_bytes = 0  # UTF-8 bytes of the frames in the outbox
         self.sending: list[OutboxItem | None] | tuple = ()  # the batch send_outbox is writing
+        self.unsent: list[str] = []  # its frames made ready, written together (send_later, send_unsent)
+        self.unsent_bytes = 0
         self.behind = False  # reading the stream from the database (catch-up mode)
         self.dropped_seq = 0  # the newest stream frame dropped while behind
         self.sends_in_flight = 0
@@ -4494,8 +4585,24 @@ class ChatSocket:
         self.outbox.insert(0, Resync(now_ms()))
 
     async def send_text(self, text: str) -> None:
+        self.unsent.append(text)
+        await self.send_unsent()
+
+    async def send_later(self, text: str) -> None:
+        """Make a frame ready; the ready ones go out together, at the latest
+        once WRITE_BYTES are ready (the rest of the batch stays where a reader
+        falling behind drops it)."""
+        self.unsent.append(text)
+        self.unsent_bytes += utf8_size(text)
+        if self.unsent_bytes >= WRITE_BYTES:
+            await self.send_unsent()
+
+    async def send_unsent(self) -> None:
+        if not self.unsent:
+            return
+        texts, self.unsent, self.unsent_bytes = self.unsent, [], 0
         self.sending_since = time.monotonic()  # uvicorn holds a send while the client does not read
-        await self.send({"type": "websocket.send", "text": text})
+        await send_frames(self.send, texts)
         self.sending_since = 0.0
 
     async def close(self, code: int) -> None:
@@ -4607,27 +4714,29 @@ class ChatSocket:
             batch, self.outbox = self.outbox, []
             self.backlog_bytes = 0
             self.sending = batch
-            with corked(self.tcp if len(batch) > 1 else None):
-                for item in batch:
-                    if item is not None and (code := await self.send_item(item)) is not None:
-                        return code
+            for item in batch:
+                if item is not None and (code := await self.send_item(item)) is not None:
+                    await self.send_unsent()
+                    return code
+            await self.send_unsent()
             self.sending = ()
 
     async def send_item(self, item: OutboxItem) -> int | None:
-        """Send one outbox item; a close code ends the socket."""
+        """Make one outbox item's frame ready (send_later); what must wait for
+        the database sends the ready ones first. A close code ends the socket."""
         if isinstance(item, StreamFrame):
             if item.seq > self.seq + 1:
+                await self.send_unsent()
                 await self.catch_up()  # the events before it are committed: read them
             if item.seq > self.seq:
-                await self.send_text(item.text)
                 self.seq = item.seq
-        elif isinstance(item, Frame):
-            await self.send_text(item.text)
-        elif isinstance(item, PresenceFrame):  # Fanout dropped the ones the user's sockets know
-            await self.send_text(item.text)
+                await self.send_later(item.text)
+        elif isinstance(item, (Frame, PresenceFrame)):  # Fanout dropped the presence the user's sockets know
+            await self.send_later(item.text)
         elif isinstance(item, Revoke):
             return CLOSE_REVOKED if item.ends(self.session.id) else None
         elif isinstance(item, Resync):
+            await self.send_unsent()
             if not await self.services.accounts.session_alive(self.session.id):
                 return CLOSE_REVOKED
             await self.catch_up()
@@ -4642,8 +4751,9 @@ class ChatSocket:
         """Send the next page of the stream above `seq` from the database; how many events it had."""
         page = await self.services.messenger.replay(self.user, self.seq, REPLAY_PAGE)
         for frame in page:
-            await self.send_text(frame.text)
             self.seq = frame.seq
+            await self.send_later(frame.text)
+        await self.send_unsent()
         return len(page)
 
     async def receive_frames(self) -> int | None:
