@@ -220,11 +220,11 @@ def ran_everything(name: str, result: dict, relay: dict, sizes: dict) -> dict:
 def throughput_share(name: str, result: dict, relay: dict, sizes: dict) -> dict | None:
     if name != "chatx-sqlite":
         return None
-    title = "ChatX SQLite >= 0.60 x relay msgs/s"
+    title = "ChatX SQLite >= 0.70 x relay msgs/s"
     mine, base = get(result, "throughput.msgs_per_s"), get(relay, "throughput.msgs_per_s")
     if not measured(mine, base):
         return check(title, None, "not measured")
-    return check(title, mine >= 0.60 * base, f"{mine:,.0f} vs {base:,.0f} msgs/s = x{mine / base:.2f}")
+    return check(title, mine >= 0.70 * base, f"{mine:,.0f} vs {base:,.0f} msgs/s = x{mine / base:.2f}")
 
 
 def idle_memory(name: str, result: dict, relay: dict, sizes: dict) -> dict:
