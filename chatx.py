@@ -842,9 +842,15 @@ class Checkpointer:
                     self._make_room(release=self._full)
                     continue
                 if written:
-                    truncate = self._truncate or self._log_bytes() > WAL_LIMIT_BYTES
+                    truncate = self._truncate
                     self._truncate = False
-                    self._checkpoint("TRUNCATE" if truncate else "PASSIVE")
+                    if not truncate:
+                        self._checkpoint("PASSIVE")
+                        truncate = self._log_bytes() > WAL_LIMIT_BYTES
+                    if truncate:
+                        # After a passive one: a truncating checkpoint holds up
+                        # commits while it runs, so it copies only what came since.
+                        self._checkpoint("TRUNCATE")
                 self._see_room()
                 if written:
                     time.sleep(self.interval)  # let several commits' pages be copied at once
