@@ -726,9 +726,6 @@ class SQLiteAtOnce(Connection):
         except Exception:
             pass  # a broken connection has nothing to roll back
 
-    async def at_once(self, job: Callable[[Connection], Awaitable[T]]) -> T:
-        return await job(self)
-
 
 def run_to_end(job: Callable[[Connection], Awaitable[T]], connection: SQLiteAtOnce) -> T:
     """Run `job(connection)`, whose awaits all finish at once on SQLiteAtOnce, to its result."""
@@ -842,14 +839,12 @@ class Checkpointer:
                     self._make_room(release=self._full)
                     continue
                 if written:
-                    truncate = self._truncate
-                    self._truncate = False
-                    if not truncate:
+                    if not self._truncate:
                         self._checkpoint("PASSIVE")
-                        truncate = self._log_bytes() > WAL_LIMIT_BYTES
-                    if truncate:
-                        # After a passive one: a truncating checkpoint holds up
-                        # commits while it runs, so it copies only what came since.
+                    # After the passive one: a truncating checkpoint holds up
+                    # commits while it runs, so it copies only what came since.
+                    if self._truncate or self._log_bytes() > WAL_LIMIT_BYTES:
+                        self._truncate = False
                         self._checkpoint("TRUNCATE")
                 self._see_room()
                 if written:
@@ -4510,8 +4505,8 @@ class ChatSocket:
     dropped. Only a reader that takes nothing for SEND_STALL_S is closed."""
 
     __slots__ = ("services", "ws", "session", "user", "send", "outbox", "outbox_ready", "backlog_bytes",
-                 "sending", "unsent", "unsent_bytes", "behind", "dropped_seq", "sends_in_flight", "throttled", "socket_id", "seq",
-                 "disconnect_code", "sending_since", "finished", "ended")
+                 "sending", "unsent", "unsent_bytes", "behind", "dropped_seq", "sends_in_flight", "throttled",
+                 "socket_id", "seq", "disconnect_code", "sending_since", "finished", "ended")
 
     def __init__(self, services: SocketServices, websocket: WebSocket, send: Send, session: Session) -> None:
         self.services, self.ws, self.session, self.user = services, websocket, session, session.user
@@ -4851,7 +4846,7 @@ async def on_send(socket: ChatSocket, frame: dict[str, Any]) -> None:
     # sends of a socket; the writer's queue keeps their order.
     socket.sends_in_flight += 1
     stored = socket.services.messenger.send(NewMessage(socket.user, recipient, body, client_id, reply_to, attachment),
-                                        functools.partial(socket.acknowledge, client_id))
+                                            functools.partial(socket.acknowledge, client_id))
     if socket.sends_in_flight > SENDS_IN_FLIGHT_MAX:
         await asyncio.wait([stored])
 
